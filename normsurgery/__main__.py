@@ -1,0 +1,5 @@
+"""`python -m normsurgery` runs the CLI."""
+
+from normsurgery.cli import main
+
+main()

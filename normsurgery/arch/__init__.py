@@ -1,0 +1,49 @@
+"""Architecture adapters: from a config to the residual-stream picture (`Architecture`) of that model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from normsurgery.arch.families import FAMILIES
+from normsurgery.arch.spec import Architecture, Block, Family, Linear, Norm
+from normsurgery.errors import NormSurgeryError
+
+FAMILY_BY_MODEL_TYPE: dict[str, Family] = {mt: f for f in FAMILIES for mt in f.model_types}
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(sorted(FAMILY_BY_MODEL_TYPE))
+
+__all__ = [
+    "Architecture", "Block", "Family", "Linear", "Norm",
+    "FAMILY_BY_MODEL_TYPE", "SUPPORTED_MODEL_TYPES", "family_for", "load_config", "architecture_of",
+]  # fmt: skip
+
+
+def family_for(model_type: str) -> Family:
+    """The family declaration for a `model_type`, or a clear error listing the supported ones."""
+    try:
+        return FAMILY_BY_MODEL_TYPE[model_type]
+    except KeyError:
+        raise NormSurgeryError(
+            f"model_type {model_type!r} is not supported by normsurgery. Supported model types: "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)}. A new family is one declaration in normsurgery/arch/families.py."
+        ) from None
+
+
+def load_config(raw: dict[str, Any], where: str = "config.json") -> Any:
+    """Build the transformers config object for a raw config.json dict (the family must be supported)."""
+    from transformers import CONFIG_MAPPING
+
+    model_type = raw.get("model_type")
+    if not isinstance(model_type, str):
+        raise NormSurgeryError(f"{where} has no 'model_type' string; it is not a Hugging Face model config.")
+    family_for(model_type)
+    try:
+        return CONFIG_MAPPING[model_type].from_dict(dict(raw))
+    except Exception as err:  # transformers validates values and raises many types
+        raise NormSurgeryError(
+            f"{where} could not be read as a {model_type} config: {err}. Fix the file or re-export the model."
+        ) from None
+
+
+def architecture_of(config: Any) -> Architecture:
+    """The residual-stream picture of a model with this (supported) config."""
+    return family_for(config.model_type).resolve(config)

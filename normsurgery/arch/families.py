@@ -1,0 +1,328 @@
+"""One declaration per model family: where its norms, readers and writers are. Add a family here.
+
+Paths are module paths (tensor names without `.weight`/`.bias`), relative to one block for block
+layouts and to the model root otherwise. Biases are declared as constants, config attribute names
+or predicates, never guessed from shapes.
+"""
+
+from __future__ import annotations
+
+import math
+
+from normsurgery.arch.spec import BlockLayout, Config, Family, LinearSlot as Lin, NormSlot as NormAt
+
+
+def _attr(name: str, default: float | None = None):
+    """A config reader for an eps-like attribute."""
+    return lambda c: getattr(c, name) if default is None else getattr(c, name, default)
+
+
+# ------------------------------------------------------------------ LayerNorm, sequential Pre-LN
+
+GPT2 = Family(
+    name="gpt2",
+    model_types=("gpt2",),
+    layers="transformer.h",
+    norm_kind="layernorm",
+    eps=_attr("layer_norm_epsilon"),
+    token_embedding="transformer.wte",
+    position_embedding="transformer.wpe",
+    block=BlockLayout(
+        norms=(
+            NormAt("ln_1", readers=(Lin("attn.c_attn", bias=True, conv1d=True),)),
+            NormAt("ln_2", readers=(Lin("mlp.c_fc", bias=True, conv1d=True),)),
+        ),
+        writers=(Lin("attn.c_proj", bias=True, conv1d=True), Lin("mlp.c_proj", bias=True, conv1d=True)),
+    ),
+    final_norm=NormAt("transformer.ln_f", role="final"),
+    unembed=Lin("lm_head"),
+)
+
+GPT_NEO = Family(
+    name="gpt_neo",
+    model_types=("gpt_neo",),
+    layers="transformer.h",
+    norm_kind="layernorm",
+    eps=_attr("layer_norm_epsilon"),
+    token_embedding="transformer.wte",
+    position_embedding="transformer.wpe",
+    block=BlockLayout(
+        norms=(
+            NormAt("ln_1", readers=tuple(Lin(f"attn.attention.{p}_proj") for p in "qkv")),
+            NormAt("ln_2", readers=(Lin("mlp.c_fc", bias=True),)),
+        ),
+        writers=(Lin("attn.attention.out_proj", bias=True), Lin("mlp.c_proj", bias=True)),
+    ),
+    final_norm=NormAt("transformer.ln_f", role="final"),
+    unembed=Lin("lm_head"),
+)
+
+
+def _opt_block(c: Config) -> BlockLayout:
+    """OPT: Pre-LN unless `do_layer_norm_before` is false (OPT-350m), where the norms follow each add."""
+    qkv = tuple(Lin(f"self_attn.{p}_proj", bias="enable_bias") for p in "qkv")
+    fc1 = Lin("fc1", bias="enable_bias")
+    writers = (Lin("self_attn.out_proj", bias="enable_bias"), Lin("fc2", bias="enable_bias"))
+    if c.do_layer_norm_before:
+        return BlockLayout(
+            norms=(NormAt("self_attn_layer_norm", readers=qkv), NormAt("final_layer_norm", readers=(fc1,))),
+            writers=writers,
+        )
+    return BlockLayout(
+        norms=(NormAt("self_attn_layer_norm", role="residual"), NormAt("final_layer_norm", role="residual")),
+        writers=writers,
+        direct_readers=qkv + (fc1,),
+    )
+
+
+def _opt_projects(c: Config) -> bool:
+    return c.word_embed_proj_dim != c.hidden_size
+
+
+OPT = Family(
+    name="opt",
+    model_types=("opt",),
+    layers="model.decoder.layers",
+    norm_kind="layernorm",
+    eps=lambda c: 1e-5,  # OPT builds nn.LayerNorm with its default eps; the config has no eps field
+    token_embedding="model.decoder.embed_tokens",
+    position_embedding="model.decoder.embed_positions",
+    position_offset=2,
+    block=_opt_block,
+    final_norm=NormAt(
+        "model.decoder.final_layer_norm",
+        role="final",
+        when=lambda c: c.do_layer_norm_before and not getattr(c, "_remove_final_layer_norm", False),
+    ),
+    unembed=Lin("lm_head"),
+    extra=(Lin("model.decoder.project_in", when=_opt_projects), Lin("model.decoder.project_out", when=_opt_projects)),
+    post_ln=lambda c: not c.do_layer_norm_before,
+    notes="positions are stored with an offset of 2 rows",
+)
+
+BLOOM = Family(
+    name="bloom",
+    model_types=("bloom",),
+    layers="transformer.h",
+    norm_kind="layernorm",
+    eps=_attr("layer_norm_epsilon"),
+    token_embedding="transformer.word_embeddings",
+    embedding_norm=NormAt("transformer.word_embeddings_layernorm", role="embedding"),
+    block=BlockLayout(
+        norms=(
+            NormAt("input_layernorm", readers=(Lin("self_attention.query_key_value", bias=True),)),
+            NormAt("post_attention_layernorm", readers=(Lin("mlp.dense_h_to_4h", bias=True),)),
+        ),
+        writers=(Lin("self_attention.dense", bias=True), Lin("mlp.dense_4h_to_h", bias=True)),
+    ),
+    final_norm=NormAt("transformer.ln_f", role="final"),
+    unembed=Lin("lm_head"),
+    # the residual carries the norm's output instead of its input: not a Pre-LN model
+    post_ln="apply_residual_connection_post_layernorm",
+    notes="ALiBi positions; a LayerNorm on the token embeddings",
+)
+
+# ------------------------------------------------------------------ LayerNorm, parallel attention + MLP
+
+
+def _neox_block(c: Config) -> BlockLayout:
+    """GPT-NeoX/Pythia: two norms; parallel or sequential by `use_parallel_residual`."""
+    return BlockLayout(
+        norms=(
+            NormAt("input_layernorm", readers=(Lin("attention.query_key_value", bias="attention_bias"),)),
+            NormAt("post_attention_layernorm", readers=(Lin("mlp.dense_h_to_4h", bias=True),)),
+        ),
+        writers=(Lin("attention.dense", bias="attention_bias"), Lin("mlp.dense_4h_to_h", bias=True)),
+        parallel=bool(c.use_parallel_residual),
+    )
+
+
+GPT_NEOX = Family(
+    name="gpt_neox",
+    model_types=("gpt_neox",),
+    layers="gpt_neox.layers",
+    norm_kind="layernorm",
+    eps=_attr("layer_norm_eps"),
+    token_embedding="gpt_neox.embed_in",
+    block=_neox_block,
+    final_norm=NormAt("gpt_neox.final_layer_norm", role="final"),
+    unembed=Lin("embed_out"),  # transformers keeps this on-disk name for `lm_head`
+    notes="rotary positions",
+)
+
+GPTJ = Family(
+    name="gptj",
+    model_types=("gptj",),
+    layers="transformer.h",
+    norm_kind="layernorm",
+    eps=_attr("layer_norm_epsilon"),
+    token_embedding="transformer.wte",
+    block=BlockLayout(
+        norms=(NormAt("ln_1", readers=tuple(Lin(f"attn.{p}_proj") for p in "qkv") + (Lin("mlp.fc_in", bias=True),)),),
+        writers=(Lin("attn.out_proj"), Lin("mlp.fc_out", bias=True)),
+        parallel=True,
+    ),
+    final_norm=NormAt("transformer.ln_f", role="final"),
+    unembed=Lin("lm_head", bias=True),
+    notes="one norm shared by attention and MLP; rotary positions",
+)
+
+
+def _falcon_block(c: Config) -> BlockLayout:
+    """Falcon: sequential with two norms, or parallel with one shared norm or two (new architecture)."""
+    qkv = Lin("self_attention.query_key_value", bias="bias")
+    fc = Lin("mlp.dense_h_to_4h", bias="bias")
+    writers = (Lin("self_attention.dense", bias="bias"), Lin("mlp.dense_4h_to_h", bias="bias"))
+    if not c.parallel_attn:
+        return BlockLayout(
+            norms=(NormAt("input_layernorm", readers=(qkv,)), NormAt("post_attention_layernorm", readers=(fc,))),
+            writers=writers,
+        )
+    num_ln = c.num_ln_in_parallel_attn or (2 if c.new_decoder_architecture else 1)
+    if num_ln == 2:
+        return BlockLayout(
+            norms=(NormAt("ln_attn", readers=(qkv,)), NormAt("ln_mlp", readers=(fc,))), writers=writers, parallel=True
+        )
+    return BlockLayout(norms=(NormAt("input_layernorm", readers=(qkv, fc)),), writers=writers, parallel=True)
+
+
+FALCON = Family(
+    name="falcon",
+    model_types=("falcon",),
+    layers="transformer.h",
+    norm_kind="layernorm",
+    eps=_attr("layer_norm_epsilon"),
+    token_embedding="transformer.word_embeddings",
+    block=_falcon_block,
+    final_norm=NormAt("transformer.ln_f", role="final"),
+    unembed=Lin("lm_head"),
+    notes="rotary or ALiBi positions",
+)
+
+PHI = Family(
+    name="phi",
+    model_types=("phi",),
+    layers="model.layers",
+    norm_kind="layernorm",
+    eps=_attr("layer_norm_eps"),
+    token_embedding="model.embed_tokens",
+    block=BlockLayout(
+        norms=(
+            NormAt(
+                "input_layernorm",
+                readers=tuple(Lin(f"self_attn.{p}_proj", bias=True) for p in "qkv") + (Lin("mlp.fc1", bias=True),),
+            ),
+            NormAt("self_attn.q_layernorm", role="qk", when="qk_layernorm"),
+            NormAt("self_attn.k_layernorm", role="qk", when="qk_layernorm"),
+        ),
+        writers=(Lin("self_attn.dense", bias=True), Lin("mlp.fc2", bias=True)),
+        parallel=True,
+    ),
+    final_norm=NormAt("model.final_layernorm", role="final"),
+    unembed=Lin("lm_head", bias=True),
+    notes="one norm shared by attention and MLP; partial rotary",
+)
+
+# ------------------------------------------------------------------ RMSNorm, Llama layout
+
+
+def _llama_block(
+    qkv_bias: object = "attention_bias", o_bias: object = "attention_bias", mlp_bias: object = "mlp_bias", qk_norm: bool = False
+) -> BlockLayout:
+    """The Llama block: input norm -> q, k, v; post-attention norm -> gate, up; writers o and down."""
+    norms = (
+        NormAt("input_layernorm", readers=tuple(Lin(f"self_attn.{p}_proj", bias=qkv_bias) for p in "qkv")),
+        NormAt("post_attention_layernorm", readers=(Lin("mlp.gate_proj", bias=mlp_bias), Lin("mlp.up_proj", bias=mlp_bias))),
+    )
+    if qk_norm:
+        norms += (NormAt("self_attn.q_norm", role="qk"), NormAt("self_attn.k_norm", role="qk"))
+    return BlockLayout(norms=norms, writers=(Lin("self_attn.o_proj", bias=o_bias), Lin("mlp.down_proj", bias=mlp_bias)))
+
+
+def _llama_like(name: str, block: BlockLayout, *, notes: str = "") -> Family:
+    return Family(
+        name=name,
+        model_types=(name,),
+        layers="model.layers",
+        norm_kind="rmsnorm",
+        eps=_attr("rms_norm_eps"),
+        token_embedding="model.embed_tokens",
+        block=block,
+        final_norm=NormAt("model.norm", role="final"),
+        unembed=Lin("lm_head"),
+        notes=notes,
+    )
+
+
+LLAMA = _llama_like("llama", _llama_block())
+MISTRAL = _llama_like("mistral", _llama_block(False, False, False))
+QWEN2 = _llama_like("qwen2", _llama_block(True, False, False))
+QWEN3 = _llama_like("qwen3", _llama_block(mlp_bias=False, qk_norm=True), notes="per-head QK-norm")
+SMOLLM3 = _llama_like("smollm3", _llama_block(), notes="some layers without rotary positions")
+
+# ------------------------------------------------------------------ RMSNorm with (1 + w) gains: Gemma
+
+
+def _gemma_block(sandwich: bool, qk_norm: bool) -> BlockLayout:
+    """Gemma 1: Llama block. Gemma 2/3: sandwich norms around attention and MLP outputs."""
+    if not sandwich:
+        return _llama_block(mlp_bias=False)
+    norms = (
+        NormAt("input_layernorm", readers=tuple(Lin(f"self_attn.{p}_proj", bias="attention_bias") for p in "qkv")),
+        NormAt("post_attention_layernorm", role="output"),
+        NormAt("pre_feedforward_layernorm", readers=(Lin("mlp.gate_proj"), Lin("mlp.up_proj"))),
+        NormAt("post_feedforward_layernorm", role="output"),
+    )
+    if qk_norm:
+        norms += (NormAt("self_attn.q_norm", role="qk"), NormAt("self_attn.k_norm", role="qk"))
+    return BlockLayout(norms=norms, writers=(Lin("self_attn.o_proj", bias="attention_bias"), Lin("mlp.down_proj")))
+
+
+def _gemma(name: str, model_types: tuple[str, ...], block: BlockLayout, notes: str) -> Family:
+    return Family(
+        name=name,
+        model_types=model_types,
+        layers="model.layers",
+        norm_kind="rmsnorm",
+        eps=_attr("rms_norm_eps"),
+        token_embedding="model.embed_tokens",
+        block=block,
+        final_norm=NormAt("model.norm", role="final"),
+        unembed=Lin("lm_head"),
+        gain_offset=1.0,
+        embed_scale=lambda c: math.sqrt(c.hidden_size),
+        notes=notes,
+    )
+
+
+GEMMA = _gemma("gemma", ("gemma",), _gemma_block(False, False), "gains are (1 + w); embeddings scaled by sqrt(d)")
+GEMMA2 = _gemma("gemma2", ("gemma2",), _gemma_block(True, False), "sandwich norms; (1 + w) gains; logit soft-capping")
+GEMMA3 = _gemma("gemma3", ("gemma3_text",), _gemma_block(True, True), "sandwich norms; (1 + w) gains; QK-norm")
+
+OLMO2 = Family(
+    name="olmo2",
+    model_types=("olmo2",),
+    layers="model.layers",
+    norm_kind="rmsnorm",
+    eps=_attr("rms_norm_eps"),
+    token_embedding="model.embed_tokens",
+    block=BlockLayout(
+        norms=(
+            NormAt("post_attention_layernorm", role="output"),
+            NormAt("post_feedforward_layernorm", role="output"),
+            NormAt("self_attn.q_norm", role="qk"),
+            NormAt("self_attn.k_norm", role="qk"),
+        ),
+        writers=(Lin("self_attn.o_proj", bias="attention_bias"), Lin("mlp.down_proj")),
+        direct_readers=tuple(Lin(f"self_attn.{p}_proj", bias="attention_bias") for p in "qkv")
+        + (Lin("mlp.gate_proj"), Lin("mlp.up_proj")),
+    ),
+    final_norm=NormAt("model.norm", role="final"),
+    unembed=Lin("lm_head"),
+    notes="norms on sublayer outputs only; QK-norm over all heads",
+)
+
+FAMILIES: tuple[Family, ...] = (
+    GPT2, GPT_NEO, GPT_NEOX, GPTJ, OPT, BLOOM, FALCON, PHI,
+    LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, OLMO2, SMOLLM3,
+)  # fmt: skip

@@ -1,0 +1,269 @@
+"""The residual-stream picture of a decoder, as templates (per family) and as resolved tensor names (per model).
+
+A family declares, relative to one block, which norms exist, which linears read each norm's output
+(its readers), which linears write into the residual stream (writers), and the model-level pieces
+(embeddings, final norm, unembedding). `Family.resolve(config)` turns that into an `Architecture`
+that names every tensor of a concrete checkpoint; the rewrites only ever see an `Architecture`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal, Union
+
+NormKind = Literal["layernorm", "rmsnorm"]
+# input: Pre-LN norm read by a sublayer; output: sandwich/Peri-LN norm on a sublayer's output before the add;
+# residual: Post-LN norm applied to the residual stream after the add; embedding: norm on the embeddings;
+# final: the norm before the unembedding; qk: per-head norm inside attention (not on the residual).
+NormRole = Literal["input", "output", "residual", "embedding", "final", "qk"]
+
+Config = Any  # a transformers PretrainedConfig
+Flag = Union[bool, str, Callable[[Config], bool]]  # constant, config attribute name, or predicate
+
+
+def flag(value: Flag, config: Config) -> bool:
+    """Evaluate a declared flag against a config: a bool, a config attribute name, or a predicate."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        return bool(getattr(config, value, False))
+    return bool(value(config))
+
+
+# ---------------------------------------------------------------- templates (declared per family)
+
+
+@dataclass(frozen=True)
+class LinearSlot:
+    """A linear layer relative to a block (or to the model root): `path` is the module path."""
+
+    path: str
+    bias: Flag = False
+    conv1d: bool = False  # HF Conv1D (GPT-2) stores the weight as (in, out)
+    when: Flag = True  # whether the layer exists in this config
+
+
+@dataclass(frozen=True)
+class NormSlot:
+    """A norm relative to a block; `readers` are the linears that read its output (empty for output norms)."""
+
+    path: str
+    role: NormRole = "input"
+    readers: tuple[LinearSlot, ...] = ()
+    when: Flag = True
+    has_bias: Flag | None = None  # None: LayerNorms have a bias, RMSNorms do not
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """One decoder block: its norms, its writers, and whether attention and MLP read the same residual."""
+
+    norms: tuple[NormSlot, ...]
+    writers: tuple[LinearSlot, ...]
+    parallel: bool = False
+    direct_readers: tuple[LinearSlot, ...] = ()  # linears reading the residual without a norm (OLMo2)
+
+
+@dataclass(frozen=True)
+class Family:
+    """Everything normsurgery knows about one model family, declared once."""
+
+    name: str
+    model_types: tuple[str, ...]
+    layers: str  # module path of the block list, e.g. "model.layers"
+    norm_kind: NormKind
+    eps: Callable[[Config], float]
+    token_embedding: str
+    block: BlockLayout | Callable[[Config], BlockLayout]
+    final_norm: NormSlot | None
+    unembed: LinearSlot
+    position_embedding: str | None = None
+    position_offset: int = 0  # OPT stores 2 unused rows before position 0
+    embedding_norm: NormSlot | None = None
+    gain_offset: float = 0.0  # 1.0 when the effective gain is (1 + w) (Gemma 1-3)
+    embed_scale: Callable[[Config], float] | None = None  # Gemma multiplies embeddings by sqrt(d)
+    extra: tuple[LinearSlot, ...] = ()  # other model-level linears (OPT project_in/out)
+    post_ln: Flag = False  # Post-LN: norms applied to the residual after each add
+    notes: str = ""
+
+    def resolve(self, config: Config) -> "Architecture":
+        """Name every tensor of a model with this config."""
+        layout = self.block(config) if callable(self.block) else self.block
+        eps = float(self.eps(config))
+
+        def linear(slot: LinearSlot, prefix: str) -> Linear | None:
+            if not flag(slot.when, config):
+                return None
+            base = f"{prefix}{slot.path}"
+            return Linear(f"{base}.weight", f"{base}.bias" if flag(slot.bias, config) else None, slot.conv1d)
+
+        def linears(slots: tuple[LinearSlot, ...], prefix: str) -> tuple[Linear, ...]:
+            return tuple(x for x in (linear(s, prefix) for s in slots) if x is not None)
+
+        def norm(slot: NormSlot | None, prefix: str, readers: tuple[Linear, ...] | None = None) -> Norm | None:
+            if slot is None or not flag(slot.when, config):
+                return None
+            base = f"{prefix}{slot.path}"
+            has_bias = self.norm_kind == "layernorm" if slot.has_bias is None else flag(slot.has_bias, config)
+            return Norm(
+                name=base,
+                weight=f"{base}.weight",
+                bias=f"{base}.bias" if has_bias else None,
+                kind=self.norm_kind,
+                eps=eps,
+                gain_offset=self.gain_offset,
+                role=slot.role,
+                readers=linears(slot.readers, prefix) if readers is None else readers,
+            )
+
+        blocks = []
+        for i in range(int(config.num_hidden_layers)):
+            prefix = f"{self.layers}.{i}."
+            norms = tuple(n for n in (norm(s, prefix) for s in layout.norms) if n is not None)
+            blocks.append(
+                Block(
+                    index=i,
+                    prefix=prefix,
+                    norms=norms,
+                    writers=linears(layout.writers, prefix),
+                    direct_readers=linears(layout.direct_readers, prefix),
+                    parallel=layout.parallel,
+                )
+            )
+        tied = bool(getattr(config, "tie_word_embeddings", False))
+        unembed = linear(self.unembed, "")
+        assert unembed is not None
+        final = norm(self.final_norm, "", readers=(unembed,)) if self.final_norm else None
+        return Architecture(
+            family=self.name,
+            model_type=str(config.model_type),
+            hidden_size=int(config.hidden_size),
+            num_layers=int(config.num_hidden_layers),
+            vocab_size=int(config.vocab_size),
+            token_embedding=f"{self.token_embedding}.weight",
+            position_embedding=f"{self.position_embedding}.weight" if self.position_embedding else None,
+            position_offset=self.position_offset,
+            embedding_norm=norm(self.embedding_norm, ""),
+            embed_scale=float(self.embed_scale(config)) if self.embed_scale else 1.0,
+            blocks=tuple(blocks),
+            final_norm=final,
+            unembed=unembed,
+            tied=tied,
+            extra=linears(self.extra, ""),
+            post_ln=flag(self.post_ln, config),
+        )
+
+
+# ---------------------------------------------------------------- resolved (per model)
+
+
+@dataclass(frozen=True)
+class Linear:
+    """A linear layer's tensors. Weight layout is (out, in), or (in, out) when `conv1d`."""
+
+    weight: str
+    bias: str | None
+    conv1d: bool = False
+
+    def tensors(self) -> tuple[str, ...]:
+        """The tensor names this layer owns."""
+        return (self.weight,) + ((self.bias,) if self.bias else ())
+
+
+@dataclass(frozen=True)
+class Norm:
+    """A norm's tensors and the facts a rewrite needs: kind, eps, (1 + w) offset, role, readers."""
+
+    name: str
+    weight: str | None
+    bias: str | None
+    kind: NormKind
+    eps: float
+    gain_offset: float
+    role: NormRole
+    readers: tuple[Linear, ...] = ()
+
+    def tensors(self) -> tuple[str, ...]:
+        """The tensor names this norm owns (not its readers')."""
+        return tuple(t for t in (self.weight, self.bias) if t)
+
+
+@dataclass(frozen=True)
+class Block:
+    """One resolved decoder block."""
+
+    index: int
+    prefix: str
+    norms: tuple[Norm, ...]
+    writers: tuple[Linear, ...]
+    direct_readers: tuple[Linear, ...] = ()
+    parallel: bool = False
+
+    def norms_with_role(self, role: NormRole) -> tuple[Norm, ...]:
+        """This block's norms of one role."""
+        return tuple(n for n in self.norms if n.role == role)
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """The residual-stream picture of one concrete model: every tensor named and given a role."""
+
+    family: str
+    model_type: str
+    hidden_size: int
+    num_layers: int
+    vocab_size: int
+    token_embedding: str
+    position_embedding: str | None
+    position_offset: int
+    embedding_norm: Norm | None
+    embed_scale: float
+    blocks: tuple[Block, ...]
+    final_norm: Norm | None
+    unembed: Linear
+    tied: bool
+    extra: tuple[Linear, ...] = ()
+    post_ln: bool = False
+    _roles: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    def all_norms(self) -> list[Norm]:
+        """Every norm in model order: embedding norm, block norms, final norm."""
+        out = [self.embedding_norm] if self.embedding_norm else []
+        for b in self.blocks:
+            out.extend(b.norms)
+        if self.final_norm:
+            out.append(self.final_norm)
+        return out
+
+    def roles(self) -> dict[str, str]:
+        """Map every tensor name this model's checkpoint should hold to its role in the residual picture."""
+        if self._roles:
+            return self._roles
+        roles: dict[str, str] = {self.token_embedding: "token_embedding"}
+        if self.position_embedding:
+            roles[self.position_embedding] = "position_embedding"
+        for n in self.all_norms():
+            for t in n.tensors():
+                roles[t] = f"{n.role}_norm"
+            for r in n.readers:
+                for t in r.tensors():
+                    roles.setdefault(t, "reader")
+        for b in self.blocks:
+            for w in b.writers:
+                for t in w.tensors():
+                    roles[t] = "writer"
+            for r in b.direct_readers:
+                for t in r.tensors():
+                    roles[t] = "direct_reader"
+        for x in self.extra:
+            for t in x.tensors():
+                roles[t] = "projection"
+        if self.tied:
+            roles.pop(self.unembed.weight, None)
+            if self.unembed.bias:
+                roles[self.unembed.bias] = "unembedding"
+        else:
+            for t in self.unembed.tensors():
+                roles[t] = "unembedding"
+        self._roles.update(roles)
+        return roles

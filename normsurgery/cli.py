@@ -1,0 +1,50 @@
+"""The `normsurgery` command line: one Typer app, one module per command under `normsurgery.commands`."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+from rich.console import Console
+
+from normsurgery.errors import NormSurgeryError
+
+app = typer.Typer(
+    name="normsurgery",
+    help="Post-training surgery on transformer normalization layers and depth, verified against the original.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+stderr = Console(stderr=True)
+
+
+def _register() -> None:
+    """Import the command modules; each adds its commands to `app`."""
+    from normsurgery.commands import check, inspect, models  # noqa: F401
+
+
+def main() -> None:
+    """Console-script entry point: run the app, turning user errors into one paragraph and an exit code."""
+    _register()
+    try:
+        app(standalone_mode=False)
+    except NormSurgeryError as err:
+        stderr.print(f"[bold red]error:[/bold red] {err}", highlight=False, soft_wrap=True)
+        sys.exit(err.exit_code)
+    except KeyboardInterrupt:
+        stderr.print("[bold red]interrupted[/bold red]: nothing was written.")
+        sys.exit(130)
+    except typer.Exit as ex:
+        sys.exit(ex.exit_code)
+    except typer.Abort:
+        sys.exit(1)
+    except Exception as err:  # click usage errors come through here with standalone_mode=False
+        import click
+
+        if isinstance(err, click.exceptions.ClickException):
+            err.show()
+            sys.exit(err.exit_code)
+        raise

@@ -1,0 +1,36 @@
+"""Shared pytest fixtures: tiny models of every family, built once per session, never downloaded."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+sys.path.insert(0, str(Path(__file__).parent))
+
+from family_configs import FAMILY_CONFIGS  # noqa: E402
+from fixtures import build_fixture  # noqa: E402
+
+ALL_FIXTURES = sorted(FAMILY_CONFIGS)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """A function: fixture name (and dtype) -> path of its saved folder, built on first use."""
+    import torch
+
+    built: dict[tuple[str, str], Path] = {}
+    root = tmp_path_factory.mktemp("tiny-models")
+
+    def get(name: str, dtype: torch.dtype = torch.float32) -> Path:
+        key = (name, str(dtype))
+        if key not in built:
+            built[key] = build_fixture(name, root / f"{name}-{str(dtype).split('.')[-1]}", dtype=dtype)
+        return built[key]
+
+    return get

@@ -1,0 +1,92 @@
+"""Tiny random models of every family, saved as real Hugging Face folders with an offline-trained tokenizer.
+
+Norm gains and biases are perturbed away from 1/0 and weights are scaled so that activations and
+logits are O(1): a rewrite that mishandles a gain, a bias or an orientation shows in the logits.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from family_configs import FAMILY_CONFIGS
+
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]  # ids 0, 1, 2, as the fixture configs declare
+TOKENIZER_TEXT = (
+    "Shall I compare thee to a summer's day? Thou art more lovely and more temperate. "
+    "Rough winds do shake the darling buds of May, and summer's lease hath all too short a date. "
+    "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer "
+    "the slings and arrows of outrageous fortune, or to take arms against a sea of troubles. "
+    "Now is the winter of our discontent made glorious summer by this sun of York. "
+    "All the world's a stage, and all the men and women merely players; they have their exits "
+    "and their entrances, and one man in his time plays many parts. 0123456789 +-*/=()[]{}<>"
+)
+
+
+@lru_cache(maxsize=1)
+def tokenizer():
+    """A byte-level BPE tokenizer of exactly the fixture vocabulary size, trained offline and deterministically."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab_size = FAMILY_CONFIGS["gpt2"][1]["vocab_size"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([TOKENIZER_TEXT] * 4, trainer=trainer)
+    assert tok.get_vocab_size() == vocab_size, tok.get_vocab_size()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def config_for(name: str):
+    """The transformers config of one fixture."""
+    from transformers import AutoConfig
+
+    model_type, kwargs = FAMILY_CONFIGS[name]
+    kwargs = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, **kwargs}
+    return AutoConfig.for_model(model_type, **kwargs)
+
+
+@torch.no_grad()
+def perturb_(model: torch.nn.Module, seed: int) -> None:
+    """Re-draw every parameter: norm gains around 1 (or 0 for (1 + w) gains), biases non-zero, weights O(1/sqrt(fan_in))."""
+    from normsurgery.arch import architecture_of
+
+    arch = architecture_of(model.config)
+    norm_offsets = {n.weight: n.gain_offset for n in arch.all_norms() if n.weight}
+    norm_biases = {n.bias for n in arch.all_norms() if n.bias}
+    embeddings = {arch.token_embedding, arch.position_embedding}
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name in norm_offsets:
+            p.copy_(1.0 - norm_offsets[name] + 0.5 * (torch.rand(p.shape, generator=gen) * 2 - 1))
+        elif name in norm_biases:
+            p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+        elif p.ndim == 1:
+            p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+        elif name in embeddings:
+            p.copy_(torch.randn(p.shape, generator=gen))
+        else:
+            p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(p.shape[-1]))
+
+
+def build_fixture(name: str, out: Path, *, dtype: torch.dtype = torch.float32, seed: int = 0) -> Path:
+    """Build fixture `name` into `out` (a fresh folder): config, safetensors weights, tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config_for(name))
+    perturb_(model, seed)
+    model.to(dtype).eval()
+    model.save_pretrained(out)
+    tokenizer().save_pretrained(out)
+    return out

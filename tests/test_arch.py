@@ -1,0 +1,82 @@
+"""Every family's adapter names every tensor of a real (tiny, stock transformers) checkpoint, with the right facts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from conftest import ALL_FIXTURES
+from fixtures import config_for
+from normsurgery.arch import SUPPORTED_MODEL_TYPES, architecture_of, load_config
+from normsurgery.arch.families import FAMILIES
+from normsurgery.errors import NormSurgeryError
+
+
+def _checkpoint_names(folder) -> set[str]:
+    names: set[str] = set()
+    for f in folder.glob("*.safetensors"):
+        with safe_open(f, "pt") as h:
+            names |= set(h.keys())
+    return names
+
+
+def test_every_listed_family_is_covered_by_a_fixture():
+    covered = {config_for(n).model_type for n in ALL_FIXTURES}
+    assert covered == set(SUPPORTED_MODEL_TYPES)
+    assert len(FAMILIES) == 17
+
+
+@pytest.mark.parametrize("name", ALL_FIXTURES)
+def test_adapter_classifies_every_tensor(name, tiny_model):
+    folder = tiny_model(name)
+    config = load_config(json.loads((folder / "config.json").read_text()))
+    roles = architecture_of(config).roles()
+    names = _checkpoint_names(folder)
+    assert sorted(names - set(roles)) == [], "tensors the adapter does not know"
+    assert sorted(set(roles) - names) == [], "tensors the adapter expects but the checkpoint lacks"
+
+
+@pytest.mark.parametrize("name", ALL_FIXTURES)
+def test_adapter_facts_match_the_modules(name):
+    """Kind, eps, orientation and reader widths agree with what stock transformers builds."""
+    from transformers import AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+
+    config = config_for(name)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    modules = dict(model.named_modules())
+    arch = architecture_of(config)
+
+    def module(tensor: str):
+        path = tensor.rsplit(".", 1)[0]
+        return modules.get(path) or modules["lm_head"]  # on-disk `embed_out` is `lm_head` in memory
+
+    d = arch.hidden_size
+    for norm in arch.all_norms():
+        m = module(norm.weight)
+        eps = getattr(m, "eps", getattr(m, "variance_epsilon", None))
+        assert eps == pytest.approx(norm.eps), norm.name
+        is_ln = isinstance(m, torch.nn.LayerNorm)
+        assert is_ln == (norm.kind == "layernorm"), norm.name
+        for reader in norm.readers:
+            lin = module(reader.weight)
+            assert isinstance(lin, Conv1D) == reader.conv1d, reader.weight
+            in_features = lin.weight.shape[0] if reader.conv1d else lin.weight.shape[1]
+            assert in_features == d, reader.weight
+    for block in arch.blocks:
+        for writer in block.writers:
+            lin = module(writer.weight)
+            out_features = lin.weight.shape[1] if writer.conv1d else lin.weight.shape[0]
+            assert out_features == d, writer.weight
+    assert arch.tied == bool(config.tie_word_embeddings)
+
+
+def test_unknown_model_type_lists_supported():
+    with pytest.raises(NormSurgeryError, match="llama.*|gpt2"):
+        load_config({"model_type": "bert"})
+    with pytest.raises(NormSurgeryError, match="model_type"):
+        load_config({"hidden_size": 3})
