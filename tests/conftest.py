@@ -34,3 +34,21 @@ def tiny_model(tmp_path_factory):
         return built[key]
 
     return get
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """Run the CLI in-process: args -> (exit code, stdout, stderr)."""
+    from normsurgery.cli import main
+
+    def run(*args: str) -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "argv", ["normsurgery", *map(str, args)])
+        code = 0
+        try:
+            main()
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run

@@ -147,6 +147,7 @@ GPT_NEOX = Family(
     block=_neox_block,
     final_norm=NormAt("gpt_neox.final_layer_norm", role="final"),
     unembed=Lin("embed_out"),  # transformers keeps this on-disk name for `lm_head`
+    key_renames=((r"^embed_out\.", "lm_head."),),
     notes="rotary positions",
 )
 

@@ -84,6 +84,9 @@ class Family:
     embed_scale: Callable[[Config], float] | None = None  # Gemma multiplies embeddings by sqrt(d)
     extra: tuple[LinearSlot, ...] = ()  # other model-level linears (OPT project_in/out)
     post_ln: Flag = False  # Post-LN: norms applied to the residual after each add
+    # on-disk -> in-memory name changes transformers applies to stock classes only (regex -> replacement);
+    # exported modeling code must pass them to from_pretrained itself
+    key_renames: tuple[tuple[str, str], ...] = ()
     notes: str = ""
 
     def resolve(self, config: Config) -> "Architecture":
@@ -151,6 +154,7 @@ class Family:
             tied=tied,
             extra=linears(self.extra, ""),
             post_ln=flag(self.post_ln, config),
+            key_renames=dict(self.key_renames),
         )
 
 
@@ -224,6 +228,7 @@ class Architecture:
     tied: bool
     extra: tuple[Linear, ...] = ()
     post_ln: bool = False
+    key_renames: dict[str, str] = field(default_factory=dict)
     _roles: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     def all_norms(self) -> list[Norm]:

@@ -1,0 +1,132 @@
+"""What an `Architecture` is (norm placement) and which rewrites apply to it, with the reason when not.
+
+These answers follow from the residual-stream picture alone, so `inspect` and every rewrite's
+refusal share them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from normsurgery.arch.spec import Architecture
+
+OPERATIONS: tuple[str, ...] = ("fold", "rmsnorm", "crmsnorm", "dyt", "none", "prune")
+
+
+@dataclass(frozen=True)
+class Applicability:
+    """Whether one operation applies, and why (or why not)."""
+
+    operation: str
+    applies: bool
+    reason: str
+
+    def as_dict(self) -> dict[str, object]:
+        """Plain data for JSON output."""
+        return asdict(self)
+
+
+def norm_label(arch: Architecture) -> str:
+    """The model's residual norm type, e.g. 'LayerNorm' or 'RMSNorm (1 + w)'."""
+    norm = arch.all_norms()[0] if arch.all_norms() else None
+    if norm is None:
+        return "none"
+    label = "LayerNorm" if norm.kind == "layernorm" else "RMSNorm"
+    return f"{label} (1 + w)" if norm.gain_offset else label
+
+
+def has_output_norms(arch: Architecture) -> bool:
+    """Whether sublayer outputs are normalised before the residual add (sandwich / Peri-LN, OLMo2)."""
+    return any(b.norms_with_role("output") for b in arch.blocks)
+
+
+def has_direct_readers(arch: Architecture) -> bool:
+    """Whether some linear reads the residual stream without a norm in between (OLMo2, Post-LN)."""
+    return any(b.direct_readers for b in arch.blocks)
+
+
+def has_qk_norm(arch: Architecture) -> bool:
+    """Whether attention normalises queries and keys (left alone by every rewrite)."""
+    return any(b.norms_with_role("qk") for b in arch.blocks)
+
+
+def is_parallel(arch: Architecture) -> bool:
+    """Whether attention and MLP read the same residual (GPT-J, NeoX, Falcon, Phi)."""
+    return any(b.parallel for b in arch.blocks)
+
+
+def placement(arch: Architecture) -> str:
+    """Where the norms sit: Pre-LN, Post-LN, Peri-LN (sandwich), or output-only (OLMo2), with 'parallel' noted."""
+    if arch.post_ln:
+        base = "Post-LN"
+    elif has_output_norms(arch) and has_direct_readers(arch):
+        base = "Post-sublayer (norms on sublayer outputs only)"
+    elif has_output_norms(arch):
+        base = "Peri-LN (sandwich)"
+    else:
+        base = "Pre-LN"
+    return f"{base}, parallel attention+MLP" if is_parallel(arch) else base
+
+
+def is_pre_ln(arch: Architecture) -> bool:
+    """True when the residual is read only through norms (the condition for exact centering)."""
+    return not (arch.post_ln or has_output_norms(arch) or has_direct_readers(arch))
+
+
+def foldable_norms(arch: Architecture) -> list[str]:
+    """Norms whose output feeds only linear layers, so their gain and bias fold into those layers."""
+    return [n.name for n in arch.all_norms() if n.readers and n.role in ("input", "final")]
+
+
+def applicability(arch: Architecture) -> list[Applicability]:
+    """For each operation, whether it applies to this architecture and why."""
+    pre_ln = is_pre_ln(arch)
+    layernorm = norm_label(arch).startswith("LayerNorm")
+    not_pre_ln = (
+        f"the model is {placement(arch)}: the residual stream is not read only through norms, "
+        "so centering it would change the outputs"
+    )
+    out: list[Applicability] = []
+
+    folds = foldable_norms(arch)
+    all_norms = [n for n in arch.all_norms() if n.role != "qk"]
+    if not folds:
+        out.append(Applicability("fold", False, f"no norm feeds only linear layers ({placement(arch)})"))
+    elif len(folds) < len(all_norms):
+        left = len(all_norms) - len(folds)
+        out.append(Applicability("fold", True, f"{len(folds)} norms fold; {left} (output/residual/embedding norms) stay"))
+    else:
+        out.append(Applicability("fold", True, f"all {len(folds)} norms fold into their readers"))
+
+    if not layernorm:
+        out.append(Applicability("rmsnorm", False, "already RMSNorm: nothing to do"))
+        out.append(
+            Applicability(
+                "crmsnorm",
+                False,
+                "CRMSNorm needs a zero-mean residual, which only LayerNorm models guarantee; "
+                "centering an RMSNorm model's residual changes its outputs",
+            )
+        )
+    elif not pre_ln:
+        out.append(Applicability("rmsnorm", False, not_pre_ln))
+        out.append(Applicability("crmsnorm", False, not_pre_ln))
+    else:
+        out.append(Applicability("rmsnorm", True, "Pre-LN LayerNorm: exact after centering the writers"))
+        out.append(Applicability("crmsnorm", True, "Pre-LN LayerNorm: exact with the residual stored in d-1 dimensions"))
+
+    if arch.post_ln:
+        out.append(Applicability("dyt", False, "Post-LN norms act on the residual itself; DyT/Derf swaps need Pre-LN"))
+        out.append(Applicability("none", False, "Post-LN norms cannot be frozen to a fixed scale without changing the function"))
+    else:
+        out.append(Applicability("dyt", True, f"element-wise swap of {norm_label(arch)} for DyT/Derf, then a short heal"))
+        if pre_ln:
+            out.append(Applicability("none", True, "norms frozen to calibrated fixed scales one at a time, then folded"))
+        else:
+            out.append(Applicability("none", False, f"{placement(arch)}: output norms would remain; LN removal needs Pre-LN"))
+
+    if arch.num_layers > 1:
+        out.append(Applicability("prune", True, f"{arch.num_layers} blocks; up to {arch.num_layers - 1} can be removed"))
+    else:
+        out.append(Applicability("prune", False, "a single block cannot be pruned"))
+    return out

@@ -1,0 +1,138 @@
+"""Modeling code shipped inside checkpoints written by normsurgery (https://pypi.org/project/normsurgery/).
+
+It needs only torch and transformers. The checkpoint is a stock transformers model (`base_config`)
+with a few modules changed, listed in `surgery`: norms swapped for RMSNorm, CRMSNorm or identity,
+biases added to linear layers, and tensors whose residual width shrank (CRMSNorm stores d-1
+coordinates). Load it with `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+
+class NormSurgeryConfig(PretrainedConfig):
+    """A stock config (`base_config`) plus the module changes (`surgery`) that normsurgery made."""
+
+    model_type = "normsurgery"
+
+    def __init__(self, base_config: dict | None = None, surgery: dict | None = None, **kwargs):
+        self.base_config = dict(base_config or {})
+        self.surgery = dict(surgery or {})
+        super().__init__(**kwargs)
+
+    def to_base(self) -> PretrainedConfig:
+        """The stock config the model is built from, carrying the surgery for the patched class."""
+        values = dict(self.base_config)
+        model_type = values.pop("model_type")
+        base = AutoConfig.for_model(model_type, **values)
+        base.normsurgery = self.surgery
+        return base
+
+
+class RMSNorm(nn.Module):
+    """y = g * x / sqrt(mean(x^2) + eps), computed in float32 for low-precision inputs."""
+
+    def __init__(self, dim: int, eps: float, affine: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.dim = dim
+        self.weight = nn.Parameter(torch.ones(dim)) if affine else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        y = F.rms_norm(x.float(), (x.shape[-1],), None, self.eps)
+        if self.weight is not None:
+            y = y * self.weight.float()
+        return y.to(dtype)
+
+
+class CRMSNorm(nn.Module):
+    """RMSNorm of a zero-mean d-vector stored as its first d-1 coordinates: mean(x^2) = (|x'|^2 + (sum x')^2) / d."""
+
+    def __init__(self, dim: int, eps: float, **_: object):
+        super().__init__()
+        self.dim = dim
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        mean_square = (x.pow(2).sum(-1, keepdim=True) + x.sum(-1, keepdim=True).pow(2)) / self.dim
+        return (x * torch.rsqrt(mean_square + self.eps)).to(dtype)
+
+
+NORMS = {"rmsnorm": RMSNorm, "crmsnorm": CRMSNorm}
+
+
+def _module(model: nn.Module, path: str, unembed: str | None) -> nn.Module:
+    if path == unembed:
+        return model.get_output_embeddings()
+    return model.get_submodule(path)
+
+
+def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, name, module)
+
+
+def apply_surgery(model: nn.Module, surgery: dict) -> None:
+    """Swap norms, add biases and resize tensors as `surgery` lists, before the weights are loaded."""
+    unembed = surgery.get("unembed")
+    for path, spec in surgery.get("norms", {}).items():
+        spec = dict(spec)
+        kind = spec.pop("kind")
+        _set_module(model, path, nn.Identity() if kind == "identity" else NORMS[kind](**spec))
+    for path in surgery.get("add_bias", []):
+        linear = _module(model, path, unembed)
+        w = linear.weight
+        out_features = w.shape[1] if type(linear).__name__ == "Conv1D" else w.shape[0]
+        linear.bias = nn.Parameter(torch.zeros(out_features, dtype=w.dtype, device=w.device))
+    for name, shape in surgery.get("shapes", {}).items():
+        path, _, param = name.rpartition(".")
+        module = _module(model, path, unembed)
+        old = getattr(module, param)
+        setattr(module, param, nn.Parameter(torch.zeros(shape, dtype=old.dtype, device=old.device)))
+        if type(module).__name__ == "Conv1D" and param == "weight":
+            module.nx, module.nf = shape
+        elif isinstance(module, nn.Linear) and param == "weight":
+            module.out_features, module.in_features = shape
+        elif isinstance(module, nn.Embedding):
+            module.embedding_dim = shape[1]
+
+
+def _patched(base_class: type) -> type:
+    """A subclass of the stock class that applies the surgery right after building its modules."""
+
+    def __init__(self, config, *args, **kwargs):
+        base_class.__init__(self, config, *args, **kwargs)
+        apply_surgery(self, getattr(config, "normsurgery", {}))
+
+    # same class name: transformers looks up checkpoint key renamings (e.g. GPT-NeoX embed_out) by it
+    return type(base_class.__name__, (base_class,), {"__init__": __init__})
+
+
+class NormSurgeryForCausalLM(PreTrainedModel):
+    """Entry point for `auto_map`: builds the patched stock class and loads the weights into it."""
+
+    config_class = NormSurgeryConfig
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, config=None, **kwargs):
+        kwargs.pop("trust_remote_code", None)
+        if not isinstance(config, NormSurgeryConfig):
+            config = NormSurgeryConfig.from_pretrained(pretrained_model_name_or_path)
+        base = config.to_base()
+        model_class = _patched(MODEL_FOR_CAUSAL_LM_MAPPING[type(base)])
+        if config.surgery.get("key_mapping"):  # stock renamings are not applied to custom code
+            kwargs.setdefault("key_mapping", config.surgery["key_mapping"])
+        return model_class.from_pretrained(pretrained_model_name_or_path, *model_args, config=base, **kwargs)
+
+    @classmethod
+    def _from_config(cls, config, **kwargs):
+        base = config.to_base()
+        return _patched(MODEL_FOR_CAUSAL_LM_MAPPING[type(base)])(base)

@@ -1,0 +1,158 @@
+"""Pre-LN LayerNorm -> Pre-RMSNorm or Pre-CRMSNorm, exactly: center every writer, then swap the norms.
+
+In a Pre-LN model the residual is read only through norms and LN(x) = LN(Px), so making every writer
+zero-mean changes no norm output. On a zero-mean residual LN(x) = g * x / rms(x) + b, an RMSNorm
+whose bias folds into the readers. CRMSNorm also drops the residual's last coordinate (minus the sum
+of the others), so readers absorb it and the norm adds (sum x)^2 back into the mean square.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from normsurgery.arch.facts import applicability
+from normsurgery.arch.spec import Architecture, Linear, Norm
+from normsurgery.errors import NormSurgeryError
+from normsurgery.rewrite.maths import (
+    center_rows,
+    center_writer,
+    compress_reader,
+    drop_last_output,
+    effective_gain,
+    fold_into_reader,
+    layer_norm_rows,
+)
+from normsurgery.rewrite.plan import Plan, Step
+
+Tensor = torch.Tensor
+Target = Literal["rmsnorm", "crmsnorm"]
+
+
+def bias_name(linear: Linear) -> str:
+    """The bias tensor name of a linear, existing or about to be added."""
+    return linear.bias or linear.weight[: -len("weight")] + "bias"
+
+
+def module_path(tensor: str) -> str:
+    """The module that owns a tensor."""
+    return tensor.rsplit(".", 1)[0]
+
+
+def _embedding_step(arch: Architecture, target: Target) -> Step:
+    """Token embeddings: bake an embedding LayerNorm in (BLOOM), center, and drop the last coordinate for CRMS."""
+    norm = arch.embedding_norm
+    inputs = (arch.token_embedding,) + (norm.tensors() if norm else ())
+
+    def compute(t: dict[str, Tensor]) -> dict[str, Tensor]:
+        table = t[arch.token_embedding]
+        if norm:
+            gain = effective_gain(t.get(norm.weight) if norm.weight else None, norm.gain_offset, arch.hidden_size)
+            table = layer_norm_rows(table, gain, t.get(norm.bias) if norm.bias else None, norm.eps)
+        table = center_rows(table)
+        return {arch.token_embedding: table[:, :-1] if target == "crmsnorm" else table}
+
+    return Step(f"center {arch.token_embedding}", inputs, compute)
+
+
+def _position_step(name: str, target: Target) -> Step:
+    def compute(t: dict[str, Tensor]) -> dict[str, Tensor]:
+        table = center_rows(t[name])
+        return {name: table[:, :-1] if target == "crmsnorm" else table}
+
+    return Step(f"center {name}", (name,), compute)
+
+
+def _writer_step(writer: Linear, target: Target) -> Step:
+    def compute(t: dict[str, Tensor]) -> dict[str, Tensor]:
+        w, c = center_writer(t[writer.weight], t[writer.bias] if writer.bias else None, conv1d=writer.conv1d)
+        if target == "crmsnorm":
+            w, c = drop_last_output(w, c, conv1d=writer.conv1d)
+        return {writer.weight: w, **({writer.bias: c} if writer.bias else {})}
+
+    return Step(f"center {module_path(writer.weight)}", writer.tensors(), compute)
+
+
+def _norm_step(norm: Norm, arch: Architecture, target: Target, untie_from: str | None) -> Step:
+    """A norm's readers: RMS keeps the gain in the norm and folds the bias; CRMS folds both and compresses."""
+    inputs = list(norm.tensors())
+    for r in norm.readers:
+        inputs.append(untie_from if (untie_from and r.weight == arch.unembed.weight) else r.weight)
+        inputs += [r.bias] if r.bias else []
+
+    def compute(t: dict[str, Tensor]) -> dict[str, Tensor]:
+        bias = t.get(norm.bias) if norm.bias else None
+        gain = None
+        if target == "crmsnorm":
+            gain = effective_gain(t.get(norm.weight) if norm.weight else None, norm.gain_offset, arch.hidden_size)
+        out: dict[str, Tensor] = {}
+        for r in norm.readers:
+            weight = t[untie_from] if (untie_from and r.weight == arch.unembed.weight) else t[r.weight]
+            w, c = fold_into_reader(weight, t[r.bias] if r.bias else None, gain, bias, conv1d=r.conv1d)
+            if target == "crmsnorm":
+                w = compress_reader(w, conv1d=r.conv1d)
+            out[r.weight] = w
+            if c is not None:
+                out[bias_name(r)] = c
+        if target == "rmsnorm" and norm.weight:
+            out[norm.weight] = t[norm.weight]
+        return out
+
+    return Step(f"{target} {norm.name}", tuple(dict.fromkeys(inputs)), compute)
+
+
+def plan_center_swap(arch: Architecture, target: Target) -> Plan:
+    """The full Pre-LN -> Pre-RMSNorm / Pre-CRMSNorm plan, with the module surgery the exported code applies."""
+    verdict = next(a for a in applicability(arch) if a.operation == target)
+    if not verdict.applies:
+        raise NormSurgeryError(f"--to {target} does not apply to this {arch.family} model: {verdict.reason}.")
+    plan = Plan(operation=target)
+    d = arch.hidden_size
+    norms: dict[str, dict] = {}
+    add_bias: list[str] = []
+
+    plan.steps.append(_embedding_step(arch, target))
+    if arch.embedding_norm:
+        plan.dropped.update(arch.embedding_norm.tensors())
+        norms[arch.embedding_norm.name] = {"kind": "identity"}
+    if arch.position_embedding:
+        plan.steps.append(_position_step(arch.position_embedding, target))
+    for block in arch.blocks:
+        for writer in block.writers:
+            plan.steps.append(_writer_step(writer, target))
+    swap = [n for b in arch.blocks for n in b.norms_with_role("input")] + ([arch.final_norm] if arch.final_norm else [])
+    for norm in swap:
+        untie = arch.token_embedding if (arch.tied and norm is arch.final_norm) else None
+        plan.steps.append(_norm_step(norm, arch, target, untie))
+        plan.folded.append(norm.name)
+        plan.dropped.update([norm.bias] if norm.bias else [])
+        if target == "crmsnorm" and norm.weight:
+            plan.dropped.add(norm.weight)
+        norms[norm.name] = {"kind": target, "eps": norm.eps, "dim": d, "affine": target == "rmsnorm"}
+        for r in norm.readers:
+            if r.bias is None and norm.bias:
+                add_bias.append(module_path(r.weight))
+    if arch.tied:
+        plan.config_updates["tie_word_embeddings"] = False
+    plan.surgery = {
+        "operation": target,
+        "norms": norms,
+        "add_bias": add_bias,
+        "resized": crms_resized(arch) if target == "crmsnorm" else [],
+        "unembed": module_path(arch.unembed.weight),
+        "key_mapping": arch.key_renames,
+    }
+    return plan
+
+
+def crms_resized(arch: Architecture) -> list[str]:
+    """The tensors whose residual dimension shrinks from d to d-1 under CRMS."""
+    names = [arch.token_embedding] + ([arch.position_embedding] if arch.position_embedding else [])
+    for block in arch.blocks:
+        for w in block.writers:
+            names += list(w.tensors())
+    for norm in arch.all_norms():
+        if norm.role in ("input", "final"):
+            names += [r.weight for r in norm.readers]
+    return names

@@ -1,0 +1,81 @@
+"""A rewrite as a plan of small steps, executed while streaming tensors from a reader to a writer.
+
+Each step reads a handful of tensors (one norm and its readers, one writer, the embeddings), computes
+its outputs in float64, and the executor casts each output once to its source dtype and hands it to
+the writer. Tensors no step mentions are copied unchanged. Peak memory is one step's tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+import torch
+
+Tensor = torch.Tensor
+Compute = Callable[[dict[str, Tensor]], dict[str, Tensor]]
+
+
+class TensorSource(Protocol):
+    """What the executor needs from a checkpoint reader."""
+
+    def names(self) -> list[str]: ...
+    def get(self, name: str) -> Tensor: ...
+
+
+class TensorSink(Protocol):
+    """What the executor needs from a checkpoint writer."""
+
+    def add(self, name: str, tensor: Tensor) -> None: ...
+
+
+@dataclass
+class Step:
+    """Outputs computed together from `inputs`; `label` says what the step does (for reports and errors)."""
+
+    label: str
+    inputs: tuple[str, ...]
+    compute: Compute
+
+
+@dataclass
+class Plan:
+    """An operation's steps, the tensors it drops, and what changes in the config and the exported code."""
+
+    operation: str
+    steps: list[Step] = field(default_factory=list)
+    dropped: set[str] = field(default_factory=set)
+    config_updates: dict[str, Any] = field(default_factory=dict)
+    surgery: dict[str, Any] | None = None  # module changes the exported modeling code applies; None: stock class
+    folded: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)  # norms left in place, with the reason
+
+
+def execute(
+    plan: Plan,
+    source: TensorSource,
+    sink: TensorSink,
+    *,
+    dtype_for: Callable[[str], torch.dtype],
+    on_step: Callable[[str], None] | None = None,
+) -> list[str]:
+    """Run the plan: computed outputs first (in plan order), then every tensor no step produced or dropped."""
+    written: list[str] = []
+    for step in plan.steps:
+        inputs = {name: source.get(name) for name in step.inputs}
+        outputs = step.compute(inputs)
+        del inputs
+        for name, tensor in outputs.items():
+            sink.add(name, tensor.to(dtype_for(name)).contiguous())
+            written.append(name)
+        if on_step:
+            on_step(step.label)
+    produced = set(written)
+    for name in source.names():
+        if name in produced or name in plan.dropped:
+            continue
+        sink.add(name, source.get(name))
+        written.append(name)
+        if on_step:
+            on_step(name)
+    return written

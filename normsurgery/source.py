@@ -1,0 +1,131 @@
+"""Open a MODEL argument (folder, reference name or hub id) as a validated checkpoint with its residual picture."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from normsurgery.arch import Architecture, architecture_of, load_config
+from normsurgery.checkpoint.reader import CheckpointReader
+from normsurgery.checkpoint.resolve import resolve_model
+from normsurgery.errors import NormSurgeryError
+
+# Buffers some checkpoints carry that are rebuilt from the config on load (never weights).
+IGNORED_TENSORS = re.compile(r"(\.attn\.(masked_)?bias|\.rotary_emb\.inv_freq|\.attention\.(masked_)?bias)$")
+
+
+@dataclass
+class ModelSource:
+    """A checkpoint ready for surgery: where it is, its lazy reader, its config and its residual picture."""
+
+    spec: str
+    path: Path
+    reader: CheckpointReader
+    config: Any
+    arch: Architecture
+
+    @property
+    def parameter_count(self) -> int:
+        """Number of stored parameters (tied weights counted once)."""
+        total = 0
+        for name in self.reader.names():
+            if not IGNORED_TENSORS.search(name):
+                total += self.reader.info(name).numel
+        return total
+
+    def close(self) -> None:
+        """Release open shard handles."""
+        self.reader.close()
+
+
+def open_weights(
+    spec: str,
+    *,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    scan_finite: bool = True,
+    on_tensor: Callable[[str], None] | None = None,
+) -> tuple[Path, CheckpointReader]:
+    """Resolve and open a checkpoint, checking its files' integrity and (optionally) that every weight is finite."""
+    path = resolve_model(spec, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    reader = CheckpointReader.open(path, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    try:
+        if scan_finite:
+            for name in reader.names():
+                reader.check_finite(name, reader.get(name))
+                if on_tensor:
+                    on_tensor(name)
+    except BaseException:
+        reader.close()
+        raise
+    return path, reader
+
+
+def open_model(
+    spec: str,
+    *,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    scan_finite: bool = True,
+    on_tensor: Callable[[str], None] | None = None,
+) -> ModelSource:
+    """Open a model of a supported family and validate its tensor names and shapes against its config."""
+    path, reader = open_weights(
+        spec, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, scan_finite=scan_finite, on_tensor=on_tensor
+    )
+    try:
+        config = load_config(reader.config, where=str(path / "config.json"))
+        arch = architecture_of(config)
+        validate_names(reader, arch, path)
+        validate_shapes(reader, config, path)
+    except BaseException:
+        reader.close()
+        raise
+    return ModelSource(spec=spec, path=path, reader=reader, config=config, arch=arch)
+
+
+def validate_names(reader: CheckpointReader, arch: Architecture, path: Path) -> None:
+    """Every stored tensor has a role in the residual picture and every expected tensor is stored."""
+    roles = arch.roles()
+    stored = {n for n in reader.names() if not IGNORED_TENSORS.search(n)}
+    if arch.tied:
+        stored.discard(arch.unembed.weight)  # some exporters store the tied copy too
+    unknown = sorted(stored - set(roles))
+    missing = sorted(set(roles) - stored)
+    if unknown or missing:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensor(s) the config implies (e.g. {', '.join(missing[:3])})")
+        if unknown:
+            parts.append(f"{len(unknown)} tensor(s) a {arch.family} model does not have (e.g. {', '.join(unknown[:3])})")
+        raise NormSurgeryError(
+            f"the weights in {path} do not match its config.json ({arch.model_type}, {arch.num_layers} layers): "
+            f"{'; '.join(parts)}. The checkpoint is incomplete or belongs to another config; re-export it "
+            "or fix config.json."
+        )
+
+
+def validate_shapes(reader: CheckpointReader, config: Any, path: Path) -> None:
+    """Each stored tensor has the shape stock transformers builds from the config (checked on the meta device)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        try:
+            model = AutoModelForCausalLM.from_config(config)
+        except Exception as err:
+            raise NormSurgeryError(
+                f"transformers cannot build a model from {path / 'config.json'}: {err}. Fix the config values."
+            ) from None
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    for name in reader.names():
+        want = expected.get(name)
+        got = tuple(reader.info(name).shape)
+        if want is not None and want != got:
+            raise NormSurgeryError(
+                f"tensor {name} in {path} has shape {list(got)} but config.json implies {list(want)}: the weights "
+                "and the config disagree (wrong config.json, or weights from another model). Fix one of them."
+            )

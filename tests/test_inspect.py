@@ -1,0 +1,65 @@
+"""`normsurgery inspect` on every family's fixture: the facts and the applicability of each operation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import ALL_FIXTURES
+
+EXPECTED_PLACEMENT = {
+    "gpt2": "Pre-LN",
+    "gpt_neox": "Pre-LN, parallel attention+MLP",
+    "gpt_neox_sequential": "Pre-LN",
+    "gptj": "Pre-LN, parallel attention+MLP",
+    "opt_postln": "Post-LN",
+    "falcon_sequential": "Pre-LN",
+    "falcon_old": "Pre-LN, parallel attention+MLP",
+    "phi": "Pre-LN, parallel attention+MLP",
+    "llama": "Pre-LN",
+    "gemma2": "Peri-LN (sandwich)",
+    "gemma3": "Peri-LN (sandwich)",
+    "olmo2": "Post-sublayer (norms on sublayer outputs only)",
+}
+
+
+@pytest.mark.parametrize("name", ALL_FIXTURES)
+def test_inspect_json_every_family(name, tiny_model, cli):
+    code, out, err = cli("inspect", tiny_model(name), "--json")
+    assert code == 0, err
+    facts = json.loads(out)
+    config = json.loads((tiny_model(name) / "config.json").read_text())
+    assert facts["model_type"] == config["model_type"]
+    assert facts["layers"] == config.get("num_hidden_layers", config.get("n_layer", config.get("num_layers")))
+    assert facts["parameters"] > 0 and facts["dtype"] == "float32" and facts["weights_finite"]
+    ops = {o["operation"]: o for o in facts["operations"]}
+    assert set(ops) == {"fold", "rmsnorm", "crmsnorm", "dyt", "none", "prune"}
+    assert all(o["reason"] for o in ops.values())
+    if name in EXPECTED_PLACEMENT:
+        assert facts["placement"] == EXPECTED_PLACEMENT[name]
+    layernorm = facts["norm"] == "LayerNorm"
+    pre_ln = facts["placement"].startswith("Pre-LN")
+    assert ops["rmsnorm"]["applies"] == (layernorm and pre_ln)
+    assert ops["crmsnorm"]["applies"] == (layernorm and pre_ln)
+    if not layernorm:
+        assert "already RMSNorm" in ops["rmsnorm"]["reason"]
+
+
+def test_inspect_facts_of_special_layouts(tiny_model, cli):
+    facts = lambda n: json.loads(cli("inspect", tiny_model(n), "--json")[1])  # noqa: E731
+    gemma = facts("gemma")
+    assert gemma["norm"] == "RMSNorm (1 + w)" and gemma["tied_embeddings"]
+    assert facts("qwen3")["qk_norm"] and not facts("llama")["qk_norm"]
+    assert facts("bloom")["embedding_norm"]
+    post = {o["operation"]: o for o in facts("opt_postln")["operations"]}
+    assert not post["rmsnorm"]["applies"] and "Post-LN" in post["rmsnorm"]["reason"]
+    assert not post["fold"]["applies"]
+    olmo = {o["operation"]: o for o in facts("olmo2")["operations"]}
+    assert olmo["fold"]["applies"] and "stay" in olmo["fold"]["reason"]
+
+
+def test_inspect_table_for_people(tiny_model, cli):
+    code, out, _ = cli("inspect", tiny_model("gpt2"))
+    assert code == 0
+    assert "placement" in out and "Pre-LN" in out and "crmsnorm" in out
