@@ -20,7 +20,6 @@ from normsurgery.errors import NormSurgeryError
 DEFAULT_MAX_REL_LOGIT_DIFF = 2e-5
 DEFAULT_MIN_TOP1 = 1.0
 DEFAULT_MAX_KL = 1e-6
-EXPORT_CODE_DIR = Path(__file__).parent / "export"
 
 
 @dataclass(frozen=True)
@@ -65,7 +64,9 @@ class CheckReport:
 
 def own_modeling_code(folder: Path) -> bool:
     """True when every Python file in `folder` is byte-identical to modeling code normsurgery ships."""
-    ours = {hashlib.sha256(p.read_bytes()).hexdigest() for p in EXPORT_CODE_DIR.glob("*.py")}
+    from normsurgery.export.config import MODELING_FILE
+
+    ours = {hashlib.sha256(MODELING_FILE.read_bytes()).hexdigest()}
     files = list(folder.glob("*.py"))
     return bool(files) and all(hashlib.sha256(p.read_bytes()).hexdigest() in ours for p in files)
 

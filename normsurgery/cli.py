@@ -23,7 +23,7 @@ stderr = Console(stderr=True)
 
 def _register() -> None:
     """Import the command modules; each adds its commands to `app`."""
-    from normsurgery.commands import check, inspect, models  # noqa: F401
+    from normsurgery.commands import check, inspect, models, rewrite  # noqa: F401
 
 
 def main() -> None:

@@ -1,0 +1,1 @@
+"""Checkpoint I/O: lazy, checked reading of model folders and atomic, sharded writing."""

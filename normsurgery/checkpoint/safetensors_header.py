@@ -1,0 +1,99 @@
+"""Parse a .safetensors header with bounds checks before anything is allocated or memory-mapped."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from normsurgery.errors import NormSurgeryError
+
+MAX_HEADER_BYTES = 100_000_000  # safetensors itself caps headers at 100 MB
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives and what it is, read from a header without loading the data."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    file: Path
+    begin: int  # byte offset within the file's data section
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        """Number of elements."""
+        return math.prod(self.shape)
+
+
+def _corrupt(path: Path, what: str) -> NormSurgeryError:
+    return NormSurgeryError(
+        f"{path} is not a valid safetensors file ({what}); it is truncated or corrupt. Re-download or re-export it."
+    )
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """The tensors described by a safetensors file and its metadata, checked against the file's size."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise _corrupt(path, f"{size} bytes, shorter than the 8-byte header length")
+            (length,) = struct.unpack("<Q", prefix)
+            if length > MAX_HEADER_BYTES or length > size - 8:
+                raise _corrupt(path, f"header claims {length} bytes but the file has {size}")
+            raw = f.read(length)
+    except OSError as err:
+        raise NormSurgeryError(f"cannot read {path}: {err.strerror or err}. Check the path and its permissions.") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise _corrupt(path, "its header is not JSON") from None
+    if not isinstance(header, dict):
+        raise _corrupt(path, "its header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise _corrupt(path, "its __metadata__ is not an object")
+    data_size = size - 8 - length
+    tensors: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        tensors[name] = _tensor_info(path, name, entry, data_size)
+    spans = sorted((t.begin, t.begin + t.nbytes, t.name) for t in tensors.values() if t.nbytes)
+    for (b0, e0, n0), (b1, _, n1) in zip(spans, spans[1:]):
+        if b1 < e0:
+            raise _corrupt(path, f"tensors {n0} and {n1} overlap")
+    return tensors, {str(k): str(v) for k, v in metadata.items()}
+
+
+def _tensor_info(path: Path, name: str, entry: object, data_size: int) -> TensorInfo:
+    if not isinstance(entry, dict):
+        raise _corrupt(path, f"entry {name!r} is not an object")
+    dtype = DTYPES.get(entry.get("dtype"))  # type: ignore[arg-type]
+    if dtype is None:
+        raise _corrupt(path, f"tensor {name} has unknown dtype {entry.get('dtype')!r}")
+    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape):
+        raise _corrupt(path, f"tensor {name} has an invalid shape {shape!r}")
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(isinstance(o, int) for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1]):
+        raise _corrupt(path, f"tensor {name} has invalid data offsets {offsets!r}")
+    begin, end = offsets
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if end - begin != math.prod(shape) * itemsize:
+        raise _corrupt(path, f"tensor {name} spans {end - begin} bytes but shape {shape} needs {math.prod(shape) * itemsize}")
+    if end > data_size:
+        raise _corrupt(path, f"tensor {name} ends at byte {end}, past the end of the data ({data_size} bytes)")
+    return TensorInfo(name, dtype, tuple(shape), path, begin, end - begin)

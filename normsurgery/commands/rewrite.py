@@ -1,0 +1,147 @@
+"""`normsurgery fold` and `normsurgery convert --to rmsnorm|crmsnorm`: the exact rewrites."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import torch
+import typer
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from normsurgery.arch.facts import applicability
+from normsurgery.check import Thresholds
+from normsurgery.checkpoint.writer import parse_size
+from normsurgery.cli import app
+from normsurgery.commands.common import AllowPickle, JsonOutput, TrustRemoteCode, console, print_json
+from normsurgery.errors import NormSurgeryError
+from normsurgery.rewrite.center import plan_center_swap
+from normsurgery.rewrite.fold import plan_fold
+from normsurgery.rewrite.plan import Plan
+from normsurgery.source import open_model
+from normsurgery.surgery import SurgeryResult, apply_plan
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+class Target(str, Enum):
+    """What `convert --to` can produce."""
+
+    rmsnorm = "rmsnorm"
+    crmsnorm = "crmsnorm"
+
+
+Out = Annotated[Path, typer.Option("--output", "-o", help="Output folder (must not exist unless --force).")]
+Force = Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")]
+MaxShard = Annotated[str, typer.Option("--max-shard-size", help="Largest output shard, e.g. 5GB, 500MB.")]
+Dtype = Annotated[Optional[str], typer.Option("--dtype", help="Store the result as float32, bfloat16, float16 or float64 (default: as the source).")]
+NoVerify = Annotated[bool, typer.Option("--no-verify", help="Skip the model check after writing (shard checksums are always verified).")]
+
+
+def _run(model: str, plan_for, out: Path, force: bool, max_shard_size: str, dtype: Optional[str], no_verify: bool,
+         json_output: bool, allow_pickle: bool, trust_remote_code: bool) -> SurgeryResult:
+    """Shared body of the rewrite commands: open, plan, write, verify, report."""
+    if dtype is not None and dtype not in DTYPES:
+        raise NormSurgeryError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}.")
+    shard_bytes = parse_size(max_shard_size)
+    if out.exists() and not force:
+        raise NormSurgeryError(f"{out} already exists; choose another --output or pass --force to replace it.")
+    source = open_model(model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, scan_finite=False)
+    try:
+        plan: Plan = plan_for(source)
+        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                      TimeElapsedColumn(), console=console, transient=True, disable=json_output) as progress:
+            task = progress.add_task(f"{plan.operation}: writing", total=len(plan.steps) + len(source.reader))
+            check_task = progress.add_task("verifying", total=None, visible=False)
+            result = apply_plan(
+                source, plan, out, force=force, max_shard_size=shard_bytes,
+                dtype=DTYPES[dtype] if dtype else None, verify=not no_verify, thresholds=Thresholds(),
+                on_step=lambda _: progress.advance(task),
+                on_verify=lambda: (progress.update(check_task, visible=True), progress.advance(check_task)),
+            )
+    finally:
+        source.close()
+    if json_output:
+        print_json(result.as_dict())
+    else:
+        _print_result(result)
+    return result
+
+
+def _print_result(result: SurgeryResult) -> None:
+    console.print(f"[bold green]wrote[/bold green] {result.output} ({result.operation}, {result.tensors_written} tensors, "
+                  f"{result.dtype}{', with its own modeling code (trust_remote_code=True)' if result.remote_code else ''})")
+    console.print(f"folded/swapped {len(result.folded)} norms" + (f"; left {len(result.kept)}:" if result.kept else ""))
+    for line in result.kept:
+        console.print(f"  - {line}")
+    if result.check:
+        c = result.check
+        console.print(f"check: max |logit diff| {c['max_abs_logit_diff']:.3g} ({c['rel_logit_diff']:.3g} of the logit scale), "
+                      f"mean KL {c['mean_kl']:.3g}, top-1 agreement {c['top1_agreement']:.2%}")
+    if result.maths_check and result.storage_check:
+        console.print(f"  maths (float32 twin): {result.maths_check['rel_logit_diff']:.3g} of the logit scale; "
+                      f"storage rounding to {result.dtype}: {result.storage_check['rel_logit_diff']:.3g}")
+    if not result.check:
+        console.print("[yellow]not verified (--no-verify)[/yellow]")
+
+
+@app.command()
+def fold(
+    model: Annotated[str, typer.Argument(help="A model folder, a reference model name, or a hub id.")],
+    output: Out,
+    force: Force = False,
+    max_shard_size: MaxShard = "5GB",
+    dtype: Dtype = None,
+    no_verify: NoVerify = False,
+    json_output: JsonOutput = False,
+    allow_pickle: AllowPickle = False,
+    trust_remote_code: TrustRemoteCode = False,
+) -> None:
+    """Fold every norm's gain (and bias) into the linear layers that read it. Exact; stays a stock model.
+
+    Norms whose output does not feed only linear layers (sandwich/post norms) are left and listed.
+
+    Examples:
+
+      normsurgery fold smollm2-135m -o smollm2-folded
+
+      normsurgery fold ./gpt2 -o ./gpt2-folded --dtype bfloat16
+    """
+    _run(model, lambda s: plan_fold(s.arch), output, force, max_shard_size, dtype, no_verify, json_output,
+         allow_pickle, trust_remote_code)
+
+
+@app.command()
+def convert(
+    model: Annotated[str, typer.Argument(help="A model folder, a reference model name, or a hub id.")],
+    to: Annotated[Target, typer.Option("--to", help="rmsnorm or crmsnorm (exact, Pre-LN LayerNorm models).")],
+    output: Out,
+    force: Force = False,
+    max_shard_size: MaxShard = "5GB",
+    dtype: Dtype = None,
+    no_verify: NoVerify = False,
+    json_output: JsonOutput = False,
+    allow_pickle: AllowPickle = False,
+    trust_remote_code: TrustRemoteCode = False,
+) -> None:
+    """Convert a Pre-LN LayerNorm model to Pre-RMSNorm or Pre-CRMSNorm, exactly (same outputs).
+
+    The output carries its own small modeling code: load it with trust_remote_code=True.
+
+    Examples:
+
+      normsurgery convert gpt2-shakespeare --to rmsnorm -o gpt2-rms
+
+      normsurgery convert ./pythia --to crmsnorm -o ./pythia-crms --json
+    """
+    if to is Target.rmsnorm:
+        source = open_model(model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, scan_finite=False)
+        verdict = next(a for a in applicability(source.arch) if a.operation == "rmsnorm")
+        source.close()
+        if not verdict.applies and verdict.reason.startswith("already RMSNorm"):
+            message = f"{model} already uses RMSNorm: nothing to do, nothing written."
+            print_json({"operation": "rmsnorm", "changed": False, "reason": message}) if json_output else console.print(message)
+            return
+    _run(model, lambda s: plan_center_swap(s.arch, to.value), output, force, max_shard_size, dtype, no_verify,
+         json_output, allow_pickle, trust_remote_code)

@@ -1,0 +1,189 @@
+"""Run an exact rewrite end to end: plan, stream tensors through it, export, verify, and commit atomically."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+import normsurgery
+from normsurgery.check import Thresholds, run_check
+from normsurgery.checkpoint.card import render_model_card
+from normsurgery.checkpoint.writer import CheckpointWriter
+from normsurgery.errors import CheckFailed
+from normsurgery.export.config import MODELING_FILE, rewritten_config
+from normsurgery.rewrite.plan import Plan, execute
+from normsurgery.source import ModelSource
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class SurgeryResult:
+    """What a rewrite did and how well it was verified."""
+
+    operation: str
+    source: str
+    output: str
+    tensors_written: int
+    folded: list[str]
+    kept: list[str]
+    remote_code: bool
+    dtype: str
+    check: dict[str, Any] | None = None
+    maths_check: dict[str, Any] | None = None  # bf16/fp16 outputs: a float32 twin of the rewrite vs the source
+    storage_check: dict[str, Any] | None = None  # bf16/fp16 outputs: the stored result vs its float32 twin
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain data for normsurgery.json and --json."""
+        return dict(self.__dict__)
+
+
+class _FiniteSource:
+    """Reads tensors lazily from a checkpoint and refuses NaN/inf as it goes."""
+
+    def __init__(self, source: ModelSource) -> None:
+        self._reader = source.reader
+
+    def names(self) -> list[str]:
+        return self._reader.names()
+
+    def get(self, name: str) -> Tensor:
+        tensor = self._reader.get(name)
+        self._reader.check_finite(name, tensor)
+        return tensor
+
+
+class _ShapeRecorder:
+    """Passes tensors to the writer and remembers each one's shape."""
+
+    def __init__(self, writer: CheckpointWriter) -> None:
+        self.writer = writer
+        self.shapes: dict[str, list[int]] = {}
+
+    def add(self, name: str, tensor: Tensor) -> None:
+        self.shapes[name] = list(tensor.shape)
+        self.writer.add(name, tensor)
+
+
+def main_dtype(source: ModelSource) -> torch.dtype:
+    """The dtype most of the model's floating tensors are stored in."""
+    counts: Counter[torch.dtype] = Counter()
+    for name in source.reader.names():
+        info = source.reader.info(name)
+        if info.dtype.is_floating_point:
+            counts[info.dtype] += math.prod(info.shape)
+    return counts.most_common(1)[0][0] if counts else torch.float32
+
+
+def apply_plan(
+    source: ModelSource,
+    plan: Plan,
+    out: Path,
+    *,
+    force: bool = False,
+    max_shard_size: int = 5_000_000_000,
+    dtype: torch.dtype | None = None,
+    verify: bool = True,
+    thresholds: Thresholds = Thresholds(),
+    on_step: Callable[[str], None] | None = None,
+    on_verify: Callable[[], None] | None = None,
+) -> SurgeryResult:
+    """Stream `source` through `plan` into `out`; verify against the source before the folder appears."""
+    stored = main_dtype(source)
+    target = dtype or stored
+
+    def dtype_for(name: str) -> torch.dtype:
+        if dtype is not None:
+            return dtype
+        return source.reader.info(name).dtype if name in source.reader else stored
+
+    result = SurgeryResult(
+        operation=plan.operation,
+        source=source.spec,
+        output=str(out),
+        tensors_written=0,
+        folded=plan.folded,
+        kept=plan.kept,
+        remote_code=plan.surgery is not None,
+        dtype=str(target).replace("torch.", ""),
+    )
+    metadata = {"normsurgery_version": normsurgery.__version__, "normsurgery_operation": plan.operation}
+    with CheckpointWriter(out, force=force, max_shard_size=max_shard_size, metadata=metadata) as writer:
+        sink = _ShapeRecorder(writer)
+        written = execute(plan, _FiniteSource(source), sink, dtype_for=dtype_for, on_step=on_step)
+        result.tensors_written = len(written)
+        resized = (plan.surgery or {}).get("resized", [])
+        config = rewritten_config(
+            source.reader.config,
+            {**plan.config_updates, **({"torch_dtype": result.dtype} if dtype else {})},
+            plan.surgery,
+            {n: sink.shapes[n] for n in resized},
+        )
+        writer.write_json("config.json", config)
+        writer.copy_side_files(source.path)
+        if plan.surgery is not None:
+            writer.copy_file(MODELING_FILE)
+        staged = writer.stage()
+        if verify:
+            _verify(source, plan, staged, out, target, thresholds, result, on_verify)
+        card = render_model_card(
+            source.spec,
+            [{"operation": plan.operation, "folded": len(plan.folded), "kept": len(plan.kept),
+              "remote_code": result.remote_code, "dtype": result.dtype}],
+            result.check,
+            {"kept": plan.kept} if plan.kept else None,
+        )
+        writer.write_text("README.md", card)
+        writer.write_text("normsurgery.json", json.dumps(result.as_dict(), indent=2) + "\n")
+    return result
+
+
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+NO_LIMITS = Thresholds(max_rel_logit_diff=None, min_top1=None, max_kl=None)
+
+
+def _verify(
+    source: ModelSource,
+    plan: Plan,
+    staged: Path,
+    out: Path,
+    target: torch.dtype,
+    thresholds: Thresholds,
+    result: SurgeryResult,
+    on_verify: Callable[[], None] | None,
+) -> None:
+    """Check the staged output against the source; for bf16/fp16 outputs separate the maths from storage rounding.
+
+    A low-precision result cannot match its original to float32 precision, so its gate is a float32
+    twin of the same rewrite (the maths), while the rounding of storing it is measured and reported.
+    """
+    labels = (source.spec, str(out))
+    if target not in LOW_PRECISION:
+        report = run_check(source.path, staged, thresholds=thresholds, on_batch=on_verify, labels=labels)
+        result.check = report.as_dict()
+    else:
+        twin = staged.parent / f"{staged.name}-float32-twin"
+        try:
+            apply_plan(source, plan, twin, force=True, dtype=torch.float32, verify=False)
+            report = run_check(source.path, twin, thresholds=thresholds, on_batch=on_verify,
+                               labels=(source.spec, f"{out} (float32 twin)"))
+            storage = run_check(twin, staged, thresholds=NO_LIMITS, labels=(f"{out} (float32 twin)", str(out)))
+            overall = run_check(source.path, staged, thresholds=NO_LIMITS, labels=labels)
+        finally:
+            shutil.rmtree(twin, ignore_errors=True)
+        result.check = overall.as_dict()
+        result.maths_check = report.as_dict()
+        result.storage_check = storage.as_dict()
+    if not report.passed:
+        raise CheckFailed(
+            f"verification failed, so {out} was not written: {'; '.join(report.failures)}. This is a bug in "
+            "normsurgery or a model it does not handle exactly; please report it (or pass --no-verify to keep "
+            "the output anyway)."
+        )
