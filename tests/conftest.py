@@ -52,3 +52,25 @@ def cli(capsys, monkeypatch):
         return code, out, err
 
     return run
+
+
+@pytest.fixture(scope="session")
+def clean_python(tmp_path_factory):
+    """Call functions of tests/clean_worker.py in one long-lived interpreter where normsurgery is not importable."""
+    import json
+    import subprocess
+
+    env = {**os.environ, "HF_HOME": str(tmp_path_factory.mktemp("hf-home")), "PYTHONPATH": ""}
+    proc = subprocess.Popen([sys.executable, "-u", str(Path(__file__).parent / "clean_worker.py")],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+
+    def call(name: str, *args: str) -> dict:
+        proc.stdin.write(json.dumps({"call": name, "args": [str(a) for a in args]}) + "\n")
+        proc.stdin.flush()
+        reply = json.loads(proc.stdout.readline())
+        assert reply["ok"], reply["error"]
+        return reply["result"]
+
+    yield call
+    proc.stdin.close()
+    proc.wait(timeout=30)

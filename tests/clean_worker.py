@@ -1,0 +1,38 @@
+"""A Python process in which normsurgery cannot be imported: it loads outputs the way a user without
+normsurgery would, and answers one JSON request per line on stdin."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+sys.modules["normsurgery"] = None  # type: ignore[assignment]  # any `import normsurgery` now fails
+
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+
+def compare(original: str, candidate: str) -> dict:
+    """Logits and greedy generation with the KV cache of a stock original vs. a candidate loaded with remote code."""
+    a = AutoModelForCausalLM.from_pretrained(original, dtype=torch.float32).eval()
+    b = AutoModelForCausalLM.from_pretrained(candidate, dtype=torch.float32, trust_remote_code=True).eval()
+    ids = torch.randint(3, a.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        la, lb = a(ids).logits.double(), b(ids).logits.double()
+        kw = dict(max_new_tokens=8, do_sample=False, use_cache=True, pad_token_id=0)
+        ga, gb = a.generate(ids[:1], **kw), b.generate(ids[:1], **kw)
+    return {
+        "rel": ((la - lb).abs().max() / la.abs().max()).item(),
+        "same_generation": ga.tolist() == gb.tolist(),
+        "layernorms_left": sum(isinstance(m, torch.nn.LayerNorm) for m in b.modules()),
+        "normsurgery_importable": "normsurgery" in sys.modules and sys.modules["normsurgery"] is not None,
+    }
+
+
+for line in sys.stdin:
+    request = json.loads(line)
+    try:
+        reply = {"ok": True, "result": globals()[request["call"]](*request["args"])}
+    except Exception as err:  # report, keep serving
+        reply = {"ok": False, "error": f"{type(err).__name__}: {err}"}
+    print(json.dumps(reply), flush=True)
