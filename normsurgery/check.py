@@ -83,6 +83,9 @@ def load_model(folder: Path, dtype: torch.dtype, *, trust_remote_code: bool = Fa
     """Load a model for evaluation; remote code only when it is normsurgery's own export or the user opted in."""
     from transformers import AutoModelForCausalLM
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     remote = needs_remote_code(folder)
     if remote and not (trust_remote_code or own_modeling_code(folder)):
         raise NormSurgeryError(

@@ -41,10 +41,10 @@ def main() -> None:
         sys.exit(ex.exit_code)
     except typer.Abort:
         sys.exit(1)
-    except Exception as err:  # click usage errors come through here with standalone_mode=False
-        import click
-
-        if isinstance(err, click.exceptions.ClickException):
-            err.show()
-            sys.exit(err.exit_code)
-        raise
+    except typer.TyperException as err:  # usage errors: bad option, unknown choice, missing argument
+        show = getattr(err, "show", None)
+        if show:
+            show()
+        else:
+            stderr.print(f"[bold red]error:[/bold red] {err}")
+        sys.exit(getattr(err, "exit_code", 2))

@@ -129,3 +129,15 @@ def validate_shapes(reader: CheckpointReader, config: Any, path: Path) -> None:
                 f"tensor {name} in {path} has shape {list(got)} but config.json implies {list(want)}: the weights "
                 "and the config disagree (wrong config.json, or weights from another model). Fix one of them."
             )
+
+
+def validated_path(spec: str, *, allow_pickle: bool = False) -> Path:
+    """Resolve and fully validate any model before loading it: supported families by name and shape,
+    normsurgery outputs and other remote-code models by file integrity (their code is gated at load)."""
+    from normsurgery.arch import FAMILY_BY_MODEL_TYPE
+
+    path, reader = open_weights(spec, allow_pickle=allow_pickle, trust_remote_code=True)
+    reader.close()
+    if "auto_map" not in reader.config and reader.config.get("model_type") in FAMILY_BY_MODEL_TYPE:
+        open_model(spec, allow_pickle=allow_pickle, scan_finite=False).close()
+    return path

@@ -21,7 +21,7 @@ from normsurgery.check import (
 from normsurgery.cli import app
 from normsurgery.commands.common import AllowPickle, JsonOutput, TrustRemoteCode, console, print_json
 from normsurgery.errors import CheckFailed, NormSurgeryError
-from normsurgery.source import open_weights
+from normsurgery.source import validated_path
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -109,9 +109,7 @@ def check(
             raise NormSurgeryError(f"cannot read --text {text}: {err}. Give a readable UTF-8 text file.") from None
     paths = []
     for spec in (original, candidate):
-        path, reader = open_weights(spec, allow_pickle=allow_pickle, trust_remote_code=True)  # code is gated at load
-        reader.close()
-        paths.append(path)
+        paths.append(validated_path(spec, allow_pickle=allow_pickle))
     thresholds = Thresholds(
         max_rel_logit_diff=None if max_logit_diff < 0 else max_logit_diff,
         min_top1=None if min_top1 < 0 else min_top1,
