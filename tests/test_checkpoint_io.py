@@ -112,3 +112,43 @@ def test_reader_reads_in_disk_order(tiny_model):
     names = reader.names()
     assert names == sorted(names, key=lambda n: reader.info(n).begin)  # on-disk order
     assert torch.equal(reader.get(names[0]), reader.get(names[0]))
+
+
+def test_streamed_shards_read_back_with_safetensors(tmp_path):
+    """Shards are written tensor by tensor; the stock safetensors loader reads them, including a header that
+    outgrows the reserved space and tensors of mixed dtypes and odd sizes (kept aligned by starting a new shard)."""
+    from safetensors.torch import load_file
+
+    gen = torch.Generator().manual_seed(0)
+    many = {f"layer.{i:04d}.a_rather_long_parameter_name_to_fill_the_header.weight": torch.randn(3, generator=gen)
+            for i in range(1200)}  # a header of ~100 KB > the 64 KiB reserved
+    mixed = {"odd.bf16": torch.randn(3, generator=gen).to(torch.bfloat16), "after.f32": torch.randn(5, generator=gen),
+             "scalar": torch.tensor(2.5, dtype=torch.float64), "empty": torch.zeros(0, 4), "mask": torch.tensor([True, False])}
+    with CheckpointWriter(tmp_path / "big-header") as writer:
+        for name, tensor in many.items():
+            writer.add(name, tensor)
+    loaded = load_file(tmp_path / "big-header" / "model.safetensors")
+    assert loaded.keys() == many.keys() and all(torch.equal(loaded[k], many[k]) for k in many)
+    with CheckpointWriter(tmp_path / "mixed") as writer:
+        for name, tensor in mixed.items():
+            writer.add(name, tensor)
+    index = json.loads((tmp_path / "mixed" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) >= 2  # the f32 after an odd bf16 tensor opened a new shard
+    loaded = {}
+    for shard in set(index["weight_map"].values()):
+        loaded.update(load_file(tmp_path / "mixed" / shard))
+    assert all(torch.equal(loaded[k], mixed[k]) and loaded[k].dtype == mixed[k].dtype for k in mixed)
+
+
+def test_reader_refuses_a_shard_cut_short_after_its_header(tiny_model, tmp_path):
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model("gpt2"), folder)
+    reader = CheckpointReader.open(folder)
+    name = reader.names()[-1]
+    size = (folder / "model.safetensors").stat().st_size
+    with open(folder / "model.safetensors", "r+b") as f:  # keep the header, lose the last bytes after opening
+        f.truncate(size - 4)
+    with pytest.raises(NormSurgeryError, match="truncated"):
+        reader.get(name)

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from normsurgery.checkpoint.safetensors_header import TensorInfo, read_header
 from normsurgery.errors import NormSurgeryError
@@ -39,7 +39,7 @@ class CheckpointReader:
         self.config = config
         self._infos = infos
         self._pickled = pickled
-        self._handles: dict[Path, Any] = {}
+        self._fds: dict[Path, int] = {}
         self._order = sorted(infos, key=lambda n: (str(infos[n].file), infos[n].begin))
 
     @classmethod
@@ -115,17 +115,29 @@ class CheckpointReader:
         return sum(i.nbytes for i in self._infos.values())
 
     def get(self, name: str) -> torch.Tensor:
-        """Read one tensor from disk, in its stored dtype; nothing is cached."""
+        """Read one tensor from disk into fresh memory, in its stored dtype; nothing is cached or memory-mapped.
+
+        Plain reads (not mmap) keep the process's resident memory at the tensors in use, whatever the
+        size of the shards.
+        """
         if self._pickled is not None:
             return self._pickled[name]
         info = self._infos[name]
-        handle = self._handles.get(info.file)
+        out = torch.empty(info.nbytes, dtype=torch.uint8)
+        view, done = memoryview(out.numpy()), 0
         try:
-            if handle is None:
-                handle = self._handles[info.file] = safe_open(str(info.file), framework="pt")
-            return handle.get_tensor(name)
-        except Exception as err:
-            raise NormSurgeryError(f"cannot read tensor {name} from {info.file}: {err}. The file is corrupt; re-download it.") from None
+            fd = self._fds.get(info.file)
+            if fd is None:
+                fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
+            while done < info.nbytes:
+                got = os.preadv(fd, [view[done:]], info.file_offset + done)
+                if got <= 0:
+                    raise OSError(f"the file ends {info.nbytes - done} bytes early")
+                done += got
+        except OSError as err:
+            raise NormSurgeryError(f"cannot read tensor {name} from {info.file}: {err}. The file is truncated or "
+                                   "unreadable; re-download it.") from None
+        return out.view(info.dtype).reshape(info.shape)
 
     def check_finite(self, name: str, tensor: torch.Tensor) -> None:
         """Refuse a floating tensor holding NaN or inf."""
@@ -137,8 +149,10 @@ class CheckpointReader:
             )
 
     def close(self) -> None:
-        """Release the open shard handles."""
-        self._handles.clear()
+        """Close the open shard files."""
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
     def __enter__(self) -> "CheckpointReader":
         return self

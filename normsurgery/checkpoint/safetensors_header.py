@@ -31,6 +31,12 @@ class TensorInfo:
     file: Path
     begin: int  # byte offset within the file's data section
     nbytes: int
+    data_start: int = 0  # byte offset of the data section in the file (8 + header length)
+
+    @property
+    def file_offset(self) -> int:
+        """Absolute byte offset of the tensor's data in its file."""
+        return self.data_start + self.begin
 
     @property
     def numel(self) -> int:
@@ -70,7 +76,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     data_size = size - 8 - length
     tensors: dict[str, TensorInfo] = {}
     for name, entry in header.items():
-        tensors[name] = _tensor_info(path, name, entry, data_size)
+        tensors[name] = _tensor_info(path, name, entry, data_size, 8 + length)
     spans = sorted((t.begin, t.begin + t.nbytes, t.name) for t in tensors.values() if t.nbytes)
     for (b0, e0, n0), (b1, _, n1) in zip(spans, spans[1:]):
         if b1 < e0:
@@ -78,7 +84,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     return tensors, {str(k): str(v) for k, v in metadata.items()}
 
 
-def _tensor_info(path: Path, name: str, entry: object, data_size: int) -> TensorInfo:
+def _tensor_info(path: Path, name: str, entry: object, data_size: int, data_start: int) -> TensorInfo:
     if not isinstance(entry, dict):
         raise _corrupt(path, f"entry {name!r} is not an object")
     dtype = DTYPES.get(entry.get("dtype"))  # type: ignore[arg-type]
@@ -96,4 +102,4 @@ def _tensor_info(path: Path, name: str, entry: object, data_size: int) -> Tensor
         raise _corrupt(path, f"tensor {name} spans {end - begin} bytes but shape {shape} needs {math.prod(shape) * itemsize}")
     if end > data_size:
         raise _corrupt(path, f"tensor {name} ends at byte {end}, past the end of the data ({data_size} bytes)")
-    return TensorInfo(name, dtype, tuple(shape), path, begin, end - begin)
+    return TensorInfo(name, dtype, tuple(shape), path, begin, end - begin, data_start)

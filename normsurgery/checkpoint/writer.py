@@ -9,13 +9,13 @@ import json
 import os
 import re
 import shutil
+import struct
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
+from normsurgery.checkpoint.safetensors_header import DTYPES, read_header
 from normsurgery.errors import NormSurgeryError
 
 SIDE_FILES = (
@@ -23,6 +23,9 @@ SIDE_FILES = (
     "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja", "chat_template.json",
 )  # fmt: skip
 TMP_MARK = ".normsurgery-tmp-"
+HEADER_RESERVE = 64 * 1024  # bytes kept for a shard's header; data follows, written as tensors arrive
+CHUNK = 64 * 2**20  # read size when re-reading shards to verify them
+_DTYPE_CODES = {dtype: code for code, dtype in DTYPES.items()}
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # fmt: skip
 
@@ -37,8 +40,55 @@ def parse_size(value: str | int) -> int:
     return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
 
 
-def _digest(tensor: torch.Tensor) -> str:
-    return hashlib.sha256(tensor.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The raw little-endian bytes of a contiguous CPU tensor, without a copy."""
+    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+
+
+class _ShardFile:
+    """One output shard written as tensors arrive: data goes after a reserved header, filled in at close.
+
+    Nothing of a shard is held in memory, so peak memory is one tensor, not one shard.
+    """
+
+    def __init__(self, path: Path, metadata: dict[str, str]) -> None:
+        self.path = path
+        self.metadata = metadata
+        self.file = path.open("wb")
+        self.file.seek(HEADER_RESERVE)
+        self.entries: dict[str, dict[str, Any]] = {}
+        self.size = 0
+
+    def aligned_for(self, tensor: torch.Tensor) -> bool:
+        """True when the next tensor would start on a multiple of its element size (loaders need that)."""
+        return self.size % tensor.element_size() == 0
+
+    def write(self, name: str, tensor: torch.Tensor) -> str:
+        """Append the tensor's bytes; returns their SHA-256 for the read-back check."""
+        data = _tensor_bytes(tensor)
+        self.file.write(data)
+        self.entries[name] = {"dtype": _DTYPE_CODES[tensor.dtype], "shape": list(tensor.shape),
+                              "data_offsets": [self.size, self.size + len(data)]}
+        self.size += len(data)
+        return hashlib.sha256(data).hexdigest()
+
+    def close(self) -> None:
+        """Write the header into the reserved space (space-padded, as the format allows), or move the data if it is too big."""
+        header = json.dumps({"__metadata__": self.metadata, **self.entries}, separators=(",", ":")).encode()
+        room = HEADER_RESERVE - 8
+        if len(header) <= room:
+            self.file.seek(0)
+            self.file.write(struct.pack("<Q", room) + header + b" " * (room - len(header)))
+            self.file.close()
+            return
+        self.file.close()
+        header += b" " * (-len(header) % 8)
+        moved = self.path.with_name(self.path.name + ".moving")
+        with self.path.open("rb") as src, moved.open("wb") as dst:
+            dst.write(struct.pack("<Q", len(header)) + header)
+            src.seek(HEADER_RESERVE)
+            shutil.copyfileobj(src, dst, CHUNK)
+        moved.replace(self.path)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -61,8 +111,7 @@ class CheckpointWriter:
         self.max_shard_size = max_shard_size
         self.metadata = {"format": "pt", **(metadata or {})}
         self.tmp = self.out.parent / f".{self.out.name}{TMP_MARK}{os.getpid()}"
-        self._pending: dict[str, torch.Tensor] = {}
-        self._pending_bytes = 0
+        self._shard: _ShardFile | None = None
         self._written_bytes = 0
         self._shards: list[list[str]] = []
         self._digests: dict[str, str] = {}
@@ -87,6 +136,8 @@ class CheckpointWriter:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
+            if self._shard is not None:
+                self._shard.file.close()
             shutil.rmtree(self.tmp, ignore_errors=True)
             if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
                 raise NormSurgeryError(
@@ -114,30 +165,28 @@ class CheckpointWriter:
     @property
     def bytes_added(self) -> int:
         """Bytes of tensor data handed to the writer so far."""
-        return self._written_bytes + self._pending_bytes
+        return self._written_bytes
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        """Queue a tensor; a shard is written as soon as the next tensor would overflow it."""
-        if name in self._digests or name in self._pending:
+        """Write a tensor into the current shard, starting a new shard when it would overflow."""
+        if name in self._digests:
             raise ValueError(f"tensor {name} written twice")
         tensor = tensor.detach().to("cpu").contiguous()
         size = tensor.numel() * tensor.element_size()
-        if self._pending and self._pending_bytes + size > self.max_shard_size:
-            self._flush()
-        self._pending[name] = tensor
-        self._pending_bytes += size
+        shard = self._shard
+        if shard is not None and shard.size and (shard.size + size > self.max_shard_size or not shard.aligned_for(tensor)):
+            self._close_shard()
+        if self._shard is None:
+            self._shard = _ShardFile(self.tmp / f"shard-{len(self._shards):05d}.safetensors", self.metadata)
+            self._shards.append([])
+        self._digests[name] = self._shard.write(name, tensor)
+        self._shards[-1].append(name)
+        self._written_bytes += size
 
-    def _flush(self) -> None:
-        if not self._pending:
-            return
-        index = len(self._shards)
-        path = self.tmp / f"shard-{index:05d}.safetensors"
-        save_file(self._pending, str(path), metadata=self.metadata)
-        for name, tensor in self._pending.items():
-            self._digests[name] = _digest(tensor)
-        self._shards.append(list(self._pending))
-        self._written_bytes += self._pending_bytes
-        self._pending, self._pending_bytes = {}, 0
+    def _close_shard(self) -> None:
+        if self._shard is not None:
+            self._shard.close()
+            self._shard = None
 
     # ---------------------------------------------------------------- side files
 
@@ -169,7 +218,7 @@ class CheckpointWriter:
         """
         if self._staged:
             return self.tmp
-        self._flush()
+        self._close_shard()
         count = len(self._shards)
         names = ["model.safetensors"] if count == 1 else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
         weight_map: dict[str, str] = {}
@@ -184,15 +233,29 @@ class CheckpointWriter:
         return self.tmp
 
     def _verify_shards(self, weight_map: dict[str, str]) -> None:
-        """Re-read every written tensor and compare its checksum with what was handed to `add`."""
+        """Re-read every shard (its header, then each tensor's bytes in chunks) and compare with what was written."""
+        buffer = memoryview(bytearray(CHUNK))
         for shard in sorted(set(weight_map.values())):
-            with safe_open(str(self.tmp / shard), framework="pt") as handle:
-                for name in handle.keys():
-                    if _digest(handle.get_tensor(name)) != self._digests.get(name):
-                        raise NormSurgeryError(
-                            f"tensor {name} read back from {shard} differs from what was written (disk or memory "
-                            "error); nothing was written. Try again, or write to another disk."
-                        )
+            infos, _ = read_header(self.tmp / shard)
+            expected = {n for n, s in weight_map.items() if s == shard}
+            bad = sorted(expected ^ set(infos))
+            with (self.tmp / shard).open("rb", buffering=0) as f:
+                for name, info in infos.items():
+                    f.seek(info.file_offset)
+                    digest, left = hashlib.sha256(), info.nbytes
+                    while left:
+                        got = f.readinto(buffer[: min(left, CHUNK)])
+                        if not got:
+                            break
+                        digest.update(buffer[:got])
+                        left -= got
+                    if left or digest.hexdigest() != self._digests.get(name):
+                        bad.append(name)
+            if bad:
+                raise NormSurgeryError(
+                    f"tensor {bad[0]} read back from {shard} differs from what was written (disk or memory error); "
+                    "nothing was written. Try again, or write to another disk."
+                )
 
     def _commit(self) -> None:
         for path in self.tmp.iterdir():

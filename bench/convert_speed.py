@@ -1,0 +1,99 @@
+"""Conversion time and peak memory of normsurgery against a plain copy of the same folder, in one run.
+
+For each synthetic checkpoint (real tensor names and shapes, random weights; see bench/synthetic.py) it
+times `cp -r SRC DST && sync` and each normsurgery operation (run as a fresh process, verification off:
+that is timed separately) and records every process's peak RSS with wait4. Prints a Markdown table.
+
+    python bench/convert_speed.py [--workdir /tmp/normsurgery-bench] [--suite main|rss|all]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from synthetic import SHAPES, build, folder_bytes, llama_of_layers  # noqa: E402
+
+
+def run(cmd: list[str]) -> tuple[float, float]:
+    """Wall seconds and peak RSS (GB) of one command run as a child process."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr.read().decode()}")
+    return seconds, usage.ru_maxrss / 1e6
+
+
+def copy_time(src: Path, dst: Path) -> tuple[float, float]:
+    """The baseline: copy the folder and sync it to disk."""
+    shutil.rmtree(dst, ignore_errors=True)
+    result = run(["bash", "-c", f"cp -r '{src}' '{dst}' && sync"])
+    shutil.rmtree(dst, ignore_errors=True)
+    return result
+
+
+def normsurgery(*args: str) -> list[str]:
+    return [sys.executable, "-m", "normsurgery", *args]
+
+
+def bench_model(src: Path, ops: list[tuple[str, list[str]]], work: Path, verify: bool) -> list[dict]:
+    """Copy, then each operation, then copy again; the copy figure is the faster of the two copies."""
+    rows = []
+    copies = [copy_time(src, work / "copy")]
+    for label, args in ops:
+        out = work / "out"
+        seconds, rss = run(normsurgery(*args, str(src), "-o", str(out), "--force", "--no-verify", "--max-shard-size", "1GB"))
+        row = {"model": src.name, "GB": folder_bytes(src) / 1e9, "op": label, "s": seconds, "rss": rss}
+        if verify:
+            shutil.rmtree(out, ignore_errors=True)
+            row["s_verified"], row["rss_verified"] = run(normsurgery(*args, str(src), "-o", str(out), "--force", "--max-shard-size", "1GB"))
+        shutil.rmtree(out, ignore_errors=True)
+        rows.append(row)
+    copies.append(copy_time(src, work / "copy"))
+    copy_s, copy_rss = min(copies)
+    for row in rows:
+        row["copy_s"], row["ratio"] = copy_s, row["s"] / copy_s
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/normsurgery-bench"))
+    parser.add_argument("--suite", choices=["main", "rss", "all"], default="all")
+    parser.add_argument("--verify", action="store_true", help="also time each operation with its automatic check")
+    args = parser.parse_args()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    if args.suite in ("main", "all"):
+        llama = build(args.workdir / "llama-2.4gb-bf16", SHAPES["llama-2.4gb"], torch.bfloat16)
+        rows += bench_model(llama, [("fold", ["fold"])], args.workdir, args.verify)
+        gpt2 = build(args.workdir / "gpt2-xl-fp32", SHAPES["gpt2-xl"], torch.float32)
+        rows += bench_model(gpt2, [("fold", ["fold"]), ("rmsnorm", ["convert", "--to", "rmsnorm"]),
+                                   ("crmsnorm", ["convert", "--to", "crmsnorm"])], args.workdir, args.verify)
+    if args.suite in ("rss", "all"):
+        for layers in (8, 24, 52):
+            src = build(args.workdir / f"llama-{layers}l-bf16", llama_of_layers(layers), torch.bfloat16)
+            rows += bench_model(src, [("fold", ["fold"])], args.workdir, False)
+    print(f"\ntorch {torch.__version__}, {os.cpu_count()} CPUs; output shards 1GB; verification off unless noted\n")
+    print("| model | size GB | operation | seconds | copy seconds | ratio to copy | peak RSS GB |"
+          + (" seconds with check | peak RSS with check GB |" if args.verify else ""))
+    print("|---|---|---|---|---|---|---|" + ("---|---|" if args.verify else ""))
+    for r in rows:
+        line = f"| {r['model']} | {r['GB']:.2f} | {r['op']} | {r['s']:.1f} | {r['copy_s']:.1f} | {r['ratio']:.2f} | {r['rss']:.2f} |"
+        if args.verify:
+            line += f" {r.get('s_verified', float('nan')):.1f} | {r.get('rss_verified', float('nan')):.2f} |"
+        print(line)
+
+
+if __name__ == "__main__":
+    main()
