@@ -58,6 +58,7 @@ def bench_model(src: Path, ops: list[tuple[str, list[str]]], work: Path, verify:
             shutil.rmtree(out, ignore_errors=True)
             row["s_verified"], row["rss_verified"] = run(normsurgery(*args, str(src), "-o", str(out), "--force", "--max-shard-size", "1GB"))
         shutil.rmtree(out, ignore_errors=True)
+        print(f"  {src.name} {label}: {row}", flush=True)
         rows.append(row)
     copies.append(copy_time(src, work / "copy"))
     copy_s, copy_rss = min(copies)

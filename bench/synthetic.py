@@ -50,7 +50,6 @@ def build(out: Path, config_kwargs: dict, dtype: torch.dtype, shard: str = "1GB"
             else:
                 tensor = 0.02 * torch.randn(meta.shape, generator=gen)
             writer.add(name, tensor.to(dtype))
-        config.torch_dtype = None
         cfg = config.to_dict()
         cfg["dtype"] = str(dtype).replace("torch.", "")
         writer.write_json("config.json", cfg)

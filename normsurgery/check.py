@@ -103,10 +103,18 @@ def load_model(folder: Path, dtype: torch.dtype, *, trust_remote_code: bool = Fa
     return model.eval()
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
 def load_tokenizer(folder: Path):
-    """The folder's tokenizer, or None when it has none that loads."""
+    """The folder's tokenizer, or None when it has no tokenizer files or they do not load.
+
+    (transformers 5 builds an empty tokenizer for a folder without any, which would tokenize to nothing.)
+    """
     from transformers import AutoTokenizer
 
+    if not any((Path(folder) / name).is_file() for name in TOKENIZER_FILES):
+        return None
     try:
         return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     except Exception:
@@ -129,7 +137,7 @@ def check_tokens(
     if text is not None:
         if tokenizer is None:
             raise NormSurgeryError(f"--text was given but {folder} has no tokenizer that loads; drop --text to use random tokens.")
-        ids = tokenizer(text[: seq_len * num_seqs * 16], add_special_tokens=False)["input_ids"]
+        ids = tokenizer(text[: seq_len * num_seqs * 16], add_special_tokens=False, verbose=False)["input_ids"]
         if len(ids) < seq_len:
             raise NormSurgeryError(f"the check text has {len(ids)} tokens, fewer than one sequence of {seq_len}; give a longer file.")
         n = min(num_seqs, len(ids) // seq_len)

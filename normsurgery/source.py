@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,6 +28,16 @@ class ModelSource:
     reader: CheckpointReader
     config: Any
     arch: Architecture
+    _shape_check: threading.Thread | None = None
+    _shape_error: list[BaseException] = field(default_factory=list)
+
+    def confirm_shapes(self) -> None:
+        """Wait for a shape validation running in the background and raise its error, if any."""
+        if self._shape_check is not None:
+            self._shape_check.join()
+            self._shape_check = None
+        if self._shape_error:
+            raise self._shape_error[0]
 
     @property
     def parameter_count(self) -> int:
@@ -72,8 +83,13 @@ def open_model(
     trust_remote_code: bool = False,
     scan_finite: bool = True,
     on_tensor: Callable[[str], None] | None = None,
+    shapes_in_background: bool = False,
 ) -> ModelSource:
-    """Open a model of a supported family and validate its tensor names and shapes against its config."""
+    """Open a model of a supported family and validate its tensor names and shapes against its config.
+
+    With `shapes_in_background`, the shape check (which imports the model's transformers class, seconds
+    of start-up) runs on a thread; the caller must call `confirm_shapes()` before trusting any result.
+    """
     path, reader = open_weights(
         spec, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, scan_finite=scan_finite, on_tensor=on_tensor
     )
@@ -81,11 +97,23 @@ def open_model(
         config = load_config(reader.config, where=str(path / "config.json"))
         arch = architecture_of(config)
         validate_names(reader, arch, path)
-        validate_shapes(reader, config, path)
+        if not shapes_in_background:
+            validate_shapes(reader, config, path)
     except BaseException:
         reader.close()
         raise
-    return ModelSource(spec=spec, path=path, reader=reader, config=config, arch=arch)
+    source = ModelSource(spec=spec, path=path, reader=reader, config=config, arch=arch)
+    if shapes_in_background:
+
+        def check() -> None:
+            try:
+                validate_shapes(reader, config, path)
+            except BaseException as err:  # handed to confirm_shapes() in the main thread
+                source._shape_error.append(err)
+
+        source._shape_check = threading.Thread(target=check, name="normsurgery-shape-check", daemon=True)
+        source._shape_check.start()
+    return source
 
 
 def validate_names(reader: CheckpointReader, arch: Architecture, path: Path) -> None:

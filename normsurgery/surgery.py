@@ -117,7 +117,12 @@ def apply_plan(
     metadata = {"normsurgery_version": normsurgery.__version__, "normsurgery_operation": plan.operation}
     with CheckpointWriter(out, force=force, max_shard_size=max_shard_size, metadata=metadata) as writer:
         sink = _ShapeRecorder(writer)
-        written = execute(plan, _FiniteSource(source), sink, dtype_for=dtype_for, on_step=on_step)
+        try:
+            written = execute(plan, _FiniteSource(source), sink, dtype_for=dtype_for, on_step=on_step)
+        except Exception:
+            source.confirm_shapes()  # a wrong-shaped checkpoint fails here with the clear error
+            raise
+        source.confirm_shapes()
         result.tensors_written = len(written)
         resized = (plan.surgery or {}).get("resized", [])
         config = rewritten_config(

@@ -55,3 +55,17 @@ def test_check_with_text_file(tiny_model, cli, tmp_path):
     code, out, err = cli("check", folder, folder, "--text", text, "--json", "--seq-len", "16", "--num-seqs", "2")
     assert code == 0, err
     assert json.loads(out)["tokens"] == "text"
+
+
+def test_folder_without_tokenizer_checks_on_random_tokens(tiny_model, cli, tmp_path):
+    """A bare weights folder (no tokenizer files) falls back to seeded random tokens, and a rewrite of it verifies."""
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_model("gpt2") / name, bare / name)
+    code, out, err = cli("check", bare, bare, "--json", "--num-seqs", "2", "--seq-len", "16")
+    assert code == 0, err
+    assert json.loads(out)["tokens"].startswith("random(")
+    code, out, err = cli("convert", bare, "--to", "rmsnorm", "-o", tmp_path / "rms", "--json")
+    assert code == 0, err
+    assert json.loads(out)["check"]["tokens"].startswith("random(")

@@ -114,6 +114,10 @@ def test_build_smollm2_from_pypi_then_fold_it(cli, cache, tmp_path):
     folder = cache / "models" / "smollm2-135m"
     assert "quantization_config" not in json.loads((folder / "config.json").read_text())
     assert "dequantized Q4_1" in (folder / "README.md").read_text()
+    code, out, _ = cli("inspect", "smollm2-135m", "--json")
+    facts = json.loads(out)
+    assert (facts["family"], facts["layers"], facts["hidden_size"], facts["norm"]) == ("llama", 30, 576, "RMSNorm")
+    assert facts["parameters"] == 134_515_008 and facts["tied_embeddings"]
     code, out, err = cli("fold", "smollm2-135m", "-o", tmp_path / "folded", "--json")
     assert code == 0, err
     check = json.loads(out)["check"]

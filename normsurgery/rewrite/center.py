@@ -84,8 +84,9 @@ def _norm_step(norm: Norm, arch: Architecture, target: Target, untie_from: str |
     def compute(t: dict[str, Tensor]) -> dict[str, Tensor]:
         bias = t.get(norm.bias) if norm.bias else None
         gain = None
-        if target == "crmsnorm":
-            gain = effective_gain(t.get(norm.weight) if norm.weight else None, norm.gain_offset, arch.hidden_size)
+        if target == "crmsnorm":  # float64: the product feeds compress_reader's subtraction before one final rounding
+            gain = effective_gain(t.get(norm.weight) if norm.weight else None, norm.gain_offset,
+                                  arch.hidden_size).to(torch.float64)
         out: dict[str, Tensor] = {}
         for r in norm.readers:
             weight = t[untie_from] if (untie_from and r.weight == arch.unembed.weight) else t[r.weight]

@@ -2,6 +2,8 @@
 
 Every function takes weights in the layout they are stored in (`conv1d` True: HF Conv1D's (in, out);
 False: nn.Linear's (out, in)), works in float64, and returns float64; the caller casts once at the end.
+The one exception is the gain multiply of `fold_into_reader`, done in the stored dtype when that is
+bit-identical (see there): it is the bulk of a fold, and float64 would triple its time.
 """
 
 from __future__ import annotations
@@ -22,10 +24,18 @@ def _stored(weight_out_in: Tensor, conv1d: bool) -> Tensor:
     return weight_out_in.t().contiguous() if conv1d else weight_out_in.contiguous()
 
 
+FLOAT32_EXACT = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def effective_gain(weight: Tensor | None, offset: float, size: int) -> Tensor:
-    """The gain a norm multiplies by: w, or (1 + w) for Gemma-style norms; ones when the norm has no weight."""
+    """The gain a norm multiplies by: w, or (1 + w) for Gemma-style norms; ones when the norm has no weight.
+
+    A plain gain comes back as stored; (1 + w) in float64.
+    """
     if weight is None:
         return torch.ones(size, dtype=torch.float64)
+    if offset == 0:
+        return weight
     return weight.to(torch.float64) + offset
 
 
@@ -37,14 +47,18 @@ def fold_into_reader(
     Returns the new weight (stored layout) and bias; the bias is None only when there was none and
     the norm has no bias to fold.
     """
-    w = _as_out_in(weight, conv1d)
     new_bias = None if bias is None else bias.to(torch.float64)
     if norm_bias is not None:
-        shift = w @ norm_bias.to(torch.float64)
+        shift = _as_out_in(weight, conv1d) @ norm_bias.to(torch.float64)
         new_bias = shift if new_bias is None else new_bias + shift
-    if gain is not None:
-        w = w * gain.to(torch.float64)[None, :]
-    return _stored(w, conv1d), new_bias
+    if gain is None:
+        return weight, new_bias
+    if gain.dtype == weight.dtype and weight.dtype in FLOAT32_EXACT:
+        # One correctly rounded product in the stored dtype: the same bits as the exact (float64) product
+        # cast back, since torch forms 16-bit products in float32, where they are exact.
+        return weight * (gain[:, None] if conv1d else gain[None, :]), new_bias
+    w = weight.to(torch.float64)
+    return w * (gain.to(torch.float64)[:, None] if conv1d else gain.to(torch.float64)[None, :]), new_bias
 
 
 def center_writer(weight: Tensor, bias: Tensor | None, *, conv1d: bool) -> tuple[Tensor, Tensor | None]:

@@ -51,6 +51,13 @@ class Plan:
     kept: list[str] = field(default_factory=list)  # norms left in place, with the reason
 
 
+def _widened(tensor: Tensor, target: torch.dtype) -> Tensor:
+    """An input upcast to its output dtype when that is wider, so that results are formed at the output's precision."""
+    if tensor.dtype.is_floating_point and target.is_floating_point and target.itemsize > tensor.dtype.itemsize:
+        return tensor.to(target)
+    return tensor
+
+
 def execute(
     plan: Plan,
     source: TensorSource,
@@ -62,7 +69,7 @@ def execute(
     """Run the plan: computed outputs first (in plan order), then every tensor no step produced or dropped."""
     written: list[str] = []
     for step in plan.steps:
-        inputs = {name: source.get(name) for name in step.inputs}
+        inputs = {name: _widened(source.get(name), dtype_for(name)) for name in step.inputs}
         outputs = step.compute(inputs)
         del inputs
         for name, tensor in outputs.items():

@@ -1,0 +1,192 @@
+"""Output shards: each written tensor by tensor on a background thread, then its header re-read and checked,
+and the file synced.
+
+Streaming keeps memory at a few tensors whatever the shard size; the background thread lets disk writes and
+fsync overlap the reading and rewriting of the next tensors. The data itself is checked end to end by the
+logits check that follows every rewrite (`check`), which reads every tensor through transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from normsurgery.checkpoint.safetensors_header import DTYPES, read_header
+from normsurgery.errors import NormSurgeryError
+
+HEADER_RESERVE = 64 * 1024  # bytes kept for a shard's header; the data follows, written as tensors arrive
+CHUNK = 64 * 2**20  # copy size when a header outgrows its reserved space
+QUEUED_LIMIT = 512 * 2**20  # tensor bytes that may wait for the writer thread
+_DTYPE_CODES = {dtype: code for code, dtype in DTYPES.items()}
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The raw little-endian bytes of a contiguous CPU tensor, without a copy."""
+    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+
+
+class ShardFile:
+    """One safetensors file written as tensors arrive: data after a reserved header, filled in at close."""
+
+    def __init__(self, path: Path, metadata: dict[str, str]) -> None:
+        self.path = path
+        self.metadata = metadata
+        self.file = path.open("wb")
+        self.file.seek(HEADER_RESERVE)
+        self.entries: dict[str, dict[str, Any]] = {}
+        self.size = 0
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Append the tensor's bytes."""
+        data = tensor_bytes(tensor)
+        self.file.write(data)
+        self.entries[name] = {"dtype": _DTYPE_CODES[tensor.dtype], "shape": list(tensor.shape),
+                              "data_offsets": [self.size, self.size + len(data)]}
+        self.size += len(data)
+
+    def close(self) -> None:
+        """Write the header into the reserved space (space-padded, as the format allows), or move the data
+        along when the header does not fit."""
+        header = json.dumps({"__metadata__": self.metadata, **self.entries}, separators=(",", ":")).encode()
+        room = HEADER_RESERVE - 8
+        if len(header) <= room:
+            self.file.seek(0)
+            self.file.write(struct.pack("<Q", room) + header + b" " * (room - len(header)))
+            self.file.close()
+            return
+        self.file.close()
+        header += b" " * (-len(header) % 8)
+        moved = self.path.with_name(self.path.name + ".moving")
+        with self.path.open("rb") as src, moved.open("wb") as dst:
+            dst.write(struct.pack("<Q", len(header)) + header)
+            src.seek(HEADER_RESERVE)
+            shutil.copyfileobj(src, dst, CHUNK)
+        moved.replace(self.path)
+
+
+def verify_shard(path: Path, expected: dict[str, tuple[torch.dtype, tuple[int, ...]]]) -> None:
+    """Re-read a closed shard's header (bounds-checked like any input): it must describe exactly the tensors
+    written, with their dtypes and shapes, inside the file."""
+    infos, _ = read_header(path)
+    found = {name: (info.dtype, info.shape) for name, info in infos.items()}
+    if found != expected:
+        name = sorted(set(found.items()) ^ set(expected.items()))[0][0]
+        raise NormSurgeryError(
+            f"the header of {path.name} does not describe tensor {name} as written (a bug in normsurgery, or a "
+            "disk error); nothing was written. Please report it."
+        )
+
+
+class ShardPipeline:
+    """Splits tensors into shards of at most `max_shard_size` bytes and writes them on one background thread.
+
+    Jobs run in the order they are given; at most QUEUED_LIMIT bytes of tensors wait, so memory stays
+    bounded. Each shard's header is re-read and checked as soon as it is complete, and the file fsynced on a
+    second thread, so that flushing one shard never holds up writing the next.
+    """
+
+    def __init__(self, folder: Path, metadata: dict[str, str], max_shard_size: int) -> None:
+        self.folder = folder
+        self.metadata = metadata
+        self.max_shard_size = max_shard_size
+        self.shards: list[list[str]] = []
+        self._written: list[dict[str, tuple[torch.dtype, tuple[int, ...]]]] = []
+        self.bytes = 0
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="normsurgery-writer")
+        self._syncer = ThreadPoolExecutor(1, thread_name_prefix="normsurgery-fsync")  # flushes never stall writes
+        self._syncs: list[Future] = []
+        self._queue: deque[tuple[Future, int]] = deque()
+        self._queued = 0
+        self._open_size: int | None = None  # bytes in the open shard (main thread's view); None: no shard open
+        self._file: ShardFile | None = None  # the open shard (writer thread only)
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Queue a contiguous CPU tensor; a new shard starts when it would overflow the current one, or when
+        the tensor would start at an offset that is not a multiple of its element size (loaders need that)."""
+        size = tensor.numel() * tensor.element_size()
+        if self._open_size and (self._open_size + size > self.max_shard_size or self._open_size % tensor.element_size()):
+            self._close()
+        if self._open_size is None:
+            self._submit(self._open_job, len(self.shards))
+            self.shards.append([])
+            self._written.append({})
+            self._open_size = 0
+        self._submit(self._write_job, name, tensor, size=size)
+        self.shards[-1].append(name)
+        self._written[-1][name] = (tensor.dtype, tuple(tensor.shape))
+        self._open_size += size
+        self.bytes += size
+
+    def finish(self) -> list[list[str]]:
+        """Close the last shard and wait for every job; raises the first error a job met."""
+        self._close()
+        while self._queue:
+            self._pop()
+        self._pool.shutdown()
+        for future in self._syncs:
+            future.result()
+        self._syncer.shutdown()
+        return self.shards
+
+    def abort(self) -> None:
+        """Drop what is queued and stop the thread (the caller removes the folder)."""
+        for future, _ in self._queue:
+            future.cancel()
+        self._pool.shutdown(wait=True)
+        self._syncer.shutdown(wait=True)
+        if self._file is not None:
+            self._file.file.close()
+
+    def shard_path(self, index: int) -> Path:
+        """Where shard `index` is written (renamed to its final name when the writer stages)."""
+        return self.folder / f"shard-{index:05d}.safetensors"
+
+    # ------------------------------------------------------------ main thread
+
+    def _submit(self, job: Callable[..., None], *args: Any, size: int = 0) -> None:
+        self._queue.append((self._pool.submit(job, *args), size))
+        self._queued += size
+        while self._queue and (self._queued > QUEUED_LIMIT or self._queue[0][0].done()):
+            self._pop()
+
+    def _pop(self) -> None:
+        future, size = self._queue.popleft()
+        self._queued -= size
+        future.result()
+
+    def _close(self) -> None:
+        if self._open_size is not None:
+            self._submit(self._finish_job, len(self.shards) - 1, dict(self._written[-1]))
+            self._open_size = None
+
+    # ------------------------------------------------------------ writer thread
+
+    def _open_job(self, index: int) -> None:
+        self._file = ShardFile(self.shard_path(index), self.metadata)
+
+    def _write_job(self, name: str, tensor: torch.Tensor) -> None:
+        self._file.write(name, tensor)
+
+    def _finish_job(self, index: int, expected: dict[str, tuple[torch.dtype, tuple[int, ...]]]) -> None:
+        self._file.close()
+        self._file = None
+        path = self.shard_path(index)
+        verify_shard(path, expected)
+        self._syncs.append(self._syncer.submit(_fsync, path))
+
+
+def _fsync(path: Path) -> None:
+    """Flush one file to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
