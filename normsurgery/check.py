@@ -150,17 +150,38 @@ def check_tokens(
 
 
 @torch.no_grad()
-def compare_models(
-    original: torch.nn.Module, candidate: torch.nn.Module, tokens: torch.Tensor, *, on_batch: Callable[[], None] | None = None
-) -> dict[str, float]:
-    """Run both models one sequence at a time and measure how far the candidate's logits are from the original's."""
+def model_logits(
+    folder: Path, tokens: torch.Tensor, dtype: torch.dtype, *, trust_remote_code: bool = False,
+    allow_pickle: bool = False, on_batch: Callable[[], None] | None = None, model: torch.nn.Module | None = None,
+) -> torch.Tensor:
+    """Logits [sequences, positions, vocab] of one model on `tokens`, run one sequence at a time.
+
+    The model is loaded here (unless given) and released before returning, so that comparing two models
+    never holds both in memory.
+    """
+    model = model if model is not None else load_model(folder, dtype, trust_remote_code=trust_remote_code,
+                                                       allow_pickle=allow_pickle)
+    rows = []
+    for seq in tokens:
+        rows.append(model(input_ids=seq.unsqueeze(0)).logits[0].float())
+        if on_batch:
+            on_batch()
+    del model
+    return torch.stack(rows)
+
+
+def compare_logits(original: torch.Tensor, candidate: torch.Tensor, tokens: torch.Tensor) -> dict[str, float]:
+    """How far the candidate's logits are from the original's, per sequence in float64."""
+    if original.shape != candidate.shape:
+        raise NormSurgeryError(
+            f"the two models have different vocabularies ({original.shape[-1]} vs {candidate.shape[-1]} tokens), so "
+            "their logits cannot be compared. Check that CANDIDATE was made from ORIGINAL."
+        )
     max_diff = scale = max_kl = kl_sum = 0.0
     agree = positions = 0
     nll_o = nll_c = 0.0
-    for seq in tokens:
-        ids = seq.unsqueeze(0)
-        lo = original(input_ids=ids).logits[0].double()
-        lc = candidate(input_ids=ids).logits[0].double()
+    for lo, lc, seq in zip(original, candidate, tokens):
+        lo, lc = lo.double(), lc.double()
         max_diff = max(max_diff, (lo - lc).abs().max().item())
         scale = max(scale, lo.abs().max().item())
         lpo, lpc = torch.log_softmax(lo, -1), torch.log_softmax(lc, -1)
@@ -172,8 +193,6 @@ def compare_models(
         target = seq[1:]
         nll_o -= lpo[:-1].gather(-1, target[:, None]).sum().item()
         nll_c -= lpc[:-1].gather(-1, target[:, None]).sum().item()
-        if on_batch:
-            on_batch()
     predicted = tokens.shape[0] * (tokens.shape[1] - 1)
     return {
         "max_abs_logit_diff": max_diff,
@@ -185,6 +204,29 @@ def compare_models(
         "ppl_original": math.exp(nll_o / predicted),
         "ppl_candidate": math.exp(nll_c / predicted),
     }
+
+
+def report_from_logits(original: torch.Tensor, candidate: torch.Tensor, tokens: torch.Tensor, *, labels: tuple[str, str],
+           tokens_label: str, dtype: torch.dtype, thresholds: Thresholds) -> CheckReport:
+    """The judged report for two models' logits on the same tokens."""
+    metrics = compare_logits(original, candidate, tokens)
+    return CheckReport(
+        original=labels[0],
+        candidate=labels[1],
+        tokens=tokens_label,
+        num_sequences=int(tokens.shape[0]),
+        sequence_length=int(tokens.shape[1]),
+        dtype=str(dtype).replace("torch.", ""),
+        thresholds=asdict(thresholds),
+        failures=judge(metrics, thresholds),
+        **metrics,
+    )
+
+
+def context_length(config: Any) -> int | None:
+    """The longest sequence the model takes, from its config."""
+    value = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return int(value) if value else None
 
 
 def judge(metrics: dict[str, float], thresholds: Thresholds) -> list[str]:
@@ -216,28 +258,15 @@ def run_check(
     on_batch: Callable[[], None] | None = None,
     labels: tuple[str, str] | None = None,
 ) -> CheckReport:
-    """Load both models, run them on the same tokens and judge the result against `thresholds`."""
+    """Run both models (one after the other) on the same tokens and judge the result against `thresholds`."""
     orig = load_model(original, dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
-    cand = load_model(candidate, dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     vocab = orig.get_output_embeddings().weight.shape[0]
-    if cand.get_output_embeddings().weight.shape[0] != vocab:
-        raise NormSurgeryError(
-            f"the two models have different vocabularies ({vocab} vs {cand.get_output_embeddings().weight.shape[0]} "
-            "tokens), so their logits cannot be compared. Check that CANDIDATE was made from ORIGINAL."
-        )
-    max_pos = getattr(orig.config, "max_position_embeddings", None) or getattr(orig.config, "n_positions", None)
-    seq_len = min(seq_len, int(max_pos)) if max_pos else seq_len
+    max_pos = context_length(orig.config)
+    seq_len = min(seq_len, max_pos) if max_pos else seq_len
     tokens, source = check_tokens(original, vocab, text=text, seq_len=seq_len, num_seqs=num_seqs)
-    metrics = compare_models(orig, cand, tokens, on_batch=on_batch)
-    names = labels or (str(original), str(candidate))
-    return CheckReport(
-        original=names[0],
-        candidate=names[1],
-        tokens=source,
-        num_sequences=int(tokens.shape[0]),
-        sequence_length=int(tokens.shape[1]),
-        dtype=str(dtype).replace("torch.", ""),
-        thresholds=asdict(thresholds),
-        failures=judge(metrics, thresholds),
-        **metrics,
-    )
+    logits = model_logits(original, tokens, dtype, on_batch=on_batch, model=orig)
+    del orig
+    candidate_logits = model_logits(candidate, tokens, dtype, trust_remote_code=trust_remote_code,
+                                    allow_pickle=allow_pickle, on_batch=on_batch)
+    return report_from_logits(logits, candidate_logits, tokens, labels=labels or (str(original), str(candidate)),
+                  tokens_label=source, dtype=dtype, thresholds=thresholds)

@@ -13,7 +13,7 @@ from typing import Any, Callable
 import torch
 
 import normsurgery
-from normsurgery.check import Thresholds, run_check
+from normsurgery.check import Thresholds, check_tokens, context_length, model_logits, report_from_logits, run_check
 from normsurgery.checkpoint.card import render_model_card
 from normsurgery.checkpoint.writer import CheckpointWriter
 from normsurgery.errors import CheckFailed
@@ -175,17 +175,23 @@ def _verify(
         result.check = report.as_dict()
     else:
         twin = staged.parent / f"{staged.name}-float32-twin"
+        f32 = torch.float32
         try:
-            apply_plan(source, plan, twin, force=True, dtype=torch.float32, verify=False)
-            report = run_check(source.path, twin, thresholds=thresholds, on_batch=on_verify,
-                               labels=(source.spec, f"{out} (float32 twin)"))
-            storage = run_check(twin, staged, thresholds=NO_LIMITS, labels=(f"{out} (float32 twin)", str(out)))
-            overall = run_check(source.path, staged, thresholds=NO_LIMITS, labels=labels)
+            apply_plan(source, plan, twin, force=True, dtype=f32, verify=False)
+            vocab = source.config.get_text_config().vocab_size
+            max_pos = context_length(source.config)
+            tokens, label = check_tokens(source.path, vocab, text=None, seq_len=min(128, max_pos or 128), num_seqs=8)
+            original = model_logits(source.path, tokens, f32, on_batch=on_verify)
+            exact = model_logits(twin, tokens, f32, on_batch=on_verify)
+            stored = model_logits(staged, tokens, f32, on_batch=on_verify)
         finally:
             shutil.rmtree(twin, ignore_errors=True)
-        result.check = overall.as_dict()
+        twin_label = f"{out} (float32 twin)"
+        common = dict(tokens=tokens, tokens_label=label, dtype=f32)
+        report = report_from_logits(original, exact, labels=(source.spec, twin_label), thresholds=thresholds, **common)
         result.maths_check = report.as_dict()
-        result.storage_check = storage.as_dict()
+        result.storage_check = report_from_logits(exact, stored, labels=(twin_label, str(out)), thresholds=NO_LIMITS, **common).as_dict()
+        result.check = report_from_logits(original, stored, labels=labels, thresholds=NO_LIMITS, **common).as_dict()
     if not report.passed:
         raise CheckFailed(
             f"verification failed, so {out} was not written: {'; '.join(report.failures)}. This is a bug in "

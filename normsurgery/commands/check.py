@@ -117,7 +117,7 @@ def check(
     )
     with Progress(TextColumn("comparing"), BarColumn(), TextColumn("{task.completed}/{task.total} sequences"),
                   console=console, transient=True, disable=json_output or markdown) as progress:
-        task = progress.add_task("check", total=num_seqs)
+        task = progress.add_task("check", total=2 * num_seqs)
         report = run_check(
             paths[0], paths[1], thresholds=thresholds, text=text_value, seq_len=seq_len, num_seqs=num_seqs,
             dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
