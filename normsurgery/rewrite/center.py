@@ -84,15 +84,15 @@ def _norm_step(norm: Norm, arch: Architecture, target: Target, untie_from: str |
     def compute(t: dict[str, Tensor]) -> dict[str, Tensor]:
         bias = t.get(norm.bias) if norm.bias else None
         gain = None
-        if target == "crmsnorm":  # float64: the product feeds compress_reader's subtraction before one final rounding
-            gain = effective_gain(t.get(norm.weight) if norm.weight else None, norm.gain_offset,
-                                  arch.hidden_size).to(torch.float64)
+        if target == "crmsnorm":
+            gain = effective_gain(t.get(norm.weight) if norm.weight else None, norm.gain_offset, arch.hidden_size)
         out: dict[str, Tensor] = {}
         for r in norm.readers:
             weight = t[untie_from] if (untie_from and r.weight == arch.unembed.weight) else t[r.weight]
-            w, c = fold_into_reader(weight, t[r.bias] if r.bias else None, gain, bias, conv1d=r.conv1d)
-            if target == "crmsnorm":
-                w = compress_reader(w, conv1d=r.conv1d)
+            # The bias shift W b uses the reader before compression; RMS keeps the gain in its norm.
+            w, c = fold_into_reader(weight, t[r.bias] if r.bias else None, None, bias, conv1d=r.conv1d)
+            if target == "crmsnorm":  # gain and compression in one float64 pass, rounded once
+                w = compress_reader(weight, gain, conv1d=r.conv1d)
             out[r.weight] = w
             if c is not None:
                 out[bias_name(r)] = c

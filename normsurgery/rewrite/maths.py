@@ -1,16 +1,37 @@
 """The exact rewrites as pure tensor functions (DESIGN.md section 5, items 1-4).
 
 Every function takes weights in the layout they are stored in (`conv1d` True: HF Conv1D's (in, out);
-False: nn.Linear's (out, in)), works in float64, and returns float64; the caller casts once at the end.
-The one exception is the gain multiply of `fold_into_reader`, done in the stored dtype when that is
-bit-identical (see there): it is the bulk of a fold, and float64 would triple its time.
+False: nn.Linear's (out, in)) and computes in float64, rounding once at the end. Functions on whole
+matrices return float64 (the caller casts); those that also see vocabulary-sized matrices (readers,
+embedding rows) work on blocks of rows and round each block once to the stored dtype, so that memory
+stays at one matrix in its stored dtype. The gain multiply of `fold_into_reader` is done in the stored
+dtype where that is bit-identical (see there): it is the bulk of a fold.
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 Tensor = torch.Tensor
+ROW_BLOCK = 4096  # rows per float64 block: 4096 x 8192 x 8 bytes = 256 MiB at most for the widest models
+
+
+def _by_rows(weight: Tensor, conv1d: bool, fn: Callable[[Tensor], Tensor], out_cols: int) -> Tensor:
+    """`fn` on float64 blocks of rows of the (out, in) view, each rounded once to the stored dtype; stored layout."""
+    w = weight.t() if conv1d else weight
+    out = torch.empty((w.shape[0], out_cols), dtype=weight.dtype)
+    for i in range(0, w.shape[0], ROW_BLOCK):
+        out[i : i + ROW_BLOCK] = fn(w[i : i + ROW_BLOCK].to(torch.float64))
+    return out.t().contiguous() if conv1d else out
+
+
+def _matvec(weight: Tensor, conv1d: bool, vec: Tensor) -> Tensor:
+    """(out, in) view of a stored weight times a vector, in float64, a block of rows at a time."""
+    w = weight.t() if conv1d else weight
+    v = vec.to(torch.float64)
+    return torch.cat([w[i : i + ROW_BLOCK].to(torch.float64) @ v for i in range(0, w.shape[0], ROW_BLOCK)])
 
 
 def _as_out_in(weight: Tensor, conv1d: bool) -> Tensor:
@@ -49,7 +70,7 @@ def fold_into_reader(
     """
     new_bias = None if bias is None else bias.to(torch.float64)
     if norm_bias is not None:
-        shift = _as_out_in(weight, conv1d) @ norm_bias.to(torch.float64)
+        shift = _matvec(weight, conv1d, norm_bias)
         new_bias = shift if new_bias is None else new_bias + shift
     if gain is None:
         return weight, new_bias
@@ -57,8 +78,8 @@ def fold_into_reader(
         # One correctly rounded product in the stored dtype: the same bits as the exact (float64) product
         # cast back, since torch forms 16-bit products in float32, where they are exact.
         return weight * (gain[:, None] if conv1d else gain[None, :]), new_bias
-    w = weight.to(torch.float64)
-    return w * (gain.to(torch.float64)[:, None] if conv1d else gain.to(torch.float64)[None, :]), new_bias
+    g = gain.to(torch.float64)
+    return _by_rows(weight, conv1d, lambda rows: rows * g, g.shape[0]), new_bias
 
 
 def center_writer(weight: Tensor, bias: Tensor | None, *, conv1d: bool) -> tuple[Tensor, Tensor | None]:
@@ -70,9 +91,8 @@ def center_writer(weight: Tensor, bias: Tensor | None, *, conv1d: bool) -> tuple
 
 
 def center_rows(table: Tensor) -> Tensor:
-    """Embedding rows projected onto zero mean: E <- E P."""
-    e = table.to(torch.float64)
-    return e - e.mean(dim=-1, keepdim=True)
+    """Embedding rows projected onto zero mean: E <- E P (rounded to the table's dtype)."""
+    return _by_rows(table, False, lambda e: e - e.mean(dim=-1, keepdim=True), table.shape[1])
 
 
 def layer_norm_rows(table: Tensor, gain: Tensor, bias: Tensor | None, eps: float) -> Tensor:
@@ -90,7 +110,15 @@ def drop_last_output(weight: Tensor, bias: Tensor | None, *, conv1d: bool) -> tu
     return _stored(w, conv1d), None if bias is None else bias.to(torch.float64)[:-1]
 
 
-def compress_reader(weight: Tensor, *, conv1d: bool) -> Tensor:
-    """CRMS reader: W' = W[:, :d-1] - W[:, d-1] 1^T, since x_d = -sum(x_1..x_{d-1}) on a zero-mean residual."""
-    w = _as_out_in(weight, conv1d)
-    return _stored(w[:, :-1] - w[:, -1:], conv1d)
+def compress_reader(weight: Tensor, gain: Tensor | None, *, conv1d: bool) -> Tensor:
+    """CRMS reader of a norm with gain g: W' = (W diag g)[:, :d-1] - (W diag g)[:, d-1] 1^T, since
+    x_d = -sum(x_1..x_{d-1}) on a zero-mean residual (rounded to the stored dtype)."""
+    g = None if gain is None else gain.to(torch.float64)
+
+    def compress(rows: Tensor) -> Tensor:
+        if g is not None:
+            rows = rows * g
+        return rows[:, :-1] - rows[:, -1:]
+
+    in_dim = weight.shape[0] if conv1d else weight.shape[1]
+    return _by_rows(weight, conv1d, compress, in_dim - 1)
