@@ -77,3 +77,18 @@ def test_bf16_reports_maths_and_storage_separately(tiny_model, cli, tmp_path):
     storage = result["storage_check"]["rel_logit_diff"]
     assert 0 < storage < 0.05  # bf16 has 8 bits of mantissa: rounding is visible but small
     assert result["check"]["top1_agreement"] > 0.9
+
+
+def test_failed_verification_leaves_nothing(tiny_model, cli, tmp_path, monkeypatch):
+    """A rewrite whose output does not match its source is not written: exit 1, no OUT, no temporary folder."""
+    import normsurgery.rewrite.fold as fold
+    from normsurgery.rewrite.maths import fold_into_reader
+
+    def wrong(weight, bias, gain, norm_bias, *, conv1d):
+        w, c = fold_into_reader(weight, bias, gain, norm_bias, conv1d=conv1d)
+        return w * 1.01, c  # a 1% error in every reader
+
+    monkeypatch.setattr(fold, "fold_into_reader", wrong)
+    code, _, err = cli("fold", tiny_model("llama"), "-o", tmp_path / "out")
+    assert code == 1 and "verification failed" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []

@@ -11,7 +11,8 @@ from rich.table import Table
 from normsurgery.cli import app
 from normsurgery.commands.common import JsonOutput, console, print_json
 from normsurgery.errors import NormSurgeryError
-from normsurgery.reference import REFERENCE_MODELS, build_reference, describe_reference
+from normsurgery.reference import REFERENCE_MODELS, build_reference, describe_reference, is_built
+from normsurgery.reference.registry import reference_dir
 
 models_app = typer.Typer(help="Reference models normsurgery builds offline (list them, build one).",
                          invoke_without_command=True, no_args_is_help=False)
@@ -65,6 +66,10 @@ def build(
     """
     if name not in REFERENCE_MODELS:
         raise NormSurgeryError(f"there is no reference model named {name!r}; choose one of {', '.join(REFERENCE_MODELS)}.")
+    if is_built(name) and not force:
+        console.print(f"{name} is already built in {reference_dir(name)}; nothing to do (--force builds it again).",
+                      highlight=False)
+        return
     columns = [TextColumn("[bold]{task.fields[name]}[/bold]"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TextColumn("{task.description}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]
     with Progress(*columns, console=console, transient=False) as progress:

@@ -44,8 +44,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim)) if affine else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The fused kernel with the gain inside: as fast as the written-out formula on CPU and 10-20% faster
-        # than F.rms_norm followed by a separate multiply (bench/forward_speed.py).
+        # One fused call with the gain inside; on CPU it ties the written-out formula under torch.compile and
+        # is mixed in eager mode (bench/forward_speed.py, README "Performance").
         weight = None if self.weight is None else self.weight.float()
         return F.rms_norm(x.float(), (x.shape[-1],), weight, self.eps).to(x.dtype)
 
