@@ -92,3 +92,12 @@ def test_failed_verification_leaves_nothing(tiny_model, cli, tmp_path, monkeypat
     code, _, err = cli("fold", tiny_model("llama"), "-o", tmp_path / "out")
     assert code == 1 and "verification failed" in err and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_verification_threshold_is_an_option(tiny_model, cli, tmp_path):
+    """`--max-logit-diff` sets the verification's limit: an impossible one fails the exact fold, a loose one passes."""
+    code, _, err = cli("fold", tiny_model("llama"), "-o", tmp_path / "strict", "--max-logit-diff", "1e-30")
+    assert code == 1 and "exceeds 1e-30" in err and not (tmp_path / "strict").exists()
+    code, out, err = cli("fold", tiny_model("llama"), "-o", tmp_path / "loose", "--max-logit-diff", "1e-3", "--json")
+    assert code == 0, err
+    assert json.loads(out)["check"]["thresholds"]["max_rel_logit_diff"] == 1e-3

@@ -19,7 +19,7 @@ from normsurgery.check import (
     run_check,
 )
 from normsurgery.cli import app
-from normsurgery.commands.common import AllowPickle, JsonOutput, TrustRemoteCode, console, print_json
+from normsurgery.commands.common import AllowPickle, JsonOutput, MaxLogitDiff, TrustRemoteCode, console, print_json
 from normsurgery.errors import CheckFailed, NormSurgeryError
 from normsurgery.source import validated_path
 
@@ -78,7 +78,7 @@ def check(
     original: Annotated[str, typer.Argument(help="The reference model: folder, reference name or hub id.")],
     candidate: Annotated[str, typer.Argument(help="The model to compare with it.")],
     text: Annotated[Optional[Path], typer.Option(help="Text file to tokenize (default: Shakespeare calibration text, else random tokens).")] = None,
-    max_logit_diff: Annotated[float, typer.Option(help="Limit on max |logit diff| divided by the logit scale (max |logit| of ORIGINAL); <0 disables.")] = DEFAULT_MAX_REL_LOGIT_DIFF,
+    max_logit_diff: MaxLogitDiff = DEFAULT_MAX_REL_LOGIT_DIFF,
     min_top1: Annotated[float, typer.Option(help="Least top-1 agreement, a fraction in [0, 1]; <0 disables.")] = DEFAULT_MIN_TOP1,
     max_kl: Annotated[float, typer.Option(help="Limit on mean KL(original || candidate) in nats; <0 disables.")] = DEFAULT_MAX_KL,
     seq_len: Annotated[int, typer.Option(help="Tokens per sequence.", min=2)] = 128,

@@ -18,6 +18,8 @@ TrustRemoteCode = Annotated[
     bool, typer.Option("--trust-remote-code", help="Accept configs that need their own modeling code (auto_map).")
 ]
 JsonOutput = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")]
+MaxLogitDiff = Annotated[float, typer.Option(
+    "--max-logit-diff", help="Limit on max |logit diff| divided by the logit scale (max |logit| of ORIGINAL); <0 disables.")]
 
 
 def print_json(obj: Any) -> None:

@@ -11,10 +11,10 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from normsurgery.arch.facts import applicability
-from normsurgery.check import Thresholds
+from normsurgery.check import DEFAULT_MAX_REL_LOGIT_DIFF, Thresholds
 from normsurgery.checkpoint.writer import parse_size
 from normsurgery.cli import app
-from normsurgery.commands.common import AllowPickle, JsonOutput, TrustRemoteCode, console, print_json
+from normsurgery.commands.common import AllowPickle, JsonOutput, MaxLogitDiff, TrustRemoteCode, console, print_json
 from normsurgery.errors import NormSurgeryError
 from normsurgery.rewrite.center import plan_center_swap
 from normsurgery.rewrite.fold import plan_fold
@@ -40,7 +40,7 @@ NoVerify = Annotated[bool, typer.Option("--no-verify", help="Skip the model chec
 
 
 def _run(model: str, plan_for, out: Path, force: bool, max_shard_size: str, dtype: Optional[str], no_verify: bool,
-         json_output: bool, allow_pickle: bool, trust_remote_code: bool) -> SurgeryResult:
+         json_output: bool, allow_pickle: bool, trust_remote_code: bool, max_logit_diff: float) -> SurgeryResult:
     """Shared body of the rewrite commands: open, plan, write, verify, report."""
     if dtype is not None and dtype not in DTYPES:
         raise NormSurgeryError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}.")
@@ -57,7 +57,8 @@ def _run(model: str, plan_for, out: Path, force: bool, max_shard_size: str, dtyp
             check_task = progress.add_task("verifying", total=None, visible=False)
             result = apply_plan(
                 source, plan, out, force=force, max_shard_size=shard_bytes,
-                dtype=DTYPES[dtype] if dtype else None, verify=not no_verify, thresholds=Thresholds(),
+                dtype=DTYPES[dtype] if dtype else None, verify=not no_verify,
+                thresholds=Thresholds(max_rel_logit_diff=None if max_logit_diff < 0 else max_logit_diff),
                 on_step=lambda _: progress.advance(task),
                 on_verify=lambda: (progress.update(check_task, visible=True), progress.advance(check_task)),
             )
@@ -95,6 +96,7 @@ def fold(
     max_shard_size: MaxShard = "5GB",
     dtype: Dtype = None,
     no_verify: NoVerify = False,
+    max_logit_diff: MaxLogitDiff = DEFAULT_MAX_REL_LOGIT_DIFF,
     json_output: JsonOutput = False,
     allow_pickle: AllowPickle = False,
     trust_remote_code: TrustRemoteCode = False,
@@ -110,7 +112,7 @@ def fold(
       normsurgery fold ./gpt2 -o ./gpt2-folded --dtype bfloat16
     """
     _run(model, lambda s: plan_fold(s.arch), output, force, max_shard_size, dtype, no_verify, json_output,
-         allow_pickle, trust_remote_code)
+         allow_pickle, trust_remote_code, max_logit_diff)
 
 
 @app.command()
@@ -122,6 +124,7 @@ def convert(
     max_shard_size: MaxShard = "5GB",
     dtype: Dtype = None,
     no_verify: NoVerify = False,
+    max_logit_diff: MaxLogitDiff = DEFAULT_MAX_REL_LOGIT_DIFF,
     json_output: JsonOutput = False,
     allow_pickle: AllowPickle = False,
     trust_remote_code: TrustRemoteCode = False,
@@ -145,4 +148,4 @@ def convert(
             print_json({"operation": "rmsnorm", "changed": False, "reason": message}) if json_output else console.print(message)
             return
     _run(model, lambda s: plan_center_swap(s.arch, to.value), output, force, max_shard_size, dtype, no_verify,
-         json_output, allow_pickle, trust_remote_code)
+         json_output, allow_pickle, trust_remote_code, max_logit_diff)
