@@ -97,8 +97,7 @@ class ShardPipeline:
         self.folder = folder
         self.metadata = metadata
         self.max_shard_size = max_shard_size
-        self.shards: list[list[str]] = []
-        self._written: list[dict[str, tuple[torch.dtype, tuple[int, ...]]]] = []
+        self._written: list[dict[str, tuple[torch.dtype, tuple[int, ...]]]] = []  # per shard: name -> (dtype, shape)
         self.bytes = 0
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="normsurgery-writer")
         self._syncer = ThreadPoolExecutor(1, thread_name_prefix="normsurgery-fsync")  # flushes never stall writes
@@ -115,12 +114,10 @@ class ShardPipeline:
         if self._open_size and (self._open_size + size > self.max_shard_size or self._open_size % tensor.element_size()):
             self._close()
         if self._open_size is None:
-            self._submit(self._open_job, len(self.shards))
-            self.shards.append([])
+            self._submit(self._open_job, len(self._written))
             self._written.append({})
             self._open_size = 0
         self._submit(self._write_job, name, tensor, size=size)
-        self.shards[-1].append(name)
         self._written[-1][name] = (tensor.dtype, tuple(tensor.shape))
         self._open_size += size
         self.bytes += size
@@ -134,7 +131,7 @@ class ShardPipeline:
         for future in self._syncs:
             future.result()
         self._syncer.shutdown()
-        return self.shards
+        return [list(shard) for shard in self._written]
 
     def abort(self) -> None:
         """Drop what is queued and stop the thread (the caller removes the folder)."""
@@ -164,7 +161,7 @@ class ShardPipeline:
 
     def _close(self) -> None:
         if self._open_size is not None:
-            self._submit(self._finish_job, len(self.shards) - 1, dict(self._written[-1]))
+            self._submit(self._finish_job, len(self._written) - 1, dict(self._written[-1]))
             self._open_size = None
 
     # ------------------------------------------------------------ writer thread
