@@ -206,8 +206,9 @@ def compare_logits(original: torch.Tensor, candidate: torch.Tensor, tokens: torc
     }
 
 
-def report_from_logits(original: torch.Tensor, candidate: torch.Tensor, tokens: torch.Tensor, *, labels: tuple[str, str],
-           tokens_label: str, dtype: torch.dtype, thresholds: Thresholds) -> CheckReport:
+def report_from_logits(original: torch.Tensor, candidate: torch.Tensor, tokens: torch.Tensor, *,
+                       labels: tuple[str, str], tokens_label: str, dtype: torch.dtype,
+                       thresholds: Thresholds) -> CheckReport:
     """The judged report for two models' logits on the same tokens."""
     metrics = compare_logits(original, candidate, tokens)
     return CheckReport(
@@ -269,4 +270,4 @@ def run_check(
     candidate_logits = model_logits(candidate, tokens, dtype, trust_remote_code=trust_remote_code,
                                     allow_pickle=allow_pickle, on_batch=on_batch)
     return report_from_logits(logits, candidate_logits, tokens, labels=labels or (str(original), str(candidate)),
-                  tokens_label=source, dtype=dtype, thresholds=thresholds)
+                              tokens_label=source, dtype=dtype, thresholds=thresholds)

@@ -115,14 +115,14 @@ def describe_reference(name: str) -> dict[str, Any]:
 
 
 def build_reference(name: str, *, force: bool = False, report: Report | None = None) -> Path:
-    """Build a reference model into the cache (atomically); refuses to rebuild without `force`."""
+    """Build a reference model into the cache (atomically); an already built one is kept unless `force`."""
     import importlib
 
     if name not in REFERENCE_MODELS:
         raise NormSurgeryError(f"there is no reference model named {name!r}; choose one of {', '.join(REFERENCE_MODELS)}.")
     out = reference_dir(name)
     if is_built(name) and not force:
-        raise NormSurgeryError(f"{name} is already built in {out}. Pass --force to build it again.")
+        return out
     module, function = REFERENCE_MODELS[name].builder.split(":")
     builder: Builder = getattr(importlib.import_module(module), function)
     out.parent.mkdir(parents=True, exist_ok=True)
