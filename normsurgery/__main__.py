@@ -1,5 +1,5 @@
 """`python -m normsurgery` runs the CLI."""
 
-from normsurgery.cli import main
+from normsurgery.cli import entry
 
-main()
+entry()

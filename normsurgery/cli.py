@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import typer
@@ -48,3 +49,21 @@ def main() -> None:
         else:
             stderr.print(f"[bold red]error:[/bold red] {err}")
         sys.exit(getattr(err, "exit_code", 2))
+
+
+def entry() -> None:
+    """`normsurgery` and `python -m normsurgery`: run `main`, then leave without the interpreter's teardown.
+
+    Tearing down torch and transformers costs about a second per command; by the time `main` returns every
+    output is closed, synced and renamed, so there is nothing left for the teardown to do.
+    """
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if isinstance(exc.code, str):
+            print(exc.code, file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import torch
 
-from normsurgery.arch import Architecture, architecture_of, load_config
+from normsurgery.arch import Architecture, architecture_of, config_view, load_config
 from normsurgery.checkpoint.reader import CheckpointReader
 from normsurgery.checkpoint.resolve import resolve_model
 from normsurgery.errors import NormSurgeryError
@@ -26,18 +26,24 @@ class ModelSource:
     spec: str
     path: Path
     reader: CheckpointReader
-    config: Any
     arch: Architecture
-    _shape_check: threading.Thread | None = None
-    _shape_error: list[BaseException] = field(default_factory=list)
+    _config: Any = None
+    _validation: threading.Thread | None = None
+    _validation_error: list[BaseException] = field(default_factory=list)
 
-    def confirm_shapes(self) -> None:
-        """Wait for a shape validation running in the background and raise its error, if any."""
-        if self._shape_check is not None:
-            self._shape_check.join()
-            self._shape_check = None
-        if self._shape_error:
-            raise self._shape_error[0]
+    @property
+    def config(self) -> Any:
+        """The transformers config (waits for a background validation to build it)."""
+        self.confirm()
+        return self._config
+
+    def confirm(self) -> None:
+        """Wait for a validation running in the background and raise its error, if any."""
+        if self._validation is not None:
+            self._validation.join()
+            self._validation = None
+        if self._validation_error:
+            raise self._validation_error[0]
 
     @property
     def parameter_count(self) -> int:
@@ -83,37 +89,60 @@ def open_model(
     trust_remote_code: bool = False,
     scan_finite: bool = True,
     on_tensor: Callable[[str], None] | None = None,
-    shapes_in_background: bool = False,
+    validate_in_background: bool = False,
 ) -> ModelSource:
     """Open a model of a supported family and validate its tensor names and shapes against its config.
 
-    With `shapes_in_background`, the shape check (which imports the model's transformers class, seconds
-    of start-up) runs on a thread; the caller must call `confirm_shapes()` before trusting any result.
+    With `validate_in_background`, the architecture is read from config.json directly and the validations
+    that import transformers (the config itself, then the shapes its model class implies: seconds of
+    start-up) run on a thread; the caller must call `confirm()` before trusting any result.
     """
     path, reader = open_weights(
         spec, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, scan_finite=scan_finite, on_tensor=on_tensor
     )
+    where = str(path / "config.json")
     try:
-        config = load_config(reader.config, where=str(path / "config.json"))
-        arch = architecture_of(config)
+        config = None
+        arch = _quick_architecture(reader.config, where) if validate_in_background else None
+        if arch is None:
+            config = load_config(reader.config, where=where)
+            arch = architecture_of(config)
         validate_names(reader, arch, path)
-        if not shapes_in_background:
+        if not validate_in_background:
             validate_shapes(reader, config, path)
     except BaseException:
         reader.close()
         raise
-    source = ModelSource(spec=spec, path=path, reader=reader, config=config, arch=arch)
-    if shapes_in_background:
+    source = ModelSource(spec=spec, path=path, reader=reader, arch=arch, _config=config)
+    if validate_in_background:
 
-        def check() -> None:
+        def validate() -> None:
             try:
-                validate_shapes(reader, config, path)
-            except BaseException as err:  # handed to confirm_shapes() in the main thread
-                source._shape_error.append(err)
+                full = config if config is not None else load_config(reader.config, where=where)
+                if architecture_of(full) != arch:
+                    raise NormSurgeryError(
+                        f"normsurgery read {where} differently from transformers (a bug in normsurgery's config "
+                        "reading); nothing was written. Please report it with the config file."
+                    )
+                source._config = full
+                validate_shapes(reader, full, path)
+            except BaseException as err:  # handed to confirm() in the main thread
+                source._validation_error.append(err)
 
-        source._shape_check = threading.Thread(target=check, name="normsurgery-shape-check", daemon=True)
-        source._shape_check.start()
+        source._validation = threading.Thread(target=validate, name="normsurgery-validation", daemon=True)
+        source._validation.start()
     return source
+
+
+def _quick_architecture(raw: dict[str, Any], where: str) -> Architecture | None:
+    """The architecture read from config.json alone, or None when a value needs transformers to make sense of."""
+    view = config_view(raw, where)
+    try:
+        return architecture_of(view)
+    except NormSurgeryError:
+        raise
+    except Exception:  # a malformed value: the full config says what is wrong
+        return None
 
 
 def validate_names(reader: CheckpointReader, arch: Architecture, path: Path) -> None:

@@ -10,7 +10,7 @@ from safetensors import safe_open
 
 from conftest import ALL_FIXTURES
 from fixtures import config_for
-from normsurgery.arch import SUPPORTED_MODEL_TYPES, architecture_of, load_config
+from normsurgery.arch import SUPPORTED_MODEL_TYPES, architecture_of, config_view, load_config
 from normsurgery.arch.families import FAMILIES
 from normsurgery.errors import NormSurgeryError
 
@@ -37,6 +37,27 @@ def test_adapter_classifies_every_tensor(name, tiny_model):
     names = _checkpoint_names(folder)
     assert sorted(names - set(roles)) == [], "tensors the adapter does not know"
     assert sorted(set(roles) - names) == [], "tensors the adapter expects but the checkpoint lacks"
+
+
+@pytest.mark.parametrize("name", ALL_FIXTURES)
+def test_config_json_is_read_as_transformers_reads_it(name, tiny_model):
+    """The architecture read from config.json alone equals the one from the transformers config, without it."""
+    raw = json.loads((tiny_model(name) / "config.json").read_text())
+    view = config_view(raw)
+    assert architecture_of(view) == architecture_of(load_config(raw))
+    assert view._loaded is None, "a transformers-written config.json should need no class defaults"
+
+
+def test_config_view_takes_legacy_keys_and_defaults_like_transformers():
+    """BLOOM's legacy n_embed wins over hidden_size, as in BloomConfig; an absent key is the class default."""
+    raw = {**config_for("bloom").to_dict(), "n_embed": 48, "hidden_size": 32}
+    raw.pop("layer_norm_epsilon")
+    view = config_view(raw)
+    full = load_config(raw)
+    assert view.hidden_size == full.hidden_size == 48
+    assert view._loaded is None
+    assert view.layer_norm_epsilon == full.layer_norm_epsilon
+    assert view._loaded is not None
 
 
 @pytest.mark.parametrize("name", ALL_FIXTURES)

@@ -94,6 +94,19 @@ def test_failed_verification_leaves_nothing(tiny_model, cli, tmp_path, monkeypat
     assert list(tmp_path.iterdir()) == []
 
 
+def test_config_read_differently_from_transformers_writes_nothing(tiny_model, cli, tmp_path, monkeypatch):
+    """The quick config.json reading is confirmed against transformers' in the background, even with --no-verify."""
+    import dataclasses
+
+    from normsurgery.arch import FAMILY_BY_MODEL_TYPE
+
+    wrong = dataclasses.replace(FAMILY_BY_MODEL_TYPE["gpt2"], config_keys=(("layer_norm_epsilon", ("initializer_range",)),))
+    monkeypatch.setitem(FAMILY_BY_MODEL_TYPE, "gpt2", wrong)
+    code, _, err = cli("fold", tiny_model("gpt2"), "-o", tmp_path / "out", "--no-verify")
+    assert code != 0 and "differently from transformers" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_verification_threshold_is_an_option(tiny_model, cli, tmp_path):
     """`--max-logit-diff` sets the verification's limit: an impossible one fails the exact fold, a loose one passes."""
     code, _, err = cli("fold", tiny_model("llama"), "-o", tmp_path / "strict", "--max-logit-diff", "1e-30")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from normsurgery.arch.config_view import ConfigView
 from normsurgery.arch.families import FAMILIES
 from normsurgery.arch.spec import Architecture, Block, Family, Linear, Norm
 from normsurgery.errors import NormSurgeryError
@@ -13,7 +14,8 @@ SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(sorted(FAMILY_BY_MODEL_TYPE))
 
 __all__ = [
     "Architecture", "Block", "Family", "Linear", "Norm",
-    "FAMILY_BY_MODEL_TYPE", "SUPPORTED_MODEL_TYPES", "family_for", "load_config", "architecture_of",
+    "FAMILY_BY_MODEL_TYPE", "SUPPORTED_MODEL_TYPES", "family_for", "load_config", "config_view",
+    "architecture_of",
 ]  # fmt: skip
 
 
@@ -28,20 +30,32 @@ def family_for(model_type: str) -> Family:
         ) from None
 
 
-def load_config(raw: dict[str, Any], where: str = "config.json") -> Any:
-    """Build the transformers config object for a raw config.json dict (the family must be supported)."""
-    from transformers import CONFIG_MAPPING
-
+def _supported_model_type(raw: dict[str, Any], where: str) -> str:
+    """The config's model_type, which must name a supported family."""
     model_type = raw.get("model_type")
     if not isinstance(model_type, str):
         raise NormSurgeryError(f"{where} has no 'model_type' string; it is not a Hugging Face model config.")
     family_for(model_type)
+    return model_type
+
+
+def load_config(raw: dict[str, Any], where: str = "config.json") -> Any:
+    """Build the transformers config object for a raw config.json dict (the family must be supported)."""
+    from transformers import CONFIG_MAPPING
+
+    model_type = _supported_model_type(raw, where)
     try:
         return CONFIG_MAPPING[model_type].from_dict(dict(raw))
     except Exception as err:  # transformers validates values and raises many types
         raise NormSurgeryError(
             f"{where} could not be read as a {model_type} config: {err}. Fix the file or re-export the model."
         ) from None
+
+
+def config_view(raw: dict[str, Any], where: str = "config.json") -> ConfigView:
+    """A config.json read without transformers where it can be (see ConfigView); the family must be supported."""
+    family = family_for(_supported_model_type(raw, where))
+    return ConfigView(raw, dict(family.config_keys), lambda: load_config(raw, where))
 
 
 def architecture_of(config: Any) -> Architecture:

@@ -87,6 +87,9 @@ class Family:
     # on-disk -> in-memory name changes transformers applies to stock classes only (regex -> replacement);
     # exported modeling code must pass them to from_pretrained itself
     key_renames: tuple[tuple[str, str], ...] = ()
+    # attribute -> the config.json keys transformers reads it from, first present wins (its `attribute_map`
+    # and legacy keys such as BLOOM's n_embed), so that config.json is read without transformers (ConfigView)
+    config_keys: tuple[tuple[str, tuple[str, ...]], ...] = ()
     notes: str = ""
 
     def resolve(self, config: Config) -> "Architecture":

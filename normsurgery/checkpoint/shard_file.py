@@ -24,7 +24,8 @@ from normsurgery.errors import NormSurgeryError
 
 HEADER_RESERVE = 64 * 1024  # bytes kept for a shard's header; the data follows, written as tensors arrive
 CHUNK = 64 * 2**20  # copy size when a header outgrows its reserved space
-QUEUED_LIMIT = 512 * 2**20  # tensor bytes that may wait for the writer thread
+QUEUED_LIMIT = 256 * 2**20  # tensor bytes that may wait for the writer thread
+FLUSH_EVERY = 256 * 2**20  # bytes after which an open shard is flushed, so the disk works from the start
 _DTYPE_CODES = {dtype: code for code, dtype in DTYPES.items()}
 
 
@@ -90,7 +91,8 @@ class ShardPipeline:
 
     Jobs run in the order they are given; at most QUEUED_LIMIT bytes of tensors wait, so memory stays
     bounded. Each shard's header is re-read and checked as soon as it is complete, and the file fsynced on a
-    second thread, so that flushing one shard never holds up writing the next.
+    second thread, so that flushing one shard never holds up writing the next. An open shard is also flushed
+    every FLUSH_EVERY bytes: the disk then writes while we compute, instead of all at the end.
     """
 
     def __init__(self, folder: Path, metadata: dict[str, str], max_shard_size: int) -> None:
@@ -106,6 +108,7 @@ class ShardPipeline:
         self._queued = 0
         self._open_size: int | None = None  # bytes in the open shard (main thread's view); None: no shard open
         self._file: ShardFile | None = None  # the open shard (writer thread only)
+        self._unflushed = 0  # bytes of the open shard written since its last flush (writer thread only)
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         """Queue a contiguous CPU tensor; a new shard starts when it would overflow the current one, or when
@@ -171,10 +174,16 @@ class ShardPipeline:
 
     def _write_job(self, name: str, tensor: torch.Tensor) -> None:
         self._file.write(name, tensor)
+        self._unflushed += tensor.numel() * tensor.element_size()
+        if self._unflushed >= FLUSH_EVERY and (not self._syncs or self._syncs[-1].done()):
+            self._file.file.flush()
+            self._syncs.append(self._syncer.submit(_fsync, self._file.path))
+            self._unflushed = 0
 
     def _finish_job(self, index: int, expected: dict[str, tuple[torch.dtype, tuple[int, ...]]]) -> None:
         self._file.close()
         self._file = None
+        self._unflushed = 0
         path = self.shard_path(index)
         verify_shard(path, expected)
         self._syncs.append(self._syncer.submit(_fsync, path))

@@ -48,7 +48,7 @@ def _run(model: str, plan_for, out: Path, force: bool, max_shard_size: str, dtyp
     if out.exists() and not force:
         raise NormSurgeryError(f"{out} already exists; choose another --output or pass --force to replace it.")
     source = open_model(model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, scan_finite=False,
-                        shapes_in_background=True)
+                        validate_in_background=True)
     try:
         plan: Plan = plan_for(source)
         with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),

@@ -19,10 +19,8 @@ from normsurgery.rewrite.maths import (
     center_rows,
     center_writer,
     compress_reader,
-    drop_last_output,
     effective_gain,
     fold_into_reader,
-    layer_norm_rows,
 )
 from normsurgery.rewrite.plan import Plan, Step
 
@@ -46,29 +44,27 @@ def _embedding_step(arch: Architecture, target: Target) -> Step:
     inputs = (arch.token_embedding,) + (norm.tensors() if norm else ())
 
     def compute(t: dict[str, Tensor]) -> dict[str, Tensor]:
-        table = t[arch.token_embedding]
+        baked = None
         if norm:
             gain = effective_gain(t.get(norm.weight) if norm.weight else None, norm.gain_offset, arch.hidden_size)
-            table = layer_norm_rows(table, gain, t.get(norm.bias) if norm.bias else None, norm.eps)
-        table = center_rows(table)
-        return {arch.token_embedding: table[:, :-1] if target == "crmsnorm" else table}
+            baked = (gain, t.get(norm.bias) if norm.bias else None, norm.eps)
+        table = center_rows(t[arch.token_embedding], drop_last=target == "crmsnorm", layer_norm=baked)
+        return {arch.token_embedding: table}
 
     return Step(f"center {arch.token_embedding}", inputs, compute)
 
 
 def _position_step(name: str, target: Target) -> Step:
     def compute(t: dict[str, Tensor]) -> dict[str, Tensor]:
-        table = center_rows(t[name])
-        return {name: table[:, :-1] if target == "crmsnorm" else table}
+        return {name: center_rows(t[name], drop_last=target == "crmsnorm")}
 
     return Step(f"center {name}", (name,), compute)
 
 
 def _writer_step(writer: Linear, target: Target) -> Step:
     def compute(t: dict[str, Tensor]) -> dict[str, Tensor]:
-        w, c = center_writer(t[writer.weight], t[writer.bias] if writer.bias else None, conv1d=writer.conv1d)
-        if target == "crmsnorm":
-            w, c = drop_last_output(w, c, conv1d=writer.conv1d)
+        w, c = center_writer(t[writer.weight], t[writer.bias] if writer.bias else None, conv1d=writer.conv1d,
+                             drop_last=target == "crmsnorm")
         return {writer.weight: w, **({writer.bias: c} if writer.bias else {})}
 
     return Step(f"center {module_path(writer.weight)}", writer.tensors(), compute)

@@ -1,11 +1,11 @@
 """The exact rewrites as pure tensor functions (DESIGN.md section 5, items 1-4).
 
 Every function takes weights in the layout they are stored in (`conv1d` True: HF Conv1D's (in, out);
-False: nn.Linear's (out, in)) and computes in float64, rounding once at the end. Functions on whole
-matrices return float64 (the caller casts); those that also see vocabulary-sized matrices (readers,
-embedding rows) work on blocks of rows and round each block once to the stored dtype, so that memory
-stays at one matrix in its stored dtype. The gain multiply of `fold_into_reader` is done in the stored
-dtype where that is bit-identical (see there): it is the bulk of a fold.
+False: nn.Linear's (out, in)) and works on them in that layout, a block of stored rows at a time: each
+block is widened to float64, transformed, and rounded once to the stored dtype, so that memory stays at
+one matrix in its stored dtype plus a cache-sized block, and no strided transpose is ever made. Vectors
+(biases) come back in float64 for the caller to cast. The gain multiply of `fold_into_reader` is done in
+the stored dtype where that is bit-identical (see there): it is the bulk of a fold.
 """
 
 from __future__ import annotations
@@ -15,34 +15,34 @@ from typing import Callable
 import torch
 
 Tensor = torch.Tensor
-ROW_BLOCK = 4096  # rows per float64 block: 4096 x 8192 x 8 bytes = 256 MiB at most for the widest models
+BLOCK_ELEMENTS = 1 << 20  # float64 elements per block (8 MiB): cache-sized, yet large enough for fast kernels
 
 
-def _by_rows(weight: Tensor, conv1d: bool, fn: Callable[[Tensor], Tensor], out_cols: int) -> Tensor:
-    """`fn` on float64 blocks of rows of the (out, in) view, each rounded once to the stored dtype; stored layout."""
-    w = weight.t() if conv1d else weight
-    out = torch.empty((w.shape[0], out_cols), dtype=weight.dtype)
-    for i in range(0, w.shape[0], ROW_BLOCK):
-        out[i : i + ROW_BLOCK] = fn(w[i : i + ROW_BLOCK].to(torch.float64))
-    return out.t().contiguous() if conv1d else out
+def _row_slices(rows: int, cols: int) -> list[slice]:
+    """Consecutive slices of `rows` rows, each about BLOCK_ELEMENTS elements of `cols` columns."""
+    step = max(1, BLOCK_ELEMENTS // max(cols, 1))
+    return [slice(i, min(i + step, rows)) for i in range(0, rows, step)]
+
+
+def _map_rows(weight: Tensor, fn: Callable[[Tensor, slice], Tensor], rows: int | None = None, cols: int | None = None) -> Tensor:
+    """A new (rows, cols) matrix in `weight`'s dtype: row block `sl` is fn(weight[sl] in float64, sl), rounded once."""
+    rows = weight.shape[0] if rows is None else rows
+    out = torch.empty((rows, weight.shape[1] if cols is None else cols), dtype=weight.dtype)
+    for sl in _row_slices(rows, weight.shape[1]):
+        out[sl] = fn(weight[sl].to(torch.float64), sl)
+    return out
 
 
 def _matvec(weight: Tensor, conv1d: bool, vec: Tensor) -> Tensor:
-    """(out, in) view of a stored weight times a vector, in float64, a block of rows at a time."""
-    w = weight.t() if conv1d else weight
+    """W v in float64, W the (out, in) linear map of a stored weight, read a block of stored rows at a time."""
     v = vec.to(torch.float64)
-    return torch.cat([w[i : i + ROW_BLOCK].to(torch.float64) @ v for i in range(0, w.shape[0], ROW_BLOCK)])
-
-
-def _as_out_in(weight: Tensor, conv1d: bool) -> Tensor:
-    """View a stored linear weight as (out, in) in float64."""
-    w = weight.to(torch.float64)
-    return w.t() if conv1d else w
-
-
-def _stored(weight_out_in: Tensor, conv1d: bool) -> Tensor:
-    """Back from (out, in) to the stored layout."""
-    return weight_out_in.t().contiguous() if conv1d else weight_out_in.contiguous()
+    slices = _row_slices(weight.shape[0], weight.shape[1])
+    if not conv1d:
+        return torch.cat([weight[sl].to(torch.float64) @ v for sl in slices])
+    total = torch.zeros(weight.shape[1], dtype=torch.float64)  # stored (in, out): W v = v @ stored
+    for sl in slices:
+        total += v[sl] @ weight[sl].to(torch.float64)
+    return total
 
 
 FLOAT32_EXACT = (torch.float32, torch.bfloat16, torch.float16)
@@ -79,46 +79,67 @@ def fold_into_reader(
         # cast back, since torch forms 16-bit products in float32, where they are exact.
         return weight * (gain[:, None] if conv1d else gain[None, :]), new_bias
     g = gain.to(torch.float64)
-    return _by_rows(weight, conv1d, lambda rows: rows * g, g.shape[0]), new_bias
+    if conv1d:
+        return _map_rows(weight, lambda rows, sl: rows * g[sl, None]), new_bias
+    return _map_rows(weight, lambda rows, sl: rows * g), new_bias
 
 
-def center_writer(weight: Tensor, bias: Tensor | None, *, conv1d: bool) -> tuple[Tensor, Tensor | None]:
-    """A writer's output projected onto zero mean: W <- P W, c <- P c with P = I - 11^T/d."""
-    w = _as_out_in(weight, conv1d)
-    w = w - w.mean(dim=0, keepdim=True)
-    new_bias = None if bias is None else bias.to(torch.float64) - bias.to(torch.float64).mean()
-    return _stored(w, conv1d), new_bias
+def center_writer(
+    weight: Tensor, bias: Tensor | None, *, conv1d: bool, drop_last: bool = False
+) -> tuple[Tensor, Tensor | None]:
+    """A writer's output projected onto zero mean: W <- P W, c <- P c with P = I - 11^T/d.
+
+    With `drop_last` (CRMS) only the first d-1 output coordinates are kept: on a zero-mean residual the
+    last one is minus the sum of the others.
+    """
+    if conv1d:  # stored (in, out=d): centre each stored row over the residual coordinates
+        keep = weight.shape[1] - 1 if drop_last else weight.shape[1]
+        w = _map_rows(weight, lambda rows, sl: (rows - rows.mean(dim=1, keepdim=True))[:, :keep], cols=keep)
+    else:  # stored (out=d, in): subtract the mean of the stored rows
+        total = torch.zeros(weight.shape[1], dtype=torch.float64)
+        for sl in _row_slices(weight.shape[0], weight.shape[1]):
+            total += weight[sl].to(torch.float64).sum(dim=0)
+        mean = total / weight.shape[0]
+        w = _map_rows(weight, lambda rows, sl: rows - mean, rows=weight.shape[0] - 1 if drop_last else None)
+    if bias is None:
+        return w, None
+    c = bias.to(torch.float64)
+    c = c - c.mean()
+    return w, c[:-1] if drop_last else c
 
 
-def center_rows(table: Tensor) -> Tensor:
-    """Embedding rows projected onto zero mean: E <- E P (rounded to the table's dtype)."""
-    return _by_rows(table, False, lambda e: e - e.mean(dim=-1, keepdim=True), table.shape[1])
+def center_rows(
+    table: Tensor, *, drop_last: bool = False, layer_norm: tuple[Tensor, Tensor | None, float] | None = None
+) -> Tensor:
+    """Embedding rows projected onto zero mean: E <- E P, keeping d-1 coordinates with `drop_last` (CRMS).
 
+    `layer_norm` = (gain, bias, eps) first applies an embedding LayerNorm to every row (baking BLOOM's
+    word_embeddings_layernorm into the table), in the same float64 pass.
+    """
+    keep = table.shape[1] - 1 if drop_last else table.shape[1]
 
-def layer_norm_rows(table: Tensor, gain: Tensor, bias: Tensor | None, eps: float) -> Tensor:
-    """LayerNorm applied to every row of a table (to bake an embedding LayerNorm into the embeddings)."""
-    e = table.to(torch.float64)
-    centered = e - e.mean(dim=-1, keepdim=True)
-    normed = centered / torch.sqrt(centered.pow(2).mean(dim=-1, keepdim=True) + eps)
-    out = normed * gain.to(torch.float64)
-    return out if bias is None else out + bias.to(torch.float64)
+    def rows_fn(e: Tensor, sl: slice) -> Tensor:
+        if layer_norm is not None:
+            gain, bias, eps = layer_norm
+            centered = e - e.mean(dim=-1, keepdim=True)
+            e = centered / torch.sqrt(centered.pow(2).mean(dim=-1, keepdim=True) + eps) * gain.to(torch.float64)
+            e = e if bias is None else e + bias.to(torch.float64)
+        return (e - e.mean(dim=-1, keepdim=True))[:, :keep]
 
-
-def drop_last_output(weight: Tensor, bias: Tensor | None, *, conv1d: bool) -> tuple[Tensor, Tensor | None]:
-    """CRMS writer: keep the first d-1 output coordinates of a zero-mean writer (the last is minus their sum)."""
-    w = _as_out_in(weight, conv1d)[:-1]
-    return _stored(w, conv1d), None if bias is None else bias.to(torch.float64)[:-1]
+    return _map_rows(table, rows_fn, cols=keep)
 
 
 def compress_reader(weight: Tensor, gain: Tensor | None, *, conv1d: bool) -> Tensor:
     """CRMS reader of a norm with gain g: W' = (W diag g)[:, :d-1] - (W diag g)[:, d-1] 1^T, since
     x_d = -sum(x_1..x_{d-1}) on a zero-mean residual (rounded to the stored dtype)."""
-    g = None if gain is None else gain.to(torch.float64)
+    d = weight.shape[0] if conv1d else weight.shape[1]
+    g = torch.ones(d, dtype=torch.float64) if gain is None else gain.to(torch.float64)
+    if conv1d:  # stored (in=d, out): row j becomes g_j W_j - g_d W_d
+        last = weight[-1].to(torch.float64) * g[-1]
+        return _map_rows(weight, lambda rows, sl: rows * g[sl, None] - last, rows=d - 1)
 
-    def compress(rows: Tensor) -> Tensor:
-        if g is not None:
-            rows = rows * g
+    def compress(rows: Tensor, sl: slice) -> Tensor:
+        rows = rows * g
         return rows[:, :-1] - rows[:, -1:]
 
-    in_dim = weight.shape[0] if conv1d else weight.shape[1]
-    return _by_rows(weight, conv1d, compress, in_dim - 1)
+    return _map_rows(weight, compress, cols=d - 1)

@@ -21,6 +21,7 @@ class TensorSource(Protocol):
 
     def names(self) -> list[str]: ...
     def get(self, name: str) -> Tensor: ...
+    def prefetch(self, names: list[str]) -> None: ...
 
 
 class TensorSink(Protocol):
@@ -68,7 +69,8 @@ def execute(
 ) -> list[str]:
     """Run the plan: computed outputs first (in plan order), then every tensor no step produced or dropped."""
     written: list[str] = []
-    for step in plan.steps:
+    for i, step in enumerate(plan.steps):
+        source.prefetch([n for later in plan.steps[i + 1 : i + 2] for n in later.inputs])
         inputs = {name: _widened(source.get(name), dtype_for(name)) for name in step.inputs}
         outputs = step.compute(inputs)
         del inputs
@@ -78,9 +80,9 @@ def execute(
         if on_step:
             on_step(step.label)
     produced = set(written)
-    for name in source.names():
-        if name in produced or name in plan.dropped:
-            continue
+    rest = [name for name in source.names() if name not in produced and name not in plan.dropped]
+    for i, name in enumerate(rest):
+        source.prefetch(rest[i + 1 : i + 2])
         sink.add(name, source.get(name))
         written.append(name)
         if on_step:
