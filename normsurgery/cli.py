@@ -7,6 +7,7 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from normsurgery.errors import NormSurgeryError
 
@@ -24,7 +25,7 @@ stderr = Console(stderr=True)
 
 def _register() -> None:
     """Import the command modules; each adds its commands to `app`."""
-    from normsurgery.commands import check, inspect, models, rewrite  # noqa: F401
+    from normsurgery.commands import check, evaluate, inspect, models, rewrite  # noqa: F401
 
 
 def main() -> None:
@@ -33,7 +34,7 @@ def main() -> None:
     try:
         app(standalone_mode=False)
     except NormSurgeryError as err:
-        stderr.print(f"[bold red]error:[/bold red] {err}", highlight=False, soft_wrap=True)
+        stderr.print(f"[bold red]error:[/bold red] {escape(str(err))}", highlight=False, soft_wrap=True)
         sys.exit(err.exit_code)
     except KeyboardInterrupt:
         stderr.print("[bold red]interrupted[/bold red]: nothing was written.")
@@ -47,7 +48,7 @@ def main() -> None:
         if show:
             show()
         else:
-            stderr.print(f"[bold red]error:[/bold red] {err}")
+            stderr.print(f"[bold red]error:[/bold red] {escape(str(err))}")
         sys.exit(getattr(err, "exit_code", 2))
 
 
