@@ -1,0 +1,170 @@
+"""A short fine-tune of a loaded model: distillation to a teacher's logits (KL), the language-model loss, or both.
+
+Built on accelerate, so the same code runs on the CPU, one GPU, or several (`accelerate launch`, DDP/FSDP set up
+by `accelerate config`). Deterministic for a seed on the CPU; resumable from a checkpoint folder (accelerate's
+state plus the step reached). Rewrites that change the model as training goes (LN removal freezes one norm at
+a time) hook in through `on_step`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import torch
+import torch.nn.functional as F
+
+from normsurgery.errors import NormSurgeryError
+from normsurgery.train.text import load_text, tokenize, windows
+
+Loss = Literal["kl", "lm", "kl+lm"]
+STATE_FILE = "normsurgery_finetune.json"
+
+
+@dataclass
+class FinetuneOptions:
+    """What a fine-tune does; every field is a CLI/recipe option of the commands that heal."""
+
+    steps: int = 100
+    lr: float = 1e-3
+    batch_size: int = 8
+    seq_len: int = 128
+    text: str | None = None  # .txt / .jsonl file, hub dataset name, or None: the Shakespeare training split
+    seed: int = 0
+    loss: Loss = "kl"
+    warmup: int = 10
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    gradient_checkpointing: bool = False
+    checkpoint_dir: Path | None = None  # resume from it when it holds a state; save to it every checkpoint_every
+    checkpoint_every: int = 0
+
+    def validate(self) -> None:
+        """One clear error for an option no fine-tune can run with."""
+        for name in ("steps", "batch_size", "seq_len"):
+            if getattr(self, name) < 1:
+                raise NormSurgeryError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)}).")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise NormSurgeryError(f"--lr must be a positive number (got {self.lr}).")
+        if self.loss not in ("kl", "lm", "kl+lm"):
+            raise NormSurgeryError(f"--loss must be kl, lm or kl+lm (got {self.loss!r}).")
+        if self.warmup < 0 or self.checkpoint_every < 0 or self.grad_clip < 0:
+            raise NormSurgeryError("--warmup, --checkpoint-every and --grad-clip cannot be negative.")
+
+
+@dataclass
+class FinetuneResult:
+    """The loss at every step (those run by this process) and where the text came from."""
+
+    losses: list[float] = field(default_factory=list)
+    first_step: int = 0
+    text: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of KL(teacher || student), in float32 whatever the model dtype."""
+    s = F.log_softmax(student_logits.float(), dim=-1)
+    t = F.log_softmax(teacher_logits.float(), dim=-1)
+    return (t.exp() * (t - s)).sum(-1).mean()
+
+
+def lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy."""
+    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+
+def finetune(
+    student: torch.nn.Module,
+    tokenizer: Any,
+    options: FinetuneOptions,
+    *,
+    teacher: torch.nn.Module | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+) -> FinetuneResult:
+    """Train `student` in place for `options.steps` steps (counting those of a resumed run)."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    options.validate()
+    if "kl" in options.loss and teacher is None:
+        raise NormSurgeryError("a distillation loss needs the original model as teacher.")
+    accelerator = Accelerator()
+    set_seed(options.seed)
+    text, label = load_text(options.text)
+    ids = tokenize(tokenizer, text, options.seq_len)
+    if options.gradient_checkpointing:
+        if not getattr(student, "supports_gradient_checkpointing", False):
+            raise NormSurgeryError("this model class does not support gradient checkpointing; drop the option.")
+        student.gradient_checkpointing_enable()
+    trainable = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=options.lr, weight_decay=options.weight_decay)
+    warmup = max(1, options.warmup)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, options.steps) / options.steps)),
+    )
+    student.train()
+    student, optimizer, schedule = accelerator.prepare(student, optimizer, schedule)
+    if teacher is not None:
+        teacher = teacher.to(accelerator.device).eval().requires_grad_(False)
+
+    first = _resume(accelerator, options.checkpoint_dir)
+    batches = windows(ids, options.seq_len, options.batch_size, options.seed + accelerator.process_index)
+    for _ in range(first):  # the same batches as an uninterrupted run
+        next(batches)
+    result = FinetuneResult(first_step=first, text=label)
+    for step in range(first, options.steps):
+        batch = next(batches).to(accelerator.device)
+        logits = student(input_ids=batch).logits
+        loss = torch.zeros((), device=accelerator.device)
+        if "kl" in options.loss:
+            with torch.no_grad():
+                reference = teacher(input_ids=batch).logits
+            loss = loss + distillation_loss(logits, reference)
+        if "lm" in options.loss:
+            loss = loss + lm_loss(logits, batch)
+        if not torch.isfinite(loss):
+            raise NormSurgeryError(f"the fine-tune diverged at step {step} (loss {loss.item()}); lower --lr.")
+        accelerator.backward(loss)
+        if options.grad_clip:
+            accelerator.clip_grad_norm_(trainable, options.grad_clip)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        value = float(loss.detach())
+        result.losses.append(value)
+        if on_step:
+            on_step(step, value)
+        done = step + 1
+        if options.checkpoint_dir and options.checkpoint_every and done % options.checkpoint_every == 0 and done < options.steps:
+            _save(accelerator, options.checkpoint_dir, done)
+    student.eval()
+    if options.gradient_checkpointing:
+        accelerator.unwrap_model(student).gradient_checkpointing_disable()
+    return result
+
+
+def _resume(accelerator: Any, folder: Path | None) -> int:
+    """The step a checkpoint folder reached (its state loaded), or 0."""
+    if folder is None or not (folder / STATE_FILE).is_file():
+        return 0
+    try:
+        step = int(json.loads((folder / STATE_FILE).read_text())["step"])
+        accelerator.load_state(str(folder))
+    except Exception as err:  # a damaged or foreign folder
+        raise NormSurgeryError(f"cannot resume from {folder}: {err}. Remove the folder to start afresh.") from None
+    return step
+
+
+def _save(accelerator: Any, folder: Path, step: int) -> None:
+    """Save the training state, then the step (last, so a half-written checkpoint is never resumed)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / STATE_FILE).unlink(missing_ok=True)
+    accelerator.save_state(str(folder))
+    (folder / STATE_FILE).write_text(json.dumps({"step": step}) + "\n")

@@ -1,0 +1,106 @@
+"""The shared fine-tune engine on a tiny real model: it learns, it is deterministic, it resumes exactly."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from normsurgery.errors import NormSurgeryError
+from normsurgery.reference.text import shakespeare_text
+from normsurgery.train.engine import FinetuneOptions, finetune
+from normsurgery.train.text import load_text
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("text") / "train.txt"
+    path.write_text(shakespeare_text("train")[:20_000], encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def model_and_tokenizer(tiny_model):
+    folder = tiny_model("llama")
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32), AutoTokenizer.from_pretrained(folder)
+
+
+def _options(text_file, **kw) -> FinetuneOptions:
+    return FinetuneOptions(**{"steps": 6, "lr": 1e-2, "batch_size": 2, "seq_len": 32, "text": str(text_file),
+                              "warmup": 1, **kw})
+
+
+def test_distillation_to_itself_starts_at_zero_and_lm_loss_falls(model_and_tokenizer, text_file):
+    model, tok = model_and_tokenizer
+    result = finetune(model, tok, _options(text_file, steps=1), teacher=copy.deepcopy(model))
+    assert abs(result.losses[0]) < 1e-6
+    result = finetune(model, tok, _options(text_file, steps=30, loss="lm"))
+    assert sum(result.losses[-5:]) < sum(result.losses[:5])
+
+
+def test_same_seed_same_weights(tiny_model, text_file):
+    folder = tiny_model("llama")
+    tok = AutoTokenizer.from_pretrained(folder)
+    runs = []
+    for _ in range(2):
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        finetune(model, tok, _options(text_file, loss="lm"))
+        runs.append(model.state_dict())
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
+def test_resumed_run_equals_an_uninterrupted_one(tiny_model, text_file, tmp_path):
+    folder = tiny_model("llama")
+    tok = AutoTokenizer.from_pretrained(folder)
+    teacher = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    straight = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    torch.nn.init.normal_(straight.model.norm.weight)  # something to distil back
+    start = copy.deepcopy(straight.state_dict())
+    finetune(straight, tok, _options(text_file), teacher=teacher)
+
+    def stop_at_four(step: int, loss: float) -> None:
+        if step == 4:
+            raise KeyboardInterrupt
+
+    interrupted = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    interrupted.load_state_dict(start)
+    options = _options(text_file, checkpoint_dir=tmp_path / "ckpt", checkpoint_every=3)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(interrupted, tok, options, teacher=teacher, on_step=stop_at_four)
+    assert json.loads((tmp_path / "ckpt" / "normsurgery_finetune.json").read_text())["step"] == 3
+    resumed = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    resumed.load_state_dict(start)
+    result = finetune(resumed, tok, options, teacher=teacher)
+    assert result.first_step == 3 and len(result.losses) == 3
+    want, got = straight.state_dict(), resumed.state_dict()
+    assert all(torch.allclose(want[k], got[k], rtol=0, atol=1e-7) for k in want)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"steps": 0}, "--steps must be at least 1"),
+    ({"lr": -1.0}, "--lr must be a positive number"),
+    ({"loss": "mse"}, "--loss must be kl, lm or kl+lm"),
+    ({"loss": "kl"}, "needs the original model as teacher"),
+    ({"seq_len": 10**7}, "fewer than one window"),
+])
+def test_bad_options_are_explained(model_and_tokenizer, text_file, change, message):
+    model, tok = model_and_tokenizer
+    with pytest.raises(NormSurgeryError, match=re.escape(message)):
+        finetune(model, tok, _options(text_file, **{"loss": "lm", **change}))
+
+
+def test_text_sources(tmp_path):
+    good = tmp_path / "t.jsonl"
+    good.write_text('{"text": "To be"}\n\n{"text": "or not"}\n')
+    assert load_text(str(good))[0] == "To be\n\nor not"
+    bad = tmp_path / "b.jsonl"
+    bad.write_text('{"text": "ok"}\n["no"]\n')
+    with pytest.raises(NormSurgeryError, match="b.jsonl:2"):
+        load_text(str(bad))
+    with pytest.raises(NormSurgeryError, match="is not a file"):
+        load_text(str(tmp_path / "missing.txt"))
+    assert "heldout" not in load_text(None)[1] and "training split" in load_text(None)[1]
