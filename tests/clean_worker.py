@@ -29,6 +29,20 @@ def compare(original: str, candidate: str) -> dict:
     }
 
 
+def norm_free(candidate: str) -> dict:
+    """The norm modules a loaded candidate still has, and whether greedy generation with the KV cache matches
+    generation without it."""
+    b = AutoModelForCausalLM.from_pretrained(candidate, dtype=torch.float32, trust_remote_code=True).eval()
+    ids = torch.randint(3, b.config.get_text_config().vocab_size, (1, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+        cached, uncached = b.generate(ids, use_cache=True, **kw), b.generate(ids, use_cache=False, **kw)
+    return {
+        "norm_modules": sorted({type(m).__name__ for m in b.modules() if "norm" in type(m).__name__.lower()}),
+        "cache_consistent": cached.tolist() == uncached.tolist(),
+    }
+
+
 for line in sys.stdin:
     request = json.loads(line)
     try:

@@ -30,6 +30,7 @@ class Target(str, Enum):
 
     rmsnorm = "rmsnorm"
     crmsnorm = "crmsnorm"
+    none = "none"
 
 
 Out = Annotated[Path, typer.Option("--output", "-o", help="Output folder (must not exist unless --force).")]
@@ -118,7 +119,7 @@ def fold(
 @app.command()
 def convert(
     model: Annotated[str, typer.Argument(help="A model folder, a reference model name, or a hub id.")],
-    to: Annotated[Target, typer.Option("--to", help="rmsnorm or crmsnorm (exact, Pre-LN LayerNorm models).")],
+    to: Annotated[Target, typer.Option("--to", help="rmsnorm or crmsnorm (exact, Pre-LN LayerNorm models); none (remove every norm: calibrate, fine-tune, fold).")],
     output: Out,
     force: Force = False,
     max_shard_size: MaxShard = "5GB",
@@ -128,17 +129,41 @@ def convert(
     json_output: JsonOutput = False,
     allow_pickle: AllowPickle = False,
     trust_remote_code: TrustRemoteCode = False,
+    gap: Annotated[int, typer.Option(help="[--to none] Fine-tune steps between two norm freezes.", rich_help_panel="Fine-tune")] = 30,
+    heal: Annotated[int, typer.Option(help="[--to none] Fine-tune steps after the last freeze.", rich_help_panel="Fine-tune")] = 300,
+    lr: Annotated[float, typer.Option(help="Learning rate (AdamW, warmup then cosine).", rich_help_panel="Fine-tune")] = 3e-3,
+    batch_size: Annotated[int, typer.Option(help="Sequences per step.", rich_help_panel="Fine-tune")] = 8,
+    seq_len: Annotated[int, typer.Option(help="Tokens per sequence.", rich_help_panel="Fine-tune")] = 128,
+    text: Annotated[Optional[str], typer.Option(help="Training text: .txt/.jsonl file or hub dataset (default: Shakespeare training split).", rich_help_panel="Fine-tune")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the batches and the initialisation.", rich_help_panel="Fine-tune")] = 0,
+    loss: Annotated[str, typer.Option(help="kl (distil to the original), lm, or kl+lm.", rich_help_panel="Fine-tune")] = "kl",
+    gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing", help="Trade compute for memory.", rich_help_panel="Fine-tune")] = False,
+    checkpoint_dir: Annotated[Optional[Path], typer.Option(help="Resume from / save the fine-tune state here.", rich_help_panel="Fine-tune")] = None,
+    checkpoint_every: Annotated[int, typer.Option(help="Save the state every N steps (with --checkpoint-dir).", rich_help_panel="Fine-tune")] = 0,
 ) -> None:
-    """Convert a Pre-LN LayerNorm model to Pre-RMSNorm or Pre-CRMSNorm, exactly (same outputs).
+    """Convert a Pre-LN LayerNorm model to Pre-RMSNorm or Pre-CRMSNorm exactly, or remove its norms (--to none).
 
-    The output carries its own small modeling code: load it with trust_remote_code=True.
+    The output carries its own small modeling code: load it with trust_remote_code=True. --to none freezes each
+    norm's scale in turn while fine-tuning (KL to the original by default), then folds the frozen norms away.
+    On several GPUs: accelerate launch -m normsurgery convert MODEL --to none -o OUT.
 
     Examples:
 
       normsurgery convert gpt2-shakespeare --to rmsnorm -o gpt2-rms
 
       normsurgery convert ./pythia --to crmsnorm -o ./pythia-crms --json
+
+      normsurgery convert gpt2-shakespeare --to none -o gpt2-noln
     """
+    if to is Target.none:
+        from normsurgery.commands.trainable import removal_options, run_remove
+
+        options = removal_options(gap=gap, heal=heal, lr=lr, batch_size=batch_size, seq_len=seq_len, text=text, seed=seed,
+                                  loss=loss, gradient_checkpointing=gradient_checkpointing,
+                                  checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every)
+        run_remove(model, output, force=force, max_shard_size=max_shard_size, removal=options, json_output=json_output,
+                   allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+        return
     if to is Target.rmsnorm:
         source = open_model(model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, scan_finite=False)
         verdict = next(a for a in applicability(source.arch) if a.operation == "rmsnorm")

@@ -38,7 +38,7 @@ def module_path(tensor: str) -> str:
     return tensor.rsplit(".", 1)[0]
 
 
-def _embedding_step(arch: Architecture, target: Target) -> Step:
+def center_embedding_step(arch: Architecture, target: Target) -> Step:
     """Token embeddings: bake an embedding LayerNorm in (BLOOM), center, and drop the last coordinate for CRMS."""
     norm = arch.embedding_norm
     inputs = (arch.token_embedding,) + (norm.tensors() if norm else ())
@@ -54,14 +54,16 @@ def _embedding_step(arch: Architecture, target: Target) -> Step:
     return Step(f"center {arch.token_embedding}", inputs, compute)
 
 
-def _position_step(name: str, target: Target) -> Step:
+def center_position_step(name: str, target: Target) -> Step:
+    """Learned position embeddings: centre (and drop the last coordinate for CRMS)."""
     def compute(t: dict[str, Tensor]) -> dict[str, Tensor]:
         return {name: center_rows(t[name], drop_last=target == "crmsnorm")}
 
     return Step(f"center {name}", (name,), compute)
 
 
-def _writer_step(writer: Linear, target: Target) -> Step:
+def center_writer_step(writer: Linear, target: Target) -> Step:
+    """A linear that writes into the residual: centre its output (and drop the last coordinate for CRMS)."""
     def compute(t: dict[str, Tensor]) -> dict[str, Tensor]:
         w, c = center_writer(t[writer.weight], t[writer.bias] if writer.bias else None, conv1d=writer.conv1d,
                              drop_last=target == "crmsnorm")
@@ -109,15 +111,15 @@ def plan_center_swap(arch: Architecture, target: Target) -> Plan:
     norms: dict[str, dict] = {}
     add_bias: list[str] = []
 
-    plan.steps.append(_embedding_step(arch, target))
+    plan.steps.append(center_embedding_step(arch, target))
     if arch.embedding_norm:
         plan.dropped.update(arch.embedding_norm.tensors())
         norms[arch.embedding_norm.name] = {"kind": "identity"}
     if arch.position_embedding:
-        plan.steps.append(_position_step(arch.position_embedding, target))
+        plan.steps.append(center_position_step(arch.position_embedding, target))
     for block in arch.blocks:
         for writer in block.writers:
-            plan.steps.append(_writer_step(writer, target))
+            plan.steps.append(center_writer_step(writer, target))
     swap = [n for b in arch.blocks for n in b.norms_with_role("input")] + ([arch.final_norm] if arch.final_norm else [])
     for norm in swap:
         untie = arch.token_embedding if (arch.tied and norm is arch.final_norm) else None

@@ -1,0 +1,98 @@
+"""`normsurgery convert --to none`: the trainable rewrites (calibrate, fine-tune, export), behind `convert`."""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from normsurgery.check import load_model, load_tokenizer
+from normsurgery.checkpoint.writer import parse_size
+from normsurgery.commands.common import console, print_json
+from normsurgery.errors import NormSurgeryError
+from normsurgery.rewrite.remove import plan_remove_norms
+from normsurgery.source import open_model
+from normsurgery.train.engine import FinetuneOptions
+from normsurgery.trainable.export import export_trained
+from normsurgery.trainable.remove_ln import (
+    RemovalOptions,
+    calibration_batches,
+    cross_entropy,
+    heldout_batches,
+    remove_norms,
+    removal_order,
+)
+from normsurgery.trainable.stand_ins import removable_norms
+
+
+def run_remove(model: str, out: Path, *, force: bool, max_shard_size: str, removal: RemovalOptions, json_output: bool,
+               allow_pickle: bool, trust_remote_code: bool) -> dict[str, Any]:
+    """LN removal end to end: check it applies, fine-tune with the freeze schedule, fold, write, check, report."""
+    removal.finetune.validate()
+    if removal.gap < 0 or removal.heal < 0:
+        raise NormSurgeryError("--gap and --heal cannot be negative.")
+    shard_bytes = parse_size(max_shard_size)
+    if out.exists() and not force:
+        raise NormSurgeryError(f"{out} already exists; choose another --output or pass --force to replace it.")
+    source = open_model(model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, scan_finite=True)
+    try:
+        order = removal_order(source.arch, removable_norms(source.arch))
+        tokenizer = load_tokenizer(source.path)
+        if tokenizer is None:
+            raise NormSurgeryError(f"{source.path} has no tokenizer files; the fine-tune needs the model's tokenizer.")
+        student = load_model(source.path, torch.float32, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+        teacher = copy.deepcopy(student) if "kl" in removal.finetune.loss else None
+        total = max(1, (len(order) - 1) * removal.gap + removal.heal)
+        start = time.perf_counter()
+        with Progress(TextColumn("removing norms"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
+                      TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), console=console,
+                      transient=True, disable=json_output) as progress:
+            task = progress.add_task("remove", total=total, loss=float("nan"))
+            scales, events, result, before = remove_norms(
+                student, tokenizer, source.arch, removal, teacher=teacher,
+                on_step=lambda step, loss: progress.update(task, completed=step + 1, loss=loss),
+            )
+        seconds = time.perf_counter() - start
+        heldout = heldout_batches(tokenizer, removal.finetune.seq_len)
+        after = cross_entropy(student, heldout)
+        report = {
+            "heldout_ce_before": before,
+            "heldout_ce_after": after,
+            "heldout_ce_change": after - before,
+            "finetune_seconds": seconds,
+            "removal_steps": [asdict(e) for e in events],
+            "losses": result.losses,
+            "options": {"gap": removal.gap, "heal": removal.heal,
+                        **{k: str(v) if isinstance(v, Path) else v for k, v in asdict(removal.finetune).items()}},
+            "text": result.text,
+        }
+        plan = plan_remove_norms(source.arch, scales)
+        check_ids = calibration_batches(tokenizer, removal.finetune.seq_len, 2, 1)[0]
+        report["export_check"] = export_trained(source, plan, student, check_ids, out, force=force,
+                                                max_shard_size=shard_bytes, report=report)
+    finally:
+        source.close()
+    summary = {"operation": "none", "output": str(out), "removed": len(scales), **report}
+    if json_output:
+        print_json(summary)
+    else:
+        console.print(f"[bold green]wrote[/bold green] {out} (no normalization left: {len(scales)} norms frozen and "
+                      f"folded; its own modeling code, trust_remote_code=True)")
+        console.print(f"held-out cross-entropy {before:.4f} -> {after:.4f} nats/token ({after - before:+.4f}); "
+                      f"fine-tune {len(result.losses)} steps in {seconds:.0f} s")
+        console.print(f"export check: {report['export_check']['rel_logit_diff']:.3g} of the logit scale")
+    return summary
+
+
+def removal_options(*, gap: int, heal: int, lr: float, batch_size: int, seq_len: int, text: str | None, seed: int,
+                    loss: str, gradient_checkpointing: bool, checkpoint_dir: Path | None,
+                    checkpoint_every: int) -> RemovalOptions:
+    """The CLI's options as a RemovalOptions."""
+    return RemovalOptions(gap=gap, heal=heal, finetune=FinetuneOptions(
+        lr=lr, batch_size=batch_size, seq_len=seq_len, text=text, seed=seed, loss=loss,  # type: ignore[arg-type]
+        gradient_checkpointing=gradient_checkpointing, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every))

@@ -1,0 +1,81 @@
+"""Normalization removal, the exact part: norms frozen to a fixed scale are linear, so they fold away.
+
+A LayerNorm with its per-token std replaced by a constant s computes g * P x / s + b. With every writer
+centred (exact in a Pre-LN model, see center.py) P x = x, so the norm is the affine map (g / s) x + b, which
+folds into its readers like any gain and bias; an RMSNorm frozen the same way is g x / s. What is left
+has no normalization at all: the exported code swaps each removed norm for an identity.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from normsurgery.arch.spec import Architecture, Norm
+from normsurgery.rewrite.center import (
+    bias_name,
+    center_embedding_step,
+    center_position_step,
+    center_writer_step,
+    module_path,
+)
+from normsurgery.rewrite.maths import effective_gain, fold_into_reader
+from normsurgery.rewrite.plan import Plan, Step
+
+Tensor = torch.Tensor
+
+
+def _frozen_norm_step(norm: Norm, arch: Architecture, scale: float, untie_from: str | None) -> Step:
+    """Fold a frozen norm's (g / s) and b into its readers."""
+    inputs = list(norm.tensors())
+    for r in norm.readers:
+        inputs.append(untie_from if (untie_from and r.weight == arch.unembed.weight) else r.weight)
+        inputs += [r.bias] if r.bias else []
+
+    def compute(t: dict[str, Tensor]) -> dict[str, Tensor]:
+        gain = effective_gain(t.get(norm.weight) if norm.weight else None, norm.gain_offset, arch.hidden_size)
+        gain = gain.to(torch.float64) / scale
+        bias = t.get(norm.bias) if norm.bias else None
+        out: dict[str, Tensor] = {}
+        for r in norm.readers:
+            weight = t[untie_from] if (untie_from and r.weight == arch.unembed.weight) else t[r.weight]
+            w, c = fold_into_reader(weight, t[r.bias] if r.bias else None, gain, bias, conv1d=r.conv1d)
+            out[r.weight] = w
+            if c is not None:
+                out[bias_name(r)] = c
+        return out
+
+    return Step(f"remove {norm.name}", tuple(dict.fromkeys(inputs)), compute)
+
+
+def plan_remove_norms(arch: Architecture, scales: dict[str, float]) -> Plan:
+    """The plan that folds every norm named in `scales` (frozen at that scale) away; LayerNorm models are
+    centred first. The caller has checked that these are all the model's input and final norms."""
+    plan = Plan(operation="none")
+    if any(n.kind == "layernorm" and n.name in scales for n in arch.all_norms()):
+        plan.steps.append(center_embedding_step(arch, "rmsnorm"))
+        if arch.position_embedding:
+            plan.steps.append(center_position_step(arch.position_embedding, "rmsnorm"))
+        for block in arch.blocks:
+            plan.steps += [center_writer_step(w, "rmsnorm") for w in block.writers]
+    norms: dict[str, dict] = {}
+    add_bias: list[str] = []
+    for norm in arch.all_norms():
+        if norm.name not in scales:
+            continue
+        untie = arch.token_embedding if (arch.tied and norm is arch.final_norm) else None
+        plan.steps.append(_frozen_norm_step(norm, arch, scales[norm.name], untie))
+        plan.folded.append(norm.name)
+        plan.dropped.update(norm.tensors())
+        norms[norm.name] = {"kind": "identity"}
+        add_bias += [module_path(r.weight) for r in norm.readers if r.bias is None and norm.bias]
+    if arch.tied:
+        plan.config_updates["tie_word_embeddings"] = False
+    plan.surgery = {
+        "operation": "none",
+        "norms": norms,
+        "add_bias": add_bias,
+        "resized": [],
+        "unembed": module_path(arch.unembed.weight),
+        "key_mapping": arch.key_renames,
+    }
+    return plan

@@ -1,0 +1,93 @@
+"""Write a model trained in memory through an exact plan (e.g. folding frozen norms away) as a normsurgery output."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import normsurgery
+from normsurgery.checkpoint.card import render_model_card
+from normsurgery.checkpoint.writer import CheckpointWriter
+from normsurgery.export.config import MODELING_FILE, rewritten_config
+from normsurgery.rewrite.plan import Plan, execute
+from normsurgery.source import ModelSource
+from normsurgery.surgery import main_dtype
+
+
+class MemorySource:
+    """A trained model's state dict, seen under the source checkpoint's tensor names (`renames`: the on-disk to
+    in-memory renamings transformers applies, such as GPT-NeoX's embed_out -> lm_head)."""
+
+    def __init__(self, state: dict[str, torch.Tensor], names: list[str], renames: dict[str, str]) -> None:
+        self._state = state
+        self._key = {}
+        for name in names:
+            key = name
+            for pattern, replacement in renames.items():
+                key = re.sub(pattern, replacement, key)
+            if key in state:
+                self._key[name] = key
+
+    def names(self) -> list[str]:
+        return list(self._key)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._state[self._key.get(name, name)].detach().to("cpu").contiguous()
+
+    def prefetch(self, names: list[str]) -> None:
+        return None
+
+
+MAX_EXPORT_DIFF = 1e-4  # of the logit scale: the fold of frozen norms is exact up to float32 rounding
+
+
+def export_trained(source: ModelSource, plan: Plan, model: torch.nn.Module, check_ids: torch.Tensor, out: Path, *,
+                   force: bool, max_shard_size: int, report: dict[str, Any]) -> dict[str, float]:
+    """Run `plan` over the trained `model`'s tensors (cast back to their stored dtypes), write OUT with card and
+    report, and check before OUT appears that the written folder computes what `model` computes on `check_ids`.
+    Returns the check's figures."""
+    state = model.state_dict()
+    stored = main_dtype(source)
+    dtypes = {n: source.reader.info(n).dtype for n in source.reader.names()}
+    metadata = {"normsurgery_version": normsurgery.__version__, "normsurgery_operation": plan.operation}
+    with CheckpointWriter(out, force=force, max_shard_size=max_shard_size, metadata=metadata) as writer:
+        written = execute(plan, MemorySource(state, source.reader.names(), source.arch.key_renames), writer,
+                          dtype_for=lambda name: dtypes.get(name, stored))
+        writer.write_json("config.json", rewritten_config(source.reader.config, plan.config_updates, plan.surgery, {}))
+        writer.copy_side_files(source.path)
+        writer.copy_file(MODELING_FILE)
+        staged = writer.stage()
+        check = _same_function(model, staged, check_ids, float32=stored == torch.float32)
+        report = {**report, "export_check": check}
+        operation = {"operation": plan.operation, "folded": len(plan.folded), "remote_code": True,
+                     "dtype": str(stored).replace("torch.", "")}
+        writer.write_text("README.md", render_model_card(source.spec, [operation], None, report))
+        writer.write_text("normsurgery.json", json.dumps({**operation, "source": source.spec, "output": str(out),
+                                                          "tensors_written": len(written), **report}, indent=2) + "\n")
+    return check
+
+
+@torch.no_grad()
+def _same_function(model: torch.nn.Module, folder: Path, ids: torch.Tensor, *, float32: bool) -> dict[str, float]:
+    """Load the written folder (normsurgery's own modeling code) and compare its logits with the trained model's."""
+    from transformers import AutoModelForCausalLM
+
+    from normsurgery.errors import CheckFailed
+
+    training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    want = model(input_ids=ids.to(device)).logits.float().cpu()
+    model.train(training)
+    written = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
+    got = written(input_ids=ids).logits.float()
+    rel = float((want - got).abs().max() / want.abs().max())
+    top1 = float((want.argmax(-1) == got.argmax(-1)).float().mean())
+    if float32 and rel > MAX_EXPORT_DIFF:
+        raise CheckFailed(f"the exported model differs from the trained one by {rel:.3g} of the logit scale (limit "
+                          f"{MAX_EXPORT_DIFF}); nothing was written. This is a bug in normsurgery; please report it.")
+    return {"rel_logit_diff": rel, "top1_agreement": top1}

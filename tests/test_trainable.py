@@ -1,0 +1,55 @@
+"""`convert --to none`: LayerNorm / RMSNorm removal with the freeze schedule, exported with no norm left."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+
+
+@pytest.fixture(scope="module")
+def fast(tmp_path_factory) -> tuple[str, ...]:
+    """Options for a few-step run on a small training text."""
+    from normsurgery.reference.text import shakespeare_text
+
+    text = tmp_path_factory.mktemp("text") / "train.txt"
+    text.write_text(shakespeare_text("train")[:30_000], encoding="utf-8")
+    return ("--gap", "1", "--heal", "2", "--batch-size", "2", "--seq-len", "32", "--text", str(text))
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "gpt_neox", "phi"])
+def test_removal_exports_a_norm_free_model_equal_to_the_trained_one(name, tiny_model, cli, clean_python, tmp_path, fast):
+    out = tmp_path / "none"
+    code, stdout, err = cli("convert", tiny_model(name), "--to", "none", "-o", out, *fast, "--json")
+    assert code == 0, err
+    report = json.loads(stdout)
+    assert report["export_check"]["rel_logit_diff"] <= 1e-5 and report["export_check"]["top1_agreement"] == 1.0
+    steps = report["removal_steps"]
+    assert len(steps) == report["removed"] and all(s["scale"] > 0 for s in steps)
+    assert [s["step"] for s in steps] == list(range(len(steps)))  # one freeze per --gap step
+    assert len(report["losses"]) == len(steps) - 1 + 2
+    card = json.loads((out / "normsurgery.json").read_text())
+    assert card["heldout_ce_before"] == report["heldout_ce_before"] and "removal_steps" in card
+    loaded = clean_python("norm_free", out)
+    assert loaded["norm_modules"] == [] and loaded["cache_consistent"]
+
+
+def test_same_seed_gives_byte_identical_shards(tiny_model, cli, tmp_path, fast):
+    for run in ("a", "b"):
+        assert cli("convert", tiny_model("gpt2"), "--to", "none", "-o", tmp_path / run, *fast)[0] == 0
+    shards = sorted(p.name for p in (tmp_path / "a").glob("*.safetensors"))
+    assert shards and all((tmp_path / "a" / s).read_bytes() == (tmp_path / "b" / s).read_bytes() for s in shards)
+
+
+@pytest.mark.parametrize("name, args, message", [
+    ("opt_postln", (), "Post-LN"),
+    ("gemma3", (), "sandwich, Peri-LN or embedding norms"),
+    ("gpt2", ("--gap", "-1"), "--gap and --heal cannot be negative"),
+    ("gpt2", ("--lr", "0"), "--lr must be a positive number"),
+    ("gpt2", ("--loss", "mse"), "--loss must be kl, lm or kl+lm"),
+])
+def test_refusals_write_nothing(name, args, message, tiny_model, cli, tmp_path, fast):
+    code, _, err = cli("convert", tiny_model(name), "--to", "none", "-o", tmp_path / "out", *fast, *args)
+    assert code == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
