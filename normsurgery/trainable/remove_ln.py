@@ -64,7 +64,7 @@ def heldout_batches(tokenizer: Any, seq_len: int, batch_size: int = 8) -> list[t
     from normsurgery.reference.text import shakespeare_text
 
     stream = windows(tokenize(tokenizer, shakespeare_text("heldout"), seq_len), seq_len, batch_size, seed=2)
-    return [next(stream) for _ in range(2)]
+    return [next(stream) for _ in range(4)]
 
 
 @torch.no_grad()
