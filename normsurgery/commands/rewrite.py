@@ -145,7 +145,6 @@ def convert(
 
     The output carries its own small modeling code: load it with trust_remote_code=True. --to none freezes each
     norm's scale in turn while fine-tuning (KL to the original by default), then folds the frozen norms away.
-    On several GPUs: accelerate launch -m normsurgery convert MODEL --to none -o OUT.
 
     Examples:
 
