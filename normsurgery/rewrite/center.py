@@ -38,6 +38,19 @@ def module_path(tensor: str) -> str:
     return tensor.rsplit(".", 1)[0]
 
 
+def reader_source(reader: Linear, arch: Architecture, untie_from: str | None) -> str:
+    """The tensor a reader's weight is read from: the token embedding when a tied unembedding is being untied."""
+    return untie_from if (untie_from and reader.weight == arch.unembed.weight) else reader.weight
+
+
+def norm_step_inputs(norm: Norm, arch: Architecture, untie_from: str | None) -> tuple[str, ...]:
+    """What a step rewriting a norm and its readers reads: the norm's tensors, its readers' weights and biases."""
+    inputs = list(norm.tensors())
+    for r in norm.readers:
+        inputs += [reader_source(r, arch, untie_from)] + ([r.bias] if r.bias else [])
+    return tuple(dict.fromkeys(inputs))
+
+
 def center_embedding_step(arch: Architecture, target: Target) -> Step:
     """Token embeddings: bake an embedding LayerNorm in (BLOOM), center, and drop the last coordinate for CRMS."""
     norm = arch.embedding_norm
@@ -74,11 +87,6 @@ def center_writer_step(writer: Linear, target: Target) -> Step:
 
 def _norm_step(norm: Norm, arch: Architecture, target: Target, untie_from: str | None) -> Step:
     """A norm's readers: RMS keeps the gain in the norm and folds the bias; CRMS folds both and compresses."""
-    inputs = list(norm.tensors())
-    for r in norm.readers:
-        inputs.append(untie_from if (untie_from and r.weight == arch.unembed.weight) else r.weight)
-        inputs += [r.bias] if r.bias else []
-
     def compute(t: dict[str, Tensor]) -> dict[str, Tensor]:
         bias = t.get(norm.bias) if norm.bias else None
         gain = None
@@ -86,7 +94,7 @@ def _norm_step(norm: Norm, arch: Architecture, target: Target, untie_from: str |
             gain = effective_gain(t.get(norm.weight) if norm.weight else None, norm.gain_offset, arch.hidden_size)
         out: dict[str, Tensor] = {}
         for r in norm.readers:
-            weight = t[untie_from] if (untie_from and r.weight == arch.unembed.weight) else t[r.weight]
+            weight = t[reader_source(r, arch, untie_from)]
             # The bias shift W b uses the reader before compression; RMS keeps the gain in its norm.
             w, c = fold_into_reader(weight, t[r.bias] if r.bias else None, None, bias, conv1d=r.conv1d)
             if target == "crmsnorm":  # gain and compression in one float64 pass, rounded once
@@ -98,7 +106,7 @@ def _norm_step(norm: Norm, arch: Architecture, target: Target, untie_from: str |
             out[norm.weight] = t[norm.weight]
         return out
 
-    return Step(f"{target} {norm.name}", tuple(dict.fromkeys(inputs)), compute)
+    return Step(f"{target} {norm.name}", norm_step_inputs(norm, arch, untie_from), compute)
 
 
 def plan_center_swap(arch: Architecture, target: Target) -> Plan:

@@ -12,6 +12,7 @@ import torch
 from normsurgery.arch.facts import foldable_norms
 from normsurgery.arch.spec import Architecture, Norm
 from normsurgery.errors import NormSurgeryError
+from normsurgery.rewrite.center import norm_step_inputs, reader_source
 from normsurgery.rewrite.maths import effective_gain, fold_into_reader
 from normsurgery.rewrite.plan import Plan, Step
 
@@ -24,10 +25,6 @@ MIN_GAIN_FOR_BIAS = 1e-6
 def _fold_step(norm: Norm, arch: Architecture, untie_from: str | None) -> Step:
     """One norm and all its readers; `untie_from` names the embedding a tied unembedding shares."""
     bias_to_readers = norm.bias is None or all(r.bias is not None for r in norm.readers)
-    inputs = [t for t in norm.tensors()]
-    for r in norm.readers:
-        inputs += [untie_from] if (untie_from and r.weight == arch.unembed.weight) else [r.weight]
-        inputs += [r.bias] if r.bias else []
 
     def compute(t: dict[str, Tensor]) -> dict[str, Tensor]:
         d = arch.hidden_size
@@ -35,7 +32,7 @@ def _fold_step(norm: Norm, arch: Architecture, untie_from: str | None) -> Step:
         bias = t.get(norm.bias) if norm.bias else None
         out: dict[str, Tensor] = {}
         for r in norm.readers:
-            weight = t[untie_from] if (untie_from and r.weight == arch.unembed.weight) else t[r.weight]
+            weight = t[reader_source(r, arch, untie_from)]
             w, c = fold_into_reader(
                 weight, t[r.bias] if r.bias else None, gain, bias if bias_to_readers else None, conv1d=r.conv1d
             )
@@ -57,7 +54,7 @@ def _fold_step(norm: Norm, arch: Architecture, untie_from: str | None) -> Step:
                 out[norm.bias] = bias.to(torch.float64) / gain
         return out
 
-    return Step(label=f"fold {norm.name}", inputs=tuple(dict.fromkeys(inputs)), compute=compute)
+    return Step(label=f"fold {norm.name}", inputs=norm_step_inputs(norm, arch, untie_from), compute=compute)
 
 
 def plan_fold(arch: Architecture) -> Plan:

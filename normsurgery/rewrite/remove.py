@@ -17,6 +17,8 @@ from normsurgery.rewrite.center import (
     center_position_step,
     center_writer_step,
     module_path,
+    norm_step_inputs,
+    reader_source,
 )
 from normsurgery.rewrite.maths import effective_gain, fold_into_reader
 from normsurgery.rewrite.plan import Plan, Step
@@ -26,25 +28,20 @@ Tensor = torch.Tensor
 
 def _frozen_norm_step(norm: Norm, arch: Architecture, scale: float, untie_from: str | None) -> Step:
     """Fold a frozen norm's (g / s) and b into its readers."""
-    inputs = list(norm.tensors())
-    for r in norm.readers:
-        inputs.append(untie_from if (untie_from and r.weight == arch.unembed.weight) else r.weight)
-        inputs += [r.bias] if r.bias else []
-
     def compute(t: dict[str, Tensor]) -> dict[str, Tensor]:
         gain = effective_gain(t.get(norm.weight) if norm.weight else None, norm.gain_offset, arch.hidden_size)
         gain = gain.to(torch.float64) / scale
         bias = t.get(norm.bias) if norm.bias else None
         out: dict[str, Tensor] = {}
         for r in norm.readers:
-            weight = t[untie_from] if (untie_from and r.weight == arch.unembed.weight) else t[r.weight]
+            weight = t[reader_source(r, arch, untie_from)]
             w, c = fold_into_reader(weight, t[r.bias] if r.bias else None, gain, bias, conv1d=r.conv1d)
             out[r.weight] = w
             if c is not None:
                 out[bias_name(r)] = c
         return out
 
-    return Step(f"remove {norm.name}", tuple(dict.fromkeys(inputs)), compute)
+    return Step(f"remove {norm.name}", norm_step_inputs(norm, arch, untie_from), compute)
 
 
 def plan_remove_norms(arch: Architecture, scales: dict[str, float]) -> Plan:
