@@ -39,6 +39,7 @@ def norm_free(candidate: str) -> dict:
         cached, uncached = b.generate(ids, use_cache=True, **kw), b.generate(ids, use_cache=False, **kw)
     return {
         "norm_modules": sorted({type(m).__name__ for m in b.modules() if "norm" in type(m).__name__.lower()}),
+        "swaps": sorted({type(m).__name__ for m in b.modules() if type(m).__name__.startswith("Dynamic")}),
         "cache_consistent": cached.tolist() == uncached.tolist(),
     }
 

@@ -53,3 +53,40 @@ def test_refusals_write_nothing(name, args, message, tiny_model, cli, tmp_path, 
     code, _, err = cli("convert", tiny_model(name), "--to", "none", "-o", tmp_path / "out", *fast, *args)
     assert code == 2 and message in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("target, name", [("dyt", "gpt2"), ("derf", "llama"), ("dyt", "gpt_neox"), ("derf", "phi")])
+def test_swaps_export_dyt_or_derf_with_calibrated_alpha(target, name, tiny_model, cli, clean_python, tmp_path, fast):
+    from safetensors import safe_open
+
+    out = tmp_path / target
+    code, stdout, err = cli("convert", tiny_model(name), "--to", target, "-o", out, *fast, "--json")
+    assert code == 0, err
+    report = json.loads(stdout)
+    assert report["export_check"]["rel_logit_diff"] <= 1e-5
+    for init in report["alpha_init"]:
+        kept = init["mse_least_squares"] if init["method"] == "least-squares" else init["mse_scale"]
+        assert init["alpha"] > 0 and kept == min(init["mse_scale"], init["mse_least_squares"])
+    names = set()
+    for shard in out.glob("*.safetensors"):
+        with safe_open(shard, "pt") as f:
+            names |= set(f.keys())
+    assert sum(n.endswith(".alpha") for n in names) == report["swapped"]
+    assert sum(n.endswith(".shift") for n in names) == (report["swapped"] if target == "derf" else 0)
+    loaded = clean_python("norm_free", out)
+    assert loaded["norm_modules"] == [] and loaded["cache_consistent"]
+    assert loaded["swaps"] == ["DynamicErf" if target == "derf" else "DynamicTanh"]
+
+
+def test_alpha_fit_keeps_the_better_initialisation():
+    import torch
+
+    from normsurgery.arch.spec import Norm
+    from normsurgery.trainable.swap import fit_alpha
+
+    x = 3.0 * torch.randn(512, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    norm = Norm(name="n", weight="n.weight", bias=None, kind="rmsnorm", eps=1e-6, gain_offset=0.0, role="input")
+    for target in ("dyt", "derf"):
+        init = fit_alpha(x, norm, target)
+        assert init.mse_least_squares <= init.mse_scale and init.method == "least-squares"
+        assert 0.05 < init.alpha < 2.0  # near 1/3 (the typical scale), not a degenerate fit

@@ -31,6 +31,8 @@ class Target(str, Enum):
     rmsnorm = "rmsnorm"
     crmsnorm = "crmsnorm"
     none = "none"
+    dyt = "dyt"
+    derf = "derf"
 
 
 Out = Annotated[Path, typer.Option("--output", "-o", help="Output folder (must not exist unless --force).")]
@@ -119,7 +121,7 @@ def fold(
 @app.command()
 def convert(
     model: Annotated[str, typer.Argument(help="A model folder, a reference model name, or a hub id.")],
-    to: Annotated[Target, typer.Option("--to", help="rmsnorm or crmsnorm (exact, Pre-LN LayerNorm models); none (remove every norm: calibrate, fine-tune, fold).")],
+    to: Annotated[Target, typer.Option("--to", help="rmsnorm or crmsnorm (exact, Pre-LN LayerNorm models); none (remove every norm), dyt or derf (swap every norm): calibrate, fine-tune, export.")],
     output: Out,
     force: Force = False,
     max_shard_size: MaxShard = "5GB",
@@ -130,7 +132,7 @@ def convert(
     allow_pickle: AllowPickle = False,
     trust_remote_code: TrustRemoteCode = False,
     gap: Annotated[int, typer.Option(help="[--to none] Fine-tune steps between two norm freezes.", rich_help_panel="Fine-tune")] = 30,
-    heal: Annotated[int, typer.Option(help="[--to none] Fine-tune steps after the last freeze.", rich_help_panel="Fine-tune")] = 300,
+    heal: Annotated[int, typer.Option(help="Fine-tune steps after the last freeze (--to none) or after the swap (--to dyt/derf).", rich_help_panel="Fine-tune")] = 300,
     lr: Annotated[float, typer.Option(help="Learning rate (AdamW, warmup then cosine).", rich_help_panel="Fine-tune")] = 3e-3,
     batch_size: Annotated[int, typer.Option(help="Sequences per step.", rich_help_panel="Fine-tune")] = 8,
     seq_len: Annotated[int, typer.Option(help="Tokens per sequence.", rich_help_panel="Fine-tune")] = 128,
@@ -154,14 +156,18 @@ def convert(
 
       normsurgery convert gpt2-shakespeare --to none -o gpt2-noln
     """
-    if to is Target.none:
-        from normsurgery.commands.trainable import removal_options, run_remove
+    if to in (Target.none, Target.dyt, Target.derf):
+        from normsurgery.commands.trainable import removal_options, run_remove, run_swap
 
         options = removal_options(gap=gap, heal=heal, lr=lr, batch_size=batch_size, seq_len=seq_len, text=text, seed=seed,
                                   loss=loss, gradient_checkpointing=gradient_checkpointing,
                                   checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every)
-        run_remove(model, output, force=force, max_shard_size=max_shard_size, removal=options, json_output=json_output,
-                   allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+        common = dict(force=force, max_shard_size=max_shard_size, removal=options, json_output=json_output,
+                      allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+        if to is Target.none:
+            run_remove(model, output, **common)
+        else:
+            run_swap(model, to.value, output, **common)
         return
     if to is Target.rmsnorm:
         source = open_model(model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, scan_finite=False)

@@ -1,4 +1,4 @@
-"""`normsurgery convert --to none`: the trainable rewrites (calibrate, fine-tune, export), behind `convert`."""
+"""`normsurgery convert --to none|dyt|derf`: the trainable rewrites (calibrate, fine-tune, export), behind `convert`."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from normsurgery.commands.common import console, print_json
 from normsurgery.errors import NormSurgeryError
 from normsurgery.rewrite.remove import plan_remove_norms
 from normsurgery.source import open_model
-from normsurgery.train.engine import FinetuneOptions
+from normsurgery.train.engine import FinetuneOptions, finetune
 from normsurgery.trainable.export import export_trained
 from normsurgery.trainable.remove_ln import (
     RemovalOptions,
@@ -96,3 +96,86 @@ def removal_options(*, gap: int, heal: int, lr: float, batch_size: int, seq_len:
     return RemovalOptions(gap=gap, heal=heal, finetune=FinetuneOptions(
         lr=lr, batch_size=batch_size, seq_len=seq_len, text=text, seed=seed, loss=loss,  # type: ignore[arg-type]
         gradient_checkpointing=gradient_checkpointing, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every))
+
+
+def run_swap(model: str, target: str, out: Path, *, force: bool, max_shard_size: str, removal: RemovalOptions,
+             json_output: bool, allow_pickle: bool, trust_remote_code: bool) -> dict[str, Any]:
+    """DyT/Derf end to end: centre (LayerNorm models), calibrate alpha, swap, heal for `removal.heal` steps, write."""
+    from normsurgery.rewrite.plan import Plan
+    from normsurgery.trainable.swap import (
+        center_in_memory,
+        fit_alpha,
+        install_swaps,
+        norm_inputs,
+        plan_surgery,
+        swapped_tensor_names,
+    )
+
+    removal.finetune.validate()
+    if removal.heal < 1:
+        raise NormSurgeryError("--heal must be at least 1 for --to dyt/derf (the fine-tune after the swap).")
+    shard_bytes = parse_size(max_shard_size)
+    if out.exists() and not force:
+        raise NormSurgeryError(f"{out} already exists; choose another --output or pass --force to replace it.")
+    source = open_model(model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, scan_finite=True)
+    try:
+        norms = removable_norms(source.arch)
+        tokenizer = load_tokenizer(source.path)
+        if tokenizer is None:
+            raise NormSurgeryError(f"{source.path} has no tokenizer files; the fine-tune needs the model's tokenizer.")
+        student = load_model(source.path, torch.float32, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+        teacher = copy.deepcopy(student) if "kl" in removal.finetune.loss else None
+        centred = any(n.kind == "layernorm" for n in norms)
+        if centred:
+            center_in_memory(student, source.arch)
+        seq_len, batch = removal.finetune.seq_len, removal.finetune.batch_size
+        calib = calibration_batches(tokenizer, seq_len, batch, removal.calibration_batches)
+        heldout = heldout_batches(tokenizer, seq_len)
+        before = cross_entropy(student, heldout)
+        inputs = norm_inputs(student, norms, calib)
+        inits = {n.name: fit_alpha(inputs[n.name], n, target) for n in norms}
+        install_swaps(student, norms, target, inits)
+        swapped = cross_entropy(student, heldout)
+        removal.finetune.steps = removal.heal
+        start = time.perf_counter()
+        with Progress(TextColumn(f"healing {target}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
+                      TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), console=console,
+                      transient=True, disable=json_output) as progress:
+            task = progress.add_task("heal", total=removal.heal, loss=float("nan"))
+            result = finetune(student, tokenizer, removal.finetune, teacher=teacher,
+                              on_step=lambda step, loss: progress.update(task, completed=step + 1, loss=loss))
+        seconds = time.perf_counter() - start
+        after = cross_entropy(student, heldout)
+        report = {
+            "heldout_ce_before": before,
+            "heldout_ce_after_swap": swapped,
+            "heldout_ce_after": after,
+            "heldout_ce_change": after - before,
+            "finetune_seconds": seconds,
+            "alpha_init": [asdict(i) for i in inits.values()],
+            "losses": result.losses,
+            "options": {"heal": removal.heal,
+                        **{k: str(v) if isinstance(v, Path) else v for k, v in asdict(removal.finetune).items()}},
+            "text": result.text,
+        }
+        plan = Plan(operation=target, surgery=plan_surgery(source.arch, norms, target))
+        extra = swapped_tensor_names(norms, target)
+        if centred and source.arch.tied:
+            plan.config_updates["tie_word_embeddings"] = False
+            extra.append(source.arch.unembed.weight)
+        check_ids = calibration_batches(tokenizer, seq_len, 2, 1)[0]
+        report["export_check"] = export_trained(source, plan, student, check_ids, out, force=force,
+                                                max_shard_size=shard_bytes, report=report, extra=extra)
+    finally:
+        source.close()
+    summary = {"operation": target, "output": str(out), "swapped": len(norms), **report}
+    if json_output:
+        print_json(summary)
+    else:
+        kept = sum(i.method == "least-squares" for i in inits.values())
+        console.print(f"[bold green]wrote[/bold green] {out} ({len(norms)} norms swapped for {target}; alpha from a "
+                      f"least-squares fit for {kept}, from the typical scale for {len(norms) - kept}; its own modeling "
+                      "code, trust_remote_code=True)")
+        console.print(f"held-out cross-entropy {before:.4f} -> {swapped:.4f} after the swap -> {after:.4f} after "
+                      f"{removal.heal} healing steps ({after - before:+.4f}) in {seconds:.0f} s")
+    return summary

@@ -1,7 +1,7 @@
 """Modeling code shipped inside checkpoints written by normsurgery (https://pypi.org/project/normsurgery/).
 
 It needs only torch and transformers. The checkpoint is a stock transformers model (`base_config`)
-with a few modules changed, listed in `surgery`: norms swapped for RMSNorm, CRMSNorm or identity,
+with a few modules changed, listed in `surgery`: norms swapped for RMSNorm, CRMSNorm, DyT, Derf or identity,
 biases added to linear layers, and tensors whose residual width shrank (CRMSNorm stores d-1
 coordinates). Load it with `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`.
 """
@@ -65,7 +65,36 @@ class CRMSNorm(nn.Module):
         return (x * torch.rsqrt(mean_square + self.eps)).to(dtype)
 
 
-NORMS = {"rmsnorm": RMSNorm, "crmsnorm": CRMSNorm}
+class DynamicTanh(nn.Module):
+    """DyT (Zhu et al. 2025): y = g * tanh(alpha x) + b with a learnt scalar alpha, in place of a norm."""
+
+    def __init__(self, dim: int, bias: bool = True, **_: object):
+        super().__init__()
+        self.dim = dim
+        self.alpha = nn.Parameter(torch.ones(()))
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
+
+    def squash(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.alpha.float() * x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.squash(x.float()) * self.weight.float()
+        return (y if self.bias is None else y + self.bias.float()).to(x.dtype)
+
+
+class DynamicErf(DynamicTanh):
+    """Derf (zlab-princeton 2025): y = g * erf(alpha x + s) + b with learnt scalars alpha and s."""
+
+    def __init__(self, dim: int, bias: bool = True, **_: object):
+        super().__init__(dim, bias)
+        self.shift = nn.Parameter(torch.zeros(()))
+
+    def squash(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.erf(self.alpha.float() * x + self.shift.float())
+
+
+NORMS = {"rmsnorm": RMSNorm, "crmsnorm": CRMSNorm, "dyt": DynamicTanh, "derf": DynamicErf}
 
 
 def _module(model: nn.Module, path: str, unembed: str | None) -> nn.Module:

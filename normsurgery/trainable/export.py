@@ -46,16 +46,17 @@ MAX_EXPORT_DIFF = 1e-4  # of the logit scale: the fold of frozen norms is exact 
 
 
 def export_trained(source: ModelSource, plan: Plan, model: torch.nn.Module, check_ids: torch.Tensor, out: Path, *,
-                   force: bool, max_shard_size: int, report: dict[str, Any]) -> dict[str, float]:
-    """Run `plan` over the trained `model`'s tensors (cast back to their stored dtypes), write OUT with card and
-    report, and check before OUT appears that the written folder computes what `model` computes on `check_ids`.
-    Returns the check's figures."""
+                   force: bool, max_shard_size: int, report: dict[str, Any], extra: list[str] = ()) -> dict[str, float]:
+    """Run `plan` over the trained `model`'s tensors (cast back to their stored dtypes; `extra`: tensors the
+    source checkpoint does not have, such as a swap's alpha), write OUT with card and report, and check before
+    OUT appears that the written folder computes what `model` computes on `check_ids`. Returns the check."""
     state = model.state_dict()
     stored = main_dtype(source)
     dtypes = {n: source.reader.info(n).dtype for n in source.reader.names()}
     metadata = {"normsurgery_version": normsurgery.__version__, "normsurgery_operation": plan.operation}
     with CheckpointWriter(out, force=force, max_shard_size=max_shard_size, metadata=metadata) as writer:
-        written = execute(plan, MemorySource(state, source.reader.names(), source.arch.key_renames), writer,
+        written = execute(plan, MemorySource(state, source.reader.names() + [n for n in extra if n not in source.reader],
+                                       source.arch.key_renames), writer,
                           dtype_for=lambda name: dtypes.get(name, stored))
         writer.write_json("config.json", rewritten_config(source.reader.config, plan.config_updates, plan.surgery, {}))
         writer.copy_side_files(source.path)

@@ -1,0 +1,147 @@
+"""DyT and Derf in place of every norm (Zhu et al. 2025; zlab-princeton 2025), on a loaded model.
+
+LayerNorm models are centred first (exact: the writers' outputs made zero-mean, see center.py), because
+DyT/Derf do not subtract the mean. Each swap keeps the norm's gain (Gemma's 1 + w included) and bias, and
+gets its alpha (and Derf's shift) from calibration statistics: the norm's inputs on calibration text and
+its normalised outputs x / sqrt(mean square + eps). Two initialisations are compared per norm, alpha from
+the typical scale (tanh(a x) ~ a x, so a = 1/s; erf(a x) ~ 2 a x / sqrt(pi)) and a least-squares fit of
+the squashed input to the normalised output, and the one with the smaller error is kept. The model is
+then healed by distillation (the fine-tune engine).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from normsurgery.arch.spec import Architecture, Norm
+from normsurgery.export.modeling_normsurgery import DynamicErf, DynamicTanh
+from normsurgery.rewrite.center import center_embedding_step, center_position_step, center_writer_step, module_path
+
+SWAPS = {"dyt": DynamicTanh, "derf": DynamicErf}
+CALIBRATION_TOKENS = 4096  # token vectors kept per norm for the alpha fit
+ALPHA_GRID = torch.logspace(-2, 2, 161, dtype=torch.float64)  # times the typical-scale alpha
+
+
+@dataclass
+class AlphaInit:
+    """How one norm's swap was initialised: both candidates' errors and the one kept."""
+
+    norm: str
+    alpha: float
+    shift: float
+    method: str  # "scale" or "least-squares"
+    mse_scale: float
+    mse_least_squares: float
+
+
+def _param(model: nn.Module, name: str) -> nn.Parameter:
+    module, _, attr = name.rpartition(".")
+    return getattr(model.get_submodule(module), attr)
+
+
+@torch.no_grad()
+def center_in_memory(model: nn.Module, arch: Architecture) -> None:
+    """Make every writer of a loaded Pre-LN LayerNorm model zero-mean (unchanged outputs), untying a tied
+    unembedding first so that it keeps the original rows."""
+    if arch.tied:
+        output = model.get_output_embeddings()
+        output.weight = nn.Parameter(model.get_input_embeddings().weight.detach().clone())
+        model.config.tie_word_embeddings = False
+        if hasattr(model.config, "get_text_config"):
+            model.config.get_text_config().tie_word_embeddings = False
+    steps = [center_embedding_step(arch, "rmsnorm")]
+    if arch.position_embedding:
+        steps.append(center_position_step(arch.position_embedding, "rmsnorm"))
+    steps += [center_writer_step(w, "rmsnorm") for b in arch.blocks for w in b.writers]
+    for step in steps:
+        outputs = step.compute({n: _param(model, n).detach().clone() for n in step.inputs})
+        for name, tensor in outputs.items():
+            target = _param(model, name)
+            target.copy_(tensor.to(target.dtype))
+
+
+@torch.no_grad()
+def norm_inputs(model: nn.Module, norms: list[Norm], batches: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Up to CALIBRATION_TOKENS input vectors of each norm on the calibration batches (float64)."""
+    seen: dict[str, list[torch.Tensor]] = {n.name: [] for n in norms}
+
+    def hook(name: str):
+        def record(_module: nn.Module, args: tuple) -> None:
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float64)
+            if sum(t.shape[0] for t in seen[name]) < CALIBRATION_TOKENS:
+                seen[name].append(x.cpu())
+        return record
+
+    handles = [model.get_submodule(n.name).register_forward_pre_hook(hook(n.name)) for n in norms]
+    training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        for batch in batches:
+            model(input_ids=batch.to(device))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(training)
+    return {name: torch.cat(xs)[:CALIBRATION_TOKENS] for name, xs in seen.items()}
+
+
+def fit_alpha(x: torch.Tensor, norm: Norm, target: str) -> AlphaInit:
+    """Alpha (and shift 0) for one norm: typical-scale value vs least-squares fit to the normalised inputs."""
+    if norm.kind == "layernorm":
+        x = x - x.mean(dim=-1, keepdim=True)  # already ~0 after centring; exact for the fit
+    z = x / torch.sqrt(x.pow(2).mean(dim=-1, keepdim=True) + norm.eps)
+    scale = float(torch.sqrt(x.pow(2).mean(dim=-1) + norm.eps).mean())
+    squash = torch.tanh if target == "dyt" else torch.erf
+    typical = (1.0 if target == "dyt" else math.sqrt(math.pi) / 2) / scale
+
+    def mse(alpha: float) -> float:
+        return float((squash(alpha * x) - z).pow(2).mean())
+
+    grid = [typical * float(g) for g in ALPHA_GRID]
+    errors = [mse(a) for a in grid]
+    best = grid[min(range(len(grid)), key=errors.__getitem__)]
+    mse_typical, mse_best = mse(typical), mse(best)
+    keep_ls = mse_best < mse_typical
+    return AlphaInit(norm.name, best if keep_ls else typical, 0.0, "least-squares" if keep_ls else "scale",
+                     mse_typical, mse_best)
+
+
+def install_swaps(model: nn.Module, norms: list[Norm], target: str, inits: dict[str, AlphaInit]) -> None:
+    """Replace each norm by DyT/Derf holding the norm's effective gain, its bias, and the chosen alpha."""
+    for norm in norms:
+        original = model.get_submodule(norm.name)
+        dim = original.weight.shape[0] if norm.weight else int(model.config.get_text_config().hidden_size)
+        swap = SWAPS[target](dim, bias=norm.bias is not None)
+        swap.to(next(model.parameters()).device)
+        with torch.no_grad():
+            swap.alpha.fill_(inits[norm.name].alpha)
+            if norm.weight:
+                swap.weight.copy_(original.weight.float() + norm.gain_offset)
+            if norm.bias:
+                swap.bias.copy_(original.bias.float())
+        parent, _, attr = norm.name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, swap)
+
+
+def swapped_tensor_names(norms: list[Norm], target: str) -> list[str]:
+    """The new tensors a swap adds (alpha, and Derf's shift) beside the norms' weight and bias."""
+    extra = ["alpha"] + (["shift"] if target == "derf" else [])
+    return [f"{n.name}.{p}" for n in norms for p in extra] + [f"{n.name}.weight" for n in norms if not n.weight]
+
+
+def plan_surgery(arch: Architecture, norms: list[Norm], target: str) -> dict[str, Any]:
+    """The exported code's view: which norms became DyT/Derf (and with a bias or not)."""
+    return {
+        "operation": target,
+        "norms": {n.name: {"kind": target, "dim": arch.hidden_size, "bias": n.bias is not None} for n in norms},
+        "add_bias": [],
+        "resized": [],
+        "unembed": module_path(arch.unembed.weight),
+        "key_mapping": arch.key_renames,
+    }
