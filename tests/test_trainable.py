@@ -31,6 +31,7 @@ def test_removal_exports_a_norm_free_model_equal_to_the_trained_one(name, tiny_m
     assert len(report["losses"]) == len(steps) - 1 + 2
     card = json.loads((out / "normsurgery.json").read_text())
     assert card["heldout_ce_before"] == report["heldout_ce_before"] and "removal_steps" in card
+    assert card["loss_curve"] == "loss_curve.png" and (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     loaded = clean_python("norm_free", out)
     assert loaded["norm_modules"] == [] and loaded["cache_consistent"]
 

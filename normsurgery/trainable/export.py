@@ -15,6 +15,7 @@ from normsurgery.checkpoint.writer import CheckpointWriter
 from normsurgery.export.config import MODELING_FILE, rewritten_config
 from normsurgery.rewrite.plan import Plan, execute
 from normsurgery.source import ModelSource
+from normsurgery.trainable.plot import LOSS_CURVE, draw_loss_curve
 from normsurgery.surgery import main_dtype
 
 
@@ -64,6 +65,11 @@ def export_trained(source: ModelSource, plan: Plan, model: torch.nn.Module, chec
         staged = writer.stage()
         check = _same_function(model, staged, check_ids, float32=stored == torch.float32)
         report = {**report, "export_check": check}
+        if report.get("losses"):
+            marks = {e["step"]: e["norm"] for e in report.get("removal_steps", [])}
+            title = f"{source.spec}: {plan.operation}, {len(report['losses'])} fine-tune steps"
+            not_drawn = draw_loss_curve(report["losses"], marks, title, writer.tmp / LOSS_CURVE)
+            report["loss_curve"] = not_drawn or LOSS_CURVE
         operation = {"operation": plan.operation, "folded": len(plan.folded), "remote_code": True,
                      "dtype": str(stored).replace("torch.", "")}
         writer.write_text("README.md", render_model_card(source.spec, [operation], None, report))
