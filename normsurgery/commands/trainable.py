@@ -30,6 +30,21 @@ from normsurgery.trainable.remove_ln import (
 from normsurgery.trainable.stand_ins import removable_norms
 
 
+def _load_for_training(source: Any, options: FinetuneOptions, allow_pickle: bool,
+                       trust_remote_code: bool) -> tuple[Any, torch.nn.Module, torch.nn.Module | None]:
+    """The tokenizer, the float32 model to train, and (for a distillation loss) a frozen copy as teacher."""
+    tokenizer = load_tokenizer(source.path)
+    if tokenizer is None:
+        raise NormSurgeryError(f"{source.path} has no tokenizer files; the fine-tune needs the model's tokenizer.")
+    student = load_model(source.path, torch.float32, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    return tokenizer, student, copy.deepcopy(student) if "kl" in options.loss else None
+
+
+def _options_report(options: FinetuneOptions, **schedule: int) -> dict[str, Any]:
+    """The schedule and fine-tune options as plain data for the report."""
+    return {**schedule, **{k: str(v) if isinstance(v, Path) else v for k, v in asdict(options).items()}}
+
+
 def run_remove(model: str, out: Path, *, force: bool, max_shard_size: str, removal: RemovalOptions, json_output: bool,
                allow_pickle: bool, trust_remote_code: bool) -> dict[str, Any]:
     """LN removal end to end: check it applies, fine-tune with the freeze schedule, fold, write, check, report."""
@@ -42,11 +57,7 @@ def run_remove(model: str, out: Path, *, force: bool, max_shard_size: str, remov
     source = open_model(model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, scan_finite=True)
     try:
         order = removal_order(source.arch, removable_norms(source.arch))
-        tokenizer = load_tokenizer(source.path)
-        if tokenizer is None:
-            raise NormSurgeryError(f"{source.path} has no tokenizer files; the fine-tune needs the model's tokenizer.")
-        student = load_model(source.path, torch.float32, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
-        teacher = copy.deepcopy(student) if "kl" in removal.finetune.loss else None
+        tokenizer, student, teacher = _load_for_training(source, removal.finetune, allow_pickle, trust_remote_code)
         total = max(1, (len(order) - 1) * removal.gap + removal.heal)
         start = time.perf_counter()
         with Progress(TextColumn("removing norms"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
@@ -67,8 +78,7 @@ def run_remove(model: str, out: Path, *, force: bool, max_shard_size: str, remov
             "finetune_seconds": seconds,
             "removal_steps": [asdict(e) for e in events],
             "losses": result.losses,
-            "options": {"gap": removal.gap, "heal": removal.heal,
-                        **{k: str(v) if isinstance(v, Path) else v for k, v in asdict(removal.finetune).items()}},
+            "options": _options_report(removal.finetune, gap=removal.gap, heal=removal.heal),
             "text": result.text,
         }
         plan = plan_remove_norms(source.arch, scales)
@@ -120,11 +130,7 @@ def run_swap(model: str, target: str, out: Path, *, force: bool, max_shard_size:
     source = open_model(model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, scan_finite=True)
     try:
         norms = removable_norms(source.arch)
-        tokenizer = load_tokenizer(source.path)
-        if tokenizer is None:
-            raise NormSurgeryError(f"{source.path} has no tokenizer files; the fine-tune needs the model's tokenizer.")
-        student = load_model(source.path, torch.float32, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
-        teacher = copy.deepcopy(student) if "kl" in removal.finetune.loss else None
+        tokenizer, student, teacher = _load_for_training(source, removal.finetune, allow_pickle, trust_remote_code)
         centred = any(n.kind == "layernorm" for n in norms)
         if centred:
             center_in_memory(student, source.arch)
@@ -154,8 +160,7 @@ def run_swap(model: str, target: str, out: Path, *, force: bool, max_shard_size:
             "finetune_seconds": seconds,
             "alpha_init": [asdict(i) for i in inits.values()],
             "losses": result.losses,
-            "options": {"heal": removal.heal,
-                        **{k: str(v) if isinstance(v, Path) else v for k, v in asdict(removal.finetune).items()}},
+            "options": _options_report(removal.finetune, heal=removal.heal),
             "text": result.text,
         }
         plan = Plan(operation=target, surgery=plan_surgery(source.arch, norms, target))
