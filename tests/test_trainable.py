@@ -46,7 +46,8 @@ def test_same_seed_gives_byte_identical_shards(tiny_model, cli, tmp_path, fast):
 @pytest.mark.parametrize("name, args, message", [
     ("opt_postln", (), "Post-LN"),
     ("gemma3", (), "sandwich, Peri-LN or embedding norms"),
-    ("gpt2", ("--gap", "-1"), "--gap and --heal cannot be negative"),
+    ("gpt2", ("--gap", "-1"), "--gap, --heal and --aux-weight cannot be negative"),
+    ("gpt2", ("--aux-weight", "-0.1"), "--gap, --heal and --aux-weight cannot be negative"),
     ("gpt2", ("--lr", "0"), "--lr must be a positive number"),
     ("gpt2", ("--loss", "mse"), "--loss must be kl, lm or kl+lm"),
 ])
@@ -91,3 +92,53 @@ def test_alpha_fit_keeps_the_better_initialisation():
         init = fit_alpha(x, norm, target)
         assert init.mse_least_squares <= init.mse_scale and init.method == "least-squares"
         assert 0.05 < init.alpha < 2.0  # near 1/3 (the typical scale), not a degenerate fit
+
+
+def test_auxiliary_loss_narrows_the_final_norms_scale_spread(tiny_model, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from normsurgery.reference.text import shakespeare_text
+    from normsurgery.source import open_model
+    from normsurgery.train.engine import FinetuneOptions
+    from normsurgery.trainable.remove_ln import RemovalOptions, calibration_batches, remove_norms
+    from normsurgery.trainable.stand_ins import scale_spread
+
+    folder = tiny_model("gpt2")
+    text = tmp_path / "train.txt"
+    text.write_text(shakespeare_text("train")[:30_000], encoding="utf-8")
+    source = open_model(str(folder), scan_finite=False)
+    arch = source.arch
+    source.close()
+    tok = AutoTokenizer.from_pretrained(folder)
+    spreads = {}
+    for weight in (0.0, 10.0):
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        options = RemovalOptions(gap=1, heal=20, aux_weight=weight, finetune=FinetuneOptions(
+            lr=1e-2, batch_size=2, seq_len=32, text=str(text), loss="lm", warmup=1))
+        remove_norms(model, tok, arch, options, teacher=None)
+        final = model.get_submodule(arch.final_norm.name)
+        final.track = True
+        with torch.no_grad():
+            model(input_ids=calibration_batches(tok, 32, 4, 1)[0])
+        spreads[weight] = float(scale_spread(final))
+        assert final.frozen
+    assert spreads[10.0] < 0.8 * spreads[0.0]  # measured 0.0104 vs 0.0161
+
+
+def test_removal_trains_on_two_processes_and_writes_once(tiny_model, tmp_path, fast):
+    """`torchrun` (what `accelerate launch` runs on GPUs) with two CPU processes: DDP over gloo, the main process
+    exports, and the output is the same norm-free model format."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "normsurgery", "convert", str(tiny_model("gpt2")), "--to", "none", "-o", str(out),
+                          *fast, "--json"], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(run.stdout[run.stdout.index("{"):])
+    assert report["processes"] == 2 and report["export_check"]["rel_logit_diff"] <= 1e-5
+    assert json.loads((out / "normsurgery.json").read_text())["processes"] == 2

@@ -133,6 +133,7 @@ def convert(
     trust_remote_code: TrustRemoteCode = False,
     gap: Annotated[int, typer.Option(help="[--to none] Fine-tune steps between two norm freezes.", rich_help_panel="Fine-tune")] = 30,
     heal: Annotated[int, typer.Option(help="Fine-tune steps after the last freeze (--to none) or after the swap (--to dyt/derf).", rich_help_panel="Fine-tune")] = 300,
+    aux_weight: Annotated[float, typer.Option(help="[--to none] Weight of Baroni et al.'s auxiliary loss (spread of the final norm's per-token scale); 0 turns it off.", rich_help_panel="Fine-tune")] = 0.0,
     lr: Annotated[float, typer.Option(help="Learning rate (AdamW, warmup then cosine).", rich_help_panel="Fine-tune")] = 3e-3,
     batch_size: Annotated[int, typer.Option(help="Sequences per step.", rich_help_panel="Fine-tune")] = 8,
     seq_len: Annotated[int, typer.Option(help="Tokens per sequence.", rich_help_panel="Fine-tune")] = 128,
@@ -159,7 +160,7 @@ def convert(
     if to in (Target.none, Target.dyt, Target.derf):
         from normsurgery.commands.trainable import removal_options, run_remove, run_swap
 
-        options = removal_options(gap=gap, heal=heal, lr=lr, batch_size=batch_size, seq_len=seq_len, text=text, seed=seed,
+        options = removal_options(gap=gap, heal=heal, aux_weight=aux_weight, lr=lr, batch_size=batch_size, seq_len=seq_len, text=text, seed=seed,
                                   loss=loss, gradient_checkpointing=gradient_checkpointing,
                                   checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every)
         common = dict(force=force, max_shard_size=max_shard_size, removal=options, json_output=json_output,

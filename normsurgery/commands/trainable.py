@@ -6,7 +6,7 @@ import copy
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -40,7 +40,26 @@ def _load_for_training(source: Any, options: FinetuneOptions, allow_pickle: bool
     return tokenizer, student, copy.deepcopy(student) if "kl" in options.loss else None
 
 
-def _options_report(options: FinetuneOptions, **schedule: int) -> dict[str, Any]:
+def _is_main_process() -> bool:
+    """Whether this process reports and writes: under `accelerate launch` every process trains a replica of the
+    same model (DDP keeps them equal) and only the main one exports it. ACCELERATE_USE_CPU=true makes a
+    `torchrun` launch on CPUs distributed (gloo), as accelerate's own state does."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")).is_main_process
+
+
+def _export_on_main(export: Callable[[], dict[str, float]]) -> dict[str, float] | None:
+    """Run the export on the main process only, the others waiting until the output is in place."""
+    from accelerate import PartialState
+
+    check = export() if _is_main_process() else None
+    PartialState().wait_for_everyone()
+    return check
+
+
+def _options_report(options: FinetuneOptions, **schedule: float) -> dict[str, Any]:
     """The schedule and fine-tune options as plain data for the report."""
     return {**schedule, **{k: str(v) if isinstance(v, Path) else v for k, v in asdict(options).items()}}
 
@@ -49,8 +68,8 @@ def run_remove(model: str, out: Path, *, force: bool, max_shard_size: str, remov
                allow_pickle: bool, trust_remote_code: bool) -> dict[str, Any]:
     """LN removal end to end: check it applies, fine-tune with the freeze schedule, fold, write, check, report."""
     removal.finetune.validate()
-    if removal.gap < 0 or removal.heal < 0:
-        raise NormSurgeryError("--gap and --heal cannot be negative.")
+    if removal.gap < 0 or removal.heal < 0 or removal.aux_weight < 0:
+        raise NormSurgeryError("--gap, --heal and --aux-weight cannot be negative.")
     shard_bytes = parse_size(max_shard_size)
     if out.exists() and not force:
         raise NormSurgeryError(f"{out} already exists; choose another --output or pass --force to replace it.")
@@ -62,7 +81,7 @@ def run_remove(model: str, out: Path, *, force: bool, max_shard_size: str, remov
         start = time.perf_counter()
         with Progress(TextColumn("removing norms"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
                       TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), console=console,
-                      transient=True, disable=json_output) as progress:
+                      transient=True, disable=json_output or not _is_main_process()) as progress:
             task = progress.add_task("remove", total=total, loss=float("nan"))
             scales, events, result, before = remove_norms(
                 student, tokenizer, source.arch, removal, teacher=teacher,
@@ -78,15 +97,18 @@ def run_remove(model: str, out: Path, *, force: bool, max_shard_size: str, remov
             "finetune_seconds": seconds,
             "removal_steps": [asdict(e) for e in events],
             "losses": result.losses,
-            "options": _options_report(removal.finetune, gap=removal.gap, heal=removal.heal),
+            "options": _options_report(removal.finetune, gap=removal.gap, heal=removal.heal, aux_weight=removal.aux_weight),
             "text": result.text,
+            "processes": result.processes,
         }
         plan = plan_remove_norms(source.arch, scales)
         check_ids = calibration_batches(tokenizer, removal.finetune.seq_len, 2, 1)[0]
-        report["export_check"] = export_trained(source, plan, student, check_ids, out, force=force,
-                                                max_shard_size=shard_bytes, report=report)
+        report["export_check"] = _export_on_main(lambda: export_trained(
+            source, plan, student, check_ids, out, force=force, max_shard_size=shard_bytes, report=report))
     finally:
         source.close()
+    if report["export_check"] is None:  # another process wrote and reports
+        return {}
     summary = {"operation": "none", "output": str(out), "removed": len(scales), **report}
     if json_output:
         print_json(summary)
@@ -99,11 +121,11 @@ def run_remove(model: str, out: Path, *, force: bool, max_shard_size: str, remov
     return summary
 
 
-def removal_options(*, gap: int, heal: int, lr: float, batch_size: int, seq_len: int, text: str | None, seed: int,
+def removal_options(*, gap: int, heal: int, aux_weight: float, lr: float, batch_size: int, seq_len: int, text: str | None, seed: int,
                     loss: str, gradient_checkpointing: bool, checkpoint_dir: Path | None,
                     checkpoint_every: int) -> RemovalOptions:
     """The CLI's options as a RemovalOptions."""
-    return RemovalOptions(gap=gap, heal=heal, finetune=FinetuneOptions(
+    return RemovalOptions(gap=gap, heal=heal, aux_weight=aux_weight, finetune=FinetuneOptions(
         lr=lr, batch_size=batch_size, seq_len=seq_len, text=text, seed=seed, loss=loss,  # type: ignore[arg-type]
         gradient_checkpointing=gradient_checkpointing, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every))
 
@@ -146,7 +168,7 @@ def run_swap(model: str, target: str, out: Path, *, force: bool, max_shard_size:
         start = time.perf_counter()
         with Progress(TextColumn(f"healing {target}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
                       TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), console=console,
-                      transient=True, disable=json_output) as progress:
+                      transient=True, disable=json_output or not _is_main_process()) as progress:
             task = progress.add_task("heal", total=removal.heal, loss=float("nan"))
             result = finetune(student, tokenizer, removal.finetune, teacher=teacher,
                               on_step=lambda step, loss: progress.update(task, completed=step + 1, loss=loss))
@@ -162,6 +184,7 @@ def run_swap(model: str, target: str, out: Path, *, force: bool, max_shard_size:
             "losses": result.losses,
             "options": _options_report(removal.finetune, heal=removal.heal),
             "text": result.text,
+            "processes": result.processes,
         }
         plan = Plan(operation=target, surgery=plan_surgery(source.arch, norms, target))
         extra = swapped_tensor_names(norms, target)
@@ -169,10 +192,12 @@ def run_swap(model: str, target: str, out: Path, *, force: bool, max_shard_size:
             plan.config_updates["tie_word_embeddings"] = False
             extra.append(source.arch.unembed.weight)
         check_ids = calibration_batches(tokenizer, seq_len, 2, 1)[0]
-        report["export_check"] = export_trained(source, plan, student, check_ids, out, force=force,
-                                                max_shard_size=shard_bytes, report=report, extra=extra)
+        report["export_check"] = _export_on_main(lambda: export_trained(
+            source, plan, student, check_ids, out, force=force, max_shard_size=shard_bytes, report=report, extra=extra))
     finally:
         source.close()
+    if report["export_check"] is None:
+        return {}
     summary = {"operation": target, "output": str(out), "swapped": len(norms), **report}
     if json_output:
         print_json(summary)

@@ -57,11 +57,13 @@ class FinetuneOptions:
 
 @dataclass
 class FinetuneResult:
-    """The loss at every step (those run by this process) and where the text came from."""
+    """The loss at every step (those run by this process), where the text came from, and how many processes
+    trained (each on its own batches, gradients averaged)."""
 
     losses: list[float] = field(default_factory=list)
     first_step: int = 0
     text: str = ""
+    processes: int = 1
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -83,15 +85,17 @@ def finetune(
     *,
     teacher: torch.nn.Module | None = None,
     on_step: Callable[[int, float], None] | None = None,
+    extra_loss: Callable[[], torch.Tensor] | None = None,
 ) -> FinetuneResult:
-    """Train `student` in place for `options.steps` steps (counting those of a resumed run)."""
+    """Train `student` in place for `options.steps` steps (counting those of a resumed run); `extra_loss`, called
+    after each forward, adds an auxiliary term (e.g. from tensors the forward left on the model)."""
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import parse_flag_from_env, set_seed
 
     options.validate()
     if "kl" in options.loss and teacher is None:
         raise NormSurgeryError("a distillation loss needs the original model as teacher.")
-    accelerator = Accelerator()
+    accelerator = Accelerator(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     set_seed(options.seed)
     text, label = load_text(options.text)
     ids = tokenize(tokenizer, text, options.seq_len)
@@ -115,7 +119,7 @@ def finetune(
     batches = windows(ids, options.seq_len, options.batch_size, options.seed + accelerator.process_index)
     for _ in range(first):  # the same batches as an uninterrupted run
         next(batches)
-    result = FinetuneResult(first_step=first, text=label)
+    result = FinetuneResult(first_step=first, text=label, processes=accelerator.num_processes)
     for step in range(first, options.steps):
         batch = next(batches).to(accelerator.device)
         logits = student(input_ids=batch).logits
@@ -126,6 +130,8 @@ def finetune(
             loss = loss + distillation_loss(logits, reference)
         if "lm" in options.loss:
             loss = loss + lm_loss(logits, batch)
+        if extra_loss is not None:
+            loss = loss + extra_loss()
         if not torch.isfinite(loss):
             raise NormSurgeryError(f"the fine-tune diverged at step {step} (loss {loss.item()}); lower --lr.")
         accelerator.backward(loss)

@@ -5,7 +5,9 @@ the freeze on the model as it is then (Baroni et al.'s "recompute" variant), wit
 freezes. The order is theirs: every block's MLP-input norm (ln_2) first, then every attention-input norm
 (ln_1), then the final norm. We freeze ln_1 as one norm (they freeze its Q/K and V paths at different steps,
 which needs a patched attention) and keep no special scale for a first or end-of-text token: the tokens we
-train on have none. Frozen norms are linear and fold away exactly (normsurgery/rewrite/remove.py).
+train on have none. Frozen norms are linear and fold away exactly (normsurgery/rewrite/remove.py). Optionally
+(`aux_weight`) Baroni et al.'s auxiliary loss pushes the final norm's per-token scales together, so that the
+constant that replaces them fits every token better.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from normsurgery.arch.spec import Architecture, Norm
 from normsurgery.errors import NormSurgeryError
 from normsurgery.train.engine import FinetuneOptions, FinetuneResult, finetune
 from normsurgery.train.text import tokenize, windows
-from normsurgery.trainable.stand_ins import FreezableNorm, install, removable_norms
+from normsurgery.trainable.stand_ins import FreezableNorm, install, removable_norms, scale_spread
 
 
 @dataclass
@@ -30,6 +32,7 @@ class RemovalOptions:
     gap: int = 10
     heal: int = 50
     calibration_batches: int = 4
+    aux_weight: float = 0.0  # weight of the spread of the final norm's per-token scale (Baroni et al.'s aux loss)
     finetune: FinetuneOptions = field(default_factory=FinetuneOptions)
 
 
@@ -138,7 +141,16 @@ def remove_norms(
         if on_step:
             on_step(step, loss)
 
-    result = finetune(model, tokenizer, options.finetune, teacher=teacher, on_step=after_step)
+    extra_loss = None
+    if options.aux_weight:
+        final = stand_ins[next(n.name for n in order if n.role == "final")]
+        final.track = True
+        extra_loss = lambda: options.aux_weight * scale_spread(final)  # noqa: E731
+    try:
+        result = finetune(model, tokenizer, options.finetune, teacher=teacher, on_step=after_step, extra_loss=extra_loss)
+    finally:
+        for stand_in in stand_ins.values():
+            stand_in.track, stand_in.live = False, None
     for step in sorted(due):  # norms a resumed run found frozen, or (never otherwise) left over
         freeze_due(step)
     scales = {name: float(s.scale) for name, s in stand_ins.items()}

@@ -13,7 +13,8 @@ from normsurgery.errors import NormSurgeryError
 class FreezableNorm(nn.Module):
     """LayerNorm or RMSNorm, computed in float32, whose divisor sqrt(mean square + eps) can be frozen to `scale`.
 
-    While `collect` is on it accumulates the mean of its live per-token divisor (the calibration statistic).
+    While `collect` is on it accumulates the mean of its live per-token divisor (the calibration statistic);
+    while `track` is on it keeps the last forward's live divisors, with their graph, for an auxiliary loss.
     """
 
     def __init__(self, norm: Norm, original: nn.Module) -> None:
@@ -27,6 +28,8 @@ class FreezableNorm(nn.Module):
         # the frozen divisor; NaN while live. A buffer, so that a resumed fine-tune gets it back with the weights
         self.register_buffer("scale", torch.tensor(float("nan")))
         self.collect = False
+        self.track = False
+        self.live: torch.Tensor | None = None
         self._sum = 0.0
         self._count = 0
 
@@ -38,6 +41,8 @@ class FreezableNorm(nn.Module):
         if self.collect:
             self._sum += float(live.detach().sum())
             self._count += live.numel()
+        if self.track:
+            self.live = live
         y = y / (live if torch.isnan(self.scale) else self.scale)
         if self.weight is not None:
             y = y * (self.weight.float() + self.gain_offset)
@@ -60,6 +65,15 @@ class FreezableNorm(nn.Module):
         if not self._count:
             raise NormSurgeryError(f"no calibration tokens reached {self.name}.")
         return self._sum / self._count
+
+
+def scale_spread(stand_in: FreezableNorm) -> torch.Tensor:
+    """Baroni et al.'s auxiliary loss: how far the last forward's per-token divisors stray from their mean, as the
+    mean squared relative deviation (scale-free, so one weight suits every model). Zero when all tokens agree."""
+    if stand_in.live is None:
+        raise NormSurgeryError(f"{stand_in.name} has not run a forward with tracking on.")
+    live = stand_in.live.flatten()
+    return ((live / live.mean()) - 1).pow(2).mean()
 
 
 def removable_norms(arch: Architecture) -> list[Norm]:
