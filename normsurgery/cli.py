@@ -25,7 +25,7 @@ stderr = Console(stderr=True)
 
 def _register() -> None:
     """Import the command modules; each adds its commands to `app`."""
-    from normsurgery.commands import check, evaluate, inspect, models, rewrite  # noqa: F401
+    from normsurgery.commands import check, evaluate, inspect, models, prune, rewrite  # noqa: F401
 
 
 def main() -> None:

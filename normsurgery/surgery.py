@@ -14,7 +14,16 @@ from typing import Any, Callable, Iterator
 import torch
 
 import normsurgery
-from normsurgery.check import Thresholds, check_tokens, context_length, model_logits, report_from_logits, run_check
+from normsurgery.check import (
+    CheckReport,
+    Thresholds,
+    check_tokens,
+    context_length,
+    load_model,
+    model_logits,
+    report_from_logits,
+    run_check,
+)
 from normsurgery.checkpoint.card import render_model_card
 from normsurgery.checkpoint.writer import CheckpointWriter
 from normsurgery.errors import CheckFailed
@@ -40,6 +49,7 @@ class SurgeryResult:
     check: dict[str, Any] | None = None
     maths_check: dict[str, Any] | None = None  # bf16/fp16 outputs: a float32 twin of the rewrite vs the source
     storage_check: dict[str, Any] | None = None  # bf16/fp16 outputs: the stored result vs its float32 twin
+    change: dict[str, Any] | None = None  # pruning: the output against the unpruned source (what it costs)
 
     def as_dict(self) -> dict[str, Any]:
         """Plain data for normsurgery.json and --json."""
@@ -160,14 +170,52 @@ def apply_plan(
             [{"operation": plan.operation, "folded": len(plan.folded), "kept": len(plan.kept),
               "remote_code": result.remote_code, "dtype": result.dtype}],
             result.check,
-            {"kept": plan.kept} if plan.kept else None,
+            _card_extra(plan, result),
         )
         writer.write_text("README.md", card)
         writer.write_text("normsurgery.json", json.dumps(result.as_dict(), indent=2) + "\n")
     return result
 
 
+def _card_extra(plan: Plan, result: SurgeryResult) -> dict[str, Any] | None:
+    """The model card's sections beyond the check: norms kept, blocks removed and what removing them changed."""
+    extra: dict[str, Any] = {"kept": plan.kept} if plan.kept else {}
+    if plan.skipped_blocks:
+        extra["removed_blocks"] = f"0-based indices of the source: {', '.join(map(str, plan.skipped_blocks))}"
+        if result.change:
+            c = result.change
+            extra["change_against_the_source"] = [
+                f"perplexity {c['ppl_original']:.4g} -> {c['ppl_candidate']:.4g} on {c['tokens']}",
+                f"top-1 agreement {c['top1_agreement']:.2%}, mean KL {c['mean_kl']:.4g} nats"]
+    return extra or None
+
+
 LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def _verify_skipping(source: ModelSource, plan: Plan, staged: Path, out: Path, thresholds: Thresholds,
+                     result: SurgeryResult, on_verify: Callable[[], None] | None) -> CheckReport:
+    """Pruning: the output must equal the source run with the removed blocks skipped (gated, float32); its
+    change against the intact source is measured and reported."""
+    from normsurgery.prune.skip import skipping
+
+    f32 = torch.float32
+    max_pos = context_length(source.config)
+    tokens, label = check_tokens(source.path, source.config.get_text_config().vocab_size, text=None,
+                                 seq_len=min(128, max_pos or 128), num_seqs=8)
+    model = load_model(source.path, f32)
+    original = model_logits(source.path, tokens, f32, model=model, on_batch=on_verify)
+    with skipping(model, source.arch, plan.skipped_blocks):
+        reference = model_logits(source.path, tokens, f32, model=model, on_batch=on_verify)
+    del model
+    pruned = model_logits(staged, tokens, f32, on_batch=on_verify)
+    skipped = ", ".join(map(str, plan.skipped_blocks))
+    common = dict(tokens=tokens, tokens_label=label, dtype=f32)
+    report = report_from_logits(reference, pruned, labels=(f"{source.spec} with blocks {skipped} skipped", str(out)),
+                                thresholds=thresholds, **common)
+    result.change = report_from_logits(original, pruned, labels=(source.spec, str(out)), thresholds=NO_LIMITS,
+                                       **common).as_dict()
+    return report
 NO_LIMITS = Thresholds(max_rel_logit_diff=None, min_top1=None, max_kl=None)
 
 
@@ -187,7 +235,10 @@ def _verify(
     twin of the same rewrite (the maths), while the rounding of storing it is measured and reported.
     """
     labels = (source.spec, str(out))
-    if target not in LOW_PRECISION:
+    if plan.skipped_blocks:
+        report = _verify_skipping(source, plan, staged, out, thresholds, result, on_verify)
+        result.check = report.as_dict()
+    elif target not in LOW_PRECISION:
         report = run_check(source.path, staged, thresholds=thresholds, on_batch=on_verify, labels=labels)
         result.check = report.as_dict()
     else:

@@ -44,6 +44,37 @@ def norm_free(candidate: str) -> dict:
     }
 
 
+def pruned(original: str, candidate: str, skipped: str) -> dict:
+    """A stock-loaded pruned candidate against the stock original run with blocks `skipped` (comma-separated) passing
+    their input through (hooks written here, independently of normsurgery): logits, greedy generation with the
+    KV cache, and each kept layer's cache index."""
+    a = AutoModelForCausalLM.from_pretrained(original, dtype=torch.float32).eval()
+    b = AutoModelForCausalLM.from_pretrained(candidate, dtype=torch.float32).eval()
+    depth = a.config.get_text_config().num_hidden_layers
+    blocks = next(m for n, m in a.named_modules()
+                  if isinstance(m, torch.nn.ModuleList) and len(m) == depth and n.split(".")[-1] in ("layers", "h"))
+
+    def through(module, args, kwargs, output):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        return (hidden,) + tuple(output[1:]) if isinstance(output, tuple) else hidden
+
+    for i in map(int, skipped.split(",")):
+        blocks[i].register_forward_hook(through, with_kwargs=True)
+    ids = torch.randint(3, a.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        la, lb = a(ids).logits.double(), b(ids).logits.double()
+        kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+        ga, gb = a.generate(ids[:1], use_cache=True, **kw), b.generate(ids[:1], use_cache=True, **kw)
+        uncached = b.generate(ids[:1], use_cache=False, **kw)
+    indices = [getattr(m, "layer_idx", None) for n, m in b.named_modules() if n.endswith("attn") or n.endswith("attention")]
+    return {
+        "rel": ((la - lb).abs().max() / la.abs().max()).item(),
+        "same_generation": ga.tolist() == gb.tolist() == uncached.tolist(),
+        "num_layers": b.config.get_text_config().num_hidden_layers,
+        "layer_indices": [i for i in indices if i is not None],
+    }
+
+
 for line in sys.stdin:
     request = json.loads(line)
     try:

@@ -15,7 +15,7 @@ SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(sorted(FAMILY_BY_MODEL_TYPE))
 __all__ = [
     "Architecture", "Block", "Family", "Linear", "Norm",
     "FAMILY_BY_MODEL_TYPE", "SUPPORTED_MODEL_TYPES", "family_for", "load_config", "config_view",
-    "architecture_of",
+    "architecture_of", "raw_key",
 ]  # fmt: skip
 
 
@@ -61,3 +61,10 @@ def config_view(raw: dict[str, Any], where: str = "config.json") -> ConfigView:
 def architecture_of(config: Any) -> Architecture:
     """The residual-stream picture of a model with this (supported) config."""
     return family_for(config.model_type).resolve(config)
+
+
+def raw_key(raw: dict[str, Any], attribute: str) -> str:
+    """The config.json key that holds a config attribute (e.g. GPT-2's n_layer for num_hidden_layers)."""
+    family = family_for(_supported_model_type(raw, "config.json"))
+    aliases = dict(family.config_keys).get(attribute, ())
+    return next((k for k in (*aliases, attribute) if k in raw), attribute)

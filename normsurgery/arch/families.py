@@ -23,6 +23,7 @@ GPT2 = Family(
     name="gpt2",
     model_types=("gpt2",),
     config_keys=(("hidden_size", ("n_embd",)), ("num_hidden_layers", ("n_layer",))),
+    depth_dependent=("scale_attn_by_inverse_layer_idx",),
     layers="transformer.h",
     norm_kind="layernorm",
     eps=_attr("layer_norm_epsilon"),
@@ -43,6 +44,7 @@ GPT_NEO = Family(
     name="gpt_neo",
     model_types=("gpt_neo",),
     config_keys=(("num_hidden_layers", ("num_layers",)),),
+    per_layer=("attention_layers",),
     layers="transformer.h",
     norm_kind="layernorm",
     eps=_attr("layer_norm_epsilon"),
@@ -245,7 +247,7 @@ def _llama_block(
     return BlockLayout(norms=norms, writers=(Lin("self_attn.o_proj", bias=o_bias), Lin("mlp.down_proj", bias=mlp_bias)))
 
 
-def _llama_like(name: str, block: BlockLayout, *, notes: str = "") -> Family:
+def _llama_like(name: str, block: BlockLayout, *, per_layer: tuple[str, ...] = ("layer_types",), notes: str = "") -> Family:
     return Family(
         name=name,
         model_types=(name,),
@@ -256,15 +258,18 @@ def _llama_like(name: str, block: BlockLayout, *, notes: str = "") -> Family:
         block=block,
         final_norm=NormAt("model.norm", role="final"),
         unembed=Lin("lm_head"),
+        per_layer=per_layer,
         notes=notes,
     )
 
 
 LLAMA = _llama_like("llama", _llama_block())
 MISTRAL = _llama_like("mistral", _llama_block(False, False, False))
-QWEN2 = _llama_like("qwen2", _llama_block(True, False, False))
-QWEN3 = _llama_like("qwen3", _llama_block(mlp_bias=False, qk_norm=True), notes="per-head QK-norm")
-SMOLLM3 = _llama_like("smollm3", _llama_block(), notes="some layers without rotary positions")
+QWEN2 = _llama_like("qwen2", _llama_block(True, False, False), per_layer=("layer_types", "max_window_layers"))
+QWEN3 = _llama_like("qwen3", _llama_block(mlp_bias=False, qk_norm=True), per_layer=("layer_types", "max_window_layers"),
+                    notes="per-head QK-norm")
+SMOLLM3 = _llama_like("smollm3", _llama_block(), per_layer=("layer_types", "no_rope_layers"),
+                      notes="some layers without rotary positions")
 
 # ------------------------------------------------------------------ RMSNorm with (1 + w) gains: Gemma
 

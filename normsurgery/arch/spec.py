@@ -90,6 +90,11 @@ class Family:
     # attribute -> the config.json keys transformers reads it from, first present wins (its `attribute_map`
     # and legacy keys such as BLOOM's n_embed), so that config.json is read without transformers (ConfigView)
     config_keys: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    # config attributes that hold one value per block (or are derived from block indices), re-indexed when
+    # blocks are removed; normsurgery/arch/layer_config.py knows each one's format
+    per_layer: tuple[str, ...] = ("layer_types",)
+    # config flags under which a block's computation depends on its index (removing one changes the others)
+    depth_dependent: tuple[str, ...] = ()
     notes: str = ""
 
     def resolve(self, config: Config) -> "Architecture":
@@ -158,6 +163,8 @@ class Family:
             extra=linears(self.extra, ""),
             post_ln=flag(self.post_ln, config),
             key_renames=dict(self.key_renames),
+            per_layer=self.per_layer,
+            depth_dependent=tuple(k for k in self.depth_dependent if flag(k, config)),
         )
 
 
@@ -232,6 +239,8 @@ class Architecture:
     extra: tuple[Linear, ...] = ()
     post_ln: bool = False
     key_renames: dict[str, str] = field(default_factory=dict)
+    per_layer: tuple[str, ...] = ()
+    depth_dependent: tuple[str, ...] = ()  # the family's index-dependent flags that are on in this config
     _roles: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     def all_norms(self) -> list[Norm]:

@@ -50,6 +50,9 @@ class Plan:
     surgery: dict[str, Any] | None = None  # module changes the exported modeling code applies; None: stock class
     folded: list[str] = field(default_factory=list)
     kept: list[str] = field(default_factory=list)  # norms left in place, with the reason
+    renames: dict[str, str] = field(default_factory=dict)  # source name -> output name of copied tensors
+    # blocks the output skips: it must equal the original run with these blocks skipped (verification)
+    skipped_blocks: tuple[int, ...] = ()
 
 
 def _widened(tensor: Tensor, target: torch.dtype) -> Tensor:
@@ -83,8 +86,8 @@ def execute(
     rest = [name for name in source.names() if name not in produced and name not in plan.dropped]
     for i, name in enumerate(rest):
         source.prefetch(rest[i + 1 : i + 2])
-        sink.add(name, source.get(name))
-        written.append(name)
+        sink.add(plan.renames.get(name, name), source.get(name))
+        written.append(plan.renames.get(name, name))
         if on_step:
             on_step(name)
     return written

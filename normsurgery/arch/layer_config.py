@@ -1,0 +1,70 @@
+"""Config keys that depend on block indices, re-indexed for a model that keeps only some of its blocks.
+
+A family lists its keys in `Family.per_layer`; this module knows each key's format. Values are read from the
+transformers config (where defaults and patterns are already expanded, e.g. Gemma 3's `layer_types` from its
+sliding-window pattern) and written out explicitly, so that each kept block keeps the attention type, rotary
+setting or window of the weights it holds (mergekit copies such lists verbatim and shifts them).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from normsurgery.errors import NormSurgeryError
+
+
+def _per_block(value: Any, keep: list[int]) -> list[Any]:
+    """A list with one entry per block: the kept blocks' entries."""
+    return [value[i] for i in keep]
+
+
+def _count_below(value: Any, keep: list[int]) -> int:
+    """A block-index threshold (Qwen's max_window_layers: blocks at or above it slide): the kept blocks below it."""
+    return sum(1 for i in keep if i < int(value))
+
+
+REINDEX: dict[str, Callable[[Any, list[int]], Any]] = {
+    "layer_types": _per_block,
+    "no_rope_layers": _per_block,
+    "attention_layers": _per_block,
+    "max_window_layers": _count_below,
+}
+
+
+def _run_lengths(types: list[str]) -> list[list[Any]]:
+    """GPT-Neo's `attention_types` format for an explicit per-block list: [[[type], run length], ...]."""
+    runs: list[list[Any]] = []
+    for t in types:
+        if runs and runs[-1][0] == [t]:
+            runs[-1][1] += 1
+        else:
+            runs.append([[t], 1])
+    return runs
+
+
+def pruned_config_updates(config: Any, raw: dict[str, Any], keys: tuple[str, ...], num_layers_key: str,
+                          keep: list[int]) -> dict[str, Any]:
+    """The config.json changes for a model keeping blocks `keep` (old indices, in order) of `config`'s.
+
+    Refuses a config.json that holds another list with one entry per block: writing it unchanged would
+    silently give kept blocks the settings of the removed ones.
+    """
+    num_layers = int(config.num_hidden_layers)
+    updates: dict[str, Any] = {num_layers_key: len(keep)}
+    for key in keys:
+        value = getattr(config, key, None)
+        if value is None:
+            continue
+        if isinstance(value, (list, tuple)) and len(value) != num_layers:
+            raise NormSurgeryError(f"config {key} has {len(value)} entries for {num_layers} blocks; fix config.json "
+                                   "before pruning.")
+        updates[key] = REINDEX[key](list(value) if isinstance(value, (list, tuple)) else value, keep)
+        if key == "attention_layers":
+            updates["attention_types"] = _run_lengths(updates[key])
+    unknown = [k for k, v in raw.items() if isinstance(v, list) and len(v) == num_layers and k not in updates
+               and num_layers > 1 and k != "architectures"]
+    if unknown:
+        raise NormSurgeryError(f"config.json holds {', '.join(unknown)} with one entry per block, which normsurgery does "
+                               f"not know how to re-index for a {config.model_type} model; nothing was written. Please "
+                               "report it (a family lists such keys in normsurgery/arch/families.py, per_layer).")
+    return updates

@@ -1,0 +1,1 @@
+"""Depth pruning: per-block statistics, block selection, skipping blocks in a loaded model."""

@@ -1,0 +1,176 @@
+"""Measure a loaded model's per-block statistics on calibration batches, in one pass with hooks.
+
+Hooks record the raw residual stream entering every block and entering the final norm (so the last block's
+output is never the post-norm `hidden_states[-1]` of transformers). All pairwise cosines between depths are
+one batched Gram product per token in float64, from which Block Influence (consecutive depths) and the
+angular distance of every span (l, n) follow. The skip cost reruns the batches once per block, skipped.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+
+from normsurgery.arch.facts import norm_label, placement
+from normsurgery.arch.spec import Architecture
+from normsurgery.prune.skip import skipping
+from normsurgery.prune.stats import LayerStats, NormGain
+
+
+def calibration_ids(tokenizer: Any, text: str | None, sequences: int, seq_len: int) -> torch.Tensor:
+    """[sequences, seq_len] token ids from `text` (a .txt/.jsonl file; default the Shakespeare calibration split),
+    consecutive windows from its start, so that every run measures the same tokens."""
+    from normsurgery.errors import NormSurgeryError
+    from normsurgery.train.text import load_text, tokenize
+
+    if text is None:
+        from normsurgery.reference.text import shakespeare_text
+
+        body = shakespeare_text("calibration")
+    else:
+        body, _ = load_text(text)
+    ids = tokenize(tokenizer, body, seq_len)
+    if ids.numel() < sequences * seq_len:
+        raise NormSurgeryError(f"the calibration text has {ids.numel()} tokens, fewer than --samples x --seq-len = "
+                               f"{sequences * seq_len}; give a longer text or ask for fewer samples.")
+    return ids[: sequences * seq_len].view(sequences, seq_len)
+
+
+@torch.no_grad()
+def cross_entropy(model: torch.nn.Module, ids: torch.Tensor, batch_size: int = 4) -> float:
+    """Mean next-token cross-entropy (nats/token) of `model` on `ids`."""
+    total, count = 0.0, 0
+    for batch in ids.split(batch_size):
+        logits = model(input_ids=batch, use_cache=False).logits.double()
+        total += float(torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten(),
+                                                         reduction="sum"))
+        count += batch[:, 1:].numel()
+    return total / count
+
+
+class _Residuals:
+    """Forward pre-hooks that keep the residual stream entering each block and the final norm."""
+
+    def __init__(self, model: torch.nn.Module, arch: Architecture) -> None:
+        self.states: list[torch.Tensor | None] = [None] * (arch.num_layers + 1)
+        modules = [model.get_submodule(b.prefix.rstrip(".")) for b in arch.blocks]
+        modules.append(model.get_submodule(arch.final_norm.name) if arch.final_norm else None)
+        self.handles = [m.register_forward_pre_hook(self._keeper(i), with_kwargs=True)
+                        for i, m in enumerate(modules) if m is not None]
+        if arch.final_norm is None:  # no final norm: the last block's output, from a forward hook
+            last = modules[-2]
+            self.handles.append(last.register_forward_hook(self._output_keeper(arch.num_layers)))
+
+    def _keeper(self, index: int) -> Callable[..., None]:
+        def keep(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            self.states[index] = (args[0] if args else kwargs["hidden_states"]).detach()
+        return keep
+
+    def _output_keeper(self, index: int) -> Callable[..., None]:
+        def keep(module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            self.states[index] = (output[0] if isinstance(output, tuple) else output).detach()
+        return keep
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+class _Accumulator:
+    """Running sums of the per-depth statistics over batches."""
+
+    def __init__(self, depths: int) -> None:
+        self.angle_all = torch.zeros(depths, depths, dtype=torch.float64)
+        self.angle_last = torch.zeros(depths, depths, dtype=torch.float64)
+        self.cos_next = torch.zeros(depths - 1, dtype=torch.float64)
+        self.rms = torch.zeros(depths, dtype=torch.float64)
+        self.rel_update = torch.zeros(depths - 1, dtype=torch.float64)
+        self.update_cos = torch.zeros(depths - 1, dtype=torch.float64)
+        self.tokens = 0
+        self.sequences = 0
+
+    def add(self, states: list[torch.Tensor]) -> None:
+        h = torch.stack([s.double() for s in states])  # [depth, batch, positions, d]
+        depth, batch, positions, _ = h.shape
+        norms = h.norm(dim=-1)  # [depth, batch, positions]
+        unit = h / norms.clamp_min(1e-30).unsqueeze(-1)
+        flat = unit.flatten(1, 2).transpose(0, 1)  # [tokens, depth, d]
+        cos = (flat @ flat.transpose(1, 2)).clamp(-1.0, 1.0)  # [tokens, depth, depth]
+        angle = torch.arccos(cos) / math.pi
+        self.angle_all += angle.sum(0)
+        self.angle_last += angle.view(batch, positions, depth, depth)[:, -1].sum(0)
+        self.cos_next += torch.diagonal(cos, offset=1, dim1=1, dim2=2).sum(0)
+        d = h.shape[-1]
+        self.rms += (norms / math.sqrt(d)).flatten(1).sum(1)
+        delta = h[1:] - h[:-1]
+        delta_norm = delta.norm(dim=-1)
+        self.rel_update += (delta_norm / norms[:-1].clamp_min(1e-30)).flatten(1).sum(1)
+        self.update_cos += ((delta * h[:-1]).sum(-1) / (delta_norm * norms[:-1]).clamp_min(1e-30)).flatten(1).sum(1)
+        self.tokens += batch * positions
+        self.sequences += batch
+
+
+def norm_gains(model: torch.nn.Module, arch: Architecture) -> list[NormGain]:
+    """Summary statistics of every norm's effective gain (weight + offset), in model order."""
+    layer_of = {n.name: b.index for b in arch.blocks for n in b.norms}
+    gains = []
+    for norm in arch.all_norms():
+        module = model.get_submodule(norm.name)
+        weight = getattr(module, "weight", None)
+        if weight is None:
+            continue
+        g = weight.detach().double().flatten() + norm.gain_offset
+        gains.append(NormGain(norm.name, layer_of.get(norm.name), norm.role, float(g.mean()), float(g.std()),
+                              float(g.min()), float(g.max())))
+    return gains
+
+
+@torch.no_grad()
+def measure(model: torch.nn.Module, arch: Architecture, ids: torch.Tensor, *, label: str, batch_size: int = 4,
+            skip_cost: bool = False, on_batch: Callable[[], None] | None = None) -> LayerStats:
+    """Every per-block statistic of `model` on the calibration `ids` (skip costs only when asked: L more passes)."""
+    model.eval()
+    hooks = _Residuals(model, arch)
+    acc = _Accumulator(arch.num_layers + 1)
+    total, count = 0.0, 0
+    try:
+        for batch in ids.split(batch_size):
+            logits = model(input_ids=batch, use_cache=False).logits.double()
+            total += float(torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten(),
+                                                             reduction="sum"))
+            count += batch[:, 1:].numel()
+            acc.add([s for s in hooks.states])  # type: ignore[misc]
+            if on_batch:
+                on_batch()
+    finally:
+        hooks.close()
+    base = total / count
+    L = arch.num_layers
+    angle_all = (acc.angle_all / acc.tokens).tolist()
+    angle_last = (acc.angle_last / acc.sequences).tolist()
+    stats = LayerStats(
+        model=label,
+        family=arch.family,
+        num_layers=L,
+        norm_placement=f"{placement(arch)} ({norm_label(arch)})",
+        tokens=acc.tokens,
+        sequences=acc.sequences,
+        base_ce=base,
+        block_influence=(1 - acc.cos_next / acc.tokens).tolist(),
+        angular_last=[[angle_last[l][l + n] for l in range(L - n + 1)] for n in range(1, L + 1)],
+        angular_all=[[angle_all[l][l + n] for l in range(L - n + 1)] for n in range(1, L + 1)],
+        residual_rms=(acc.rms / acc.tokens).tolist(),
+        relative_update=(acc.rel_update / acc.tokens).tolist(),
+        update_cosine=(acc.update_cos / acc.tokens).tolist(),
+        norm_gains=norm_gains(model, arch),
+    )
+    if skip_cost:
+        stats.skip_cost = []
+        for block in range(L):
+            with skipping(model, arch, [block]):
+                stats.skip_cost.append(cross_entropy(model, ids, batch_size) - base)
+            if on_batch:
+                on_batch()
+    return stats

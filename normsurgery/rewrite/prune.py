@@ -1,0 +1,55 @@
+"""Depth pruning: drop whole blocks, renumber the rest, re-index the per-block config.
+
+Nothing is computed: the kept blocks' tensors are copied under their new indices, so the output is the original
+model with the removed blocks skipped, exactly (the verification runs the original that way). A stock class
+loads it, and rebuilds each layer's cache index from its position.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from normsurgery.arch import raw_key
+from normsurgery.arch.layer_config import pruned_config_updates
+from normsurgery.arch.spec import Architecture
+from normsurgery.errors import NormSurgeryError
+from normsurgery.rewrite.plan import Plan
+
+
+def check_removal(arch: Architecture, remove: list[int]) -> list[int]:
+    """The blocks to remove, sorted, or a clear error for indices that do not name a removable set."""
+    count = arch.num_layers
+    bad = [i for i in remove if not 0 <= i < count]
+    if bad:
+        raise NormSurgeryError(f"block(s) {', '.join(map(str, bad))} do not exist: this model has blocks 0..{count - 1}.")
+    if len(set(remove)) != len(remove):
+        raise NormSurgeryError(f"--layers names a block twice ({', '.join(map(str, remove))}).")
+    if not remove:
+        raise NormSurgeryError("no block to remove: pass --remove K (K >= 1) or --layers.")
+    if len(remove) >= count:
+        raise NormSurgeryError(f"cannot remove {len(remove)} of {count} blocks: at least one must stay.")
+    if arch.depth_dependent:
+        raise NormSurgeryError(f"this model sets {', '.join(arch.depth_dependent)}, so each block computes with its own "
+                               "index and removing one would change the others; pruning is refused.")
+    return sorted(remove)
+
+
+def plan_prune(arch: Architecture, config: Any, raw: dict[str, Any], names: list[str], remove: list[int]) -> Plan:
+    """Drop the blocks `remove` (0-based) from a checkpoint holding tensors `names`, rename the later blocks'
+    tensors, re-index the config (`config`: the transformers config, `raw`: config.json)."""
+    remove = check_removal(arch, remove)
+    keep = [b.index for b in arch.blocks if b.index not in remove]
+    plan = Plan(operation="prune", skipped_blocks=tuple(remove))
+    new_prefix = {old: arch.blocks[new].prefix for new, old in enumerate(keep)}
+    by_prefix = {b.prefix: b.index for b in arch.blocks}
+    for name in names:
+        block = next((by_prefix[p] for p in by_prefix if name.startswith(p)), None)
+        if block is None:
+            continue
+        if block in remove:
+            plan.dropped.add(name)
+        elif new_prefix[block] != arch.blocks[block].prefix:
+            plan.renames[name] = new_prefix[block] + name[len(arch.blocks[block].prefix):]
+    plan.config_updates = pruned_config_updates(config, raw, arch.per_layer, raw_key(raw, "num_hidden_layers"), keep)
+    return plan
+

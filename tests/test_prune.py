@@ -1,0 +1,150 @@
+"""`prune` and `diagnose`: removed blocks, renumbered tensors, re-indexed configs, measured statistics, selection."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+from conftest import ALL_FIXTURES
+
+
+@pytest.mark.parametrize("name", ALL_FIXTURES)
+def test_pruned_model_equals_the_original_with_that_block_skipped(name, tiny_model, cli, clean_python, tmp_path):
+    out = tmp_path / "pruned"
+    code, stdout, err = cli("prune", tiny_model(name), "--layers", "0", "-o", out, "--json")
+    assert code == 0, err
+    report = json.loads(stdout)
+    assert report["check"]["rel_logit_diff"] <= 1e-6 and report["check"]["top1_agreement"] == 1.0
+    assert not (out / "modeling_normsurgery.py").exists()
+    loaded = clean_python("pruned", tiny_model(name), out, "0")
+    assert loaded["rel"] <= 1e-6 and loaded["same_generation"]
+    assert loaded["num_layers"] == report["kept_blocks"]
+    assert loaded["layer_indices"] in ([], list(range(report["kept_blocks"])))
+
+
+@pytest.mark.parametrize("name, layers, expected", [
+    ("gemma2", "0", {"layer_types": ["full_attention"]}),
+    ("smollm3", "1,3", {"no_rope_layers": [1, 1], "layer_types": ["full_attention"] * 2}),
+    ("gpt_neo", "0", {"attention_layers": ["local"], "attention_types": [[["local"], 1]]}),
+    ("qwen2", "1", {"max_window_layers": 1, "layer_types": ["full_attention"]}),
+])
+def test_per_layer_config_lists_follow_their_blocks(name, layers, expected, tiny_model, cli, tmp_path):
+    out = tmp_path / "pruned"
+    code, _, err = cli("prune", tiny_model(name), "--layers", layers, "-o", out)
+    assert code == 0, err
+    config = json.loads((out / "config.json").read_text())
+    assert {k: config[k] for k in expected} == expected
+
+
+def _edited_copy(folder, tmp_path, **changes):
+    copy = tmp_path / "edited"
+    shutil.copytree(folder, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config.update(changes)
+    (copy / "config.json").write_text(json.dumps(config))
+    return copy
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--remove", "2"), "cannot remove 2 of 2 blocks"),
+    (("--layers", "0,1"), "cannot remove 2 of 2 blocks"),
+    (("--layers", "5"), "block(s) 5 do not exist"),
+    (("--layers", "a,b"), "--layers takes 0-based block indices"),
+    (("--layers", "0", "--remove", "1"), "not both or neither"),
+    ((), "not both or neither"),
+    (("--remove", "1", "--by", "magic"), "--by must be one of"),
+    (("--remove", "1", "--by", "skip-cost"), "needs the skip costs measured"),
+    (("--layers", "0", "--heal-steps", "-1"), "--heal-steps cannot be negative"),
+])
+def test_bad_requests_are_refused_and_write_nothing(args, message, tiny_model, cli, tmp_path):
+    code, _, err = cli("prune", tiny_model("llama"), *args, "--keep-first", "0", "--keep-last", "0",
+                       "--samples", "2", "--seq-len", "16", "-o", tmp_path / "out")
+    assert code == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_depth_dependent_and_unknown_per_layer_configs_are_refused(tiny_model, cli, tmp_path):
+    scaled = _edited_copy(tiny_model("gpt2"), tmp_path, scale_attn_by_inverse_layer_idx=True)
+    code, _, err = cli("prune", scaled, "--layers", "0", "-o", tmp_path / "a")
+    assert code == 2 and "scale_attn_by_inverse_layer_idx" in err
+    shutil.rmtree(scaled)
+    odd = _edited_copy(tiny_model("llama"), tmp_path, my_layer_widths=[4, 8])
+    code, _, err = cli("prune", odd, "--layers", "0", "-o", tmp_path / "b")
+    assert code == 2 and "my_layer_widths" in err and not (tmp_path / "b").exists()
+
+
+def test_statistics_match_an_independent_computation(tiny_model):
+    """BI and angular distances from hooks equal those from transformers' hidden states, with the final norm
+    replaced by the identity so that the last state is the raw residual."""
+    from transformers import AutoModelForCausalLM
+
+    from normsurgery.prune.measure import measure
+    from normsurgery.source import open_model
+
+    folder = tiny_model("llama")
+    source = open_model(str(folder), scan_finite=False)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    ids = torch.randint(3, 300, (3, 10), generator=torch.Generator().manual_seed(1))
+    stats = measure(model, source.arch, ids, label="tiny", batch_size=2, skip_cost=True)
+    source.close()
+    model.model.norm = torch.nn.Identity()
+    with torch.no_grad():
+        hs = [h.double() for h in model(input_ids=ids, output_hidden_states=True).hidden_states]
+    cos = lambda a, b: torch.nn.functional.cosine_similarity(a, b, dim=-1)  # noqa: E731
+    L = len(hs) - 1
+    for l in range(L):
+        assert stats.block_influence[l] == pytest.approx(float(1 - cos(hs[l], hs[l + 1]).mean()), abs=1e-6)  # float32 states, batched differently
+    for n in range(1, L + 1):
+        for l in range(L - n + 1):
+            last = torch.arccos(cos(hs[l][:, -1], hs[l + n][:, -1]).clamp(-1, 1)) / math.pi
+            every = torch.arccos(cos(hs[l], hs[l + n]).clamp(-1, 1)) / math.pi
+            assert stats.angular_last[n - 1][l] == pytest.approx(float(last.mean()), abs=1e-6)
+            assert stats.angular_all[n - 1][l] == pytest.approx(float(every.mean()), abs=1e-6)
+    assert stats.residual_rms[-1] == pytest.approx(float(hs[-1].pow(2).mean(-1).sqrt().mean()), rel=1e-6)
+    assert len(stats.skip_cost) == L and all(math.isfinite(c) for c in stats.skip_cost)
+
+
+def _stats(bi, angular_last):
+    from normsurgery.prune.stats import LayerStats
+
+    L = len(bi)
+    return LayerStats(model="m", family="llama", num_layers=L, norm_placement="Pre-LN", tokens=1, sequences=1,
+                      base_ce=1.0, block_influence=bi, angular_last=angular_last, angular_all=angular_last,
+                      residual_rms=[1.0] * (L + 1), relative_update=[0.1] * L, update_cosine=[0.0] * L)
+
+
+def test_selection_by_metric_respects_the_guards():
+    from normsurgery.prune.select import candidates
+
+    bi = [0.01, 0.5, 0.1, 0.05, 0.3, 0.02]
+    spans = [[0.9, 0.5, 0.2, 0.4, 0.3, 0.1], [0.9, 0.6, 0.3, 0.5, 0.35], [0.9, 0.7, 0.6, 0.8]] + [[1.0] * (6 - n) for n in range(3, 6)]
+    stats = _stats(bi, spans)
+    assert candidates(stats, 2, "bi")[0].blocks == (2, 3)  # blocks 0 and 5 are guarded
+    assert candidates(stats, 2, "bi", keep_first=0, keep_last=0)[0].blocks == (0, 5)
+    assert [c.blocks for c in candidates(stats, 2, "angular")] == [(2, 3), (3, 4), (1, 2)]
+    assert candidates(stats, 2, "last")[0].blocks == (3, 4)
+    auto = candidates(stats, 2, "auto")
+    assert len({c.blocks for c in auto}) == len(auto) <= 3
+
+
+def test_prune_chooses_by_calibration_loss_and_diagnose_reports(tiny_model, cli, tmp_path):
+    folder = tiny_model("smollm3")
+    code, stdout, err = cli("prune", folder, "--remove", "1", "--samples", "2", "--seq-len", "16", "--dry-run", "--json")
+    assert code == 0, err
+    selection = json.loads(stdout)["selection"]
+    losses = {tuple(c["blocks"]): c["loss"] for c in selection["candidates"]}
+    assert tuple(selection["blocks"]) == min(losses, key=losses.get)
+    assert all(1 <= b <= 2 for b in selection["blocks"])
+    html, png = tmp_path / "r.html", tmp_path / "png"
+    code, stdout, err = cli("diagnose", folder, "--samples", "2", "--seq-len", "16", "--html", html, "--png", png,
+                            "--json")
+    assert code == 0, err
+    stats = json.loads(stdout)
+    assert len(stats["block_influence"]) == 4 and len(stats["skip_cost"]) == 4
+    assert html.read_text().startswith("<!DOCTYPE html>") and len(list(png.glob("*.png"))) == 4
+    code, stdout, _ = cli("diagnose", folder, "--samples", "2", "--seq-len", "16", "--no-skip-cost")
+    assert code == 0 and "Block Influence" in stdout
