@@ -4,7 +4,7 @@ For each synthetic checkpoint (real tensor names and shapes, random weights; see
 times `cp -r SRC DST && sync` and each normsurgery operation (run as a fresh process, verification off:
 that is timed separately) and records every process's peak RSS with wait4. Prints a Markdown table.
 
-    python bench/convert_speed.py [--workdir /tmp/normsurgery-bench] [--suite main|rss|all]
+    python bench/convert_speed.py [--workdir /tmp/normsurgery-bench] [--suite main|rss|prune|all]
 """
 
 from __future__ import annotations
@@ -74,15 +74,18 @@ def bench_model(src: Path, ops: list[tuple[str, list[str]]], work: Path, verify:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/normsurgery-bench"))
-    parser.add_argument("--suite", choices=["main", "rss", "all"], default="all")
+    parser.add_argument("--suite", choices=["main", "rss", "prune", "all"], default="all")
     parser.add_argument("--verify", action="store_true", help="also time each operation with its automatic check")
     parser.add_argument("--repeat", type=int, default=2, help="runs of each measurement; the fastest counts")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
-    if args.suite in ("main", "all"):
+    if args.suite in ("main", "prune", "all"):
         llama = build(args.workdir / "llama-2.4gb-bf16", SHAPES["llama-2.4gb"], torch.bfloat16)
-        rows += bench_model(llama, [("fold", ["fold"])], args.workdir, args.verify, args.repeat)
+        ops = [("prune 4 blocks", ["prune", "--layers", "10,11,12,13"])]
+        rows += bench_model(llama, ([("fold", ["fold"])] if args.suite != "prune" else []) + ops, args.workdir,
+                            args.verify, args.repeat)
+    if args.suite in ("main", "all"):
         gpt2 = build(args.workdir / "gpt2-xl-fp32", SHAPES["gpt2-xl"], torch.float32)
         rows += bench_model(gpt2, [("fold", ["fold"]), ("rmsnorm", ["convert", "--to", "rmsnorm"]),
                                    ("crmsnorm", ["convert", "--to", "crmsnorm"])], args.workdir, args.verify, args.repeat)

@@ -117,7 +117,7 @@ def main() -> None:
             print(json.dumps({"baseline_steps": steps, "delta": baseline[steps],
                               "wall_s": time.perf_counter() - start}), flush=True)
 
-    print(f"\n| `--to` | schedule | steps | wall | held-out CE change (nats/token) | original fine-tuned with LM loss, same steps |")
+    print("\n| `--to` | schedule | steps | wall | held-out CE change (nats/token) | original fine-tuned with LM loss, same steps |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         schedule = f"gap {r['gap']}, heal {r['heal']}" if r["target"] == "none" else f"heal {r['heal']}"

@@ -148,3 +148,21 @@ def test_prune_chooses_by_calibration_loss_and_diagnose_reports(tiny_model, cli,
     assert html.read_text().startswith("<!DOCTYPE html>") and len(list(png.glob("*.png"))) == 4
     code, stdout, _ = cli("diagnose", folder, "--samples", "2", "--seq-len", "16", "--no-skip-cost")
     assert code == 0 and "Block Influence" in stdout
+
+
+def test_heal_distils_the_pruned_model_and_writes_a_stock_model(tiny_model, cli, clean_python, tmp_path):
+    from normsurgery.reference.text import shakespeare_text
+
+    text = tmp_path / "train.txt"
+    text.write_text(shakespeare_text("train")[:20_000], encoding="utf-8")
+    out = tmp_path / "healed"
+    code, stdout, err = cli("prune", tiny_model("llama"), "--layers", "1", "-o", out, "--heal-steps", "3",
+                            "--lr", "1e-2", "--batch-size", "2", "--seq-len", "32", "--text", text, "--json")
+    assert code == 0, err
+    report = json.loads(stdout)
+    heal = report["heal"]
+    assert len(heal["losses"]) == 3 and heal["losses"][-1] < heal["losses"][0]
+    assert report["export_check"]["rel_logit_diff"] <= 1e-5
+    assert not (out / "modeling_normsurgery.py").exists() and (out / "loss_curve.png").exists()
+    assert not any(p.name.endswith(".unhealed") for p in tmp_path.iterdir())
+    assert clean_python("norm_free", out)["cache_consistent"]

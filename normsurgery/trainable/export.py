@@ -61,7 +61,8 @@ def export_trained(source: ModelSource, plan: Plan, model: torch.nn.Module, chec
                           dtype_for=lambda name: dtypes.get(name, stored))
         writer.write_json("config.json", rewritten_config(source.reader.config, plan.config_updates, plan.surgery, {}))
         writer.copy_side_files(source.path)
-        writer.copy_file(MODELING_FILE)
+        if plan.surgery is not None:
+            writer.copy_file(MODELING_FILE)
         staged = writer.stage()
         check = _same_function(model, staged, check_ids, float32=stored == torch.float32)
         report = {**report, "export_check": check}
@@ -70,7 +71,7 @@ def export_trained(source: ModelSource, plan: Plan, model: torch.nn.Module, chec
             title = f"{source.spec}: {plan.operation}, {len(report['losses'])} fine-tune steps"
             not_drawn = draw_loss_curve(report["losses"], marks, title, writer.tmp / LOSS_CURVE)
             report["loss_curve"] = not_drawn or LOSS_CURVE
-        operation = {"operation": plan.operation, "folded": len(plan.folded), "remote_code": True,
+        operation = {"operation": plan.operation, "folded": len(plan.folded), "remote_code": plan.surgery is not None,
                      "dtype": str(stored).replace("torch.", "")}
         writer.write_text("README.md", render_model_card(source.spec, [operation], None, report))
         writer.write_text("normsurgery.json", json.dumps({**operation, "source": source.spec, "output": str(out),
@@ -80,7 +81,8 @@ def export_trained(source: ModelSource, plan: Plan, model: torch.nn.Module, chec
 
 @torch.no_grad()
 def _same_function(model: torch.nn.Module, folder: Path, ids: torch.Tensor, *, float32: bool) -> dict[str, float]:
-    """Load the written folder (normsurgery's own modeling code) and compare its logits with the trained model's."""
+    """Load the written folder (with normsurgery's own modeling code when it has it) and compare its logits with
+    the trained model's."""
     from transformers import AutoModelForCausalLM
 
     from normsurgery.errors import CheckFailed
@@ -90,7 +92,8 @@ def _same_function(model: torch.nn.Module, folder: Path, ids: torch.Tensor, *, f
     device = next(model.parameters()).device
     want = model(input_ids=ids.to(device)).logits.float().cpu()
     model.train(training)
-    written = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
+    remote = (folder / "modeling_normsurgery.py").exists()
+    written = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=remote, dtype=torch.float32).eval()
     got = written(input_ids=ids).logits.float()
     rel = float((want - got).abs().max() / want.abs().max())
     top1 = float((want.argmax(-1) == got.argmax(-1)).float().mean())

@@ -1,0 +1,153 @@
+"""Which way of choosing blocks loses least, and how much forward time pruning gives back, on one model.
+
+For each K, every selection method chooses K blocks on the calibration text (Shakespeare calibration split) and
+the held-out cross-entropy (held-out plays) of the model with those blocks skipped is measured; `auto` is the
+default (best candidates of every metric, re-measured by calibration loss). Optionally heals the default's
+choice for some K by distillation. Then times the forward pass of models with k blocks physically removed
+against the intact one, interleaved. Prints markdown tables.
+
+    python bench/prune_quality.py --model smollm2-135m
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import time
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+def heldout_ids(tokenizer, sequences: int, seq_len: int) -> torch.Tensor:
+    from normsurgery.reference.text import shakespeare_text
+    from normsurgery.train.text import tokenize
+
+    ids = tokenize(tokenizer, shakespeare_text("heldout"), seq_len)
+    return ids[: sequences * seq_len].view(sequences, seq_len)
+
+
+def without_blocks(model: torch.nn.Module, layers_path: str, remove: list[int]) -> torch.nn.Module:
+    """A copy of `model` with blocks physically removed and cache indices renumbered (for timing only)."""
+    pruned = copy.deepcopy(model)
+    parent, _, attr = layers_path.rpartition(".")
+    blocks = getattr(pruned.get_submodule(parent), attr)
+    kept = torch.nn.ModuleList([b for i, b in enumerate(blocks) if i not in remove])
+    for new, block in enumerate(kept):
+        for module in block.modules():
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = new
+    setattr(pruned.get_submodule(parent), attr, kept)
+    pruned.config.num_hidden_layers = len(kept)
+    if getattr(pruned.config, "layer_types", None):
+        pruned.config.layer_types = [t for i, t in enumerate(pruned.config.layer_types) if i not in remove]
+    return pruned
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--ks", default="1,2,4,8")
+    parser.add_argument("--methods", default="bi,angular,angular-all,skip-cost,last,auto")
+    parser.add_argument("--samples", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--heal-ks", default="", help="K values whose default choice is also healed")
+    parser.add_argument("--heal-steps", type=int, default=50)
+    parser.add_argument("--heal-batch", type=int, default=4)
+    parser.add_argument("--heal-lr", type=float, default=1e-4)
+    parser.add_argument("--time-ks", default="0,2,4,8,15")
+    parser.add_argument("--json", help="also write the rows here")
+    args = parser.parse_args()
+
+    from normsurgery.arch import family_for
+    from normsurgery.check import load_model, load_tokenizer
+    from normsurgery.prune.measure import calibration_ids, cross_entropy, measure
+    from normsurgery.prune.select import candidates, remeasure
+    from normsurgery.prune.skip import skipping
+    from normsurgery.source import open_model
+    from normsurgery.train.engine import FinetuneOptions, finetune
+
+    torch.manual_seed(0)
+    source = open_model(args.model, scan_finite=False)
+    arch, path = source.arch, source.path
+    layers_path = family_for(arch.model_type).layers
+    source.close()
+    tokenizer = load_tokenizer(path)
+    model = load_model(path, torch.float32).eval()
+    calib = calibration_ids(tokenizer, None, args.samples, args.seq_len)
+    held = heldout_ids(tokenizer, args.samples, args.seq_len)
+    start = time.perf_counter()
+    stats = measure(model, arch, calib, label=args.model, skip_cost=True)
+    base = cross_entropy(model, held)
+    print(f"{args.model}: {arch.num_layers} blocks; statistics with skip costs in {time.perf_counter() - start:.0f} s; "
+          f"held-out CE {base:.4f} on {args.samples} x {args.seq_len} tokens", flush=True)
+
+    rows = []
+    for k in map(int, args.ks.split(",")):
+        for method in args.methods.split(","):
+            found = candidates(stats, k, method, top=3)
+            best = remeasure(model, arch, calib, found) if method == "auto" else found[0]
+            with skipping(model, arch, best.blocks):
+                ce = cross_entropy(model, held)
+            row = {"k": k, "method": method, "blocks": list(best.blocks), "heldout_ce": ce, "delta": ce - base}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+
+    healed = []
+    for k in [int(x) for x in args.heal_ks.split(",") if x]:
+        blocks = next(r["blocks"] for r in rows if r["k"] == k and r["method"] == "auto")
+        student = without_blocks(model, layers_path, blocks).train()
+        start = time.perf_counter()
+        finetune(student, tokenizer, FinetuneOptions(steps=args.heal_steps, lr=args.heal_lr, batch_size=args.heal_batch,
+                                                     seq_len=args.seq_len), teacher=model)
+        ce = cross_entropy(student.eval(), held)
+        healed.append({"k": k, "blocks": blocks, "steps": args.heal_steps, "heldout_ce": ce, "delta": ce - base,
+                       "wall_s": time.perf_counter() - start})
+        print(json.dumps(healed[-1]), flush=True)
+        del student
+
+    ids = heldout_ids(tokenizer, 1, 256)
+    time_ks = [int(x) for x in args.time_ks.split(",")]
+    variants = {k: without_blocks(model, layers_path, list(range(arch.num_layers - 1 - k, arch.num_layers - 1)))
+                for k in time_ks}
+    times: dict[int, list[float]] = {k: [] for k in time_ks}
+    with torch.no_grad():
+        for _ in range(12):
+            for k, m in variants.items():
+                t = time.perf_counter()
+                m(input_ids=ids, use_cache=False)
+                times[k].append(time.perf_counter() - t)
+    full = statistics.median(times[0])
+
+    L = arch.num_layers
+    print(f"\n| K | {' | '.join(args.methods.split(','))} |")
+    print("|---|" + "---|" * len(args.methods.split(",")))
+    for k in map(int, args.ks.split(",")):
+        cells = [next(r for r in rows if r["k"] == k and r["method"] == m) for m in args.methods.split(",")]
+        print(f"| {k} | " + " | ".join(f"{c['delta']:+.3f} ({','.join(map(str, c['blocks']))})" for c in cells) + " |")
+    if healed:
+        print("\n| K | blocks | unhealed | healed | steps | heal wall |")
+        print("|---|---|---|---|---|---|")
+        for h in healed:
+            before = next(r["delta"] for r in rows if r["k"] == h["k"] and r["method"] == "auto")
+            print(f"| {h['k']} | {','.join(map(str, h['blocks']))} | {before:+.3f} | {h['delta']:+.3f} | {h['steps']} | "
+                  f"{h['wall_s']:.0f} s |")
+    print(f"\nforward of 1 x {ids.shape[1]} tokens, median of 12 interleaved runs; intact model {full * 1000:.1f} ms")
+    print("| blocks removed k | k/L | time saved | saved / (k/L) |")
+    print("|---|---|---|---|")
+    for k in time_ks[1:]:
+        saved = 1 - statistics.median(times[k]) / full
+        print(f"| {k} | {k / L:.3f} | {saved:.3f} | {saved / (k / L):.2f} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"base_ce": base, "rows": rows, "healed": healed,
+                       "times": {k: statistics.median(v) for k, v in times.items()}}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
