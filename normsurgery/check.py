@@ -6,9 +6,12 @@ meet in float32; a rewrite that changes the function on purpose sets looser ones
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import math
+import shutil
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -79,8 +82,13 @@ def needs_remote_code(folder: Path) -> bool:
         return False
 
 
-def load_model(folder: Path, dtype: torch.dtype, *, trust_remote_code: bool = False, allow_pickle: bool = False):
-    """Load a model for evaluation; remote code only when it is normsurgery's own export or the user opted in."""
+def load_model(folder: Path, dtype: torch.dtype, *, trust_remote_code: bool = False, allow_pickle: bool = False,
+               max_memory: int | None = None):
+    """Load a model for evaluation; remote code only when it is normsurgery's own export or the user opted in.
+
+    With `max_memory` (bytes), what does not fit stays on disk and each module's weights are read from the
+    checkpoint's own files when the forward reaches it (accelerate's offload: slower, but bounded memory).
+    """
     from transformers import AutoModelForCausalLM
 
     from transformers.utils import logging as hf_logging
@@ -93,8 +101,13 @@ def load_model(folder: Path, dtype: torch.dtype, *, trust_remote_code: bool = Fa
             "runs that code; pass --trust-remote-code if you trust it."
         )
     try:
+        offload: dict[str, Any] = {}
+        if max_memory is not None:
+            offload_dir = tempfile.mkdtemp(prefix="normsurgery-offload-")
+            atexit.register(shutil.rmtree, offload_dir, True)  # empty for safetensors: read in place
+            offload = {"device_map": "auto", "max_memory": {"cpu": max_memory}, "offload_folder": offload_dir}
         model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=dtype, trust_remote_code=remote, use_safetensors=None if allow_pickle else True
+            folder, dtype=dtype, trust_remote_code=remote, use_safetensors=None if allow_pickle else True, **offload
         )
     except NormSurgeryError:
         raise

@@ -36,7 +36,7 @@ def _stats(source: ModelSource, model: torch.nn.Module, tokenizer: Any, *, sampl
         raise NormSurgeryError("--samples must be at least 1 and --seq-len at least 2.")
     ids = calibration_ids(tokenizer, text, samples, seq_len)
     with console.status("measuring blocks on calibration text", spinner="dots") if not quiet else _nothing():
-        stats = measure(model, source.arch, ids, label=source.spec, skip_cost=skip_cost)
+        stats = measure(model, source.arch, ids, label=source.spec, skip_cost=skip_cost, weight=source.reader.get)
     return stats, ids
 
 
@@ -48,13 +48,20 @@ class _nothing:
         return None
 
 
-def _load(source: ModelSource, allow_pickle: bool, trust_remote_code: bool) -> tuple[torch.nn.Module, Any]:
-    """The float32 model and its tokenizer (needed for calibration text)."""
+MaxMemory = Annotated[Optional[str], typer.Option("--max-memory", help="Keep at most this much of the model in memory (e.g. 2GB); the rest is read from the checkpoint block by block as the forward reaches it (slower).", rich_help_panel="Calibration")]
+
+
+def _load(source: ModelSource, allow_pickle: bool, trust_remote_code: bool,
+          max_memory: str | None = None) -> tuple[torch.nn.Module, Any]:
+    """The float32 model (offloaded beyond `max_memory`) and its tokenizer (needed for calibration text)."""
     tokenizer = load_tokenizer(source.path)
     if tokenizer is None:
         raise NormSurgeryError(f"{source.path} has no tokenizer files; measuring blocks needs calibration text. Name the "
                                "blocks yourself with --layers.")
-    return load_model(source.path, torch.float32, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle), tokenizer
+    budget = parse_size(max_memory) if max_memory else None
+    model = load_model(source.path, torch.float32, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+                       max_memory=budget)
+    return model, tokenizer
 
 
 def _parse_layers(layers: str) -> list[int]:
@@ -78,6 +85,7 @@ def prune(
     samples: Samples = 16,
     seq_len: SeqLen = 128,
     text: Text = None,
+    max_memory: MaxMemory = None,
     heal_steps: Annotated[int, typer.Option(help="Distil the pruned model to the original for N steps (0: no heal).", rich_help_panel="Heal")] = 0,
     lr: Annotated[float, typer.Option(help="Heal learning rate.", rich_help_panel="Heal")] = 1e-4,
     batch_size: Annotated[int, typer.Option(help="Heal sequences per step.", rich_help_panel="Heal")] = 8,
@@ -116,7 +124,7 @@ def prune(
             chosen = check_removal(source.arch, _parse_layers(layers))
             report["selection"] = {"method": "given", "blocks": chosen}
         else:
-            net, tokenizer = _load(source, allow_pickle, trust_remote_code)
+            net, tokenizer = _load(source, allow_pickle, trust_remote_code, max_memory)
             stats, ids = _stats(source, net, tokenizer, samples=samples, seq_len=seq_len, text=text,
                                 skip_cost=skip_cost, quiet=json_output)
             found = candidates(stats, int(remove or 0), by, keep_first=keep_first, keep_last=keep_last,
@@ -219,6 +227,7 @@ def diagnose(
     samples: Samples = 16,
     seq_len: SeqLen = 128,
     text: Text = None,
+    max_memory: MaxMemory = None,
     save: Annotated[Optional[Path], typer.Option("--save", help="Write the statistics as JSON here.")] = None,
     json_output: JsonOutput = False,
     allow_pickle: AllowPickle = False,
@@ -234,7 +243,7 @@ def diagnose(
     """
     source = open_model(model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, scan_finite=False)
     try:
-        net, tokenizer = _load(source, allow_pickle, trust_remote_code)
+        net, tokenizer = _load(source, allow_pickle, trust_remote_code, max_memory)
         stats, _ = _stats(source, net, tokenizer, samples=samples, seq_len=seq_len, text=text, skip_cost=skip_cost,
                           quiet=json_output)
     finally:

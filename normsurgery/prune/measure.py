@@ -112,16 +112,15 @@ class _Accumulator:
         self.sequences += batch
 
 
-def norm_gains(model: torch.nn.Module, arch: Architecture) -> list[NormGain]:
-    """Summary statistics of every norm's effective gain (weight + offset), in model order."""
+def norm_gains(arch: Architecture, weight: Callable[[str], torch.Tensor]) -> list[NormGain]:
+    """Summary statistics of every norm's effective gain (weight + offset), in model order; `weight` reads a
+    tensor by name (from the checkpoint, so that a model offloaded to disk need not be materialised)."""
     layer_of = {n.name: b.index for b in arch.blocks for n in b.norms}
     gains = []
     for norm in arch.all_norms():
-        module = model.get_submodule(norm.name)
-        weight = getattr(module, "weight", None)
-        if weight is None:
+        if norm.weight is None:
             continue
-        g = weight.detach().double().flatten() + norm.gain_offset
+        g = weight(norm.weight).detach().double().flatten() + norm.gain_offset
         gains.append(NormGain(norm.name, layer_of.get(norm.name), norm.role, float(g.mean()), float(g.std()),
                               float(g.min()), float(g.max())))
     return gains
@@ -129,8 +128,10 @@ def norm_gains(model: torch.nn.Module, arch: Architecture) -> list[NormGain]:
 
 @torch.no_grad()
 def measure(model: torch.nn.Module, arch: Architecture, ids: torch.Tensor, *, label: str, batch_size: int = 4,
-            skip_cost: bool = False, on_batch: Callable[[], None] | None = None) -> LayerStats:
-    """Every per-block statistic of `model` on the calibration `ids` (skip costs only when asked: L more passes)."""
+            skip_cost: bool = False, weight: Callable[[str], torch.Tensor] | None = None,
+            on_batch: Callable[[], None] | None = None) -> LayerStats:
+    """Every per-block statistic of `model` on the calibration `ids` (skip costs only when asked: L more passes).
+    `weight` reads a tensor by name for the gain statistics (default: the model's own parameters)."""
     model.eval()
     hooks = _Residuals(model, arch)
     acc = _Accumulator(arch.num_layers + 1)
@@ -164,7 +165,7 @@ def measure(model: torch.nn.Module, arch: Architecture, ids: torch.Tensor, *, la
         residual_rms=(acc.rms / acc.tokens).tolist(),
         relative_update=(acc.rel_update / acc.tokens).tolist(),
         update_cosine=(acc.update_cos / acc.tokens).tolist(),
-        norm_gains=norm_gains(model, arch),
+        norm_gains=norm_gains(arch, weight or model.get_parameter),
     )
     if skip_cost:
         stats.skip_cost = []
