@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import shutil
-import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -18,11 +17,12 @@ from normsurgery.cli import app
 from normsurgery.commands.common import AllowPickle, JsonOutput, TrustRemoteCode, console, print_json
 from normsurgery.errors import NormSurgeryError
 from normsurgery.prune.measure import calibration_ids, measure
-from normsurgery.prune.select import METHODS, Candidate, candidates, remeasure
+from normsurgery.prune.select import METHODS, candidates, remeasure
 from normsurgery.prune.stats import LayerStats
 from normsurgery.rewrite.prune import check_removal, plan_prune
 from normsurgery.source import ModelSource, open_model
 from normsurgery.surgery import apply_plan
+from normsurgery.train.engine import FinetuneOptions
 
 Samples = Annotated[int, typer.Option(help="Calibration sequences.", rich_help_panel="Calibration")]
 SeqLen = Annotated[int, typer.Option(help="Tokens per calibration sequence.", rich_help_panel="Calibration")]
@@ -71,6 +71,68 @@ def _parse_layers(layers: str) -> list[int]:
         raise NormSurgeryError(f"--layers takes 0-based block indices separated by commas, e.g. 10,11,12 (got {layers!r}).") from None
 
 
+@dataclass
+class PruneSelection:
+    """How `prune` chooses its blocks: `remove` K by a method, or exactly `layers`; and the calibration text."""
+
+    remove: int | None = None
+    layers: list[int] | None = None
+    by: str = "auto"
+    keep_first: int = 1
+    keep_last: int = 1
+    remeasure: int = 3
+    skip_cost: bool = False
+    samples: int = 16
+    seq_len: int = 128
+    text: str | None = None
+    max_memory: str | None = None
+
+
+def run_prune(model: str, output: Path | None, selection: PruneSelection, *, heal: Any = None, dry_run: bool = False,
+              force: bool = False, max_shard_size: str = "5GB", verify: bool = True, allow_pickle: bool = False,
+              trust_remote_code: bool = False, quiet: bool = False) -> dict[str, Any]:
+    """Choose the blocks, write the pruned model (verified), optionally heal it (`heal`: FinetuneOptions); the report."""
+    s = selection
+    if (s.remove is None) == (s.layers is None):
+        raise NormSurgeryError("give either --remove K (choose K blocks) or --layers (name them), not both or neither.")
+    shard_bytes = parse_size(max_shard_size)
+    if output is None and not dry_run:
+        raise NormSurgeryError("give an output folder with -o/--output (or --dry-run to only choose the blocks).")
+    if output is not None and output.exists() and not force and not dry_run:
+        raise NormSurgeryError(f"{output} already exists; choose another --output or pass --force to replace it.")
+    source = open_model(model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, scan_finite=False)
+    report: dict[str, Any] = {"operation": "prune", "source": source.spec}
+    try:
+        if s.layers is not None:
+            chosen = check_removal(source.arch, s.layers)
+            report["selection"] = {"method": "given", "blocks": chosen}
+        else:
+            net, tokenizer = _load(source, allow_pickle, trust_remote_code, s.max_memory)
+            stats, ids = _stats(source, net, tokenizer, samples=s.samples, seq_len=s.seq_len, text=s.text,
+                                skip_cost=s.skip_cost, quiet=quiet)
+            found = candidates(stats, int(s.remove or 0), s.by, keep_first=s.keep_first, keep_last=s.keep_last,
+                               top=max(1, s.remeasure))
+            best = remeasure(net, source.arch, ids, found) if s.remeasure > 0 else found[0]
+            del net
+            chosen = check_removal(source.arch, list(best.blocks))
+            report["selection"] = {"method": s.by, "blocks": chosen, "calibration_ce": stats.base_ce,
+                                   "candidates": [asdict(c) for c in found]}
+        plan = plan_prune(source.arch, source.config, source.reader.config, source.reader.names(), chosen)
+        report["kept_blocks"] = source.arch.num_layers - len(chosen)
+        report["config_updates"] = plan.config_updates
+        if dry_run:
+            report["dry_run"] = True
+        elif heal is not None:
+            report.update(_write_and_heal(source, plan, output, force, shard_bytes, heal, allow_pickle))
+        else:
+            result = apply_plan(source, plan, output, force=force, max_shard_size=shard_bytes, verify=verify,
+                                thresholds=Thresholds())
+            report.update({"output": str(output), "check": result.check, "change": result.change})
+    finally:
+        source.close()
+    return report
+
+
 @app.command()
 def prune(
     model: Annotated[str, typer.Argument(help="A model folder, a reference model name, or a hub id.")],
@@ -108,84 +170,33 @@ def prune(
 
       normsurgery prune smollm2-135m --layers 20,21 -o smollm2-28l --heal-steps 100
     """
-    if (remove is None) == (layers is None):
-        raise NormSurgeryError("give either --remove K (choose K blocks) or --layers (name them), not both or neither.")
     if heal_steps < 0:
         raise NormSurgeryError(f"--heal-steps cannot be negative (got {heal_steps}).")
-    shard_bytes = parse_size(max_shard_size)
-    if output is None and not dry_run:
-        raise NormSurgeryError("give an output folder with -o/--output (or --dry-run to only choose the blocks).")
-    if output is not None and output.exists() and not force and not dry_run:
-        raise NormSurgeryError(f"{output} already exists; choose another --output or pass --force to replace it.")
-    source = open_model(model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, scan_finite=False)
-    report: dict[str, Any] = {"operation": "prune", "source": source.spec}
-    try:
-        if layers is not None:
-            chosen = check_removal(source.arch, _parse_layers(layers))
-            report["selection"] = {"method": "given", "blocks": chosen}
-        else:
-            net, tokenizer = _load(source, allow_pickle, trust_remote_code, max_memory)
-            stats, ids = _stats(source, net, tokenizer, samples=samples, seq_len=seq_len, text=text,
-                                skip_cost=skip_cost, quiet=json_output)
-            found = candidates(stats, int(remove or 0), by, keep_first=keep_first, keep_last=keep_last,
-                               top=max(1, candidates_to_remeasure))
-            best = remeasure(net, source.arch, ids, found) if candidates_to_remeasure > 0 else found[0]
-            del net
-            chosen = check_removal(source.arch, list(best.blocks))
-            report["selection"] = {"method": by, "blocks": chosen, "calibration_ce": stats.base_ce,
-                                   "candidates": [asdict(c) for c in found]}
-        plan = plan_prune(source.arch, source.config, source.reader.config, source.reader.names(), chosen)
-        report["kept_blocks"] = source.arch.num_layers - len(chosen)
-        report["config_updates"] = plan.config_updates
-        if dry_run:
-            report["dry_run"] = True
-        elif heal_steps:
-            report.update(_write_and_heal(source, plan, output, force, shard_bytes, heal_steps, lr, batch_size, seq_len,
-                                          text, json_output, allow_pickle))
-        else:
-            result = apply_plan(source, plan, output, force=force, max_shard_size=shard_bytes, verify=not no_verify,
-                                thresholds=Thresholds())
-            report.update({"output": str(output), "check": result.check, "change": result.change})
-    finally:
-        source.close()
+    selection = PruneSelection(remove=remove, layers=_parse_layers(layers) if layers is not None else None, by=by,
+                               keep_first=keep_first, keep_last=keep_last, remeasure=candidates_to_remeasure,
+                               skip_cost=skip_cost, samples=samples, seq_len=seq_len, text=text, max_memory=max_memory)
+    heal = FinetuneOptions(steps=heal_steps, lr=lr, batch_size=batch_size, seq_len=seq_len, text=text) if heal_steps else None
+    report = run_prune(model, output, selection, heal=heal, dry_run=dry_run, force=force, max_shard_size=max_shard_size,
+                       verify=not no_verify, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+                       quiet=json_output)
     _print_prune(report, json_output)
 
 
-def _write_and_heal(source: ModelSource, plan: Any, out: Path, force: bool, shard_bytes: int, steps: int, lr: float,
-                    batch_size: int, seq_len: int, text: str | None, json_output: bool,
+def _write_and_heal(source: ModelSource, plan: Any, out: Path, force: bool, shard_bytes: int, options: Any,
                     allow_pickle: bool) -> dict[str, Any]:
-    """Write the exact pruned model to a staging folder, distil it to the original, write the healed one to OUT."""
-    from normsurgery.rewrite.plan import Plan
-    from normsurgery.train.engine import FinetuneOptions, finetune
-    from normsurgery.trainable.export import export_trained
-    from normsurgery.trainable.remove_ln import calibration_batches, cross_entropy, heldout_batches
+    """Write the exact pruned model to a staging folder beside OUT, distil it to the original, write it to OUT."""
+    from normsurgery.trainable.heal import heal_folder
 
-    options = FinetuneOptions(steps=steps, lr=lr, batch_size=batch_size, seq_len=seq_len, text=text)
     options.validate()
     staging = out.parent / f".{out.name}.unhealed"
     result = apply_plan(source, plan, staging, force=True, max_shard_size=shard_bytes, verify=True)
     try:
-        pruned = open_model(str(staging), scan_finite=False)
-        tokenizer = load_tokenizer(source.path)
-        teacher = load_model(source.path, torch.float32, allow_pickle=allow_pickle)
-        student = load_model(staging, torch.float32)
-        heldout = heldout_batches(tokenizer, seq_len)
-        before = cross_entropy(teacher, heldout)
-        unhealed = cross_entropy(student, heldout)
-        start = time.perf_counter()
-        with console.status(f"healing: {steps} steps of distillation", spinner="dots") if not json_output else _nothing():
-            trained = finetune(student, tokenizer, options, teacher=teacher)
-        healed = cross_entropy(student, heldout)
-        summary = {"heldout_ce_before": before, "heldout_ce_pruned": unhealed, "heldout_ce_after": healed,
-                   "heldout_ce_change": healed - before, "finetune_seconds": time.perf_counter() - start,
-                   "losses": trained.losses, "removed_blocks": list(plan.skipped_blocks)}
-        check_ids = calibration_batches(tokenizer, seq_len, 2, 1)[0]
-        check = export_trained(pruned, Plan(operation="prune+heal"), student, check_ids, out, force=force,
-                               max_shard_size=shard_bytes, report=summary)
-        pruned.close()
+        heal = heal_folder(staging, source.path, out, options, operation="prune+heal", force=force,
+                           max_shard_size=shard_bytes, allow_pickle=allow_pickle)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return {"output": str(out), "check": result.check, "change": result.change, "heal": summary, "export_check": check}
+    return {"output": str(out), "check": result.check, "change": result.change, "heal": heal,
+            "export_check": heal.pop("export_check")}
 
 
 def _print_prune(report: dict[str, Any], json_output: bool) -> None:
@@ -215,7 +226,7 @@ def _print_prune(report: dict[str, Any], json_output: bool) -> None:
     if report.get("heal"):
         h = report["heal"]
         console.print(f"healed {len(h['losses'])} steps: held-out CE {h['heldout_ce_before']:.4f} -> "
-                      f"{h['heldout_ce_pruned']:.4f} pruned -> {h['heldout_ce_after']:.4f} healed")
+                      f"{h['heldout_ce_unhealed']:.4f} pruned -> {h['heldout_ce_after']:.4f} healed")
 
 
 @app.command()
@@ -294,4 +305,4 @@ def _print_stats(stats: LayerStats) -> None:
                   "Bold: the quarter of blocks with the lowest Block Influence.")
 
 
-__all__ = ["prune", "diagnose", "Candidate"]
+__all__ = ["prune", "diagnose", "run_prune", "PruneSelection"]

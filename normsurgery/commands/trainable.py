@@ -65,7 +65,7 @@ def _options_report(options: FinetuneOptions, **schedule: float) -> dict[str, An
 
 
 def run_remove(model: str, out: Path, *, force: bool, max_shard_size: str, removal: RemovalOptions, json_output: bool,
-               allow_pickle: bool, trust_remote_code: bool) -> dict[str, Any]:
+               allow_pickle: bool, trust_remote_code: bool, quiet: bool = False) -> dict[str, Any]:
     """LN removal end to end: check it applies, fine-tune with the freeze schedule, fold, write, check, report."""
     removal.finetune.validate()
     if removal.gap < 0 or removal.heal < 0 or removal.aux_weight < 0:
@@ -81,7 +81,7 @@ def run_remove(model: str, out: Path, *, force: bool, max_shard_size: str, remov
         start = time.perf_counter()
         with Progress(TextColumn("removing norms"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
                       TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), console=console,
-                      transient=True, disable=json_output or not _is_main_process()) as progress:
+                      transient=True, disable=json_output or quiet or not _is_main_process()) as progress:
             task = progress.add_task("remove", total=total, loss=float("nan"))
             scales, events, result, before = remove_norms(
                 student, tokenizer, source.arch, removal, teacher=teacher,
@@ -110,6 +110,8 @@ def run_remove(model: str, out: Path, *, force: bool, max_shard_size: str, remov
     if report["export_check"] is None:  # another process wrote and reports
         return {}
     summary = {"operation": "none", "output": str(out), "removed": len(scales), **report}
+    if quiet:
+        return summary
     if json_output:
         print_json(summary)
     else:
@@ -131,7 +133,7 @@ def removal_options(*, gap: int, heal: int, aux_weight: float, lr: float, batch_
 
 
 def run_swap(model: str, target: str, out: Path, *, force: bool, max_shard_size: str, removal: RemovalOptions,
-             json_output: bool, allow_pickle: bool, trust_remote_code: bool) -> dict[str, Any]:
+             json_output: bool, allow_pickle: bool, trust_remote_code: bool, quiet: bool = False) -> dict[str, Any]:
     """DyT/Derf end to end: centre (LayerNorm models), calibrate alpha, swap, heal for `removal.heal` steps, write."""
     from normsurgery.rewrite.plan import Plan
     from normsurgery.trainable.swap import (
@@ -168,7 +170,7 @@ def run_swap(model: str, target: str, out: Path, *, force: bool, max_shard_size:
         start = time.perf_counter()
         with Progress(TextColumn(f"healing {target}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
                       TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), console=console,
-                      transient=True, disable=json_output or not _is_main_process()) as progress:
+                      transient=True, disable=json_output or quiet or not _is_main_process()) as progress:
             task = progress.add_task("heal", total=removal.heal, loss=float("nan"))
             result = finetune(student, tokenizer, removal.finetune, teacher=teacher,
                               on_step=lambda step, loss: progress.update(task, completed=step + 1, loss=loss))
@@ -199,6 +201,8 @@ def run_swap(model: str, target: str, out: Path, *, force: bool, max_shard_size:
     if report["export_check"] is None:
         return {}
     summary = {"operation": target, "output": str(out), "swapped": len(norms), **report}
+    if quiet:
+        return summary
     if json_output:
         print_json(summary)
     else:

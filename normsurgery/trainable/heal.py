@@ -1,0 +1,43 @@
+"""Heal a stock model (e.g. a pruned one) by distilling it to the original, and write it through the same export."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from normsurgery.check import load_model, load_tokenizer
+from normsurgery.rewrite.plan import Plan
+from normsurgery.source import open_model
+from normsurgery.train.engine import FinetuneOptions, finetune
+from normsurgery.trainable.export import export_trained
+from normsurgery.trainable.remove_ln import calibration_batches, cross_entropy, heldout_batches
+
+
+def heal_folder(current: Path, teacher_folder: Path, out: Path, options: FinetuneOptions, *, operation: str,
+                force: bool, max_shard_size: int, allow_pickle: bool = False) -> dict[str, Any]:
+    """Fine-tune the model in `current` towards `teacher_folder`'s logits and write it to `out` (checked to compute
+    what the trained model computes); returns the held-out cross-entropies, losses and the export check."""
+    options.validate()
+    source = open_model(str(current), scan_finite=False)
+    try:
+        tokenizer = load_tokenizer(teacher_folder)
+        teacher = load_model(teacher_folder, torch.float32, allow_pickle=allow_pickle)
+        student = load_model(current, torch.float32)
+        heldout = heldout_batches(tokenizer, options.seq_len)
+        before, unhealed = cross_entropy(teacher, heldout), cross_entropy(student, heldout)
+        start = time.perf_counter()
+        trained = finetune(student, tokenizer, options, teacher=teacher)
+        healed = cross_entropy(student, heldout)
+        summary: dict[str, Any] = {
+            "heldout_ce_before": before, "heldout_ce_unhealed": unhealed, "heldout_ce_after": healed,
+            "heldout_ce_change": healed - before, "finetune_seconds": time.perf_counter() - start,
+            "losses": trained.losses}
+        check_ids = calibration_batches(tokenizer, options.seq_len, 2, 1)[0]
+        summary["export_check"] = export_trained(source, Plan(operation=operation), student, check_ids, out,
+                                                 force=force, max_shard_size=max_shard_size, report=summary)
+    finally:
+        source.close()
+    return summary
