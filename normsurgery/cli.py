@@ -25,14 +25,16 @@ stderr = Console(stderr=True)
 
 def _register() -> None:
     """Import the command modules; each adds its commands to `app`."""
-    from normsurgery.commands import check, evaluate, inspect, models, prune, rewrite  # noqa: F401
+    from normsurgery.commands import check, evaluate, inspect, models, prune, rewrite, run  # noqa: F401
 
 
 def main() -> None:
     """Console-script entry point: run the app, turning user errors into one paragraph and an exit code."""
     _register()
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # click returns a typer.Exit's code instead of raising it
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except NormSurgeryError as err:
         stderr.print(f"[bold red]error:[/bold red] {escape(str(err))}", highlight=False, soft_wrap=True)
         sys.exit(err.exit_code)

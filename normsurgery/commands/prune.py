@@ -32,8 +32,11 @@ Text = Annotated[Optional[str], typer.Option(help="Calibration text: .txt or .js
 def _stats(source: ModelSource, model: torch.nn.Module, tokenizer: Any, *, samples: int, seq_len: int,
            text: str | None, skip_cost: bool, quiet: bool) -> tuple[LayerStats, torch.Tensor]:
     """Measure the per-block statistics of a loaded model on its calibration text."""
+    from normsurgery.check import context_length
+
     if samples < 1 or seq_len < 2:
         raise NormSurgeryError("--samples must be at least 1 and --seq-len at least 2.")
+    seq_len = min(seq_len, context_length(source.config) or seq_len)
     ids = calibration_ids(tokenizer, text, samples, seq_len)
     with console.status("measuring blocks on calibration text", spinner="dots") if not quiet else _nothing():
         stats = measure(model, source.arch, ids, label=source.spec, skip_cost=skip_cost, weight=source.reader.get)

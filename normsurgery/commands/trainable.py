@@ -74,6 +74,7 @@ def run_remove(model: str, out: Path, *, force: bool, max_shard_size: str, remov
     if out.exists() and not force:
         raise NormSurgeryError(f"{out} already exists; choose another --output or pass --force to replace it.")
     source = open_model(model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, scan_finite=True)
+    removal.finetune.fit_context(source.config)
     try:
         order = removal_order(source.arch, removable_norms(source.arch))
         tokenizer, student, teacher = _load_for_training(source, removal.finetune, allow_pickle, trust_remote_code)
@@ -152,6 +153,7 @@ def run_swap(model: str, target: str, out: Path, *, force: bool, max_shard_size:
     if out.exists() and not force:
         raise NormSurgeryError(f"{out} already exists; choose another --output or pass --force to replace it.")
     source = open_model(model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, scan_finite=True)
+    removal.finetune.fit_context(source.config)
     try:
         norms = removable_norms(source.arch)
         tokenizer, student, teacher = _load_for_training(source, removal.finetune, allow_pickle, trust_remote_code)

@@ -42,6 +42,14 @@ class FinetuneOptions:
     checkpoint_dir: Path | None = None  # resume from it when it holds a state; save to it every checkpoint_every
     checkpoint_every: int = 0
 
+    def fit_context(self, config: Any) -> None:
+        """Shorten `seq_len` to the model's context length when it is longer (the report shows the value used)."""
+        from normsurgery.check import context_length
+
+        limit = context_length(config)
+        if limit is not None and self.seq_len > limit:
+            self.seq_len = limit
+
     def validate(self) -> None:
         """One clear error for an option no fine-tune can run with."""
         for name in ("steps", "batch_size", "seq_len"):

@@ -22,6 +22,7 @@ def heal_folder(current: Path, teacher_folder: Path, out: Path, options: Finetun
     what the trained model computes); returns the held-out cross-entropies, losses and the export check."""
     options.validate()
     source = open_model(str(current), scan_finite=False)
+    options.fit_context(source.config)
     try:
         tokenizer = load_tokenizer(teacher_folder)
         teacher = load_model(teacher_folder, torch.float32, allow_pickle=allow_pickle)

@@ -1,0 +1,1 @@
+"""Recipes: YAML files that chain surgeries, validated, run step by step, reported for CI."""
