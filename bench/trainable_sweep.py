@@ -65,6 +65,7 @@ def main() -> None:
     parser.add_argument("--aux-weight", type=float, default=0.0)
     parser.add_argument("--heldout-batches", type=int, default=16)
     parser.add_argument("--no-baseline", action="store_true")
+    parser.add_argument("--baseline-steps", default="", help="baseline budgets (default: those of the rows)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
 
@@ -108,7 +109,8 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
 
         baseline = {}
-        for steps in [] if args.no_baseline else sorted(budgets):
+        wanted = sorted(int(x) for x in args.baseline_steps.split(",") if x) or sorted(budgets)
+        for steps in [] if args.no_baseline else wanted:
             model = copy.deepcopy(original)
             start = time.perf_counter()
             finetune(model, tokenizer, FinetuneOptions(steps=steps, lr=args.lr, batch_size=args.batch_size,

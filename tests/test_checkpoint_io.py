@@ -152,3 +152,27 @@ def test_reader_refuses_a_shard_cut_short_after_its_header(tiny_model, tmp_path)
         f.truncate(size - 4)
     with pytest.raises(NormSurgeryError, match="truncated"):
         reader.get(name)
+
+
+def test_bytes_changed_on_disk_after_writing_are_caught_before_the_rename(tmp_path, monkeypatch):
+    """Every shard is re-read after fsync and each tensor's CRC-32 compared with the one taken when written."""
+    from normsurgery.checkpoint import shard_file
+    from normsurgery.errors import NormSurgeryError
+
+    real_fsync = shard_file._fsync
+
+    def flip_a_byte(path):
+        real_fsync(path)
+        with open(path, "r+b") as f:
+            f.seek(-3, 2)
+            byte = f.read(1)
+            f.seek(-3, 2)
+            f.write(bytes([byte[0] ^ 0xFF]))
+
+    monkeypatch.setattr(shard_file, "_fsync", flip_a_byte)
+    out = tmp_path / "out"
+    with pytest.raises(NormSurgeryError, match="checksum mismatch"):
+        with CheckpointWriter(out) as writer:
+            writer.add("a", torch.arange(1000, dtype=torch.float32))
+            writer.add("b", torch.ones(10, dtype=torch.bfloat16))
+    assert not out.exists() and list(tmp_path.iterdir()) == []
