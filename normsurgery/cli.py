@@ -21,6 +21,7 @@ app = typer.Typer(
 )
 
 stderr = Console(stderr=True)
+INTERRUPTED = 130  # the shell's exit status for Ctrl-C
 
 
 def _register() -> None:
@@ -33,6 +34,8 @@ def main() -> None:
     _register()
     try:
         code = app(standalone_mode=False)  # click returns a typer.Exit's code instead of raising it
+        if code == INTERRUPTED:  # typer turns Ctrl-C into Exit(130), after the writers have cleaned up
+            raise KeyboardInterrupt
         if isinstance(code, int) and code:
             sys.exit(code)
     except NormSurgeryError as err:
@@ -40,7 +43,7 @@ def main() -> None:
         sys.exit(err.exit_code)
     except KeyboardInterrupt:
         stderr.print("[bold red]interrupted[/bold red]: nothing was written.")
-        sys.exit(130)
+        sys.exit(INTERRUPTED)
     except typer.Exit as ex:
         sys.exit(ex.exit_code)
     except typer.Abort:

@@ -83,18 +83,25 @@ class CheckpointWriter:
             if self._pipeline is not None:
                 self._pipeline.abort()
             shutil.rmtree(self.tmp, ignore_errors=True)
-            if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-                raise NormSurgeryError(
-                    f"the disk holding {self.out.parent} is full; nothing was written. Free space (the output needs "
-                    f"about {self.bytes_added / 1e9:.2f} GB) or write elsewhere."
-                ) from None
+            self._raise_if_disk_full(exc)
             return
         try:
             self.stage()
             self._commit()
-        except BaseException:
+        except BaseException as err:
+            if self._pipeline is not None:
+                self._pipeline.abort()
             shutil.rmtree(self.tmp, ignore_errors=True)
+            self._raise_if_disk_full(err)
             raise
+
+    def _raise_if_disk_full(self, err: BaseException | None) -> None:
+        """A full disk (from any thread) as one clear error."""
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            raise NormSurgeryError(
+                f"the disk holding {self.out.parent} is full; nothing was written. Free space (the output needs "
+                f"about {self.bytes_added / 1e9:.2f} GB) or write elsewhere."
+            ) from None
 
     @staticmethod
     def clean_stale(out: Path) -> None:
