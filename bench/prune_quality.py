@@ -60,7 +60,7 @@ def main() -> None:
     parser.add_argument("--heal-steps", type=int, default=50)
     parser.add_argument("--heal-batch", type=int, default=4)
     parser.add_argument("--heal-lr", type=float, default=1e-4)
-    parser.add_argument("--time-ks", default="0,2,4,8,15")
+    parser.add_argument("--time-ks", default="0,2,4,8,15", help="0 first (the intact model)")
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args()
 
@@ -101,7 +101,7 @@ def main() -> None:
     healed = []
     for k in [int(x) for x in args.heal_ks.split(",") if x]:
         blocks = next(r["blocks"] for r in rows if r["k"] == k and r["method"] == "auto")
-        student = without_blocks(model, layers_path, blocks).train()
+        student = without_blocks(model, layers_path, blocks).train().requires_grad_(True)
         start = time.perf_counter()
         finetune(student, tokenizer, FinetuneOptions(steps=args.heal_steps, lr=args.heal_lr, batch_size=args.heal_batch,
                                                      seq_len=args.seq_len), teacher=model)
