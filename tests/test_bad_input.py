@@ -170,13 +170,14 @@ CASES = {name[len("_case_"):]: fn for name, fn in sorted(globals().items()) if n
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-@pytest.mark.parametrize("command", ["inspect", "check", "fold"])
+@pytest.mark.parametrize("command", ["inspect", "check", "fold", "convert", "prune", "diagnose"])
 def test_bad_model_is_refused_clearly(case, command, tiny_model, cli, tmp_path):
     model = _copy(tiny_model, tmp_path)
     bad, expected = CASES[case](model, tmp_path)
     out = tmp_path / "out"
     args = {"inspect": ("inspect", bad), "check": ("check", tiny_model("gpt2"), bad),
-            "fold": ("fold", bad, "-o", out)}[command]
+            "fold": ("fold", bad, "-o", out), "convert": ("convert", bad, "--to", "crmsnorm", "-o", out),
+            "prune": ("prune", bad, "--layers", "0", "-o", out), "diagnose": ("diagnose", bad)}[command]
     if command == "check" and case == "unknown_model_type":
         pytest.skip("check compares any two loadable models; the family is not needed")
     code, stdout, stderr = cli(*args)

@@ -103,7 +103,10 @@ def run_prune(model: str, output: Path | None, selection: PruneSelection, *, hea
         raise NormSurgeryError("give an output folder with -o/--output (or --dry-run to only choose the blocks).")
     if output is not None and output.exists() and not force and not dry_run:
         raise NormSurgeryError(f"{output} already exists; choose another --output or pass --force to replace it.")
-    source = open_model(model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, scan_finite=False)
+    # measuring runs the model, so NaN/inf are refused first; a given --layers streams, checking each tensor as it
+    # is copied, and the dropped ones below (a checkpoint with NaN is refused even where it is cut away)
+    source = open_model(model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+                        scan_finite=s.layers is None)
     report: dict[str, Any] = {"operation": "prune", "source": source.spec}
     try:
         if s.layers is not None:
@@ -121,6 +124,8 @@ def run_prune(model: str, output: Path | None, selection: PruneSelection, *, hea
             report["selection"] = {"method": s.by, "blocks": chosen, "calibration_ce": stats.base_ce,
                                    "candidates": [asdict(c) for c in found]}
         plan = plan_prune(source.arch, source.config, source.reader.config, source.reader.names(), chosen)
+        for name in sorted(plan.dropped):
+            source.reader.check_finite(name, source.reader.get(name))
         report["kept_blocks"] = source.arch.num_layers - len(chosen)
         report["config_updates"] = plan.config_updates
         if dry_run:
@@ -255,7 +260,7 @@ def diagnose(
 
       normsurgery diagnose smollm2-135m --html smollm2.html --png plots/
     """
-    source = open_model(model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, scan_finite=False)
+    source = open_model(model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, scan_finite=True)
     try:
         net, tokenizer = _load(source, allow_pickle, trust_remote_code, max_memory)
         stats, _ = _stats(source, net, tokenizer, samples=samples, seq_len=seq_len, text=text, skip_cost=skip_cost,
