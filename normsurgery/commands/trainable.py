@@ -40,6 +40,17 @@ def _load_for_training(source: Any, options: FinetuneOptions, allow_pickle: bool
     return tokenizer, student, copy.deepcopy(student) if "kl" in options.loss else None
 
 
+def _open_for_training(model: str, out: Path, force: bool, max_shard_size: str, removal: RemovalOptions,
+                       allow_pickle: bool, trust_remote_code: bool) -> tuple[Any, int]:
+    """Refuse an existing OUT, open and scan the model, fit the sequence length to its context; the shard size."""
+    shard_bytes = parse_size(max_shard_size)
+    if out.exists() and not force:
+        raise NormSurgeryError(f"{out} already exists; choose another --output or pass --force to replace it.")
+    source = open_model(model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, scan_finite=True)
+    removal.finetune.fit_context(source.config)
+    return source, shard_bytes
+
+
 def _is_main_process() -> bool:
     """Whether this process reports and writes: under `accelerate launch` every process trains a replica of the
     same model (DDP keeps them equal) and only the main one exports it. ACCELERATE_USE_CPU=true makes a
@@ -70,11 +81,7 @@ def run_remove(model: str, out: Path, *, force: bool, max_shard_size: str, remov
     removal.finetune.validate()
     if removal.gap < 0 or removal.heal < 0 or removal.aux_weight < 0:
         raise NormSurgeryError("--gap, --heal and --aux-weight cannot be negative.")
-    shard_bytes = parse_size(max_shard_size)
-    if out.exists() and not force:
-        raise NormSurgeryError(f"{out} already exists; choose another --output or pass --force to replace it.")
-    source = open_model(model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, scan_finite=True)
-    removal.finetune.fit_context(source.config)
+    source, shard_bytes = _open_for_training(model, out, force, max_shard_size, removal, allow_pickle, trust_remote_code)
     try:
         order = removal_order(source.arch, removable_norms(source.arch))
         tokenizer, student, teacher = _load_for_training(source, removal.finetune, allow_pickle, trust_remote_code)
@@ -149,11 +156,7 @@ def run_swap(model: str, target: str, out: Path, *, force: bool, max_shard_size:
     removal.finetune.validate()
     if removal.heal < 1:
         raise NormSurgeryError("--heal must be at least 1 for --to dyt/derf (the fine-tune after the swap).")
-    shard_bytes = parse_size(max_shard_size)
-    if out.exists() and not force:
-        raise NormSurgeryError(f"{out} already exists; choose another --output or pass --force to replace it.")
-    source = open_model(model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, scan_finite=True)
-    removal.finetune.fit_context(source.config)
+    source, shard_bytes = _open_for_training(model, out, force, max_shard_size, removal, allow_pickle, trust_remote_code)
     try:
         norms = removable_norms(source.arch)
         tokenizer, student, teacher = _load_for_training(source, removal.finetune, allow_pickle, trust_remote_code)
