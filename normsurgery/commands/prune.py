@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -38,17 +39,9 @@ def _stats(source: ModelSource, model: torch.nn.Module, tokenizer: Any, *, sampl
         raise NormSurgeryError("--samples must be at least 1 and --seq-len at least 2.")
     seq_len = min(seq_len, context_length(source.config) or seq_len)
     ids = calibration_ids(tokenizer, text, samples, seq_len)
-    with console.status("measuring blocks on calibration text", spinner="dots") if not quiet else _nothing():
+    with console.status("measuring blocks on calibration text", spinner="dots") if not quiet else nullcontext():
         stats = measure(model, source.arch, ids, label=source.spec, skip_cost=skip_cost, weight=source.reader.get)
     return stats, ids
-
-
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 MaxMemory = Annotated[Optional[str], typer.Option("--max-memory", help="Keep at most this much of the model in memory (e.g. 2GB); the rest is read from the checkpoint block by block as the forward reaches it (slower).", rich_help_panel="Calibration")]
