@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from normsurgery.errors import NormSurgeryError
 from normsurgery.reference.text import shakespeare_text
-from normsurgery.train.engine import FinetuneOptions, finetune
+from normsurgery.train.engine import FinetuneOptions, finetune, refuse_sharded
 from normsurgery.train.text import load_text
 
 
@@ -91,6 +91,16 @@ def test_bad_options_are_explained(model_and_tokenizer, text_file, change, messa
     model, tok = model_and_tokenizer
     with pytest.raises(NormSurgeryError, match=re.escape(message)):
         finetune(model, tok, _options(text_file, **{"loss": "lm", **change}))
+
+
+@pytest.mark.parametrize("kind", ["FSDP", "DEEPSPEED"])
+def test_sharded_training_is_refused_before_any_step(kind):
+    from accelerate.utils import DistributedType
+
+    refuse_sharded(DistributedType.MULTI_CPU)
+    refuse_sharded(DistributedType.MULTI_GPU)
+    with pytest.raises(NormSurgeryError, match="shards the model .*accelerate launch --multi_gpu"):
+        refuse_sharded(DistributedType[kind])
 
 
 def test_text_sources(tmp_path):

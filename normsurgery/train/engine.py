@@ -1,9 +1,10 @@
 """A short fine-tune of a loaded model: distillation to a teacher's logits (KL), the language-model loss, or both.
 
-Built on accelerate, so the same code runs on the CPU, one GPU, or several (`accelerate launch`, DDP/FSDP set up
-by `accelerate config`). Deterministic for a seed on the CPU; resumable from a checkpoint folder (accelerate's
-state plus the step reached). Rewrites that change the model as training goes (LN removal freezes one norm at
-a time) hook in through `on_step`.
+Built on accelerate, so the same code runs on the CPU, one GPU, or several (`accelerate launch`, data parallel;
+sharded runs, FSDP or DeepSpeed, are refused because the rewrites export the whole model from one process).
+Deterministic for a seed on the CPU; resumable from a checkpoint folder (accelerate's state plus the step
+reached). Rewrites that change the model as training goes (LN removal freezes one norm at a time) hook in
+through `on_step`.
 """
 
 from __future__ import annotations
@@ -104,6 +105,7 @@ def finetune(
     if "kl" in options.loss and teacher is None:
         raise NormSurgeryError("a distillation loss needs the original model as teacher.")
     accelerator = Accelerator(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    refuse_sharded(accelerator.distributed_type)
     set_seed(options.seed)
     text, label = load_text(options.text)
     ids = tokenize(tokenizer, text, options.seq_len)
@@ -159,6 +161,19 @@ def finetune(
     if options.gradient_checkpointing:
         accelerator.unwrap_model(student).gradient_checkpointing_disable()
     return result
+
+
+def refuse_sharded(distributed_type: Any) -> None:
+    """Refuse FSDP/DeepSpeed/Megatron sharding: the rewrites read and export the whole trained model in place, which
+    a sharded run does not hold on any one process (DDP, one process or several, is what is supported)."""
+    from accelerate.utils import DistributedType
+
+    if distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
+        raise NormSurgeryError(
+            f"this accelerate configuration shards the model ({distributed_type.value}), which normsurgery's fine-tunes "
+            "do not support: the rewrite reads and exports the whole trained model from one process. Run with data "
+            "parallelism instead (`accelerate launch --multi_gpu ...`, no FSDP/DeepSpeed in `accelerate config`); "
+            "every model this tool's fine-tunes are meant for fits one GPU.")
 
 
 def _resume(accelerator: Any, folder: Path | None) -> int:
