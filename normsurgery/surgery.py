@@ -50,6 +50,7 @@ class SurgeryResult:
     maths_check: dict[str, Any] | None = None  # bf16/fp16 outputs: a float32 twin of the rewrite vs the source
     storage_check: dict[str, Any] | None = None  # bf16/fp16 outputs: the stored result vs its float32 twin
     change: dict[str, Any] | None = None  # pruning: the output against the unpruned source (what it costs)
+    config_updates: dict[str, Any] | None = None  # what changed in config.json
 
     def as_dict(self) -> dict[str, Any]:
         """Plain data for normsurgery.json and --json."""
@@ -152,9 +153,10 @@ def apply_plan(
         source.confirm()
         result.tensors_written = len(written)
         resized = (plan.surgery or {}).get("resized", [])
+        result.config_updates = plan.all_config_updates(source.config)
         config = rewritten_config(
             source.reader.config,
-            {**plan.config_updates, **({"torch_dtype": result.dtype} if dtype else {})},
+            {**result.config_updates, **({"torch_dtype": result.dtype} if dtype else {})},
             plan.surgery,
             {n: sink.shapes[n] for n in resized},
         )

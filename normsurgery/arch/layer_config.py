@@ -42,13 +42,21 @@ def _run_lengths(types: list[str]) -> list[list[Any]]:
     return runs
 
 
-def pruned_config_updates(config: Any, raw: dict[str, Any], keys: tuple[str, ...], num_layers_key: str,
-                          keep: list[int]) -> dict[str, Any]:
-    """The config.json changes for a model keeping blocks `keep` (old indices, in order) of `config`'s.
+def refuse_unknown_lists(raw: dict[str, Any], keys: tuple[str, ...], num_layers: int) -> None:
+    """Refuse a config.json that holds a list with one entry per block that is not among `keys`: writing it
+    unchanged would silently give kept blocks the settings of the removed ones."""
+    known = {*keys, "architectures", *(("attention_types",) if "attention_layers" in keys else ())}
+    unknown = [k for k, v in raw.items() if isinstance(v, list) and len(v) == num_layers and k not in known
+               and num_layers > 1]
+    if unknown:
+        raise NormSurgeryError(f"config.json holds {', '.join(unknown)} with one entry per block, which normsurgery does "
+                               f"not know how to re-index for a {raw.get('model_type')} model; nothing was written. "
+                               "Please report it (a family lists such keys in normsurgery/arch/families.py, per_layer).")
 
-    Refuses a config.json that holds another list with one entry per block: writing it unchanged would
-    silently give kept blocks the settings of the removed ones.
-    """
+
+def pruned_config_updates(config: Any, keys: tuple[str, ...], num_layers_key: str, keep: list[int]) -> dict[str, Any]:
+    """The config.json changes for a model keeping blocks `keep` (old indices, in order) of `config`'s (the
+    transformers config, whose defaults and patterns are expanded)."""
     num_layers = int(config.num_hidden_layers)
     updates: dict[str, Any] = {num_layers_key: len(keep)}
     for key in keys:
@@ -61,10 +69,4 @@ def pruned_config_updates(config: Any, raw: dict[str, Any], keys: tuple[str, ...
         updates[key] = REINDEX[key](list(value) if isinstance(value, (list, tuple)) else value, keep)
         if key == "attention_layers":
             updates["attention_types"] = _run_lengths(updates[key])
-    unknown = [k for k, v in raw.items() if isinstance(v, list) and len(v) == num_layers and k not in updates
-               and num_layers > 1 and k != "architectures"]
-    if unknown:
-        raise NormSurgeryError(f"config.json holds {', '.join(unknown)} with one entry per block, which normsurgery does "
-                               f"not know how to re-index for a {config.model_type} model; nothing was written. Please "
-                               "report it (a family lists such keys in normsurgery/arch/families.py, per_layer).")
     return updates

@@ -10,7 +10,6 @@ even with --no-verify (which skips only the logits check).
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import shutil
 import struct
@@ -27,6 +26,7 @@ from normsurgery.errors import NormSurgeryError
 
 HEADER_RESERVE = 64 * 1024  # bytes kept for a shard's header; the data follows, written as tensors arrive
 CHUNK = 64 * 2**20  # copy size when a header outgrows its reserved space
+VERIFY_CHUNK = 8 * 2**20  # read size when a written shard is re-read against its checksums
 QUEUED_LIMIT = 256 * 2**20  # tensor bytes that may wait for the writer thread
 FLUSH_EVERY = 256 * 2**20  # bytes after which an open shard is flushed, so the disk works from the start
 _DTYPE_CODES = {dtype: code for code, dtype in DTYPES.items()}
@@ -93,14 +93,12 @@ def verify_shard(path: Path, expected: dict[str, tuple[torch.dtype, tuple[int, .
 
 def verify_checksums(path: Path, checksums: dict[str, int]) -> None:
     """Re-read every tensor's bytes from a closed, synced shard and compare their CRC-32 with the one taken when
-    they were written."""
+    they were written. Read through one small buffer, not mapped: a mapping would count the whole shard in the
+    process's resident memory."""
     infos, _ = read_header(path)
-    with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-        view = memoryview(data)
-        try:
-            bad = [name for name, expected in checksums.items() if _crc(view, infos[name]) != expected]
-        finally:
-            view.release()
+    buffer = memoryview(bytearray(VERIFY_CHUNK))
+    with path.open("rb", buffering=0) as f:
+        bad = [name for name, expected in checksums.items() if _crc(f, infos[name], buffer) != expected]
     if bad:
         raise NormSurgeryError(
             f"tensor {bad[0]} reads back from {path.name} with other bytes than were written (checksum mismatch: "
@@ -108,12 +106,16 @@ def verify_checksums(path: Path, checksums: dict[str, int]) -> None:
         )
 
 
-def _crc(view: memoryview, info: Any) -> int:
-    """CRC-32 of one tensor's bytes in a mapped shard, in CHUNK pieces (zlib releases the GIL for each)."""
-    start = info.data_start + info.begin
-    crc = 0
-    for offset in range(start, start + info.nbytes, CHUNK):
-        crc = zlib.crc32(view[offset:min(offset + CHUNK, start + info.nbytes)], crc)
+def _crc(f: Any, info: Any, buffer: memoryview) -> int:
+    """CRC-32 of one tensor's bytes in an open shard (zlib releases the GIL for each piece); -1 if it is cut short."""
+    f.seek(info.data_start + info.begin)
+    crc, left = 0, info.nbytes
+    while left:
+        n = f.readinto(buffer[:min(len(buffer), left)])
+        if not n:
+            return -1
+        crc = zlib.crc32(buffer[:n], crc)
+        left -= n
     return crc
 
 

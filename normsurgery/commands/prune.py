@@ -98,8 +98,10 @@ def run_prune(model: str, output: Path | None, selection: PruneSelection, *, hea
         raise NormSurgeryError(f"{output} already exists; choose another --output or pass --force to replace it.")
     # measuring runs the model, so NaN/inf are refused first; a given --layers streams, checking each tensor as it
     # is copied, and the dropped ones below (a checkpoint with NaN is refused even where it is cut away)
+    # given --layers, nothing runs the model before the copy: transformers' reading of the config and the shape
+    # check go on in the background while the tensors stream
     source = open_model(model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
-                        scan_finite=s.layers is None)
+                        scan_finite=s.layers is None, validate_in_background=s.layers is not None)
     report: dict[str, Any] = {"operation": "prune", "source": source.spec}
     try:
         if s.layers is not None:
@@ -116,19 +118,19 @@ def run_prune(model: str, output: Path | None, selection: PruneSelection, *, hea
             chosen = check_removal(source.arch, list(best.blocks))
             report["selection"] = {"method": s.by, "blocks": chosen, "calibration_ce": stats.base_ce,
                                    "candidates": [asdict(c) for c in found]}
-        plan = plan_prune(source.arch, source.config, source.reader.config, source.reader.names(), chosen)
+        plan = plan_prune(source.arch, source.reader.config, source.reader.names(), chosen)
         for name in sorted(plan.dropped):
             source.reader.check_finite(name, source.reader.get(name))
         report["kept_blocks"] = source.arch.num_layers - len(chosen)
-        report["config_updates"] = plan.config_updates
         if dry_run:
-            report["dry_run"] = True
+            report.update(dry_run=True, config_updates=plan.all_config_updates(source.config))
         elif heal is not None:
             report.update(_write_and_heal(source, plan, output, force, shard_bytes, heal, allow_pickle))
         else:
             result = apply_plan(source, plan, output, force=force, max_shard_size=shard_bytes, verify=verify,
                                 thresholds=Thresholds())
-            report.update({"output": str(output), "check": result.check, "change": result.change})
+            report.update({"output": str(output), "config_updates": result.config_updates, "check": result.check,
+                           "change": result.change})
     finally:
         source.close()
     return report
@@ -196,7 +198,8 @@ def _write_and_heal(source: ModelSource, plan: Any, out: Path, force: bool, shar
                            max_shard_size=shard_bytes, allow_pickle=allow_pickle)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return {"output": str(out), "check": result.check, "change": result.change, "heal": heal,
+    return {"output": str(out), "config_updates": result.config_updates, "check": result.check,
+            "change": result.change, "heal": heal,
             "export_check": heal.pop("export_check")}
 
 

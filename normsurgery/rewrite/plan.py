@@ -47,12 +47,20 @@ class Plan:
     steps: list[Step] = field(default_factory=list)
     dropped: set[str] = field(default_factory=set)
     config_updates: dict[str, Any] = field(default_factory=dict)
+    # config changes that need the transformers config (its defaults expanded); computed once it is built, so that
+    # streaming can start while transformers is still importing
+    config_updates_from: Callable[[Any], dict[str, Any]] | None = None
     surgery: dict[str, Any] | None = None  # module changes the exported modeling code applies; None: stock class
     folded: list[str] = field(default_factory=list)
     kept: list[str] = field(default_factory=list)  # norms left in place, with the reason
     renames: dict[str, str] = field(default_factory=dict)  # source name -> output name of copied tensors
     # blocks the output skips: it must equal the original run with these blocks skipped (verification)
     skipped_blocks: tuple[int, ...] = ()
+
+    def all_config_updates(self, config: Any) -> dict[str, Any]:
+        """Every config.json change: the plan's own, then those computed from the transformers `config`."""
+        late = self.config_updates_from(config) if self.config_updates_from else {}
+        return {**self.config_updates, **late}
 
 
 def _widened(tensor: Tensor, target: torch.dtype) -> Tensor:

@@ -7,10 +7,11 @@ loads it, and rebuilds each layer's cache index from its position.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 from normsurgery.arch import raw_key
-from normsurgery.arch.layer_config import pruned_config_updates
+from normsurgery.arch.layer_config import pruned_config_updates, refuse_unknown_lists
 from normsurgery.arch.spec import Architecture
 from normsurgery.errors import NormSurgeryError
 from normsurgery.rewrite.plan import Plan
@@ -34,10 +35,12 @@ def check_removal(arch: Architecture, remove: list[int]) -> list[int]:
     return sorted(remove)
 
 
-def plan_prune(arch: Architecture, config: Any, raw: dict[str, Any], names: list[str], remove: list[int]) -> Plan:
+def plan_prune(arch: Architecture, raw: dict[str, Any], names: list[str], remove: list[int]) -> Plan:
     """Drop the blocks `remove` (0-based) from a checkpoint holding tensors `names`, rename the later blocks'
-    tensors, re-index the config (`config`: the transformers config, `raw`: config.json)."""
+    tensors, re-index the config (`raw`: config.json; the per-block entries are re-indexed from the transformers
+    config once it is built)."""
     remove = check_removal(arch, remove)
+    refuse_unknown_lists(raw, arch.per_layer, arch.num_layers)
     keep = [b.index for b in arch.blocks if b.index not in remove]
     plan = Plan(operation="prune", skipped_blocks=tuple(remove))
     new_prefix = {old: arch.blocks[new].prefix for new, old in enumerate(keep)}
@@ -50,6 +53,7 @@ def plan_prune(arch: Architecture, config: Any, raw: dict[str, Any], names: list
             plan.dropped.add(name)
         elif new_prefix[block] != arch.blocks[block].prefix:
             plan.renames[name] = new_prefix[block] + name[len(arch.blocks[block].prefix):]
-    plan.config_updates = pruned_config_updates(config, raw, arch.per_layer, raw_key(raw, "num_hidden_layers"), keep)
+    plan.config_updates_from = partial(pruned_config_updates, keys=arch.per_layer,
+                                       num_layers_key=raw_key(raw, "num_hidden_layers"), keep=keep)
     return plan
 

@@ -59,7 +59,8 @@ def export_trained(source: ModelSource, plan: Plan, model: torch.nn.Module, chec
         written = execute(plan, MemorySource(state, source.reader.names() + [n for n in extra if n not in source.reader],
                                        source.arch.key_renames), writer,
                           dtype_for=lambda name: dtypes.get(name, stored))
-        writer.write_json("config.json", rewritten_config(source.reader.config, plan.config_updates, plan.surgery, {}))
+        writer.write_json("config.json", rewritten_config(source.reader.config, plan.all_config_updates(source.config),
+                                                             plan.surgery, {}))
         writer.copy_side_files(source.path)
         if plan.surgery is not None:
             writer.copy_file(MODELING_FILE)
