@@ -61,6 +61,8 @@ def main() -> None:
     parser.add_argument("--heal-batch", type=int, default=4)
     parser.add_argument("--heal-lr", type=float, default=1e-4)
     parser.add_argument("--time-ks", default="0,2,4,8,15", help="0 first (the intact model)")
+    parser.add_argument("--time-seq-len", type=int, default=256, help="tokens of the timed forward")
+    parser.add_argument("--time-only", action="store_true", help="skip the quality measurements")
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args()
 
@@ -82,13 +84,13 @@ def main() -> None:
     calib = calibration_ids(tokenizer, None, args.samples, args.seq_len)
     held = heldout_ids(tokenizer, args.samples, args.seq_len)
     start = time.perf_counter()
-    stats = measure(model, arch, calib, label=args.model, skip_cost=True)
+    stats = None if args.time_only else measure(model, arch, calib, label=args.model, skip_cost=True)
     base = cross_entropy(model, held)
     print(f"{args.model}: {arch.num_layers} blocks; statistics with skip costs in {time.perf_counter() - start:.0f} s; "
           f"held-out CE {base:.4f} on {args.samples} x {args.seq_len} tokens", flush=True)
 
     rows = []
-    for k in map(int, args.ks.split(",")):
+    for k in [] if args.time_only else map(int, args.ks.split(",")):
         for method in args.methods.split(","):
             found = candidates(stats, k, method, top=3)
             best = remeasure(model, arch, calib, found) if method == "auto" else found[0]
@@ -111,9 +113,10 @@ def main() -> None:
         print(json.dumps(healed[-1]), flush=True)
         del student
 
-    ids = heldout_ids(tokenizer, 1, 256)
-    time_ks = [int(x) for x in args.time_ks.split(",")]
-    variants = {k: without_blocks(model, layers_path, list(range(arch.num_layers - 1 - k, arch.num_layers - 1)))
+    ids = heldout_ids(tokenizer, 1, args.time_seq_len)
+    L = arch.num_layers
+    time_ks = [int(x) for x in args.time_ks.split(",")] + [L]  # L: every block removed (embedding, final norm, head)
+    variants = {k: without_blocks(model, layers_path, list(range(L - 1 - k, L - 1)) if k < L else list(range(L)))
                 for k in time_ks}
     times: dict[int, list[float]] = {k: [] for k in time_ks}
     with torch.no_grad():
@@ -123,11 +126,11 @@ def main() -> None:
                 m(input_ids=ids, use_cache=False)
                 times[k].append(time.perf_counter() - t)
     full = statistics.median(times[0])
+    share = 1 - statistics.median(times[L]) / full  # of the forward time spent in the blocks
 
-    L = arch.num_layers
     print(f"\n| K | {' | '.join(args.methods.split(','))} |")
     print("|---|" + "---|" * len(args.methods.split(",")))
-    for k in map(int, args.ks.split(",")):
+    for k in [] if args.time_only else map(int, args.ks.split(",")):
         cells = [next(r for r in rows if r["k"] == k and r["method"] == m) for m in args.methods.split(",")]
         print(f"| {k} | " + " | ".join(f"{c['delta']:+.3f} ({','.join(map(str, c['blocks']))})" for c in cells) + " |")
     if healed:
@@ -137,12 +140,13 @@ def main() -> None:
             before = next(r["delta"] for r in rows if r["k"] == h["k"] and r["method"] == "auto")
             print(f"| {h['k']} | {','.join(map(str, h['blocks']))} | {before:+.3f} | {h['delta']:+.3f} | {h['steps']} | "
                   f"{h['wall_s']:.0f} s |")
-    print(f"\nforward of 1 x {ids.shape[1]} tokens, median of 12 interleaved runs; intact model {full * 1000:.1f} ms")
-    print("| blocks removed k | k/L | time saved | saved / (k/L) |")
-    print("|---|---|---|---|")
-    for k in time_ks[1:]:
+    print(f"\nforward of 1 x {ids.shape[1]} tokens, median of 12 interleaved runs; intact model {full * 1000:.1f} ms, "
+          f"of which the {L} blocks {share:.1%} (the rest: embedding, final norm and unembedding)")
+    print("| blocks removed k | k/L | time saved | saved / (k/L) | saved / (k/L x blocks' share) |")
+    print("|---|---|---|---|---|")
+    for k in time_ks[1:-1]:
         saved = 1 - statistics.median(times[k]) / full
-        print(f"| {k} | {k / L:.3f} | {saved:.3f} | {saved / (k / L):.2f} |")
+        print(f"| {k} | {k / L:.3f} | {saved:.3f} | {saved / (k / L):.2f} | {saved / (k / L * share):.2f} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"base_ce": base, "rows": rows, "healed": healed,

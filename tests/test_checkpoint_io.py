@@ -176,3 +176,43 @@ def test_bytes_changed_on_disk_after_writing_are_caught_before_the_rename(tmp_pa
             writer.add("a", torch.arange(1000, dtype=torch.float32))
             writer.add("b", torch.ones(10, dtype=torch.bfloat16))
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_tensors_re_read_at_a_periodic_flush_are_checked_too(tmp_path, monkeypatch):
+    """Tensors are re-read after each periodic flush (not only at the shard's end): a byte changed in the first
+    tensor after the first flush is caught, and an intact run re-reads every tensor exactly once."""
+    from normsurgery.checkpoint import shard_file
+    from normsurgery.errors import NormSurgeryError
+
+    monkeypatch.setattr(shard_file, "FLUSH_EVERY", 4000)
+    real_verify = shard_file.verify_spans
+    seen: list[str] = []
+
+    def record(path, spans):
+        seen.extend(s.name for s in spans)
+        real_verify(path, spans)
+
+    monkeypatch.setattr(shard_file, "verify_spans", record)
+    with CheckpointWriter(tmp_path / "ok") as writer:
+        for i in range(4):
+            writer.add(f"t{i}", torch.full((1000,), float(i)))
+    assert sorted(seen) == ["t0", "t1", "t2", "t3"]
+
+    real_fsync, flipped = shard_file._fsync, []
+
+    def flip_the_first_tensor(path):
+        real_fsync(path)
+        if not flipped:
+            with open(path, "r+b") as f:
+                f.seek(shard_file.HEADER_RESERVE + 5)
+                byte = f.read(1)
+                f.seek(shard_file.HEADER_RESERVE + 5)
+                f.write(bytes([byte[0] ^ 0xFF]))
+            flipped.append(path)
+
+    monkeypatch.setattr(shard_file, "_fsync", flip_the_first_tensor)
+    with pytest.raises(NormSurgeryError, match="tensor t0 reads back .*checksum mismatch"):
+        with CheckpointWriter(tmp_path / "bad") as writer:
+            for i in range(4):
+                writer.add(f"t{i}", torch.full((1000,), float(i)))
+    assert not (tmp_path / "bad").exists()

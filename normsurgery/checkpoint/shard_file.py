@@ -17,7 +17,7 @@ import zlib
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 
@@ -47,6 +47,7 @@ class ShardFile:
         self.file.seek(HEADER_RESERVE)
         self.entries: dict[str, dict[str, Any]] = {}
         self.checksums: dict[str, int] = {}
+        self.unchecked: list[str] = []  # written, not yet handed to a re-read against their checksums
         self.size = 0
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
@@ -54,20 +55,30 @@ class ShardFile:
         data = tensor_bytes(tensor)
         self.file.write(data)
         self.checksums[name] = zlib.crc32(data)
+        self.unchecked.append(name)
         self.entries[name] = {"dtype": _DTYPE_CODES[tensor.dtype], "shape": list(tensor.shape),
                               "data_offsets": [self.size, self.size + len(data)]}
         self.size += len(data)
 
-    def close(self) -> None:
+    def take_unchecked(self) -> list[Span]:
+        """Where the tensors written since the last call lie in the file, with their checksums (to re-read once the
+        file is synced)."""
+        spans = [Span(name, HEADER_RESERVE + self.entries[name]["data_offsets"][0],
+                      self.entries[name]["data_offsets"][1] - self.entries[name]["data_offsets"][0], self.checksums[name])
+                 for name in self.unchecked]
+        self.unchecked = []
+        return spans
+
+    def close(self) -> bool:
         """Write the header into the reserved space (space-padded, as the format allows), or move the data
-        along when the header does not fit."""
+        along when the header does not fit (returns True: every offset changed)."""
         header = json.dumps({"__metadata__": self.metadata, **self.entries}, separators=(",", ":")).encode()
         room = HEADER_RESERVE - 8
         if len(header) <= room:
             self.file.seek(0)
             self.file.write(struct.pack("<Q", room) + header + b" " * (room - len(header)))
             self.file.close()
-            return
+            return False
         self.file.close()
         header += b" " * (-len(header) % 8)
         moved = self.path.with_name(self.path.name + ".moving")
@@ -76,11 +87,12 @@ class ShardFile:
             src.seek(HEADER_RESERVE)
             shutil.copyfileobj(src, dst, CHUNK)
         moved.replace(self.path)
+        return True
 
 
-def verify_shard(path: Path, expected: dict[str, tuple[torch.dtype, tuple[int, ...]]]) -> None:
+def verify_shard(path: Path, expected: dict[str, tuple[torch.dtype, tuple[int, ...]]]) -> dict[str, Any]:
     """Re-read a closed shard's header (bounds-checked like any input): it must describe exactly the tensors
-    written, with their dtypes and shapes, inside the file."""
+    written, with their dtypes and shapes, inside the file. Returns where each tensor lies."""
     infos, _ = read_header(path)
     found = {name: (info.dtype, info.shape) for name, info in infos.items()}
     if found != expected:
@@ -89,16 +101,25 @@ def verify_shard(path: Path, expected: dict[str, tuple[torch.dtype, tuple[int, .
             f"the header of {path.name} does not describe tensor {name} as written (a bug in normsurgery, or a "
             "disk error); nothing was written. Please report it."
         )
+    return infos
 
 
-def verify_checksums(path: Path, checksums: dict[str, int]) -> None:
-    """Re-read every tensor's bytes from a closed, synced shard and compare their CRC-32 with the one taken when
-    they were written. Read through one small buffer, not mapped: a mapping would count the whole shard in the
-    process's resident memory."""
-    infos, _ = read_header(path)
+class Span(NamedTuple):
+    """One written tensor's bytes in a shard file, and their CRC-32 when written."""
+
+    name: str
+    start: int
+    nbytes: int
+    crc: int
+
+
+def verify_spans(path: Path, spans: list[Span]) -> None:
+    """Re-read written tensors from a synced shard and compare their CRC-32 with the one taken when they were
+    written. Read through one small buffer, not mapped: a mapping would count the whole shard in the process's
+    resident memory."""
     buffer = memoryview(bytearray(VERIFY_CHUNK))
     with path.open("rb", buffering=0) as f:
-        bad = [name for name, expected in checksums.items() if _crc(f, infos[name], buffer) != expected]
+        bad = [span.name for span in spans if _crc(f, span, buffer) != span.crc]
     if bad:
         raise NormSurgeryError(
             f"tensor {bad[0]} reads back from {path.name} with other bytes than were written (checksum mismatch: "
@@ -106,10 +127,10 @@ def verify_checksums(path: Path, checksums: dict[str, int]) -> None:
         )
 
 
-def _crc(f: Any, info: Any, buffer: memoryview) -> int:
-    """CRC-32 of one tensor's bytes in an open shard (zlib releases the GIL for each piece); -1 if it is cut short."""
-    f.seek(info.data_start + info.begin)
-    crc, left = 0, info.nbytes
+def _crc(f: Any, span: Span, buffer: memoryview) -> int:
+    """CRC-32 of one span of an open file (zlib releases the GIL for each piece); -1 if the file is cut short."""
+    f.seek(span.start)
+    crc, left = 0, span.nbytes
     while left:
         n = f.readinto(buffer[:min(len(buffer), left)])
         if not n:
@@ -210,23 +231,26 @@ class ShardPipeline:
         self._unflushed += tensor.numel() * tensor.element_size()
         if self._unflushed >= FLUSH_EVERY and (not self._syncs or self._syncs[-1].done()):
             self._file.file.flush()
-            self._syncs.append(self._syncer.submit(_fsync, self._file.path))
+            self._syncs.append(self._syncer.submit(_sync_and_verify, self._file.path, self._file.take_unchecked()))
             self._unflushed = 0
 
     def _finish_job(self, index: int, expected: dict[str, tuple[torch.dtype, tuple[int, ...]]]) -> None:
-        self._file.close()
+        file, self._file = self._file, None
+        moved = file.close()
         self._unflushed = 0
-        checksums = self._file.checksums
-        self._file = None
         path = self.shard_path(index)
-        verify_shard(path, expected)
-        self._syncs.append(self._syncer.submit(_sync_and_verify, path, checksums))
+        infos = verify_shard(path, expected)
+        # the tensors not yet re-read; all of them when the data moved to make room for the header
+        names = list(file.checksums) if moved else [span.name for span in file.take_unchecked()]
+        spans = [Span(n, infos[n].data_start + infos[n].begin, infos[n].nbytes, file.checksums[n]) for n in names]
+        self._syncs.append(self._syncer.submit(_sync_and_verify, path, spans))
 
 
-def _sync_and_verify(path: Path, checksums: dict[str, int]) -> None:
-    """Flush a finished shard to disk, then re-read it and compare every tensor's checksum."""
+def _sync_and_verify(path: Path, spans: list[Span]) -> None:
+    """Flush a shard to disk, then re-read the given tensors and compare their checksums (the tensors re-read
+    at each periodic flush, so that the end of a run waits only for the last ones)."""
     _fsync(path)
-    verify_checksums(path, checksums)
+    verify_spans(path, spans)
 
 
 def _fsync(path: Path) -> None:

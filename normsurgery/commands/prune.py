@@ -97,7 +97,7 @@ def run_prune(model: str, output: Path | None, selection: PruneSelection, *, hea
     if output is not None and output.exists() and not force and not dry_run:
         raise NormSurgeryError(f"{output} already exists; choose another --output or pass --force to replace it.")
     # measuring runs the model, so NaN/inf are refused first; a given --layers streams, checking each tensor as it
-    # is copied, and the dropped ones below (a checkpoint with NaN is refused even where it is cut away)
+    # is copied or dropped (a checkpoint with NaN is refused even where it is cut away)
     # given --layers, nothing runs the model before the copy: transformers' reading of the config and the shape
     # check go on in the background while the tensors stream
     source = open_model(model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
@@ -119,8 +119,6 @@ def run_prune(model: str, output: Path | None, selection: PruneSelection, *, hea
             report["selection"] = {"method": s.by, "blocks": chosen, "calibration_ce": stats.base_ce,
                                    "candidates": [asdict(c) for c in found]}
         plan = plan_prune(source.arch, source.reader.config, source.reader.names(), chosen)
-        for name in sorted(plan.dropped):
-            source.reader.check_finite(name, source.reader.get(name))
         report["kept_blocks"] = source.arch.num_layers - len(chosen)
         if dry_run:
             report.update(dry_run=True, config_updates=plan.all_config_updates(source.config))

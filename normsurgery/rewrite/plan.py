@@ -56,6 +56,9 @@ class Plan:
     renames: dict[str, str] = field(default_factory=dict)  # source name -> output name of copied tensors
     # blocks the output skips: it must equal the original run with these blocks skipped (verification)
     skipped_blocks: tuple[int, ...] = ()
+    # read and check the dropped tensors too, in stream order (pruning refuses a damaged checkpoint even where it
+    # is cut away; the reads fill time the stream spends waiting for the disk)
+    check_dropped: bool = False
 
     def all_config_updates(self, config: Any) -> dict[str, Any]:
         """Every config.json change: the plan's own, then those computed from the transformers `config`."""
@@ -91,9 +94,12 @@ def execute(
         if on_step:
             on_step(step.label)
     produced = set(written)
-    rest = [name for name in source.names() if name not in produced and name not in plan.dropped]
+    rest = [name for name in source.names() if name not in produced and (plan.check_dropped or name not in plan.dropped)]
     for i, name in enumerate(rest):
         source.prefetch(rest[i + 1 : i + 2])
+        if name in plan.dropped:
+            source.get(name)  # read (and checked by a checking source), not written
+            continue
         sink.add(plan.renames.get(name, name), source.get(name))
         written.append(plan.renames.get(name, name))
         if on_step:
