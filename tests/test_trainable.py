@@ -142,3 +142,15 @@ def test_removal_trains_on_two_processes_and_writes_once(tiny_model, tmp_path, f
     report = json.loads(run.stdout[run.stdout.index("{"):])
     assert report["processes"] == 2 and report["export_check"]["rel_logit_diff"] <= 1e-5
     assert json.loads((out / "normsurgery.json").read_text())["processes"] == 2
+
+
+def test_a_clearly_worse_result_is_pointed_out():
+    from normsurgery.commands.common import console
+    from normsurgery.commands.trainable import _note_if_far
+
+    with console.capture() as far:
+        _note_if_far(4.0, 4.5)
+    with console.capture() as close:
+        _note_if_far(4.0, 4.05)
+    assert "0.50 nats/token worse" in far.get() and "--heal" in far.get()
+    assert close.get() == ""

@@ -128,7 +128,19 @@ def run_remove(model: str, out: Path, *, force: bool, max_shard_size: str, remov
         console.print(f"held-out cross-entropy {before:.4f} -> {after:.4f} nats/token ({after - before:+.4f}); "
                       f"fine-tune {len(result.losses)} steps in {seconds:.0f} s")
         console.print(f"export check: {report['export_check']['rel_logit_diff']:.3g} of the logit scale")
+        _note_if_far(before, after)
     return summary
+
+
+FAR = 0.1  # nats/token of held-out cross-entropy above the original worth telling the user about
+
+
+def _note_if_far(before: float, after: float) -> None:
+    """Say plainly when the rewritten model is clearly worse than the original, and what to try."""
+    if after - before > FAR:
+        console.print(f"[yellow]note: the output is {after - before:.2f} nats/token worse than the original on held-out "
+                      "text. Heal longer (--heal), try another --lr, or measure it with `normsurgery eval OUT --compare "
+                      "MODEL` before using it.[/yellow]")
 
 
 def removal_options(*, gap: int, heal: int, aux_weight: float, lr: float, batch_size: int, seq_len: int, text: str | None, seed: int,
@@ -217,4 +229,5 @@ def run_swap(model: str, target: str, out: Path, *, force: bool, max_shard_size:
                       "code, trust_remote_code=True)")
         console.print(f"held-out cross-entropy {before:.4f} -> {swapped:.4f} after the swap -> {after:.4f} after "
                       f"{removal.heal} healing steps ({after - before:+.4f}) in {seconds:.0f} s")
+        _note_if_far(before, after)
     return summary
