@@ -96,10 +96,9 @@ def run_prune(model: str, output: Path | None, selection: PruneSelection, *, hea
         raise NormSurgeryError("give an output folder with -o/--output (or --dry-run to only choose the blocks).")
     if output is not None and output.exists() and not force and not dry_run:
         raise NormSurgeryError(f"{output} already exists; choose another --output or pass --force to replace it.")
-    # measuring runs the model, so NaN/inf are refused first; a given --layers streams, checking each tensor as it
-    # is copied or dropped (a checkpoint with NaN is refused even where it is cut away)
-    # given --layers, nothing runs the model before the copy: transformers' reading of the config and the shape
-    # check go on in the background while the tensors stream
+    # measuring runs the model, so NaN/inf are refused first. A given --layers runs nothing before the copy: it
+    # streams at once, checking each tensor as it is copied or dropped (NaN is refused even where it is cut away),
+    # while transformers' reading of the config and the shape check go on in the background
     source = open_model(model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
                         scan_finite=s.layers is None, validate_in_background=s.layers is not None)
     report: dict[str, Any] = {"operation": "prune", "source": source.spec}
