@@ -118,6 +118,7 @@ def run_prune(model: str, output: Path | None, selection: PruneSelection, *, hea
             report["selection"] = {"method": s.by, "blocks": chosen, "calibration_ce": stats.base_ce,
                                    "candidates": [asdict(c) for c in found]}
         plan = plan_prune(source.arch, source.reader.config, source.reader.names(), chosen)
+        plan.check_dropped = s.layers is not None  # --remove scanned every tensor when it opened the model
         report["kept_blocks"] = source.arch.num_layers - len(chosen)
         if dry_run:
             report.update(dry_run=True, config_updates=plan.all_config_updates(source.config))

@@ -42,7 +42,7 @@ def plan_prune(arch: Architecture, raw: dict[str, Any], names: list[str], remove
     remove = check_removal(arch, remove)
     refuse_unknown_lists(raw, arch.per_layer, arch.num_layers)
     keep = [b.index for b in arch.blocks if b.index not in remove]
-    plan = Plan(operation="prune", skipped_blocks=tuple(remove), check_dropped=True)
+    plan = Plan(operation="prune", skipped_blocks=tuple(remove))
     new_prefix = {old: arch.blocks[new].prefix for new, old in enumerate(keep)}
     by_prefix = {b.prefix: b.index for b in arch.blocks}
     for name in names:
