@@ -155,7 +155,7 @@ def test_reader_refuses_a_shard_cut_short_after_its_header(tiny_model, tmp_path)
 
 
 def test_bytes_changed_on_disk_after_writing_are_caught_before_the_rename(tmp_path, monkeypatch):
-    """Every shard is re-read after fsync and each tensor's CRC-32 compared with the one taken when written."""
+    """Every shard is re-read after fsync and each tensor's checksum compared with the one taken when written."""
     from normsurgery.checkpoint import shard_file
     from normsurgery.errors import NormSurgeryError
 
@@ -216,3 +216,29 @@ def test_tensors_re_read_at_a_periodic_flush_are_checked_too(tmp_path, monkeypat
             for i in range(4):
                 writer.add(f"t{i}", torch.full((1000,), float(i)))
     assert not (tmp_path / "bad").exists()
+
+
+def test_re_read_spans_many_mapping_windows_from_unaligned_offsets(tmp_path, monkeypatch):
+    """The re-read maps a shard a window at a time: a tensor that starts mid-page and spans several windows
+    verifies intact, and a byte changed in its last window, or a file cut short, is a checksum mismatch."""
+    import mmap
+
+    from normsurgery.checkpoint import shard_file
+    from normsurgery.errors import NormSurgeryError
+
+    monkeypatch.setattr(shard_file, "VERIFY_WINDOW", mmap.ALLOCATIONGRANULARITY)
+    data = torch.arange(5 * mmap.ALLOCATIONGRANULARITY // 4 + 3, dtype=torch.float32)
+    raw = shard_file.tensor_bytes(data)
+    path = tmp_path / "shard"
+    path.write_bytes(b"x" * 13 + bytes(raw) + b"tail")
+    span = shard_file.Span("t", 13, len(raw), shard_file.checksum(raw))
+    shard_file.verify_spans(path, [span, shard_file.Span("empty", 13, 0, shard_file.checksum(b""))])
+
+    with open(path, "r+b") as f:
+        f.seek(13 + len(raw) - 2)
+        f.write(b"\xff")
+    with pytest.raises(NormSurgeryError, match="tensor t reads back .*checksum mismatch"):
+        shard_file.verify_spans(path, [span])
+    path.write_bytes(b"x" * 13 + bytes(raw)[:-1])
+    with pytest.raises(NormSurgeryError, match="checksum mismatch"):
+        shard_file.verify_spans(path, [span])
