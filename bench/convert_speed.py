@@ -2,9 +2,10 @@
 
 For each synthetic checkpoint (real tensor names and shapes, random weights; see bench/synthetic.py) it
 times `cp -r SRC DST && sync` and each normsurgery operation (run as a fresh process, verification off:
-that is timed separately) and records every process's peak RSS with wait4. Prints a Markdown table.
+that is timed separately) in interleaved rounds, and records every process's peak RSS with wait4. Prints a
+Markdown table.
 
-    python bench/convert_speed.py [--workdir /tmp/normsurgery-bench] [--suite main|rss|prune|all]
+    python bench/convert_speed.py [--workdir /tmp/normsurgery-bench] [--suite main|rss|prune|all] [--repeat N]
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -47,27 +49,28 @@ def normsurgery(*args: str) -> list[str]:
 
 
 def bench_model(src: Path, ops: list[tuple[str, list[str]]], work: Path, verify: bool, repeat: int) -> list[dict]:
-    """Copy, then each operation, then copy again; every figure is the fastest of `repeat` runs (of the copy: of
-    both rounds), on a machine whose page cache and disk other work shares."""
-    rows = []
-    copies = [copy_time(src, work / "copy") for _ in range(repeat)]
-    for label, args in ops:
-        out = work / "out"
-        runs = []
-        for _ in range(repeat):
-            runs.append(run(normsurgery(*args, str(src), "-o", str(out), "--force", "--no-verify", "--max-shard-size", "1GB")))
+    """Rounds of one copy then each operation, interleaved so that each round meets the same machine (its page
+    cache and disk serve other work). Reports the fastest run of each (the least disturbed) and the median of the
+    per-round ratios to that round's copy."""
+    copies: list[float] = []
+    runs: dict[str, list[tuple[float, float]]] = {label: [] for label, _ in ops}
+    out = work / "out"
+    for _ in range(repeat):
+        copies.append(copy_time(src, work / "copy")[0])
+        for label, args in ops:
+            runs[label].append(run(normsurgery(*args, str(src), "-o", str(out), "--force", "--no-verify", "--max-shard-size", "1GB")))
             shutil.rmtree(out, ignore_errors=True)
-        seconds, rss = min(r[0] for r in runs), max(r[1] for r in runs)
-        row = {"model": src.name, "GB": folder_bytes(src) / 1e9, "op": label, "s": seconds, "rss": rss}
+    rows = []
+    for label, args in ops:
+        seconds = [r[0] for r in runs[label]]
+        row = {"model": src.name, "GB": folder_bytes(src) / 1e9, "op": label, "s": min(seconds),
+               "rss": max(r[1] for r in runs[label]), "copy_s": min(copies), "ratio": min(seconds) / min(copies),
+               "median_ratio": statistics.median(s / c for s, c in zip(seconds, copies))}
         if verify:
             row["s_verified"], row["rss_verified"] = run(normsurgery(*args, str(src), "-o", str(out), "--force", "--max-shard-size", "1GB"))
-        shutil.rmtree(out, ignore_errors=True)
-        print(f"  {src.name} {label}: {row}", flush=True)
+            shutil.rmtree(out, ignore_errors=True)
+        print(f"  {src.name} {label}: {row}; runs {[round(x, 2) for x in seconds]}, copies {[round(x, 2) for x in copies]}", flush=True)
         rows.append(row)
-    copies += [copy_time(src, work / "copy") for _ in range(repeat)]
-    copy_s, copy_rss = min(copies)
-    for row in rows:
-        row["copy_s"], row["ratio"] = copy_s, row["s"] / copy_s
     return rows
 
 
@@ -76,7 +79,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/normsurgery-bench"))
     parser.add_argument("--suite", choices=["main", "rss", "prune", "all"], default="all")
     parser.add_argument("--verify", action="store_true", help="also time each operation with its automatic check")
-    parser.add_argument("--repeat", type=int, default=2, help="runs of each measurement; the fastest counts")
+    parser.add_argument("--repeat", type=int, default=3, help="rounds of copy and operations")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
@@ -93,12 +96,14 @@ def main() -> None:
         for layers in (8, 24, 52):
             src = build(args.workdir / f"llama-{layers}l-bf16", llama_of_layers(layers), torch.bfloat16)
             rows += bench_model(src, [("fold", ["fold"])], args.workdir, False, args.repeat)
-    print(f"\ntorch {torch.__version__}, {os.cpu_count()} CPUs; output shards 1GB; verification off unless noted; fastest of {args.repeat} runs each\n")
-    print("| model | size GB | operation | seconds | copy seconds | ratio to copy | peak RSS GB |"
+    print(f"\ntorch {torch.__version__}, {os.cpu_count()} CPUs; output shards 1GB; verification off unless noted; "
+          f"{args.repeat} interleaved rounds of copy and operations; seconds: the fastest run\n")
+    print("| model | size GB | operation | seconds | copy seconds | ratio of fastest | median ratio per round | peak RSS GB |"
           + (" seconds with check | peak RSS with check GB |" if args.verify else ""))
-    print("|---|---|---|---|---|---|---|" + ("---|---|" if args.verify else ""))
+    print("|---|---|---|---|---|---|---|---|" + ("---|---|" if args.verify else ""))
     for r in rows:
-        line = f"| {r['model']} | {r['GB']:.2f} | {r['op']} | {r['s']:.1f} | {r['copy_s']:.1f} | {r['ratio']:.2f} | {r['rss']:.2f} |"
+        line = (f"| {r['model']} | {r['GB']:.2f} | {r['op']} | {r['s']:.1f} | {r['copy_s']:.1f} | {r['ratio']:.2f} | "
+                f"{r['median_ratio']:.2f} | {r['rss']:.2f} |")
         if args.verify:
             line += f" {r.get('s_verified', float('nan')):.1f} | {r.get('rss_verified', float('nan')):.2f} |"
         print(line)

@@ -7,6 +7,7 @@ choice for some K by distillation. Then times the forward pass of models with k 
 against the intact one, interleaved. Prints markdown tables.
 
     python bench/prune_quality.py --model smollm2-135m
+    python bench/prune_quality.py --model /tmp/normsurgery-bench/llama-2.4gb-bf16 --time-only   # a 1.2B Llama shape
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import argparse
 import copy
 import json
 import os
+import random
 import time
 
 import torch
@@ -48,6 +50,29 @@ def without_blocks(model: torch.nn.Module, layers_path: str, remove: list[int]) 
     return pruned
 
 
+def sharing_blocks(model: torch.nn.Module, layers_path: str, remove: list[int]) -> torch.nn.Module:
+    """A view of `model` without the blocks `remove` that shares every parameter with it (for timing forwards
+    without cache, where block indices do not matter): many variants of a large model fit in memory at once."""
+    *path, attr = layers_path.split(".")
+    view = copy.copy(model)
+    chain = [view]  # shallow copies of the modules down to the block list; everything else is shared
+    for name in path:
+        chain[-1]._modules = dict(chain[-1]._modules)
+        chain[-1]._modules[name] = copy.copy(chain[-1]._modules[name])
+        chain.append(chain[-1]._modules[name])
+    chain[-1]._modules = dict(chain[-1]._modules)
+    blocks = [b for i, b in enumerate(chain[-1]._modules[attr]) if i not in remove]
+    chain[-1]._modules[attr] = torch.nn.ModuleList(blocks)
+    config = copy.copy(model.config)
+    config.num_hidden_layers = len(blocks)
+    if getattr(config, "layer_types", None):
+        config.layer_types = [t for i, t in enumerate(config.layer_types) if i not in remove]
+    for module in chain:
+        if hasattr(module, "config"):
+            module.config = config
+    return view
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
@@ -75,19 +100,22 @@ def main() -> None:
     from normsurgery.train.engine import FinetuneOptions, finetune
 
     torch.manual_seed(0)
+    random.seed(0)
     source = open_model(args.model, scan_finite=False)
     arch, path = source.arch, source.path
     layers_path = family_for(arch.model_type).layers
     source.close()
     tokenizer = load_tokenizer(path)
     model = load_model(path, torch.float32).eval()
-    calib = calibration_ids(tokenizer, None, args.samples, args.seq_len)
-    held = heldout_ids(tokenizer, args.samples, args.seq_len)
-    start = time.perf_counter()
-    stats = None if args.time_only else measure(model, arch, calib, label=args.model, skip_cost=True)
-    base = cross_entropy(model, held)
-    print(f"{args.model}: {arch.num_layers} blocks; statistics with skip costs in {time.perf_counter() - start:.0f} s; "
-          f"held-out CE {base:.4f} on {args.samples} x {args.seq_len} tokens", flush=True)
+    base = None
+    if not args.time_only:
+        calib = calibration_ids(tokenizer, None, args.samples, args.seq_len)
+        held = heldout_ids(tokenizer, args.samples, args.seq_len)
+        start = time.perf_counter()
+        stats = measure(model, arch, calib, label=args.model, skip_cost=True)
+        base = cross_entropy(model, held)
+        print(f"{args.model}: {arch.num_layers} blocks; statistics with skip costs in {time.perf_counter() - start:.0f} s; "
+              f"held-out CE {base:.4f} on {args.samples} x {args.seq_len} tokens", flush=True)
 
     rows = []
     for k in [] if args.time_only else map(int, args.ks.split(",")):
@@ -113,17 +141,22 @@ def main() -> None:
         print(json.dumps(healed[-1]), flush=True)
         del student
 
-    ids = heldout_ids(tokenizer, 1, args.time_seq_len)
+    if tokenizer is not None:
+        ids = heldout_ids(tokenizer, 1, args.time_seq_len)
+    else:  # a synthetic checkpoint (bench/synthetic.py): any tokens time the same
+        ids = torch.randint(model.config.get_text_config().vocab_size, (1, args.time_seq_len))
     L = arch.num_layers
     time_ks = [int(x) for x in args.time_ks.split(",")] + [L]  # L: every block removed (embedding, final norm, head)
-    variants = {k: without_blocks(model, layers_path, list(range(L - 1 - k, L - 1)) if k < L else list(range(L)))
+    variants = {k: sharing_blocks(model, layers_path, list(range(L - 1 - k, L - 1)) if k < L else list(range(L)))
                 for k in time_ks}
     times: dict[int, list[float]] = {k: [] for k in time_ks}
     with torch.no_grad():
+        order = list(variants)
         for _ in range(args.time_runs):
-            for k, m in variants.items():
+            random.shuffle(order)  # a fresh order each round: no variant always follows the same one
+            for k in order:
                 t = time.perf_counter()
-                m(input_ids=ids, use_cache=False)
+                variants[k](input_ids=ids, use_cache=False)
                 times[k].append(time.perf_counter() - t)
     full = min(times[0])  # the fastest run: the least disturbed by other work on a shared machine
     share = 1 - min(times[L]) / full  # of the forward time spent in the blocks
@@ -151,7 +184,7 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"base_ce": base, "rows": rows, "healed": healed,
-                       "times": {k: min(v) for k, v in times.items()}}, f, indent=1)
+                       "times": {k: min(v) for k, v in times.items()}, "all_times": times}, f, indent=1)
 
 
 if __name__ == "__main__":
