@@ -119,3 +119,18 @@ def test_requests_score_the_intended_continuation(task, separator):
         row = rows[inst.doc_id]
         assert context == row["context"] and continuation.startswith(separator) and not continuation.startswith(separator * 2)
         assert continuation[1:] in ([row["target"]] if "target" in row else row["choices"])
+
+
+def test_eval_outside_a_git_repository_prints_no_git_error(tiny_model, tmp_path):
+    """lm-eval asks git for the working folder's commit; outside a repository git's "fatal: not a git repository"
+    must not reach the user's terminal (it did, twice per recipe eval step)."""
+    import os
+    import subprocess
+
+    work = tmp_path / "not-a-repo"
+    work.mkdir()
+    env = {**os.environ, "GIT_CEILING_DIRECTORIES": str(tmp_path)}  # git stops looking above tmp_path
+    proc = subprocess.run([sys.executable, "-m", "normsurgery", "eval", str(tiny_model("gpt2")), "--tasks",
+                           "shakespeare_ppl", "--limit", "2"], cwd=work, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "not a git repository" not in proc.stderr + proc.stdout

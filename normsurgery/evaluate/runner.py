@@ -73,6 +73,10 @@ def _lm_eval() -> Any:
         raise NormSurgeryError(
             "`normsurgery eval` needs lm-eval, which is not installed: pip install 'normsurgery[eval]'."
         ) from None
+    # lm-eval records `git describe` of the working folder, whose git prints "fatal: not a git repository" to the
+    # terminal outside one; that commit says nothing about the model, and normsurgery records its own version
+    if hasattr(evaluator, "get_git_commit_hash"):
+        evaluator.get_git_commit_hash = lambda: None
     return evaluator, tasks, HFLM
 
 
