@@ -114,3 +114,23 @@ def test_text_sources(tmp_path):
     with pytest.raises(NormSurgeryError, match="is not a file"):
         load_text(str(tmp_path / "missing.txt"))
     assert "heldout" not in load_text(None)[1] and "training split" in load_text(None)[1]
+
+
+@pytest.mark.parametrize("context, given, expected", [
+    (256, (None, None), (256, 4)),  # unset: the whole context, about 1024 tokens per step
+    (8192, (None, None), (1024, 1)),  # a long context: at most 1024 tokens per sequence
+    (None, (None, None), (1024, 1)),  # no declared context
+    (256, (512, None), (256, 4)),  # longer than the context: shortened
+    (256, (64, 3), (64, 3)),  # given and fitting: kept
+])
+def test_unset_sequence_length_covers_the_models_context(context, given, expected):
+    """A fine-tune trains the positions it sees: an unset --seq-len takes the model's whole context (at most
+    1024), and an unset --batch-size keeps about 1024 tokens per step."""
+    from types import SimpleNamespace
+
+    from normsurgery.train.engine import FinetuneOptions
+
+    options = FinetuneOptions(seq_len=given[0], batch_size=given[1])
+    options.validate()
+    options.fit_context(SimpleNamespace(max_position_embeddings=context) if context else SimpleNamespace())
+    assert (options.seq_len, options.batch_size) == expected

@@ -143,7 +143,8 @@ def _note_if_far(before: float, after: float) -> None:
                       "MODEL` before using it.[/yellow]")
 
 
-def removal_options(*, gap: int, heal: int, aux_weight: float, lr: float, batch_size: int, seq_len: int, text: str | None, seed: int,
+def removal_options(*, gap: int, heal: int, aux_weight: float, lr: float, batch_size: int | None, seq_len: int | None,
+                    text: str | None, seed: int,
                     loss: str, gradient_checkpointing: bool, checkpoint_dir: Path | None,
                     checkpoint_every: int) -> RemovalOptions:
     """The CLI's options as a RemovalOptions."""

@@ -48,8 +48,8 @@ class ConvertStep(_Options):
     heal: int = Field(300, ge=0)
     aux_weight: float = Field(0.0, ge=0)
     lr: float = Field(3e-3, gt=0)
-    batch_size: int = Field(8, ge=1)
-    seq_len: int = Field(128, ge=2)
+    batch_size: int | None = Field(None, ge=1)  # None: about 1024 tokens per step
+    seq_len: int | None = Field(None, ge=2)  # None: the model's context, at most 1024
     text: str | None = None
     seed: int = 0
     loss: Literal["kl", "lm", "kl+lm"] = "kl"
