@@ -33,23 +33,6 @@ def heldout_ids(tokenizer, sequences: int, seq_len: int) -> torch.Tensor:
     return ids[: sequences * seq_len].view(sequences, seq_len)
 
 
-def without_blocks(model: torch.nn.Module, layers_path: str, remove: list[int]) -> torch.nn.Module:
-    """A copy of `model` with blocks physically removed and cache indices renumbered (for timing only)."""
-    pruned = copy.deepcopy(model)
-    parent, _, attr = layers_path.rpartition(".")
-    blocks = getattr(pruned.get_submodule(parent), attr)
-    kept = torch.nn.ModuleList([b for i, b in enumerate(blocks) if i not in remove])
-    for new, block in enumerate(kept):
-        for module in block.modules():
-            if hasattr(module, "layer_idx"):
-                module.layer_idx = new
-    setattr(pruned.get_submodule(parent), attr, kept)
-    pruned.config.num_hidden_layers = len(kept)
-    if getattr(pruned.config, "layer_types", None):
-        pruned.config.layer_types = [t for i, t in enumerate(pruned.config.layer_types) if i not in remove]
-    return pruned
-
-
 def sharing_blocks(model: torch.nn.Module, layers_path: str, remove: list[int]) -> torch.nn.Module:
     """A view of `model` without the blocks `remove` that shares every parameter with it (for timing forwards
     without cache, where block indices do not matter): many variants of a large model fit in memory at once."""
@@ -71,6 +54,16 @@ def sharing_blocks(model: torch.nn.Module, layers_path: str, remove: list[int]) 
         if hasattr(module, "config"):
             module.config = config
     return view
+
+
+def without_blocks(model: torch.nn.Module, layers_path: str, remove: list[int]) -> torch.nn.Module:
+    """An independent copy of `model` with blocks physically removed and cache indices renumbered (to heal)."""
+    pruned = sharing_blocks(copy.deepcopy(model), layers_path, remove)
+    for new, block in enumerate(pruned.get_submodule(layers_path)):
+        for module in block.modules():
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = new
+    return pruned
 
 
 def main() -> None:
