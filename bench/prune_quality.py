@@ -85,9 +85,10 @@ def main() -> None:
     args = parser.parse_args()
 
     from normsurgery.arch import family_for
-    from normsurgery.check import load_model, load_tokenizer
+    from normsurgery.engine.loading import load_model, load_tokenizer
     from normsurgery.prune.measure import calibration_ids, cross_entropy, measure
-    from normsurgery.prune.select import candidates, remeasure
+    from normsurgery.prune.measure import remeasure
+    from normsurgery.prune.select import candidates
     from normsurgery.prune.skip import skipping
     from normsurgery.source import open_model
     from normsurgery.train.engine import FinetuneOptions, finetune

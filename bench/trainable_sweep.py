@@ -71,7 +71,7 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM
 
-    from normsurgery.check import load_model, load_tokenizer
+    from normsurgery.engine.loading import load_model, load_tokenizer
     from normsurgery.source import open_model
     from normsurgery.train.engine import FinetuneOptions, finetune
     from normsurgery.trainable.remove_ln import cross_entropy, removal_order

@@ -6,33 +6,26 @@ meet in float32; a rewrite that changes the function on purpose sets looser ones
 
 from __future__ import annotations
 
-import atexit
-import hashlib
-import json
 import math
-import shutil
-import tempfile
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
+from normsurgery.engine import forward
+from normsurgery.engine.loading import OpenModel, load_tokenizer
+from normsurgery.engine.resources import Runtime, peak_rss, resolve_runtime
 from normsurgery.errors import NormSurgeryError
-
-DEFAULT_MAX_REL_LOGIT_DIFF = 2e-5
-DEFAULT_MIN_TOP1 = 1.0
-DEFAULT_MAX_KL = 1e-6
-
-
-@dataclass(frozen=True)
-class Thresholds:
-    """Pass/fail limits; None disables a limit."""
-
-    max_rel_logit_diff: float | None = DEFAULT_MAX_REL_LOGIT_DIFF
-    min_top1: float | None = DEFAULT_MIN_TOP1
-    max_kl: float | None = DEFAULT_MAX_KL
-
+from normsurgery.thresholds import (  # noqa: F401 (re-exported: the check's defaults live with it)
+    DEFAULT_MAX_KL,
+    DEFAULT_MAX_REL_LOGIT_DIFF,
+    DEFAULT_MIN_TOP1,
+    DEFAULT_NUM_SEQS,
+    DEFAULT_SEQ_LEN,
+    Thresholds,
+)
 
 @dataclass
 class CheckReport:
@@ -54,6 +47,8 @@ class CheckReport:
     ppl_candidate: float
     thresholds: dict[str, float | None] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
+    first_differing_block: int | None = None  # rewrites that keep the residual basis: where the outputs part
+    memory: dict[str, Any] | None = None  # where the models ran, the budget, and the peak memory used
 
     @property
     def passed(self) -> bool:
@@ -63,75 +58,6 @@ class CheckReport:
     def as_dict(self) -> dict[str, Any]:
         """Plain data for JSON output and model cards."""
         return {**asdict(self), "passed": self.passed}
-
-
-def own_modeling_code(folder: Path) -> bool:
-    """True when every Python file in `folder` is byte-identical to modeling code normsurgery ships."""
-    from normsurgery.export.config import MODELING_FILE
-
-    ours = {hashlib.sha256(MODELING_FILE.read_bytes()).hexdigest()}
-    files = list(folder.glob("*.py"))
-    return bool(files) and all(hashlib.sha256(p.read_bytes()).hexdigest() in ours for p in files)
-
-
-def needs_remote_code(folder: Path) -> bool:
-    """Whether the folder's config registers its own modeling code through `auto_map`."""
-    try:
-        return "auto_map" in json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
-
-
-def load_model(folder: Path, dtype: torch.dtype, *, trust_remote_code: bool = False, allow_pickle: bool = False,
-               max_memory: int | None = None):
-    """Load a model for evaluation; remote code only when it is normsurgery's own export or the user opted in.
-
-    With `max_memory` (bytes), what does not fit stays on disk and each module's weights are read from the
-    checkpoint's own files when the forward reaches it (accelerate's offload: slower, but bounded memory).
-    """
-    from transformers import AutoModelForCausalLM
-
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    remote = needs_remote_code(folder)
-    if remote and not (trust_remote_code or own_modeling_code(folder)):
-        raise NormSurgeryError(
-            f"{folder} carries modeling code (auto_map in config.json) that normsurgery did not write. Loading it "
-            "runs that code; pass --trust-remote-code if you trust it."
-        )
-    try:
-        offload: dict[str, Any] = {}
-        if max_memory is not None:
-            offload_dir = tempfile.mkdtemp(prefix="normsurgery-offload-")
-            atexit.register(shutil.rmtree, offload_dir, True)  # empty for safetensors: read in place
-            offload = {"device_map": "auto", "max_memory": {"cpu": max_memory}, "offload_folder": offload_dir}
-        model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=dtype, trust_remote_code=remote, use_safetensors=None if allow_pickle else True, **offload
-        )
-    except NormSurgeryError:
-        raise
-    except Exception as err:
-        raise NormSurgeryError(f"transformers could not load {folder}: {err}. Check that the folder is complete.") from None
-    return model.eval()
-
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")
-
-
-def load_tokenizer(folder: Path):
-    """The folder's tokenizer, or None when it has no tokenizer files or they do not load.
-
-    (transformers 5 builds an empty tokenizer for a folder without any, which would tokenize to nothing.)
-    """
-    from transformers import AutoTokenizer
-
-    if not any((Path(folder) / name).is_file() for name in TOKENIZER_FILES):
-        return None
-    try:
-        return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
-    except Exception:
-        return None
 
 
 def check_tokens(
@@ -162,68 +88,90 @@ def check_tokens(
     return torch.randint(0, vocab_size, (num_seqs, seq_len), generator=gen), f"random(seed={seed})"
 
 
-@torch.no_grad()
-def model_logits(
-    folder: Path, tokens: torch.Tensor, dtype: torch.dtype, *, trust_remote_code: bool = False,
-    allow_pickle: bool = False, on_batch: Callable[[], None] | None = None, model: torch.nn.Module | None = None,
-) -> torch.Tensor:
-    """Logits [sequences, positions, vocab] of one model on `tokens`, run one sequence at a time.
+class LogitComparison:
+    """Running comparison of two models' logits on the same token chunks, in float64 per sequence."""
 
-    The model is loaded here (unless given) and released before returning, so that comparing two models
-    never holds both in memory.
-    """
-    model = model if model is not None else load_model(folder, dtype, trust_remote_code=trust_remote_code,
-                                                       allow_pickle=allow_pickle)
-    rows = []
-    for seq in tokens:
-        rows.append(model(input_ids=seq.unsqueeze(0)).logits[0].float())
-        if on_batch:
-            on_batch()
-    del model
-    return torch.stack(rows)
+    def __init__(self) -> None:
+        self.max_diff = self.scale = self.max_kl = self.kl_sum = self.nll_o = self.nll_c = 0.0
+        self.agree = self.positions = self.predicted = 0
+
+    def add(self, original: torch.Tensor, candidate: torch.Tensor, tokens: torch.Tensor) -> None:
+        """Fold one chunk [sequences, positions, vocab] into the running figures."""
+        if original.shape != candidate.shape:
+            raise NormSurgeryError(
+                f"the two models have different vocabularies ({original.shape[-1]} vs {candidate.shape[-1]} tokens), "
+                "so their logits cannot be compared. Check that CANDIDATE was made from ORIGINAL."
+            )
+        for lo, lc, seq in zip(original, candidate, tokens):
+            lo, lc = lo.double(), lc.double()
+            self.max_diff = max(self.max_diff, (lo - lc).abs().max().item())
+            self.scale = max(self.scale, lo.abs().max().item())
+            lpo, lpc = torch.log_softmax(lo, -1), torch.log_softmax(lc, -1)
+            kl = (lpo.exp() * (lpo - lpc)).sum(-1).clamp_min(0.0)
+            self.kl_sum += kl.sum().item()
+            self.max_kl = max(self.max_kl, kl.max().item())
+            self.agree += (lo.argmax(-1) == lc.argmax(-1)).sum().item()
+            self.positions += lo.shape[0]
+            target = seq[1:]
+            self.nll_o -= lpo[:-1].gather(-1, target[:, None]).sum().item()
+            self.nll_c -= lpc[:-1].gather(-1, target[:, None]).sum().item()
+            self.predicted += int(target.numel())
+
+    def metrics(self) -> dict[str, float]:
+        """The figures a CheckReport carries."""
+        return {
+            "max_abs_logit_diff": self.max_diff,
+            "logit_scale": self.scale,
+            "rel_logit_diff": self.max_diff / self.scale if self.scale > 0 else math.inf,
+            "mean_kl": self.kl_sum / self.positions,
+            "max_kl": self.max_kl,
+            "top1_agreement": self.agree / self.positions,
+            "ppl_original": math.exp(self.nll_o / self.predicted),
+            "ppl_candidate": math.exp(self.nll_c / self.predicted),
+        }
 
 
 def compare_logits(original: torch.Tensor, candidate: torch.Tensor, tokens: torch.Tensor) -> dict[str, float]:
-    """How far the candidate's logits are from the original's, per sequence in float64."""
-    if original.shape != candidate.shape:
-        raise NormSurgeryError(
-            f"the two models have different vocabularies ({original.shape[-1]} vs {candidate.shape[-1]} tokens), so "
-            "their logits cannot be compared. Check that CANDIDATE was made from ORIGINAL."
-        )
-    max_diff = scale = max_kl = kl_sum = 0.0
-    agree = positions = 0
-    nll_o = nll_c = 0.0
-    for lo, lc, seq in zip(original, candidate, tokens):
-        lo, lc = lo.double(), lc.double()
-        max_diff = max(max_diff, (lo - lc).abs().max().item())
-        scale = max(scale, lo.abs().max().item())
-        lpo, lpc = torch.log_softmax(lo, -1), torch.log_softmax(lc, -1)
-        kl = (lpo.exp() * (lpo - lpc)).sum(-1).clamp_min(0.0)
-        kl_sum += kl.sum().item()
-        max_kl = max(max_kl, kl.max().item())
-        agree += (lo.argmax(-1) == lc.argmax(-1)).sum().item()
-        positions += lo.shape[0]
-        target = seq[1:]
-        nll_o -= lpo[:-1].gather(-1, target[:, None]).sum().item()
-        nll_c -= lpc[:-1].gather(-1, target[:, None]).sum().item()
-    predicted = tokens.shape[0] * (tokens.shape[1] - 1)
-    return {
-        "max_abs_logit_diff": max_diff,
-        "logit_scale": scale,
-        "rel_logit_diff": max_diff / scale if scale > 0 else math.inf,
-        "mean_kl": kl_sum / positions,
-        "max_kl": max_kl,
-        "top1_agreement": agree / positions,
-        "ppl_original": math.exp(nll_o / predicted),
-        "ppl_candidate": math.exp(nll_c / predicted),
-    }
+    """How far the candidate's logits are from the original's (one batch)."""
+    comparison = LogitComparison()
+    comparison.add(original, candidate, tokens)
+    return comparison.metrics()
+
+
+class BlockComparison:
+    """Largest difference of two models' block outputs, block by block, relative to the original's largest value."""
+
+    def __init__(self, blocks: int) -> None:
+        self.diff = [0.0] * blocks
+        self.scale = [0.0] * blocks
+
+    def add(self, original: list[torch.Tensor | None], candidate: list[torch.Tensor | None]) -> None:
+        for i, (a, b) in enumerate(zip(original, candidate)):
+            if a is None or b is None or a.shape != b.shape:
+                continue
+            self.diff[i] = max(self.diff[i], (a.double() - b.double()).abs().max().item())
+            self.scale[i] = max(self.scale[i], a.abs().max().item())
+
+    def relative(self) -> list[float]:
+        """Per block: max |difference| / max |original|."""
+        return [d / s if s > 0 else (0.0 if d == 0 else math.inf) for d, s in zip(self.diff, self.scale)]
+
+    def first_differing(self, limit: float) -> int | None:
+        """The first block whose relative difference exceeds `limit` (None: none does)."""
+        return next((i for i, r in enumerate(self.relative()) if not r <= limit), None)
 
 
 def report_from_logits(original: torch.Tensor, candidate: torch.Tensor, tokens: torch.Tensor, *,
                        labels: tuple[str, str], tokens_label: str, dtype: torch.dtype,
                        thresholds: Thresholds) -> CheckReport:
     """The judged report for two models' logits on the same tokens."""
-    metrics = compare_logits(original, candidate, tokens)
+    return report_from_metrics(compare_logits(original, candidate, tokens), tokens, labels=labels,
+                               tokens_label=tokens_label, dtype=dtype, thresholds=thresholds)
+
+
+def report_from_metrics(metrics: dict[str, float], tokens: torch.Tensor, *, labels: tuple[str, str],
+                        tokens_label: str, dtype: torch.dtype, thresholds: Thresholds) -> CheckReport:
+    """The judged report for measured figures."""
     return CheckReport(
         original=labels[0],
         candidate=labels[1],
@@ -258,29 +206,95 @@ def judge(metrics: dict[str, float], thresholds: Thresholds) -> list[str]:
     return failures
 
 
+
+
+@dataclass
+class Run:
+    """One model's run over the sample: the opened model, hooks to run it under (e.g. blocks skipped), and the
+    blocks whose outputs are kept for a block-by-block comparison."""
+
+    model: OpenModel
+    context: Callable[[], AbstractContextManager[Any]] = nullcontext
+    blocks: list[str] | None = None
+
+
+@dataclass
+class Pairing:
+    """One comparison between two runs (indices into the run list), judged against `thresholds`."""
+
+    original: int
+    candidate: int
+    labels: tuple[str, str]
+    thresholds: Thresholds = Thresholds()
+    by_block: bool = False  # the residual basis is the same: name the first block whose output differs
+
+
+def compare_runs(runs: list[Run], pairings: list[Pairing], tokens: torch.Tensor, *, tokens_label: str,
+                 dtype: torch.dtype, on_batch: Callable[[], None] | None = None) -> list[CheckReport]:
+    """Run every model on the same token chunks (each chunk in one forward per model, so a streamed weight is
+    read once per chunk) and judge each pairing; the chunk size follows the memory budget."""
+    per = min(run.model.lazy.tokens_per_pass(int(tokens.shape[1])) for run in runs)
+    logit_cmp = [LogitComparison() for _ in pairings]
+    block_cmp = [BlockComparison(len(runs[p.original].blocks or [])) for p in pairings]
+    for chunk in tokens.split(per):
+        outs = []
+        for run in runs:
+            with run.context():
+                outs.append(forward.logits(run.model.lazy, chunk, blocks=run.blocks))
+            if on_batch:
+                on_batch()
+        for pairing, lc, bc in zip(pairings, logit_cmp, block_cmp):
+            lc.add(outs[pairing.original][0], outs[pairing.candidate][0], chunk)
+            if pairing.by_block:
+                bc.add(outs[pairing.original][1], outs[pairing.candidate][1])
+        del outs
+    memory = {**runs[0].model.lazy.describe(), "peak_rss_bytes": peak_rss(), "chunks": math.ceil(len(tokens) / per),
+              "streamed": any(r.model.lazy.streaming for r in runs)}
+    reports = []
+    for pairing, lc, bc in zip(pairings, logit_cmp, block_cmp):
+        report = report_from_metrics(lc.metrics(), tokens, labels=pairing.labels, tokens_label=tokens_label,
+                                     dtype=dtype, thresholds=pairing.thresholds)
+        report.memory = memory
+        if pairing.by_block and report.failures:
+            limit = pairing.thresholds.max_rel_logit_diff or DEFAULT_MAX_REL_LOGIT_DIFF
+            report.first_differing_block = bc.first_differing(limit)
+            if report.first_differing_block is not None:
+                rel = bc.relative()[report.first_differing_block]
+                report.failures.append(f"the first block whose output differs is block {report.first_differing_block} "
+                                       f"(0-based; max |difference| / max |output| = {rel:.3g})")
+        reports.append(report)
+    return reports
+
+
+def sample_tokens(folder: Path, lazy_model: torch.nn.Module, *, text: str | None, seq_len: int,
+                  num_seqs: int) -> tuple[torch.Tensor, str]:
+    """The check's tokens for a model: its vocabulary from the (meta) output embedding, length within its context."""
+    vocab = lazy_model.get_output_embeddings().weight.shape[0]
+    max_pos = context_length(lazy_model.config)
+    return check_tokens(folder, vocab, text=text, seq_len=min(seq_len, max_pos) if max_pos else seq_len,
+                        num_seqs=num_seqs)
+
+
 def run_check(
     original: Path,
     candidate: Path,
     *,
     thresholds: Thresholds = Thresholds(),
     text: str | None = None,
-    seq_len: int = 128,
-    num_seqs: int = 8,
+    seq_len: int = DEFAULT_SEQ_LEN,
+    num_seqs: int = DEFAULT_NUM_SEQS,
     dtype: torch.dtype = torch.float32,
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
     on_batch: Callable[[], None] | None = None,
     labels: tuple[str, str] | None = None,
+    runtime: Runtime | None = None,
 ) -> CheckReport:
-    """Run both models (one after the other) on the same tokens and judge the result against `thresholds`."""
-    orig = load_model(original, dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
-    vocab = orig.get_output_embeddings().weight.shape[0]
-    max_pos = context_length(orig.config)
-    seq_len = min(seq_len, max_pos) if max_pos else seq_len
-    tokens, source = check_tokens(original, vocab, text=text, seq_len=seq_len, num_seqs=num_seqs)
-    logits = model_logits(original, tokens, dtype, on_batch=on_batch, model=orig)
-    del orig
-    candidate_logits = model_logits(candidate, tokens, dtype, trust_remote_code=trust_remote_code,
-                                    allow_pickle=allow_pickle, on_batch=on_batch)
-    return report_from_logits(logits, candidate_logits, tokens, labels=labels or (str(original), str(candidate)),
-                              tokens_label=source, dtype=dtype, thresholds=thresholds)
+    """Run both models on the same tokens, in bounded memory on `runtime`, and judge the result."""
+    runtime = runtime or resolve_runtime()
+    options = dict(dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    with OpenModel(original, runtime, **options) as orig, OpenModel(candidate, runtime, **options) as cand:
+        tokens, source = sample_tokens(original, orig.model, text=text, seq_len=seq_len, num_seqs=num_seqs)
+        pairing = Pairing(0, 1, labels or (str(original), str(candidate)), thresholds)
+        return compare_runs([Run(orig), Run(cand)], [pairing], tokens, tokens_label=source, dtype=dtype,
+                            on_batch=on_batch)[0]

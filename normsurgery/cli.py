@@ -21,6 +21,21 @@ app = typer.Typer(
 )
 
 stderr = Console(stderr=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from normsurgery import __version__
+
+        print(f"normsurgery {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """Post-training surgery on transformer normalization layers and depth, verified against the original."""
 INTERRUPTED = 130  # the shell's exit status for Ctrl-C
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -15,20 +14,23 @@ import torch
 
 import normsurgery
 from normsurgery.check import (
+    DEFAULT_NUM_SEQS,
+    DEFAULT_SEQ_LEN,
     CheckReport,
+    Pairing,
+    Run,
     Thresholds,
-    check_tokens,
-    context_length,
-    load_model,
-    model_logits,
-    report_from_logits,
-    run_check,
+    compare_runs,
+    sample_tokens,
 )
 from normsurgery.checkpoint.card import render_model_card
 from normsurgery.checkpoint.writer import CheckpointWriter
+from normsurgery.engine.loading import OpenModel
+from normsurgery.engine.resources import Runtime, resolve_runtime
+from normsurgery.engine.weights import CheckpointWeights, PlanWeights
 from normsurgery.errors import CheckFailed
 from normsurgery.export.config import MODELING_FILE, rewritten_config
-from normsurgery.rewrite.plan import Plan, execute
+from normsurgery.rewrite.plan import Plan, Step, execute
 from normsurgery.source import ModelSource
 
 Tensor = torch.Tensor
@@ -121,8 +123,10 @@ def apply_plan(
     thresholds: Thresholds = Thresholds(),
     on_step: Callable[[str], None] | None = None,
     on_verify: Callable[[], None] | None = None,
+    runtime: Runtime | None = None,
 ) -> SurgeryResult:
-    """Stream `source` through `plan` into `out`; verify against the source before the folder appears."""
+    """Stream `source` through `plan` into `out`; verify against the source (in bounded memory on `runtime`)
+    before the folder appears."""
     stored = main_dtype(source)
     target = dtype or stored
 
@@ -144,9 +148,11 @@ def apply_plan(
     metadata = {"normsurgery_version": normsurgery.__version__, "normsurgery_operation": plan.operation}
     with CheckpointWriter(out, force=force, max_shard_size=max_shard_size, metadata=metadata) as writer:
         sink = _ShapeRecorder(writer)
+        produced: dict[str, Step] = {}
         try:
             with _one_torch_thread():
-                written = execute(plan, _FiniteSource(source), sink, dtype_for=dtype_for, on_step=on_step)
+                written = execute(plan, _FiniteSource(source), sink, dtype_for=dtype_for, on_step=on_step,
+                                  produced=produced)
         except Exception:
             source.confirm()  # a wrong-shaped checkpoint fails here with the clear error
             raise
@@ -166,7 +172,8 @@ def apply_plan(
             writer.copy_file(MODELING_FILE)
         staged = writer.stage()
         if verify:
-            _verify(source, plan, staged, out, target, thresholds, result, on_verify)
+            twin = PlanWeights(source.reader, produced, sink.shapes, plan.renames)
+            _verify(source, plan, staged, out, target, thresholds, result, on_verify, twin, runtime or resolve_runtime())
         card = render_model_card(
             source.spec,
             [{"operation": plan.operation, "folded": len(plan.folded), "kept": len(plan.kept),
@@ -195,29 +202,6 @@ def _card_extra(plan: Plan, result: SurgeryResult) -> dict[str, Any] | None:
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
-def _verify_skipping(source: ModelSource, plan: Plan, staged: Path, out: Path, thresholds: Thresholds,
-                     result: SurgeryResult, on_verify: Callable[[], None] | None) -> CheckReport:
-    """Pruning: the output must equal the source run with the removed blocks skipped (gated, float32); its
-    change against the intact source is measured and reported."""
-    from normsurgery.prune.skip import skipping
-
-    f32 = torch.float32
-    max_pos = context_length(source.config)
-    tokens, label = check_tokens(source.path, source.config.get_text_config().vocab_size, text=None,
-                                 seq_len=min(128, max_pos or 128), num_seqs=8)
-    model = load_model(source.path, f32)
-    original = model_logits(source.path, tokens, f32, model=model, on_batch=on_verify)
-    with skipping(model, source.arch, plan.skipped_blocks):
-        reference = model_logits(source.path, tokens, f32, model=model, on_batch=on_verify)
-    del model
-    pruned = model_logits(staged, tokens, f32, on_batch=on_verify)
-    skipped = ", ".join(map(str, plan.skipped_blocks))
-    common = dict(tokens=tokens, tokens_label=label, dtype=f32)
-    report = report_from_logits(reference, pruned, labels=(f"{source.spec} with blocks {skipped} skipped", str(out)),
-                                thresholds=thresholds, **common)
-    result.change = report_from_logits(original, pruned, labels=(source.spec, str(out)), thresholds=NO_LIMITS,
-                                       **common).as_dict()
-    return report
 NO_LIMITS = Thresholds(max_rel_logit_diff=None, min_top1=None, max_kl=None)
 
 
@@ -230,38 +214,51 @@ def _verify(
     thresholds: Thresholds,
     result: SurgeryResult,
     on_verify: Callable[[], None] | None,
+    twin: PlanWeights,
+    runtime: Runtime,
 ) -> None:
-    """Check the staged output against the source; for bf16/fp16 outputs separate the maths from storage rounding.
+    """Check the staged output against the source, all models streamed from their checkpoints in bounded memory.
 
-    A low-precision result cannot match its original to float32 precision, so its gate is a float32
-    twin of the same rewrite (the maths), while the rounding of storing it is measured and reported.
+    - Pruning: the output must equal the source run with the removed blocks skipped; its change against the
+      intact source is measured and reported.
+    - A bf16/fp16 output cannot match its original to float32 precision, so its gate is the rewrite's float32
+      twin (the maths, computed from the source tensors as the forward reaches them, never written), while
+      the rounding of storing it is measured and reported.
+    - Rewrites that keep the residual basis (fold, prune) name the first block whose output differs.
     """
-    labels = (source.spec, str(out))
-    if plan.skipped_blocks:
-        report = _verify_skipping(source, plan, staged, out, thresholds, result, on_verify)
-        result.check = report.as_dict()
-    elif target not in LOW_PRECISION:
-        report = run_check(source.path, staged, thresholds=thresholds, on_batch=on_verify, labels=labels)
-        result.check = report.as_dict()
-    else:
-        twin = staged.parent / f"{staged.name}-float32-twin"
-        f32 = torch.float32
-        try:
-            apply_plan(source, plan, twin, force=True, dtype=f32, verify=False)
-            vocab = source.config.get_text_config().vocab_size
-            max_pos = context_length(source.config)
-            tokens, label = check_tokens(source.path, vocab, text=None, seq_len=min(128, max_pos or 128), num_seqs=8)
-            original = model_logits(source.path, tokens, f32, on_batch=on_verify)
-            exact = model_logits(twin, tokens, f32, on_batch=on_verify)
-            stored = model_logits(staged, tokens, f32, on_batch=on_verify)
-        finally:
-            shutil.rmtree(twin, ignore_errors=True)
-        twin_label = f"{out} (float32 twin)"
-        common = dict(tokens=tokens, tokens_label=label, dtype=f32)
-        report = report_from_logits(original, exact, labels=(source.spec, twin_label), thresholds=thresholds, **common)
-        result.maths_check = report.as_dict()
-        result.storage_check = report_from_logits(exact, stored, labels=(twin_label, str(out)), thresholds=NO_LIMITS, **common).as_dict()
-        result.check = report_from_logits(original, stored, labels=labels, thresholds=NO_LIMITS, **common).as_dict()
+    f32 = torch.float32
+    blocks = [b.prefix.rstrip(".") for b in source.arch.blocks]
+    label = (source.spec, str(out))
+    with OpenModel(source.path, runtime, weights=CheckpointWeights(source.reader)) as original, \
+            OpenModel(staged, runtime) as stored:
+        tokens, tokens_label = sample_tokens(source.path, original.model, text=None, seq_len=DEFAULT_SEQ_LEN,
+                                             num_seqs=DEFAULT_NUM_SEQS)
+        common = dict(tokens_label=tokens_label, dtype=f32, on_batch=on_verify)
+        if plan.skipped_blocks:
+            from normsurgery.prune.skip import skipping
+
+            kept = [b for i, b in enumerate(blocks) if i not in plan.skipped_blocks]
+            runs = [Run(original, lambda: skipping(original.model, source.arch, plan.skipped_blocks), kept),
+                    Run(stored, blocks=blocks[:len(kept)]), Run(original)]
+            skipped = ", ".join(map(str, plan.skipped_blocks))
+            report, change = compare_runs(runs, [
+                Pairing(0, 1, (f"{source.spec} with blocks {skipped} skipped", str(out)), thresholds, by_block=True),
+                Pairing(2, 1, label, NO_LIMITS)], tokens, **common)
+            result.check, result.change = report.as_dict(), change.as_dict()
+        elif target not in LOW_PRECISION:
+            runs = [Run(original, blocks=blocks), Run(stored, blocks=blocks)]
+            report, = compare_runs(runs, [Pairing(0, 1, label, thresholds, by_block=plan.operation == "fold")],
+                                   tokens, **common)
+            result.check = report.as_dict()
+        else:
+            with OpenModel(staged, runtime, weights=twin) as exact:
+                twin_label = f"{out} (float32 twin)"
+                runs = [Run(original, blocks=blocks), Run(exact, blocks=blocks), Run(stored)]
+                report, storage, overall = compare_runs(runs, [
+                    Pairing(0, 1, (source.spec, twin_label), thresholds, by_block=plan.operation == "fold"),
+                    Pairing(1, 2, (twin_label, str(out)), NO_LIMITS),
+                    Pairing(0, 2, label, NO_LIMITS)], tokens, **common)
+            result.maths_check, result.storage_check, result.check = report.as_dict(), storage.as_dict(), overall.as_dict()
     if not report.passed:
         raise CheckFailed(
             f"verification failed, so {out} was not written: {'; '.join(report.failures)}. This is a bug in "

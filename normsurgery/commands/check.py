@@ -3,27 +3,36 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
-import torch
 import typer
 from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
 
-from normsurgery.check import (
+from normsurgery.thresholds import (
     DEFAULT_MAX_KL,
     DEFAULT_MAX_REL_LOGIT_DIFF,
     DEFAULT_MIN_TOP1,
-    CheckReport,
+    DEFAULT_NUM_SEQS,
+    DEFAULT_SEQ_LEN,
     Thresholds,
-    run_check,
 )
 from normsurgery.cli import app
-from normsurgery.commands.common import AllowPickle, JsonOutput, MaxLogitDiff, TrustRemoteCode, console, print_json
+from normsurgery.commands.common import (
+    AllowPickle,
+    Device,
+    JsonOutput,
+    MaxLogitDiff,
+    MaxMemory,
+    TrustRemoteCode,
+    console,
+    print_json,
+    torch_dtype,
+)
 from normsurgery.errors import CheckFailed, NormSurgeryError
-from normsurgery.source import validated_path
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+if TYPE_CHECKING:
+    from normsurgery.check import CheckReport
 
 
 def report_markdown(report: CheckReport) -> str:
@@ -50,6 +59,14 @@ def report_markdown(report: CheckReport) -> str:
     return "\n".join(lines) + "\n"
 
 
+def memory_line(memory: dict) -> str:
+    """Where the models ran and how much memory that took, in one line."""
+    peak = memory.get("peak_rss_bytes")
+    how = "streamed from their checkpoints" if memory.get("streamed") else "held in memory"
+    return (f"ran on {memory['device']}, {how}; budget {memory['budget_bytes'] / 1e9:.1f} GB"
+            + (f", peak memory {peak / 1e9:.2f} GB" if peak else ""))
+
+
 def print_report(report: CheckReport) -> None:
     """The report as a rich table."""
     table = Table(title=f"check: {report.candidate} vs {report.original}", title_justify="left")
@@ -67,6 +84,8 @@ def print_report(report: CheckReport) -> None:
     table.add_row("perplexity (candidate)", f"{report.ppl_candidate:.4f}", "")
     console.print(table)
     console.print(f"tokens: {report.num_sequences} x {report.sequence_length} ({report.tokens}), {report.dtype}")
+    if report.memory:
+        console.print(memory_line(report.memory))
     if report.passed:
         console.print("[bold green]PASSED[/bold green]")
     for failure in report.failures:
@@ -81,13 +100,15 @@ def check(
     max_logit_diff: MaxLogitDiff = DEFAULT_MAX_REL_LOGIT_DIFF,
     min_top1: Annotated[float, typer.Option(help="Least top-1 agreement, a fraction in [0, 1]; <0 disables.")] = DEFAULT_MIN_TOP1,
     max_kl: Annotated[float, typer.Option(help="Limit on mean KL(original || candidate) in nats; <0 disables.")] = DEFAULT_MAX_KL,
-    seq_len: Annotated[int, typer.Option(help="Tokens per sequence.", min=2)] = 128,
-    num_seqs: Annotated[int, typer.Option(help="Number of sequences.", min=1)] = 8,
+    seq_len: Annotated[int, typer.Option(help="Tokens per sequence.", min=2)] = DEFAULT_SEQ_LEN,
+    num_seqs: Annotated[int, typer.Option(help="Number of sequences (all run in one forward when memory allows).", min=1)] = DEFAULT_NUM_SEQS,
     dtype: Annotated[str, typer.Option(help="Compute dtype for both models: float32, float64, bfloat16, float16.")] = "float32",
     json_output: JsonOutput = False,
     markdown: Annotated[bool, typer.Option("--markdown", help="Print a Markdown report (for CI summaries).")] = False,
     allow_pickle: AllowPickle = False,
     trust_remote_code: TrustRemoteCode = False,
+    device: Device = "auto",
+    max_memory: MaxMemory = None,
 ) -> None:
     """Run ORIGINAL and CANDIDATE on the same tokens; report logit error, KL, top-1 agreement, perplexity.
 
@@ -99,8 +120,12 @@ def check(
 
       normsurgery check ./orig ./pruned --max-logit-diff -1 --min-top1 0.9 --max-kl 0.05 --json
     """
-    if dtype not in DTYPES:
-        raise NormSurgeryError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}.")
+    from normsurgery.check import run_check
+    from normsurgery.engine.resources import resolve_runtime
+    from normsurgery.source import validated_path
+
+    compute_dtype = torch_dtype(dtype)
+    runtime = resolve_runtime(device, max_memory)
     text_value = None
     if text is not None:
         try:
@@ -115,13 +140,13 @@ def check(
         min_top1=None if min_top1 < 0 else min_top1,
         max_kl=None if max_kl < 0 else max_kl,
     )
-    with Progress(TextColumn("comparing"), BarColumn(), TextColumn("{task.completed}/{task.total} sequences"),
+    with Progress(TextColumn("comparing"), BarColumn(), TextColumn("{task.completed} forwards"),
                   console=console, transient=True, disable=json_output or markdown) as progress:
-        task = progress.add_task("check", total=2 * num_seqs)
+        task = progress.add_task("check", total=None)
         report = run_check(
             paths[0], paths[1], thresholds=thresholds, text=text_value, seq_len=seq_len, num_seqs=num_seqs,
-            dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
-            on_batch=lambda: progress.advance(task), labels=(original, candidate),
+            dtype=compute_dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+            on_batch=lambda: progress.advance(task), labels=(original, candidate), runtime=runtime,
         )
     if json_output:
         print_json(report.as_dict())

@@ -11,10 +11,8 @@ import typer
 from rich.table import Table
 
 from normsurgery.cli import app
-from normsurgery.commands.check import DTYPES
-from normsurgery.commands.common import JsonOutput, TrustRemoteCode, console, print_json
+from normsurgery.commands.common import JsonOutput, TrustRemoteCode, console, print_json, torch_dtype
 from normsurgery.errors import CheckFailed, NormSurgeryError
-from normsurgery.source import validated_path
 
 
 def _print_table(rows, candidate, original, failures) -> None:
@@ -86,15 +84,16 @@ def eval_command(
     from normsurgery.evaluate import compare as cmp
     from normsurgery.evaluate.runner import DEFAULT_TASKS, evaluate_path, task_manager
 
-    if dtype not in DTYPES:
-        raise NormSurgeryError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}.")
+    from normsurgery.source import validated_path
+
+    compute_dtype = torch_dtype(dtype)
     if (max_ppl_increase is not None or max_acc_drop is not None) and compare is None:
         raise NormSurgeryError("--max-ppl-increase and --max-acc-drop compare against an original: add --compare ORIGINAL.")
     names = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else list(DEFAULT_TASKS)
     manager = task_manager(names)  # unknown or unreachable tasks fail here, before any model loads
     folder = validated_path(model)
     reference = validated_path(compare) if compare else None
-    options = dict(limit=limit, batch_size=batch_size, device=device, dtype=DTYPES[dtype],
+    options = dict(limit=limit, batch_size=batch_size, device=device, dtype=compute_dtype,
                    trust_remote_code=trust_remote_code, manager=manager)
     quiet = json_output
     status = console.status("", spinner="dots") if not quiet else None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.progress import BarColumn, Progress, TextColumn
@@ -12,11 +12,15 @@ from rich.table import Table
 from normsurgery.arch.facts import applicability, has_qk_norm, norm_label, placement
 from normsurgery.cli import app
 from normsurgery.commands.common import AllowPickle, JsonOutput, TrustRemoteCode, console, print_json
-from normsurgery.source import IGNORED_TENSORS, ModelSource, open_model
+
+if TYPE_CHECKING:
+    from normsurgery.source import ModelSource
 
 
 def describe(source: ModelSource) -> dict[str, Any]:
     """The facts `inspect` reports, as plain data."""
+    from normsurgery.source import IGNORED_TENSORS
+
     arch = source.arch
     dtypes = Counter(str(source.reader.info(n).dtype).replace("torch.", "") for n in source.reader.names()
                      if not IGNORED_TENSORS.search(n))
@@ -63,6 +67,8 @@ def inspect(
     with Progress(TextColumn("reading weights"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   console=console, transient=True, disable=json_output) as progress:
         task = progress.add_task("scan", total=None)
+        from normsurgery.source import open_model
+
         source = open_model(model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
                             on_tensor=lambda _: progress.advance(task))
     try:

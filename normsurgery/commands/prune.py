@@ -6,58 +6,72 @@ import shutil
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
-import torch
 import typer
 from rich.table import Table
 
-from normsurgery.check import Thresholds, load_model, load_tokenizer
-from normsurgery.checkpoint.writer import parse_size
 from normsurgery.cli import app
-from normsurgery.commands.common import AllowPickle, JsonOutput, TrustRemoteCode, console, print_json
+from normsurgery.commands.common import (
+    AllowPickle,
+    Device,
+    JsonOutput,
+    MaxMemory,
+    TrustRemoteCode,
+    console,
+    print_json,
+)
 from normsurgery.errors import NormSurgeryError
-from normsurgery.prune.measure import calibration_ids, measure
-from normsurgery.prune.select import METHODS, candidates, remeasure
+from normsurgery.prune.select import METHODS, candidates
 from normsurgery.prune.stats import LayerStats
-from normsurgery.rewrite.prune import check_removal, plan_prune
-from normsurgery.source import ModelSource, open_model
-from normsurgery.surgery import apply_plan
-from normsurgery.train.engine import FinetuneOptions
+
+if TYPE_CHECKING:
+    import torch
+
+    from normsurgery.engine.loading import OpenModel
+    from normsurgery.engine.resources import Runtime
+    from normsurgery.source import ModelSource
 
 Samples = Annotated[int, typer.Option(help="Calibration sequences.", rich_help_panel="Calibration")]
 SeqLen = Annotated[int, typer.Option(help="Tokens per calibration sequence.", rich_help_panel="Calibration")]
 Text = Annotated[Optional[str], typer.Option(help="Calibration text: .txt or .jsonl file (default: Shakespeare calibration split).", rich_help_panel="Calibration")]
 
 
-def _stats(source: ModelSource, model: torch.nn.Module, tokenizer: Any, *, samples: int, seq_len: int,
+def _stats(source: ModelSource, opened: OpenModel, tokenizer: Any, *, samples: int, seq_len: int,
            text: str | None, skip_cost: bool, quiet: bool) -> tuple[LayerStats, torch.Tensor]:
-    """Measure the per-block statistics of a loaded model on its calibration text."""
+    """Measure the per-block statistics of an opened model on its calibration text."""
     from normsurgery.check import context_length
+    from normsurgery.prune.measure import calibration_ids, measure
 
     if samples < 1 or seq_len < 2:
         raise NormSurgeryError("--samples must be at least 1 and --seq-len at least 2.")
     seq_len = min(seq_len, context_length(source.config) or seq_len)
     ids = calibration_ids(tokenizer, text, samples, seq_len)
     with console.status("measuring blocks on calibration text", spinner="dots") if not quiet else nullcontext():
-        stats = measure(model, source.arch, ids, label=source.spec, skip_cost=skip_cost, weight=source.reader.get)
+        stats = measure(opened.model, source.arch, ids, label=source.spec, skip_cost=skip_cost,
+                        weight=source.reader.get, batch_size=measure_batch(opened, source, seq_len))
     return stats, ids
 
 
-MaxMemory = Annotated[Optional[str], typer.Option("--max-memory", help="Keep at most this much of the model in memory (e.g. 2GB); the rest is read from the checkpoint block by block as the forward reaches it (slower).", rich_help_panel="Calibration")]
+def measure_batch(opened: OpenModel, source: ModelSource, seq_len: int) -> int:
+    """Sequences per forward: all that fit the budget beside the block states the measurement keeps (float64)."""
+    depths = source.arch.num_layers + 1
+    return opened.lazy.tokens_per_pass(seq_len, extra_per_token=depths * source.arch.hidden_size * (4 + 3 * 8))
 
 
-def _load(source: ModelSource, allow_pickle: bool, trust_remote_code: bool,
-          max_memory: str | None = None) -> tuple[torch.nn.Module, Any]:
-    """The float32 model (offloaded beyond `max_memory`) and its tokenizer (needed for calibration text)."""
+def _load(source: ModelSource, runtime: Runtime, allow_pickle: bool, trust_remote_code: bool) -> tuple[OpenModel, Any]:
+    """The float32 model over the checkpoint (resident as far as the budget allows, the rest streamed) and its
+    tokenizer (needed for calibration text)."""
+    from normsurgery.engine.loading import OpenModel, load_tokenizer
+    from normsurgery.engine.weights import CheckpointWeights
+
     tokenizer = load_tokenizer(source.path)
     if tokenizer is None:
         raise NormSurgeryError(f"{source.path} has no tokenizer files; measuring blocks needs calibration text. Name the "
                                "blocks yourself with --layers.")
-    budget = parse_size(max_memory) if max_memory else None
-    model = load_model(source.path, torch.float32, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
-                       max_memory=budget)
-    return model, tokenizer
+    opened = OpenModel(source.path, runtime, passes=2, weights=CheckpointWeights(source.reader),
+                       trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    return opened, tokenizer
 
 
 def _parse_layers(layers: str) -> list[int]:
@@ -81,14 +95,23 @@ class PruneSelection:
     samples: int = 16
     seq_len: int = 128
     text: str | None = None
-    max_memory: str | None = None
 
 
 def run_prune(model: str, output: Path | None, selection: PruneSelection, *, heal: Any = None, dry_run: bool = False,
               force: bool = False, max_shard_size: str = "5GB", verify: bool = True, allow_pickle: bool = False,
-              trust_remote_code: bool = False, quiet: bool = False) -> dict[str, Any]:
-    """Choose the blocks, write the pruned model (verified), optionally heal it (`heal`: FinetuneOptions); the report."""
+              trust_remote_code: bool = False, quiet: bool = False, runtime: Runtime | None = None) -> dict[str, Any]:
+    """Choose the blocks, write the pruned model (verified), optionally heal it (`heal`: FinetuneOptions); the report.
+    Measurement and verification run on `runtime` (default: the free memory of the best device)."""
+    from normsurgery.checkpoint.writer import parse_size
+    from normsurgery.engine.resources import peak_rss, resolve_runtime
+    from normsurgery.prune.measure import remeasure
+    from normsurgery.rewrite.prune import check_removal, plan_prune
+    from normsurgery.source import open_model
+    from normsurgery.surgery import apply_plan
+    from normsurgery.thresholds import Thresholds
+
     s = selection
+    runtime = runtime or resolve_runtime()
     if (s.remove is None) == (s.layers is None):
         raise NormSurgeryError("give either --remove K (choose K blocks) or --layers (name them), not both or neither.")
     shard_bytes = parse_size(max_shard_size)
@@ -107,13 +130,16 @@ def run_prune(model: str, output: Path | None, selection: PruneSelection, *, hea
             chosen = check_removal(source.arch, s.layers)
             report["selection"] = {"method": "given", "blocks": chosen}
         else:
-            net, tokenizer = _load(source, allow_pickle, trust_remote_code, s.max_memory)
-            stats, ids = _stats(source, net, tokenizer, samples=s.samples, seq_len=s.seq_len, text=s.text,
-                                skip_cost=s.skip_cost, quiet=quiet)
-            found = candidates(stats, int(s.remove or 0), s.by, keep_first=s.keep_first, keep_last=s.keep_last,
-                               top=max(1, s.remeasure))
-            best = remeasure(net, source.arch, ids, found) if s.remeasure > 0 else found[0]
-            del net
+            opened, tokenizer = _load(source, runtime, allow_pickle, trust_remote_code)
+            with opened:
+                stats, ids = _stats(source, opened, tokenizer, samples=s.samples, seq_len=s.seq_len, text=s.text,
+                                    skip_cost=s.skip_cost, quiet=quiet)
+                found = candidates(stats, int(s.remove or 0), s.by, keep_first=s.keep_first, keep_last=s.keep_last,
+                                   top=max(1, s.remeasure))
+                batch = opened.lazy.tokens_per_pass(int(ids.shape[1]))
+                best = remeasure(opened.model, source.arch, ids, found, batch) if s.remeasure > 0 else found[0]
+                report["memory"] = {**opened.lazy.describe(), "peak_rss_bytes": peak_rss()}
+            del opened
             chosen = check_removal(source.arch, list(best.blocks))
             report["selection"] = {"method": s.by, "blocks": chosen, "calibration_ce": stats.base_ce,
                                    "candidates": [asdict(c) for c in found]}
@@ -123,10 +149,10 @@ def run_prune(model: str, output: Path | None, selection: PruneSelection, *, hea
         if dry_run:
             report.update(dry_run=True, config_updates=plan.all_config_updates(source.config))
         elif heal is not None:
-            report.update(_write_and_heal(source, plan, output, force, shard_bytes, heal, allow_pickle))
+            report.update(_write_and_heal(source, plan, output, force, shard_bytes, heal, allow_pickle, runtime))
         else:
             result = apply_plan(source, plan, output, force=force, max_shard_size=shard_bytes, verify=verify,
-                                thresholds=Thresholds())
+                                thresholds=Thresholds(), runtime=runtime)
             report.update({"output": str(output), "config_updates": result.config_updates, "check": result.check,
                            "change": result.change})
     finally:
@@ -148,6 +174,7 @@ def prune(
     samples: Samples = 16,
     seq_len: SeqLen = 128,
     text: Text = None,
+    device: Device = "auto",
     max_memory: MaxMemory = None,
     heal_steps: Annotated[int, typer.Option(help="Distil the pruned model to the original for N steps (0: no heal).", rich_help_panel="Heal")] = 0,
     lr: Annotated[float, typer.Option(help="Heal learning rate.", rich_help_panel="Heal")] = 1e-4,
@@ -175,22 +202,27 @@ def prune(
         raise NormSurgeryError(f"--heal-steps cannot be negative (got {heal_steps}).")
     selection = PruneSelection(remove=remove, layers=_parse_layers(layers) if layers is not None else None, by=by,
                                keep_first=keep_first, keep_last=keep_last, remeasure=candidates_to_remeasure,
-                               skip_cost=skip_cost, samples=samples, seq_len=seq_len, text=text, max_memory=max_memory)
+                               skip_cost=skip_cost, samples=samples, seq_len=seq_len, text=text)
+    from normsurgery.engine.resources import resolve_runtime
+    from normsurgery.train.engine import FinetuneOptions
+
+    runtime = resolve_runtime(device, max_memory)
     heal = FinetuneOptions(steps=heal_steps, lr=lr, batch_size=batch_size, seq_len=seq_len, text=text) if heal_steps else None
     report = run_prune(model, output, selection, heal=heal, dry_run=dry_run, force=force, max_shard_size=max_shard_size,
                        verify=not no_verify, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
-                       quiet=json_output)
+                       quiet=json_output, runtime=runtime)
     _print_prune(report, json_output)
 
 
 def _write_and_heal(source: ModelSource, plan: Any, out: Path, force: bool, shard_bytes: int, options: Any,
-                    allow_pickle: bool) -> dict[str, Any]:
+                    allow_pickle: bool, runtime: Runtime) -> dict[str, Any]:
     """Write the exact pruned model to a staging folder beside OUT, distil it to the original, write it to OUT."""
+    from normsurgery.surgery import apply_plan
     from normsurgery.trainable.heal import heal_folder
 
     options.validate()
     staging = out.parent / f".{out.name}.unhealed"
-    result = apply_plan(source, plan, staging, force=True, max_shard_size=shard_bytes, verify=True)
+    result = apply_plan(source, plan, staging, force=True, max_shard_size=shard_bytes, verify=True, runtime=runtime)
     try:
         heal = heal_folder(staging, source.path, out, options, operation="prune+heal", force=force,
                            max_shard_size=shard_bytes, allow_pickle=allow_pickle)
@@ -240,6 +272,7 @@ def diagnose(
     samples: Samples = 16,
     seq_len: SeqLen = 128,
     text: Text = None,
+    device: Device = "auto",
     max_memory: MaxMemory = None,
     save: Annotated[Optional[Path], typer.Option("--save", help="Write the statistics as JSON here.")] = None,
     json_output: JsonOutput = False,
@@ -254,11 +287,17 @@ def diagnose(
 
       normsurgery diagnose smollm2-135m --html smollm2.html --png plots/
     """
+    from normsurgery.engine.resources import peak_rss, resolve_runtime
+    from normsurgery.source import open_model
+
+    runtime = resolve_runtime(device, max_memory)
     source = open_model(model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, scan_finite=True)
     try:
-        net, tokenizer = _load(source, allow_pickle, trust_remote_code, max_memory)
-        stats, _ = _stats(source, net, tokenizer, samples=samples, seq_len=seq_len, text=text, skip_cost=skip_cost,
-                          quiet=json_output)
+        opened, tokenizer = _load(source, runtime, allow_pickle, trust_remote_code)
+        with opened:
+            stats, _ = _stats(source, opened, tokenizer, samples=samples, seq_len=seq_len, text=text,
+                              skip_cost=skip_cost, quiet=json_output)
+            stats.memory = {**opened.lazy.describe(), "peak_rss_bytes": peak_rss()}
     finally:
         source.close()
     notes: dict[str, Any] = {}

@@ -4,25 +4,29 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
-import torch
 import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from normsurgery.arch.facts import applicability
-from normsurgery.check import DEFAULT_MAX_REL_LOGIT_DIFF, Thresholds
-from normsurgery.checkpoint.writer import parse_size
 from normsurgery.cli import app
-from normsurgery.commands.common import AllowPickle, JsonOutput, MaxLogitDiff, TrustRemoteCode, console, print_json
+from normsurgery.commands.common import (
+    AllowPickle,
+    Device,
+    JsonOutput,
+    MaxLogitDiff,
+    MaxMemory,
+    TrustRemoteCode,
+    console,
+    print_json,
+    torch_dtype,
+)
 from normsurgery.errors import NormSurgeryError
-from normsurgery.rewrite.center import plan_center_swap
-from normsurgery.rewrite.fold import plan_fold
-from normsurgery.rewrite.plan import Plan
-from normsurgery.source import open_model
-from normsurgery.surgery import SurgeryResult, apply_plan
+from normsurgery.thresholds import DEFAULT_MAX_REL_LOGIT_DIFF, Thresholds
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+if TYPE_CHECKING:
+    from normsurgery.surgery import SurgeryResult
 
 
 class Target(str, Enum):
@@ -43,27 +47,34 @@ NoVerify = Annotated[bool, typer.Option("--no-verify", help="Skip the model chec
 
 
 def _run(model: str, plan_for, out: Path, force: bool, max_shard_size: str, dtype: Optional[str], no_verify: bool,
-         json_output: bool, allow_pickle: bool, trust_remote_code: bool, max_logit_diff: float) -> SurgeryResult:
+         json_output: bool, allow_pickle: bool, trust_remote_code: bool, max_logit_diff: float, device: str,
+         max_memory: Optional[str]) -> SurgeryResult:
     """Shared body of the rewrite commands: open, plan, write, verify, report."""
-    if dtype is not None and dtype not in DTYPES:
-        raise NormSurgeryError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}.")
+    from normsurgery.checkpoint.writer import parse_size
+    from normsurgery.engine.resources import resolve_runtime
+    from normsurgery.source import open_model
+    from normsurgery.surgery import apply_plan
+
+    store = torch_dtype(dtype) if dtype is not None else None
+    runtime = resolve_runtime(device, max_memory)
     shard_bytes = parse_size(max_shard_size)
     if out.exists() and not force:
         raise NormSurgeryError(f"{out} already exists; choose another --output or pass --force to replace it.")
     source = open_model(model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, scan_finite=False,
                         validate_in_background=True)
     try:
-        plan: Plan = plan_for(source)
+        plan = plan_for(source)
         with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                       TimeElapsedColumn(), console=console, transient=True, disable=json_output) as progress:
             task = progress.add_task(f"{plan.operation}: writing", total=len(plan.steps) + len(source.reader))
             check_task = progress.add_task("verifying", total=None, visible=False)
             result = apply_plan(
                 source, plan, out, force=force, max_shard_size=shard_bytes,
-                dtype=DTYPES[dtype] if dtype else None, verify=not no_verify,
+                dtype=store, verify=not no_verify,
                 thresholds=Thresholds(max_rel_logit_diff=None if max_logit_diff < 0 else max_logit_diff),
                 on_step=lambda _: progress.advance(task),
                 on_verify=lambda: (progress.update(check_task, visible=True), progress.advance(check_task)),
+                runtime=runtime,
             )
     finally:
         source.close()
@@ -84,6 +95,10 @@ def _print_result(result: SurgeryResult) -> None:
         c = result.check
         console.print(f"check: max |logit diff| {c['max_abs_logit_diff']:.3g} ({c['rel_logit_diff']:.3g} of the logit scale), "
                       f"mean KL {c['mean_kl']:.3g}, top-1 agreement {c['top1_agreement']:.2%}")
+        if c.get("memory"):
+            from normsurgery.commands.check import memory_line
+
+            console.print(f"  {memory_line(c['memory'])}")
     if result.maths_check and result.storage_check:
         console.print(f"  maths (float32 twin): {result.maths_check['rel_logit_diff']:.3g} of the logit scale; "
                       f"storage rounding to {result.dtype}: {result.storage_check['rel_logit_diff']:.3g}")
@@ -103,6 +118,8 @@ def fold(
     json_output: JsonOutput = False,
     allow_pickle: AllowPickle = False,
     trust_remote_code: TrustRemoteCode = False,
+    device: Device = "auto",
+    max_memory: MaxMemory = None,
 ) -> None:
     """Fold every norm's gain (and bias) into the linear layers that read it. Exact; stays a stock model.
 
@@ -114,8 +131,10 @@ def fold(
 
       normsurgery fold ./gpt2 -o ./gpt2-folded --dtype bfloat16
     """
+    from normsurgery.rewrite.fold import plan_fold
+
     _run(model, lambda s: plan_fold(s.arch), output, force, max_shard_size, dtype, no_verify, json_output,
-         allow_pickle, trust_remote_code, max_logit_diff)
+         allow_pickle, trust_remote_code, max_logit_diff, device, max_memory)
 
 
 @app.command()
@@ -131,6 +150,8 @@ def convert(
     json_output: JsonOutput = False,
     allow_pickle: AllowPickle = False,
     trust_remote_code: TrustRemoteCode = False,
+    device: Device = "auto",
+    max_memory: MaxMemory = None,
     gap: Annotated[int, typer.Option(help="[--to none] Fine-tune steps between two norm freezes.", rich_help_panel="Fine-tune")] = 30,
     heal: Annotated[int, typer.Option(help="Fine-tune steps after the last freeze (--to none) or after the swap (--to dyt/derf).", rich_help_panel="Fine-tune")] = 300,
     aux_weight: Annotated[float, typer.Option(help="[--to none] Weight of Baroni et al.'s auxiliary loss (spread of the final norm's per-token scale); 0 turns it off.", rich_help_panel="Fine-tune")] = 0.0,
@@ -171,6 +192,8 @@ def convert(
             run_swap(model, to.value, output, **common)
         return
     if to is Target.rmsnorm:
+        from normsurgery.source import open_model
+
         source = open_model(model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, scan_finite=False)
         verdict = next(a for a in applicability(source.arch) if a.operation == "rmsnorm")
         source.close()
@@ -178,5 +201,7 @@ def convert(
             message = f"{model} already uses RMSNorm: nothing to do, nothing written."
             print_json({"operation": "rmsnorm", "changed": False, "reason": message}) if json_output else console.print(message)
             return
+    from normsurgery.rewrite.center import plan_center_swap
+
     _run(model, lambda s: plan_center_swap(s.arch, to.value), output, force, max_shard_size, dtype, no_verify,
-         json_output, allow_pickle, trust_remote_code, max_logit_diff)
+         json_output, allow_pickle, trust_remote_code, max_logit_diff, device, max_memory)

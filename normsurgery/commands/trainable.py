@@ -11,7 +11,7 @@ from typing import Any, Callable
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from normsurgery.check import load_model, load_tokenizer
+from normsurgery.engine.loading import load_model, load_tokenizer
 from normsurgery.checkpoint.writer import parse_size
 from normsurgery.commands.common import console, print_json
 from normsurgery.errors import NormSurgeryError

@@ -194,7 +194,7 @@ def evaluate_path(
     **kwargs: Any,
 ) -> EvalRun:
     """Load a validated model folder with its tokenizer and evaluate it; the model is freed afterwards."""
-    from normsurgery.check import load_model, load_tokenizer
+    from normsurgery.engine.loading import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(folder)
     if tokenizer is None:

@@ -9,7 +9,7 @@ angular distance of every span (l, n) follow. The skip cost reruns the batches o
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
@@ -17,6 +17,9 @@ from normsurgery.arch.facts import norm_label, placement
 from normsurgery.arch.spec import Architecture
 from normsurgery.prune.skip import skipping
 from normsurgery.prune.stats import LayerStats, NormGain
+
+if TYPE_CHECKING:
+    from normsurgery.prune.select import Candidate
 
 
 def calibration_ids(tokenizer: Any, text: str | None, sequences: int, seq_len: int) -> torch.Tensor:
@@ -175,3 +178,13 @@ def measure(model: torch.nn.Module, arch: Architecture, ids: torch.Tensor, *, la
             if on_batch:
                 on_batch()
     return stats
+
+
+@torch.no_grad()
+def remeasure(model: torch.nn.Module, arch: Architecture, ids: torch.Tensor, found: list[Candidate],
+              batch_size: int = 4) -> Candidate:
+    """Set each candidate's calibration loss (its blocks skipped) and return the lowest."""
+    for candidate in found:
+        with skipping(model, arch, candidate.blocks):
+            candidate.loss = cross_entropy(model, ids, batch_size)
+    return min(found, key=lambda c: (c.loss, c.blocks))

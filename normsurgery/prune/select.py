@@ -8,12 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
-from normsurgery.arch.spec import Architecture
 from normsurgery.errors import NormSurgeryError
-from normsurgery.prune.measure import cross_entropy
-from normsurgery.prune.skip import skipping
 from normsurgery.prune.stats import LayerStats
 
 METHODS = ("auto", "bi", "angular", "angular-all", "skip-cost", "last")
@@ -77,13 +72,3 @@ def candidates(stats: LayerStats, k: int, method: str, *, keep_first: int = 1, k
             if rank < len(found) and all(found[rank].blocks != c.blocks for c in chosen) and len(chosen) < top:
                 chosen.append(found[rank])
     return chosen
-
-
-@torch.no_grad()
-def remeasure(model: torch.nn.Module, arch: Architecture, ids: torch.Tensor, found: list[Candidate],
-              batch_size: int = 4) -> Candidate:
-    """Set each candidate's calibration loss (its blocks skipped) and return the lowest."""
-    for candidate in found:
-        with skipping(model, arch, candidate.blocks):
-            candidate.loss = cross_entropy(model, ids, batch_size)
-    return min(found, key=lambda c: (c.loss, c.blocks))

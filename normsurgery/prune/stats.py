@@ -47,6 +47,7 @@ class LayerStats:
     update_cosine: list[float]  # mean over tokens of cos(h_{l+1} - h_l, h_l), l = 0..L-1
     norm_gains: list[NormGain] = field(default_factory=list)
     skip_cost: list[float] | None = None  # CE with block l skipped minus base_ce (nats/token), when measured
+    memory: dict[str, Any] | None = None  # where it ran, the budget, what stayed resident, the peak memory
 
     def angular(self, n: int, last_token: bool = True) -> list[float]:
         """Angular distance of every span of `n` blocks (index = first block of the span)."""

@@ -73,6 +73,14 @@ def _widened(tensor: Tensor, target: torch.dtype) -> Tensor:
     return tensor
 
 
+def run_step(step: Step, source: TensorSource, dtype_for: Callable[[str], torch.dtype]) -> dict[str, Tensor]:
+    """One step's outputs, each formed at (at least) its output dtype's precision and cast once to it."""
+    inputs = {name: _widened(source.get(name), dtype_for(name)) for name in step.inputs}
+    outputs = step.compute(inputs)
+    del inputs
+    return {name: tensor.to(dtype_for(name)).contiguous() for name, tensor in outputs.items()}
+
+
 def execute(
     plan: Plan,
     source: TensorSource,
@@ -80,17 +88,20 @@ def execute(
     *,
     dtype_for: Callable[[str], torch.dtype],
     on_step: Callable[[str], None] | None = None,
+    produced: dict[str, Step] | None = None,
 ) -> list[str]:
-    """Run the plan: computed outputs first (in plan order), then every tensor no step produced or dropped."""
+    """Run the plan: computed outputs first (in plan order), then every tensor no step produced or dropped.
+
+    `produced`, when given, is filled with the step that made each computed output (copies are not listed).
+    """
     written: list[str] = []
     for i, step in enumerate(plan.steps):
         source.prefetch([n for later in plan.steps[i + 1 : i + 2] for n in later.inputs])
-        inputs = {name: _widened(source.get(name), dtype_for(name)) for name in step.inputs}
-        outputs = step.compute(inputs)
-        del inputs
-        for name, tensor in outputs.items():
-            sink.add(name, tensor.to(dtype_for(name)).contiguous())
+        for name, tensor in run_step(step, source, dtype_for).items():
+            sink.add(name, tensor)
             written.append(name)
+            if produced is not None:
+                produced[name] = step
         if on_step:
             on_step(step.label)
     produced = set(written)

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from normsurgery.check import load_model, load_tokenizer
+from normsurgery.engine.loading import load_model, load_tokenizer
 from normsurgery.rewrite.plan import Plan
 from normsurgery.source import open_model
 from normsurgery.train.engine import FinetuneOptions, finetune

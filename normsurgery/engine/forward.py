@@ -1,0 +1,47 @@
+"""Run a model on token batches: every calibration sequence of a chunk in one forward, so that a streamed weight
+is read once per chunk, and the output of chosen blocks kept (to name the first block where two models part)."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import torch
+
+from normsurgery.engine.lazy_model import LazyModel
+
+
+@contextmanager
+def block_outputs(model: torch.nn.Module, paths: list[str] | None) -> Iterator[list[torch.Tensor | None]]:
+    """Within the context, the hidden states each block in `paths` returns are kept (float32, on the CPU)."""
+    kept: list[torch.Tensor | None] = [None] * len(paths or [])
+    handles = []
+
+    def keeper(index: int):
+        def keep(module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            hidden = output[0] if isinstance(output, (tuple, list)) else output
+            kept[index] = hidden.detach().float().cpu()
+        return keep
+
+    for i, path in enumerate(paths or []):
+        handles.append(model.get_submodule(path).register_forward_hook(keeper(i)))
+    try:
+        yield kept
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def logits(lazy: LazyModel, tokens: torch.Tensor, *, blocks: list[str] | None = None
+           ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    """Float32 logits [sequences, positions, vocab] on the CPU for one chunk of `tokens`, and the outputs of `blocks`."""
+    with block_outputs(lazy.model, blocks) as kept:
+        out = lazy.model(input_ids=tokens.to(lazy.runtime.device), use_cache=False).logits
+    return out.float().cpu(), kept
+
+
+def chunks(lazy: LazyModel, tokens: torch.Tensor) -> list[torch.Tensor]:
+    """`tokens` split into as few forwards as the budget allows."""
+    per = lazy.tokens_per_pass(int(tokens.shape[1]))
+    return list(tokens.split(per))
