@@ -18,14 +18,18 @@ SHAPES = {
     "llama-2.4gb": dict(model_type="llama", hidden_size=2048, num_hidden_layers=24, num_attention_heads=32,
                         num_key_value_heads=4, intermediate_size=5632, vocab_size=32000, tie_word_embeddings=False,
                         max_position_embeddings=2048),
+    # ~11.9 GB in bf16, 5.9B parameters: hidden 4096, 32 layers, GQA 32/8 heads, MLP 11008, vocab 32000, untied.
+    "llama-6b": dict(model_type="llama", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                     num_key_value_heads=8, intermediate_size=11008, vocab_size=32000, tie_word_embeddings=False,
+                     max_position_embeddings=4096),
     # GPT-2 XL: 48 layers, d=1600, 25 heads, vocab 50257, tied (6.2 GB in fp32).
     "gpt2-xl": dict(model_type="gpt2", n_embd=1600, n_layer=48, n_head=25, vocab_size=50257, n_positions=1024),
 }
 
 
-def llama_of_layers(layers: int) -> dict:
-    """The 2.4 GB Llama shape with a different depth (for RSS-vs-size curves)."""
-    return {**SHAPES["llama-2.4gb"], "num_hidden_layers": layers}
+def llama_of_layers(layers: int, shape: str = "llama-2.4gb") -> dict:
+    """A Llama shape with a different depth (for RSS-vs-size curves)."""
+    return {**SHAPES[shape], "num_hidden_layers": layers}
 
 
 def build(out: Path, config_kwargs: dict, dtype: torch.dtype, shard: str = "1GB", seed: int = 0) -> Path:

@@ -11,7 +11,7 @@ import typer
 from rich.table import Table
 
 from normsurgery.cli import app
-from normsurgery.commands.common import JsonOutput, TrustRemoteCode, console, print_json, torch_dtype
+from normsurgery.commands.common import JsonOutput, MaxMemory, TrustRemoteCode, console, print_json, torch_dtype
 from normsurgery.errors import CheckFailed, NormSurgeryError
 
 
@@ -55,13 +55,32 @@ def _record(folder: Path, text: str, data: dict) -> None:
         os.replace(tmp, path)
 
 
+def _check_fits(folder: Path, dtype, max_memory: Optional[str]) -> None:
+    """lm-eval holds the whole model: refuse one whose weights exceed the memory budget before loading it."""
+    from normsurgery.checkpoint.reader import CheckpointReader
+    from normsurgery.checkpoint.writer import parse_size
+    from normsurgery.engine.resources import available_ram, human_bytes
+
+    budget = parse_size(max_memory) if max_memory else available_ram()
+    with CheckpointReader.open(folder, trust_remote_code=True, allow_pickle=True) as reader:
+        need = sum(reader.info(n).numel for n in reader.names()) * dtype.itemsize
+    if need > budget:
+        raise NormSurgeryError(
+            f"{folder} takes {human_bytes(need)} in {str(dtype).replace('torch.', '')}, more than the "
+            f"{human_bytes(budget)} available (--max-memory or the free memory), and lm-eval holds the whole model. "
+            "Evaluate it in bfloat16 (--dtype bfloat16), on a GPU (--device cuda), or with lm-eval's own multi-GPU "
+            "backends; `normsurgery check` compares two models of any size in bounded memory."
+        )
+
+
 @app.command("eval")
 def eval_command(
     model: Annotated[str, typer.Argument(help="Model folder, reference model name or hub id.")],
     tasks: Annotated[Optional[str], typer.Option(help="Comma-separated tasks (default: the offline Shakespeare suite).")] = None,
     limit: Annotated[Optional[int], typer.Option(help="At most this many items per task.", min=1)] = None,
     batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.", min=1)] = 8,
-    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, mps, ...")] = "cpu",
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, mps, ... (lm-eval's device)", rich_help_panel="Execution")] = "cpu",
+    max_memory: MaxMemory = None,
     dtype: Annotated[str, typer.Option(help="float32, float64, bfloat16 or float16.")] = "float32",
     compare: Annotated[Optional[str], typer.Option(help="The original model: run both, report each metric's delta.")] = None,
     max_ppl_increase: Annotated[Optional[float], typer.Option(help="With --compare: fail (exit 1) when a perplexity rises by more than this fraction (0.01 = 1%).")] = None,
@@ -93,6 +112,9 @@ def eval_command(
     manager = task_manager(names)  # unknown or unreachable tasks fail here, before any model loads
     folder = validated_path(model)
     reference = validated_path(compare) if compare else None
+    for path in (folder, reference):
+        if path is not None:
+            _check_fits(path, compute_dtype, max_memory)
     options = dict(limit=limit, batch_size=batch_size, device=device, dtype=compute_dtype,
                    trust_remote_code=trust_remote_code, manager=manager)
     quiet = json_output

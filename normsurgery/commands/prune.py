@@ -54,9 +54,10 @@ def _stats(source: ModelSource, opened: OpenModel, tokenizer: Any, *, samples: i
 
 
 def measure_batch(opened: OpenModel, source: ModelSource, seq_len: int) -> int:
-    """Sequences per forward: all that fit the budget beside the block states the measurement keeps (float64)."""
+    """Sequences per forward: all that fit the budget beside the residual state of every depth that the
+    measurement keeps (float32)."""
     depths = source.arch.num_layers + 1
-    return opened.lazy.tokens_per_pass(seq_len, extra_per_token=depths * source.arch.hidden_size * (4 + 3 * 8))
+    return opened.lazy.tokens_per_pass(seq_len, extra_per_token=depths * source.arch.hidden_size * 4)
 
 
 def _load(source: ModelSource, runtime: Runtime, allow_pickle: bool, trust_remote_code: bool) -> tuple[OpenModel, Any]:
@@ -207,7 +208,8 @@ def prune(
     from normsurgery.train.engine import FinetuneOptions
 
     runtime = resolve_runtime(device, max_memory)
-    heal = FinetuneOptions(steps=heal_steps, lr=lr, batch_size=batch_size, seq_len=seq_len, text=text) if heal_steps else None
+    heal = FinetuneOptions(steps=heal_steps, lr=lr, batch_size=batch_size, seq_len=seq_len, text=text,
+                           device=device) if heal_steps else None
     report = run_prune(model, output, selection, heal=heal, dry_run=dry_run, force=force, max_shard_size=max_shard_size,
                        verify=not no_verify, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
                        quiet=json_output, runtime=runtime)
@@ -225,7 +227,7 @@ def _write_and_heal(source: ModelSource, plan: Any, out: Path, force: bool, shar
     result = apply_plan(source, plan, staging, force=True, max_shard_size=shard_bytes, verify=True, runtime=runtime)
     try:
         heal = heal_folder(staging, source.path, out, options, operation="prune+heal", force=force,
-                           max_shard_size=shard_bytes, allow_pickle=allow_pickle)
+                           max_shard_size=shard_bytes, allow_pickle=allow_pickle, runtime=runtime)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return {"output": str(out), "config_updates": result.config_updates, "check": result.check,

@@ -180,12 +180,14 @@ def convert(
     """
     if to in (Target.none, Target.dyt, Target.derf):
         from normsurgery.commands.trainable import removal_options, run_remove, run_swap
+        from normsurgery.engine.resources import resolve_runtime
 
+        runtime = resolve_runtime(device, max_memory)
         options = removal_options(gap=gap, heal=heal, aux_weight=aux_weight, lr=lr, batch_size=batch_size, seq_len=seq_len, text=text, seed=seed,
                                   loss=loss, gradient_checkpointing=gradient_checkpointing,
-                                  checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every)
+                                  checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, device=device)
         common = dict(force=force, max_shard_size=max_shard_size, removal=options, json_output=json_output,
-                      allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+                      allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, runtime=runtime)
         if to is Target.none:
             run_remove(model, output, **common)
         else:

@@ -10,7 +10,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from normsurgery.cli import app
-from normsurgery.commands.common import JsonOutput, TrustRemoteCode, console, print_json
+from normsurgery.commands.common import Device, JsonOutput, MaxMemory, TrustRemoteCode, console, print_json
 from normsurgery.errors import NormSurgeryError
 from normsurgery.recipe import report as reports
 from normsurgery.recipe.runner import RecipeRun, StepResult, plan_lines
@@ -50,6 +50,8 @@ def run(
     markdown: Annotated[Optional[Path], typer.Option("--markdown", help="Also write the report as Markdown (e.g. $GITHUB_STEP_SUMMARY).")] = None,
     json_output: JsonOutput = False,
     trust_remote_code: TrustRemoteCode = False,
+    device: Device = "auto",
+    max_memory: MaxMemory = None,
 ) -> None:
     """Run a recipe: ordered steps (fold, convert, prune, heal, check, eval, export) from one YAML file.
 
@@ -89,7 +91,7 @@ def run(
             progress.update(task, completed=done, description=f"{recipe.name}: {result.label}")
 
         results = RecipeRun(loaded, digest, target, force=force, trust_remote_code=trust_remote_code,
-                            on_step=on_step).run()
+                            on_step=on_step, device=device, max_memory=max_memory).run()
     errors = [r for r in results if r.status == "error"]
     failed = [r for r in results if r.status == "failed"]
     code = 2 if errors else 1 if failed else 0

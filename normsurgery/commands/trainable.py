@@ -17,7 +17,8 @@ from normsurgery.commands.common import console, print_json
 from normsurgery.errors import NormSurgeryError
 from normsurgery.rewrite.remove import plan_remove_norms
 from normsurgery.source import open_model
-from normsurgery.train.engine import FinetuneOptions, finetune
+from normsurgery.engine.resources import Runtime, resolve_runtime
+from normsurgery.train.engine import FinetuneOptions, check_fits, finetune
 from normsurgery.trainable.export import export_trained
 from normsurgery.trainable.remove_ln import (
     RemovalOptions,
@@ -41,12 +42,20 @@ def _load_for_training(source: Any, options: FinetuneOptions, allow_pickle: bool
 
 
 def _open_for_training(model: str, out: Path, force: bool, max_shard_size: str, removal: RemovalOptions,
-                       allow_pickle: bool, trust_remote_code: bool) -> tuple[Any, int]:
-    """Refuse an existing OUT, open and scan the model, fit the sequence length to its context; the shard size."""
+                       allow_pickle: bool, trust_remote_code: bool, runtime: Runtime | None,
+                       what: str) -> tuple[Any, int]:
+    """Refuse an existing OUT, open and scan the model, refuse a fine-tune that cannot fit the memory budget, fit
+    the sequence length to its context; the shard size."""
     shard_bytes = parse_size(max_shard_size)
     if out.exists() and not force:
         raise NormSurgeryError(f"{out} already exists; choose another --output or pass --force to replace it.")
+    runtime = runtime or resolve_runtime(removal.finetune.device)
     source = open_model(model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, scan_finite=True)
+    try:
+        check_fits(source.parameter_count, removal.finetune, runtime.budget, what)
+    except BaseException:
+        source.close()
+        raise
     removal.finetune.fit_context(source.config)
     return source, shard_bytes
 
@@ -76,12 +85,14 @@ def _options_report(options: FinetuneOptions, **schedule: float) -> dict[str, An
 
 
 def run_remove(model: str, out: Path, *, force: bool, max_shard_size: str, removal: RemovalOptions, json_output: bool,
-               allow_pickle: bool, trust_remote_code: bool, quiet: bool = False) -> dict[str, Any]:
+               allow_pickle: bool, trust_remote_code: bool, quiet: bool = False,
+               runtime: Runtime | None = None) -> dict[str, Any]:
     """LN removal end to end: check it applies, fine-tune with the freeze schedule, fold, write, check, report."""
     removal.finetune.validate()
     if removal.gap < 0 or removal.heal < 0 or removal.aux_weight < 0:
         raise NormSurgeryError("--gap, --heal and --aux-weight cannot be negative.")
-    source, shard_bytes = _open_for_training(model, out, force, max_shard_size, removal, allow_pickle, trust_remote_code)
+    source, shard_bytes = _open_for_training(model, out, force, max_shard_size, removal, allow_pickle, trust_remote_code,
+                                             runtime, "convert --to none")
     try:
         order = removal_order(source.arch, removable_norms(source.arch))
         tokenizer, student, teacher = _load_for_training(source, removal.finetune, allow_pickle, trust_remote_code)
@@ -146,15 +157,17 @@ def _note_if_far(before: float, after: float) -> None:
 def removal_options(*, gap: int, heal: int, aux_weight: float, lr: float, batch_size: int | None, seq_len: int | None,
                     text: str | None, seed: int,
                     loss: str, gradient_checkpointing: bool, checkpoint_dir: Path | None,
-                    checkpoint_every: int) -> RemovalOptions:
+                    checkpoint_every: int, device: str = "auto") -> RemovalOptions:
     """The CLI's options as a RemovalOptions."""
     return RemovalOptions(gap=gap, heal=heal, aux_weight=aux_weight, finetune=FinetuneOptions(
         lr=lr, batch_size=batch_size, seq_len=seq_len, text=text, seed=seed, loss=loss,  # type: ignore[arg-type]
-        gradient_checkpointing=gradient_checkpointing, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every))
+        gradient_checkpointing=gradient_checkpointing, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
+        device=device))
 
 
 def run_swap(model: str, target: str, out: Path, *, force: bool, max_shard_size: str, removal: RemovalOptions,
-             json_output: bool, allow_pickle: bool, trust_remote_code: bool, quiet: bool = False) -> dict[str, Any]:
+             json_output: bool, allow_pickle: bool, trust_remote_code: bool, quiet: bool = False,
+             runtime: Runtime | None = None) -> dict[str, Any]:
     """DyT/Derf end to end: centre (LayerNorm models), calibrate alpha, swap, heal for `removal.heal` steps, write."""
     from normsurgery.rewrite.plan import Plan
     from normsurgery.trainable.swap import (
@@ -169,7 +182,8 @@ def run_swap(model: str, target: str, out: Path, *, force: bool, max_shard_size:
     removal.finetune.validate()
     if removal.heal < 1:
         raise NormSurgeryError("--heal must be at least 1 for --to dyt/derf (the fine-tune after the swap).")
-    source, shard_bytes = _open_for_training(model, out, force, max_shard_size, removal, allow_pickle, trust_remote_code)
+    source, shard_bytes = _open_for_training(model, out, force, max_shard_size, removal, allow_pickle, trust_remote_code,
+                                             runtime, f"convert --to {target}")
     try:
         norms = removable_norms(source.arch)
         tokenizer, student, teacher = _load_for_training(source, removal.finetune, allow_pickle, trust_remote_code)

@@ -3,8 +3,9 @@
 accelerate's big-model machinery does the work: `init_empty_weights` builds the skeleton (buffers such as
 rotary frequencies are real), `AlignDevicesHook` with a lazy weights map brings each module's weights to the
 execution device just before its forward and drops them right after, and `dispatch_model` spreads a model
-that fits several GPUs over them. What the budget allows stays resident, so repeated passes (measurements,
-calibration) read it once; the rest is streamed from the checkpoint in place at every pass. Any model class
+that fits several GPUs over them. A model that fits the budget stays resident, so repeated passes (measurements,
+calibration) read it once; a model larger than the budget is streamed from the checkpoint in place at every
+pass, so memory stays at one module's weights and the activations whatever the model's size. Any model class
 that transformers builds from a config works: stock families and exported `auto_map` code alike.
 """
 
@@ -164,8 +165,9 @@ def _leaf_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module, li
 
 def lazy_model(config: Any, weights: WeightMap, runtime: Runtime, *, dtype: torch.dtype = torch.float32,
                passes: int = 1, trust_remote_code: bool = False, key_mapping: dict[str, str] | None = None) -> LazyModel:
-    """Build `config`'s model over `weights` on `runtime`: resident as far as the budget allows when the caller
-    runs several `passes` (weights read once), streamed module by module otherwise.
+    """Build `config`'s model over `weights` on `runtime`: held in memory when the caller runs several `passes`
+    and the whole model fits the budget (weights read once), else streamed module by module at every pass (a
+    model larger than the budget, or a single pass, where holding it would only cost memory).
 
     Raises UnmatchedWeights when the names do not match (the caller then loads the model the ordinary way), and
     a NormSurgeryError when the budget cannot hold the largest module and one sequence's activations.
@@ -202,10 +204,10 @@ def lazy_model(config: Any, weights: WeightMap, runtime: Runtime, *, dtype: torc
     working = 128 * (activation + 3 * logits)
     if passes > 1 and len(runtime.devices) > 1 and total + working <= runtime.budget:
         return _spread(model, view, leaves, sizes, runtime, dtype, activation, logits, notes)
-    keep = runtime.budget - working - largest if passes > 1 else 0
+    hold = passes > 1 and total + working <= runtime.budget
     resident = streamed = biggest_streamed = 0
     for path, module, own in leaves:
-        if sizes[path] <= keep - resident:
+        if hold:
             for n in own:
                 set_module_tensor_to_device(module, n, device, value=view[f"{path}.{n}" if path else n])
             resident += sizes[path]

@@ -81,6 +81,9 @@ class _Residuals:
             handle.remove()
 
 
+TOKENS_AT_ONCE = 256
+
+
 class _Accumulator:
     """Running sums of the per-depth statistics over batches."""
 
@@ -95,6 +98,14 @@ class _Accumulator:
         self.sequences = 0
 
     def add(self, states: list[torch.Tensor]) -> None:
+        """Fold one batch of residual states (one [batch, positions, d] tensor per depth) into the sums, a few
+        sequences at a time so that the float64 work stays near TOKENS_AT_ONCE tokens whatever the batch."""
+        positions = states[0].shape[1]
+        step = max(1, TOKENS_AT_ONCE // positions)
+        for start in range(0, states[0].shape[0], step):
+            self._add([s[start:start + step] for s in states])
+
+    def _add(self, states: list[torch.Tensor]) -> None:
         h = torch.stack([s.double() for s in states])  # [depth, batch, positions, d]
         depth, batch, positions, _ = h.shape
         norms = h.norm(dim=-1)  # [depth, batch, positions]

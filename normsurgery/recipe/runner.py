@@ -101,17 +101,21 @@ class RecipeRun:
     """Executes a recipe step by step and collects a StepResult for each."""
 
     def __init__(self, recipe: Recipe, recipe_hash: str, output: Path, *, force: bool, trust_remote_code: bool,
-                 on_step: Callable[[StepResult], None] | None = None) -> None:
+                 on_step: Callable[[StepResult], None] | None = None, device: str = "auto",
+                 max_memory: str | None = None) -> None:
         self.recipe, self.hash, self.output, self.force = recipe, recipe_hash, output, force
         self.trust_remote_code = trust_remote_code
+        self.device, self.max_memory = device, max_memory  # where every step that runs a model runs
         self.on_step = on_step
         self.results = plan_lines(recipe, output)
         self.models: dict[str, str] = {"original": recipe.model}
 
     def run(self) -> list[StepResult]:
         """Run every step in order; the first failure or error skips the rest. Never leaves the work folder."""
+        from normsurgery.engine.resources import resolve_runtime
         from normsurgery.source import validated_path
 
+        self.runtime = resolve_runtime(self.device, self.max_memory)
         if self.output.exists() and not self.force:
             raise NormSurgeryError(f"{self.output} already exists; choose another output or pass --force to replace it.")
         if not self.output.parent.is_dir():
@@ -164,7 +168,7 @@ class RecipeRun:
         try:
             out = self._next(result)
             applied = apply_plan(source, plan_for(source), out, dtype=self._dtype(),
-                                 thresholds=Thresholds(max_rel_logit_diff=step.max_logit_diff))
+                                 thresholds=Thresholds(max_rel_logit_diff=step.max_logit_diff), runtime=self.runtime)
         finally:
             source.close()
         result.figures = {k: applied.check[k] for k in ("rel_logit_diff", "mean_kl", "top1_agreement")} if applied.check else {}
@@ -191,10 +195,11 @@ class RecipeRun:
 
         options = removal_options(gap=step.gap, heal=step.heal, aux_weight=step.aux_weight, lr=step.lr,
                                   batch_size=step.batch_size, seq_len=step.seq_len, text=step.text, seed=step.seed,
-                                  loss=step.loss, gradient_checkpointing=False, checkpoint_dir=None, checkpoint_every=0)
+                                  loss=step.loss, gradient_checkpointing=False, checkpoint_dir=None, checkpoint_every=0,
+                                  device=self.device)
         out = self._next(result)
         common = dict(force=True, max_shard_size="5GB", removal=options, json_output=True, allow_pickle=False,
-                      trust_remote_code=self.trust_remote_code, quiet=True)
+                      trust_remote_code=self.trust_remote_code, quiet=True, runtime=self.runtime)
         report = (run_remove(str(self.current), out, **common) if step.to == "none"
                   else run_swap(str(self.current), step.to, out, **common))
         result.figures = {k: report[k] for k in ("heldout_ce_before", "heldout_ce_after", "heldout_ce_change")}
@@ -208,7 +213,7 @@ class RecipeRun:
                                    seq_len=step.seq_len, text=step.text)
         out = self._next(result)
         report = run_prune(str(self.current), out, selection, force=True, quiet=True,
-                           trust_remote_code=self.trust_remote_code)
+                           trust_remote_code=self.trust_remote_code, runtime=self.runtime)
         change = report.get("change") or {}
         result.figures = {"removed_blocks": report["selection"]["blocks"], "kept_blocks": report["kept_blocks"],
                           "ppl_before": change.get("ppl_original"), "ppl_after": change.get("ppl_candidate")}
@@ -219,10 +224,10 @@ class RecipeRun:
         from normsurgery.trainable.heal import heal_folder
 
         options = FinetuneOptions(steps=step.steps, lr=step.lr, batch_size=step.batch_size, seq_len=step.seq_len,
-                                  text=step.text, seed=step.seed)
+                                  text=step.text, seed=step.seed, device=self.device)
         out = self._next(result)
         summary = heal_folder(Path(self.current), Path(self.original), out, options, operation="heal", force=True,
-                              max_shard_size=5_000_000_000)
+                              max_shard_size=5_000_000_000, runtime=self.runtime)
         result.figures = {k: summary[k] for k in ("heldout_ce_before", "heldout_ce_unhealed", "heldout_ce_after")}
         self._advance(step, out)
 
@@ -233,7 +238,8 @@ class RecipeRun:
         report = run_check(against, Path(self.current), trust_remote_code=self.trust_remote_code,
                            thresholds=Thresholds(max_rel_logit_diff=step.max_logit_diff, min_top1=step.min_top1,
                                                  max_kl=step.max_kl),
-                           seq_len=step.seq_len, num_seqs=step.num_seqs, labels=(step.against, "current"))
+                           seq_len=step.seq_len, num_seqs=step.num_seqs, labels=(step.against, "current"),
+                           runtime=self.runtime)
         result.figures = {k: getattr(report, k) for k in ("rel_logit_diff", "mean_kl", "top1_agreement",
                                                          "ppl_original", "ppl_candidate")}
         result.failures = list(report.failures)

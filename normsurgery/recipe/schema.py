@@ -22,6 +22,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from normsurgery.errors import NormSurgeryError
+from normsurgery.thresholds import DEFAULT_NUM_SEQS, DEFAULT_SEQ_LEN
 
 VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -96,8 +97,8 @@ class CheckStep(_Options):
     max_logit_diff: float | None = 2e-5
     min_top1: float | None = 1.0
     max_kl: float | None = 1e-6
-    num_seqs: int = Field(8, ge=1)
-    seq_len: int = Field(128, ge=2)
+    num_seqs: int = Field(DEFAULT_NUM_SEQS, ge=1)
+    seq_len: int = Field(DEFAULT_SEQ_LEN, ge=2)
 
 
 class EvalStep(_Options):

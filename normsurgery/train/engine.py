@@ -44,6 +44,7 @@ class FinetuneOptions:
     gradient_checkpointing: bool = False
     checkpoint_dir: Path | None = None  # resume from it when it holds a state; save to it every checkpoint_every
     checkpoint_every: int = 0
+    device: str = "auto"  # --device: auto (accelerate's choice: the GPUs when there are any), cpu, cuda, cuda:N
 
     def fit_context(self, config: Any) -> None:
         """Fit the sequences to the model's context (the report shows the values used): an unset `seq_len` becomes
@@ -72,6 +73,27 @@ class FinetuneOptions:
             raise NormSurgeryError(f"--loss must be kl, lm or kl+lm (got {self.loss!r}).")
         if self.warmup < 0 or self.checkpoint_every < 0 or self.grad_clip < 0:
             raise NormSurgeryError("--warmup, --checkpoint-every and --grad-clip cannot be negative.")
+
+
+def training_bytes(parameters: int, options: FinetuneOptions) -> int:
+    """What a fine-tune of a model with `parameters` holds at least: float32 weights, gradients and AdamW's two
+    moments (16 bytes a parameter), the teacher for a distillation loss (4 more), and the logits of a batch."""
+    per_parameter = 16 + (4 if "kl" in options.loss else 0)
+    return parameters * per_parameter
+
+
+def check_fits(parameters: int, options: FinetuneOptions, budget: int, what: str) -> None:
+    """Refuse a fine-tune that cannot fit the memory budget before anything is loaded."""
+    from normsurgery.engine.resources import human_bytes
+
+    need = training_bytes(parameters, options)
+    if need > budget:
+        raise NormSurgeryError(
+            f"{what} fine-tunes the whole model, which needs at least {human_bytes(need)} here ({parameters / 1e9:.2g}B "
+            f"parameters: float32 weights, gradients, AdamW state{' and the teacher' if 'kl' in options.loss else ''}), "
+            f"more than the {human_bytes(budget)} available (--max-memory or the free memory). Run it on a GPU or a "
+            "larger machine (accelerate launch spreads it with DDP); nothing was written."
+        )
 
 
 @dataclass
@@ -114,7 +136,9 @@ def finetune(
     options.validate()
     if "kl" in options.loss and teacher is None:
         raise NormSurgeryError("a distillation loss needs the original model as teacher.")
-    accelerator = Accelerator(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    if options.device.startswith("cuda:"):
+        torch.cuda.set_device(int(options.device.split(":", 1)[1]))  # one process: accelerate trains on the current GPU
+    accelerator = Accelerator(cpu=options.device == "cpu" or parse_flag_from_env("ACCELERATE_USE_CPU"))
     refuse_sharded(accelerator.distributed_type)
     set_seed(options.seed)
     text, label = load_text(options.text)

@@ -11,19 +11,23 @@ import torch
 from normsurgery.engine.loading import load_model, load_tokenizer
 from normsurgery.rewrite.plan import Plan
 from normsurgery.source import open_model
-from normsurgery.train.engine import FinetuneOptions, finetune
+from normsurgery.engine.resources import Runtime, resolve_runtime
+from normsurgery.train.engine import FinetuneOptions, check_fits, finetune
 from normsurgery.trainable.export import export_trained
 from normsurgery.trainable.remove_ln import calibration_batches, cross_entropy, heldout_batches
 
 
 def heal_folder(current: Path, teacher_folder: Path, out: Path, options: FinetuneOptions, *, operation: str,
-                force: bool, max_shard_size: int, allow_pickle: bool = False) -> dict[str, Any]:
+                force: bool, max_shard_size: int, allow_pickle: bool = False,
+                runtime: Runtime | None = None) -> dict[str, Any]:
     """Fine-tune the model in `current` towards `teacher_folder`'s logits and write it to `out` (checked to compute
     what the trained model computes); returns the held-out cross-entropies, losses and the export check."""
     options.validate()
+    runtime = runtime or resolve_runtime(options.device)
     source = open_model(str(current), scan_finite=False)
     options.fit_context(source.config)
     try:
+        check_fits(source.parameter_count, options, runtime.budget, "healing")
         tokenizer = load_tokenizer(teacher_folder)
         teacher = load_model(teacher_folder, torch.float32, allow_pickle=allow_pickle)
         student = load_model(current, torch.float32)
