@@ -122,3 +122,16 @@ def test_help_and_version_import_neither_torch_nor_transformers():
     for arg in ("--help", "--version"):
         out = subprocess.run([sys.executable, "-c", probe.format(arg=arg)], capture_output=True, text=True, timeout=60)
         assert "LOADED []" in out.stdout, (arg, out.stdout[-500:], out.stderr[-2000:])
+
+
+def test_check_streams_exported_remote_code_models_too(tiny_model, cli, tmp_path):
+    folder = tiny_model("gpt2")
+    code, _, err = cli("convert", folder, "--to", "crmsnorm", "-o", tmp_path / "crms", "--no-verify")
+    assert code == 0, err
+    code, full, err = cli("check", folder, tmp_path / "crms", "--json")
+    assert code == 0, err
+    code, limited, err = cli("check", folder, tmp_path / "crms", "--json", "--max-memory", "950KB")
+    assert code == 0, err
+    a, b = json.loads(full), json.loads(limited)
+    assert b["memory"]["streamed"] and b["memory"]["budget_bytes"] == 950_000
+    assert b["max_abs_logit_diff"] == a["max_abs_logit_diff"] and b["rel_logit_diff"] <= 2e-5

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from normsurgery.checkpoint.reader import CheckpointReader
-from normsurgery.engine.lazy_model import LazyModel, UnmatchedWeights, lazy_model, model_config
+from normsurgery.engine.lazy_model import LazyModel, UnmatchedWeights, lazy_model, model_config, release_buffers
 from normsurgery.engine.resources import Runtime
 from normsurgery.engine.weights import CheckpointWeights, WeightMap
 from normsurgery.errors import NormSurgeryError
@@ -129,7 +129,8 @@ class OpenModel:
         return self.lazy.model
 
     def close(self) -> None:
-        """Release the checkpoint's file handles."""
+        """Release the checkpoint's file handles and the spare widening buffers."""
+        release_buffers()
         if self.reader is not None:
             self.reader.close()
             self.reader = None
