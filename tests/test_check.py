@@ -23,8 +23,10 @@ def test_model_against_itself_passes(tiny_model, cli):
     code, out, err = cli("check", folder, folder, "--json", "--num-seqs", "2", "--seq-len", "16")
     assert code == 0, err
     report = json.loads(out)
-    assert report["passed"] and report["max_abs_logit_diff"] == 0.0 and report["top1_agreement"] == 1.0
-    assert report["mean_kl"] == 0.0 and report["ppl_original"] == report["ppl_candidate"]
+    # two forwards of one model agree to the last bit on a quiet machine; once, under xdist load, they differed
+    # by 1e-5 of the logit scale (float32 kernels can split work differently), so the bound allows that
+    assert report["passed"] and report["rel_logit_diff"] <= 2e-5 and report["top1_agreement"] == 1.0
+    assert report["mean_kl"] <= 1e-9
     assert report["logit_scale"] > 1.0  # fixtures have O(1) logits, so errors would show
 
 
