@@ -74,8 +74,14 @@ class CheckpointWriter:
         if not os.access(parent, os.W_OK):
             raise NormSurgeryError(f"cannot write into {parent} (read-only or no permission); choose another output.")
         self.clean_stale(self.out)
-        self.tmp.mkdir()
-        self._pipeline = ShardPipeline(self.tmp, self.metadata, self.max_shard_size)
+        try:
+            self.tmp.mkdir()
+            self._pipeline = ShardPipeline(self.tmp, self.metadata, self.max_shard_size)
+        except BaseException:  # e.g. Ctrl-C while the pipeline starts: __exit__ will not run
+            if self._pipeline is not None:
+                self._pipeline.abort()
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
