@@ -49,15 +49,21 @@ def human_bytes(size: float) -> str:
     return f"{int(size)} B"
 
 
-def available_ram() -> int:
-    """Bytes of RAM the kernel says it can give without swapping (MemAvailable)."""
+def _proc_kib(path: str, key: str) -> int | None:
+    """A 'Key:   123 kB' field of a Linux /proc file, in bytes; None where there is no such file or field."""
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return None
+
+
+def available_ram() -> int:
+    """Bytes of RAM the kernel says it can give without swapping (MemAvailable)."""
+    found = _proc_kib("/proc/meminfo", "MemAvailable")
+    return found if found is not None else os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def exact_float32() -> None:
@@ -129,10 +135,4 @@ def return_freed_memory() -> None:
 
 def peak_rss() -> int | None:
     """This process's peak resident memory in bytes (Linux VmHWM), or None where it cannot be read."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    return _proc_kib("/proc/self/status", "VmHWM")
