@@ -20,6 +20,7 @@ from typing import Any, Iterator
 import torch
 from accelerate.hooks import AlignDevicesHook
 
+from normsurgery.engine.buffers import POOL, BufferPool
 from normsurgery.engine.resources import Runtime, human_bytes
 from normsurgery.engine.weights import WeightMap
 from normsurgery.errors import NormSurgeryError
@@ -212,7 +213,7 @@ def lazy_model(config: Any, weights: WeightMap, runtime: Runtime, *, dtype: torc
     if passes > 1 and len(runtime.devices) > 1 and total + working <= runtime.budget:
         return _spread(model, view, leaves, sizes, runtime, dtype, activation, logits, notes)
     hold = passes > 1 and total + working <= runtime.budget
-    pool = _POOL if device.type == "cpu" else None  # on a GPU the stored tensor is widened there
+    pool = POOL if device.type == "cpu" else None  # on a GPU the stored tensor is widened there
     resident = streamed = biggest_streamed = 0
     for path, module, own in leaves:
         if hold:
@@ -228,57 +229,12 @@ def lazy_model(config: Any, weights: WeightMap, runtime: Runtime, *, dtype: torc
     return LazyModel(model, runtime, resident, streamed, biggest_streamed, activation, logits, notes)
 
 
-class _BufferPool:
-    """Float32 buffers for widened weights, handed back when their module's forward is over.
-
-    Widening into fresh memory costs a page fault per page (measured: 27 ms against 8.5 ms for a 46 MB weight
-    widened into a reused buffer), and every block, and every model of a comparison, asks for the same shapes,
-    so one spare buffer per shape serves them all. Spares are kept up to MAX_SPARE_BYTES (block-sized weights,
-    used once a block; an embedding-sized one, used once a model, is let go). One pool per process;
-    `release_buffers` empties it.
-    """
-
-    MAX_SPARE_BYTES = 320 * 2**20
-    MAX_BUFFER_BYTES = 256 * 2**20
-
-    def __init__(self) -> None:
-        self.free: dict[tuple[tuple[int, ...], torch.dtype], list[torch.Tensor]] = {}
-        self.spare_bytes = 0
-
-    def widen(self, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """`tensor` converted to `dtype` in a pooled buffer."""
-        spare = self.free.get((tuple(tensor.shape), dtype))
-        if spare:
-            out = spare.pop()
-            self.spare_bytes -= out.nbytes
-        else:
-            out = torch.empty(tensor.shape, dtype=dtype)
-        return out.copy_(tensor)
-
-    def give_back(self, buffers: list[torch.Tensor]) -> None:
-        for buffer in buffers:
-            size = buffer.nbytes
-            if size <= self.MAX_BUFFER_BYTES and self.spare_bytes + size <= self.MAX_SPARE_BYTES:
-                self.free.setdefault((tuple(buffer.shape), buffer.dtype), []).append(buffer)
-                self.spare_bytes += size
-        buffers.clear()
-
-
-_POOL = _BufferPool()
-
-
-def release_buffers() -> None:
-    """Free the spare widening buffers (when the models that use them are done)."""
-    _POOL.free.clear()
-    _POOL.spare_bytes = 0
-
-
 class _StreamingHook(AlignDevicesHook):
     """accelerate's offload hook for one streamed module, over a view of the weights that widens into pooled
     buffers; they return to the pool once the hook has dropped them after the forward."""
 
     def __init__(self, view: _ModelNames, prefix: str, device: torch.device, dtype: torch.dtype,
-                 pool: _BufferPool | None) -> None:
+                 pool: BufferPool | None) -> None:
         super().__init__(execution_device=device, offload=True, io_same_device=False, offload_buffers=False,
                          weights_map=_Prefixed(view, prefix, dtype, pool))
         self.pool = pool
@@ -294,7 +250,7 @@ class _Prefixed(Mapping):
     """One module's view of the model's weights (its own parameter names, without the module path); stored
     tensors of another floating dtype are widened into pooled buffers, remembered in `taken`."""
 
-    def __init__(self, view: _ModelNames, prefix: str, dtype: torch.dtype, pool: _BufferPool | None) -> None:
+    def __init__(self, view: _ModelNames, prefix: str, dtype: torch.dtype, pool: BufferPool | None) -> None:
         self.view, self.prefix, self.dtype, self.pool = view, prefix, dtype, pool
         self.taken: list[torch.Tensor] = []
 

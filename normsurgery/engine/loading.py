@@ -11,7 +11,8 @@ from typing import Any
 import torch
 
 from normsurgery.checkpoint.reader import CheckpointReader
-from normsurgery.engine.lazy_model import LazyModel, UnmatchedWeights, lazy_model, model_config, release_buffers
+from normsurgery.engine.buffers import release_buffers
+from normsurgery.engine.lazy_model import LazyModel, UnmatchedWeights, lazy_model, model_config
 from normsurgery.engine.resources import Runtime
 from normsurgery.engine.weights import CheckpointWeights, WeightMap
 from normsurgery.errors import NormSurgeryError

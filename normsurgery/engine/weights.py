@@ -13,9 +13,12 @@ from typing import Protocol
 import torch
 
 from normsurgery.checkpoint.reader import CheckpointReader
+from normsurgery.engine.buffers import release_buffers
 from normsurgery.rewrite.plan import Step, run_step
 
 Tensor = torch.Tensor
+# A rewrite step reading more than this (in float32) frees the spare widening buffers before it runs.
+BIG_STEP_BYTES = 256 * 2**20
 
 
 class WeightMap(Protocol):
@@ -67,6 +70,10 @@ class PlanWeights:
         step = self.produced.get(name)
         if step is None:
             return self.reader.get(self._copied[name])
+        if sum(self.reader.info(n).numel for n in step.inputs) * self.dtype.itemsize > BIG_STEP_BYTES:
+            # the step holds its inputs and outputs in float32 at once (the unembedding: twice its float32
+            # size); the spare widening buffers would stack on top of that, at the verification's peak
+            release_buffers()
         outputs = run_step(step, self.reader, lambda _: self.dtype)
         tensor = outputs.pop(name)
         self._pending.update(outputs)
