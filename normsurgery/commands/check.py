@@ -63,7 +63,8 @@ def memory_line(memory: dict) -> str:
     """Where the models ran and how much memory that took, in one line."""
     peak = memory.get("peak_rss_bytes")
     how = "streamed from their checkpoints" if memory.get("streamed") else "held in memory"
-    return (f"ran on {memory['device']}, {how}; budget {memory['budget_bytes'] / 1e9:.1f} GB"
+    return (f"ran on {memory['device']}, {how}; budget {memory['budget_bytes'] / 1e9:.1f} GB "
+            f"({memory.get('budget_from', 'free memory')})"
             + (f", peak memory {peak / 1e9:.2f} GB" if peak else ""))
 
 

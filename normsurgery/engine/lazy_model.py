@@ -64,7 +64,8 @@ class LazyModel:
     def describe(self) -> dict[str, Any]:
         """Plain data: where it ran, how much was kept and how much streamed."""
         return {"device": str(self.runtime.device) if len(self.runtime.devices) == 1 else [str(d) for d in self.runtime.devices],
-                "budget_bytes": self.runtime.budget, "resident_bytes": self.resident_bytes,
+                "budget_bytes": self.runtime.budget, "budget_from": "--max-memory" if self.runtime.explicit else "free memory",
+                "resident_bytes": self.resident_bytes,
                 "streamed_bytes": self.streamed_bytes, **({"notes": self.notes} if self.notes else {})}
 
 

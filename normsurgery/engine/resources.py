@@ -36,10 +36,6 @@ class Runtime:
         """Bytes the run may hold on all its devices together."""
         return sum(self.budgets)
 
-    def describe(self) -> str:
-        """For reports: 'cpu, 2.0 GB' or 'cuda:0+cuda:1, 150 GB'."""
-        return f"{'+'.join(map(str, self.devices))}, {human_bytes(self.budget)}{'' if self.explicit else ' (free memory)'}"
-
 
 def human_bytes(size: float) -> str:
     """1234567 -> '1.2 MB' (decimal units, as --max-memory reads them)."""
