@@ -18,14 +18,8 @@ from normsurgery.engine import forward
 from normsurgery.engine.loading import OpenModel, load_tokenizer
 from normsurgery.engine.resources import Runtime, peak_rss, resolve_runtime
 from normsurgery.errors import NormSurgeryError
-from normsurgery.thresholds import (  # noqa: F401 (re-exported: the check's defaults live with it)
-    DEFAULT_MAX_KL,
-    DEFAULT_MAX_REL_LOGIT_DIFF,
-    DEFAULT_MIN_TOP1,
-    DEFAULT_NUM_SEQS,
-    DEFAULT_SEQ_LEN,
-    Thresholds,
-)
+from normsurgery.thresholds import DEFAULT_MAX_REL_LOGIT_DIFF, DEFAULT_NUM_SEQS, DEFAULT_SEQ_LEN, Thresholds
+
 
 @dataclass
 class CheckReport:
@@ -131,13 +125,6 @@ class LogitComparison:
         }
 
 
-def compare_logits(original: torch.Tensor, candidate: torch.Tensor, tokens: torch.Tensor) -> dict[str, float]:
-    """How far the candidate's logits are from the original's (one batch)."""
-    comparison = LogitComparison()
-    comparison.add(original, candidate, tokens)
-    return comparison.metrics()
-
-
 class BlockComparison:
     """Largest difference of two models' block outputs, block by block, relative to the original's largest value."""
 
@@ -159,14 +146,6 @@ class BlockComparison:
     def first_differing(self, limit: float) -> int | None:
         """The first block whose relative difference exceeds `limit` (None: none does)."""
         return next((i for i, r in enumerate(self.relative()) if not r <= limit), None)
-
-
-def report_from_logits(original: torch.Tensor, candidate: torch.Tensor, tokens: torch.Tensor, *,
-                       labels: tuple[str, str], tokens_label: str, dtype: torch.dtype,
-                       thresholds: Thresholds) -> CheckReport:
-    """The judged report for two models' logits on the same tokens."""
-    return report_from_metrics(compare_logits(original, candidate, tokens), tokens, labels=labels,
-                               tokens_label=tokens_label, dtype=dtype, thresholds=thresholds)
 
 
 def report_from_metrics(metrics: dict[str, float], tokens: torch.Tensor, *, labels: tuple[str, str],
@@ -204,8 +183,6 @@ def judge(metrics: dict[str, float], thresholds: Thresholds) -> list[str]:
     if t.max_kl is not None and not metrics["mean_kl"] <= t.max_kl:
         failures.append(f"mean KL {metrics['mean_kl']:.3g} exceeds {t.max_kl:.3g}")
     return failures
-
-
 
 
 @dataclass

@@ -13,16 +13,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 import normsurgery
-from normsurgery.check import (
-    DEFAULT_NUM_SEQS,
-    DEFAULT_SEQ_LEN,
-    CheckReport,
-    Pairing,
-    Run,
-    Thresholds,
-    compare_runs,
-    sample_tokens,
-)
+from normsurgery.check import Pairing, Run, compare_runs, sample_tokens
 from normsurgery.checkpoint.card import render_model_card
 from normsurgery.checkpoint.writer import CheckpointWriter
 from normsurgery.engine.loading import OpenModel
@@ -32,6 +23,7 @@ from normsurgery.errors import CheckFailed
 from normsurgery.export.config import MODELING_FILE, rewritten_config
 from normsurgery.rewrite.plan import Plan, Step, execute
 from normsurgery.source import ModelSource
+from normsurgery.thresholds import DEFAULT_NUM_SEQS, DEFAULT_SEQ_LEN, Thresholds
 
 Tensor = torch.Tensor
 

@@ -12,8 +12,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from normsurgery.arch import architecture_of
-from normsurgery.check import DEFAULT_NUM_SEQS, DEFAULT_SEQ_LEN, check_tokens
+from normsurgery.check import check_tokens
 from normsurgery.engine.lazy_model import model_config
+from normsurgery.thresholds import DEFAULT_NUM_SEQS, DEFAULT_SEQ_LEN
 
 
 def _tensor_of_kind(folder, kind: str) -> tuple[str, tuple[int, ...] | None]:

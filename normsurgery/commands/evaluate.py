@@ -62,7 +62,7 @@ def _check_fits(folder: Path, dtype, max_memory: Optional[str]) -> None:
     from normsurgery.engine.resources import available_ram, human_bytes
 
     budget = parse_size(max_memory) if max_memory else available_ram()
-    with CheckpointReader.open(folder, trust_remote_code=True, allow_pickle=True) as reader:
+    with CheckpointReader.open(folder, trust_remote_code=True) as reader:  # headers only; pickle was refused
         need = sum(reader.info(n).numel for n in reader.names()) * dtype.itemsize
     if need > budget:
         raise NormSurgeryError(

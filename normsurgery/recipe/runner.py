@@ -159,7 +159,7 @@ class RecipeRun:
         return getattr(torch, self.recipe.dtype) if self.recipe.dtype else None
 
     def _exact(self, plan_for: Callable[[Any], Any], step: Any, result: StepResult) -> None:
-        from normsurgery.check import Thresholds
+        from normsurgery.thresholds import Thresholds
         from normsurgery.source import open_model
         from normsurgery.surgery import apply_plan
 
@@ -232,7 +232,8 @@ class RecipeRun:
         self._advance(step, out)
 
     def _check(self, step: CheckStep, result: StepResult) -> None:
-        from normsurgery.check import Thresholds, run_check
+        from normsurgery.check import run_check
+        from normsurgery.thresholds import Thresholds
 
         against = Path(self.models[step.against]) if step.against != "original" else Path(self.original)
         report = run_check(against, Path(self.current), trust_remote_code=self.trust_remote_code,
