@@ -12,6 +12,11 @@ import math
 from normsurgery.arch.spec import BlockLayout, Config, Family, LinearSlot as Lin, NormSlot as NormAt
 
 
+def _qkv(path: str, bias: object = False) -> tuple[Lin, ...]:
+    """Separate q, k and v projections (`path` with {p} for the letter): q and k on the attention-pattern path."""
+    return tuple(Lin(path.format(p=p), bias=bias, groups=("v",) if p == "v" else ("qk",)) for p in "qkv")
+
+
 def _attr(name: str, default: float | None = None):
     """A config reader for an eps-like attribute."""
     return lambda c: getattr(c, name) if default is None else getattr(c, name, default)
@@ -31,7 +36,7 @@ GPT2 = Family(
     position_embedding="transformer.wpe",
     block=BlockLayout(
         norms=(
-            NormAt("ln_1", readers=(Lin("attn.c_attn", bias=True, conv1d=True),)),
+            NormAt("ln_1", readers=(Lin("attn.c_attn", bias=True, conv1d=True, groups=("qk", "qk", "v")),)),
             NormAt("ln_2", readers=(Lin("mlp.c_fc", bias=True, conv1d=True),)),
         ),
         writers=(Lin("attn.c_proj", bias=True, conv1d=True), Lin("mlp.c_proj", bias=True, conv1d=True)),
@@ -52,7 +57,7 @@ GPT_NEO = Family(
     position_embedding="transformer.wpe",
     block=BlockLayout(
         norms=(
-            NormAt("ln_1", readers=tuple(Lin(f"attn.attention.{p}_proj") for p in "qkv")),
+            NormAt("ln_1", readers=_qkv("attn.attention.{p}_proj")),
             NormAt("ln_2", readers=(Lin("mlp.c_fc", bias=True),)),
         ),
         writers=(Lin("attn.attention.out_proj", bias=True), Lin("mlp.c_proj", bias=True)),
@@ -64,7 +69,7 @@ GPT_NEO = Family(
 
 def _opt_block(c: Config) -> BlockLayout:
     """OPT: Pre-LN unless `do_layer_norm_before` is false (OPT-350m), where the norms follow each add."""
-    qkv = tuple(Lin(f"self_attn.{p}_proj", bias="enable_bias") for p in "qkv")
+    qkv = _qkv("self_attn.{p}_proj", bias="enable_bias")
     fc1 = Lin("fc1", bias="enable_bias")
     writers = (Lin("self_attn.out_proj", bias="enable_bias"), Lin("fc2", bias="enable_bias"))
     if c.do_layer_norm_before:
@@ -165,7 +170,7 @@ GPTJ = Family(
     eps=_attr("layer_norm_epsilon"),
     token_embedding="transformer.wte",
     block=BlockLayout(
-        norms=(NormAt("ln_1", readers=tuple(Lin(f"attn.{p}_proj") for p in "qkv") + (Lin("mlp.fc_in", bias=True),)),),
+        norms=(NormAt("ln_1", readers=_qkv("attn.{p}_proj") + (Lin("mlp.fc_in", bias=True),)),),
         writers=(Lin("attn.out_proj"), Lin("mlp.fc_out", bias=True)),
         parallel=True,
     ),
@@ -218,7 +223,7 @@ PHI = Family(
         norms=(
             NormAt(
                 "input_layernorm",
-                readers=tuple(Lin(f"self_attn.{p}_proj", bias=True) for p in "qkv") + (Lin("mlp.fc1", bias=True),),
+                readers=_qkv("self_attn.{p}_proj", bias=True) + (Lin("mlp.fc1", bias=True),),
             ),
             NormAt("self_attn.q_layernorm", role="qk", when="qk_layernorm"),
             NormAt("self_attn.k_layernorm", role="qk", when="qk_layernorm"),
@@ -239,7 +244,7 @@ def _llama_block(
 ) -> BlockLayout:
     """The Llama block: input norm -> q, k, v; post-attention norm -> gate, up; writers o and down."""
     norms = (
-        NormAt("input_layernorm", readers=tuple(Lin(f"self_attn.{p}_proj", bias=qkv_bias) for p in "qkv")),
+        NormAt("input_layernorm", readers=_qkv("self_attn.{p}_proj", bias=qkv_bias)),
         NormAt("post_attention_layernorm", readers=(Lin("mlp.gate_proj", bias=mlp_bias), Lin("mlp.up_proj", bias=mlp_bias))),
     )
     if qk_norm:
@@ -279,7 +284,7 @@ def _gemma_block(sandwich: bool, qk_norm: bool) -> BlockLayout:
     if not sandwich:
         return _llama_block(mlp_bias=False)
     norms = (
-        NormAt("input_layernorm", readers=tuple(Lin(f"self_attn.{p}_proj", bias="attention_bias") for p in "qkv")),
+        NormAt("input_layernorm", readers=_qkv("self_attn.{p}_proj", bias="attention_bias")),
         NormAt("post_attention_layernorm", role="output"),
         NormAt("pre_feedforward_layernorm", readers=(Lin("mlp.gate_proj"), Lin("mlp.up_proj"))),
         NormAt("post_feedforward_layernorm", role="output"),

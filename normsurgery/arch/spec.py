@@ -19,6 +19,7 @@ NormRole = Literal["input", "output", "residual", "embedding", "final", "qk"]
 
 Config = Any  # a transformers PretrainedConfig
 Flag = Union[bool, str, Callable[[Config], bool]]  # constant, config attribute name, or predicate
+DEFAULT_GROUP = "all"  # the reader group of a reader that declares none (LinearSlot.groups)
 
 
 def flag(value: Flag, config: Config) -> bool:
@@ -41,6 +42,10 @@ class LinearSlot:
     bias: Flag = False
     conv1d: bool = False  # HF Conv1D (GPT-2) stores the weight as (in, out)
     when: Flag = True  # whether the layer exists in this config
+    # for a norm's reader: the path each equal slice of its output serves, ("qk",) for q_proj, ("v",) for v_proj,
+    # ("qk", "qk", "v") for GPT-2's fused c_attn; () when the reader has one path (LN removal freezes each path
+    # of an input norm on its own schedule, Baroni et al.)
+    groups: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -106,7 +111,7 @@ class Family:
             if not flag(slot.when, config):
                 return None
             base = f"{prefix}{slot.path}"
-            return Linear(f"{base}.weight", f"{base}.bias" if flag(slot.bias, config) else None, slot.conv1d)
+            return Linear(f"{base}.weight", f"{base}.bias" if flag(slot.bias, config) else None, slot.conv1d, slot.groups)
 
         def linears(slots: tuple[LinearSlot, ...], prefix: str) -> tuple[Linear, ...]:
             return tuple(x for x in (linear(s, prefix) for s in slots) if x is not None)
@@ -178,6 +183,7 @@ class Linear:
     weight: str
     bias: str | None
     conv1d: bool = False
+    groups: tuple[str, ...] = ()  # the path each equal slice of the output serves (see LinearSlot)
 
     def tensors(self) -> tuple[str, ...]:
         """The tensor names this layer owns."""

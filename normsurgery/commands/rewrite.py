@@ -152,11 +152,12 @@ def convert(
     trust_remote_code: TrustRemoteCode = False,
     device: Device = "auto",
     max_memory: MaxMemory = None,
-    gap: Annotated[int, typer.Option(help="[--to none] Fine-tune steps between two norm freezes.", rich_help_panel="Fine-tune")] = 30,
-    heal: Annotated[int, typer.Option(help="Fine-tune steps after the last freeze (--to none) or after the swap (--to dyt/derf).", rich_help_panel="Fine-tune")] = 300,
+    budget: Annotated[Optional[str], typer.Option(help="What the whole fine-tune may take: a time (30min, 2h, 900s) or training tokens (20M, 500k). Sizes every schedule option left unset. [default: 30min]", rich_help_panel="Fine-tune")] = None,
+    gap: Annotated[Optional[int], typer.Option(help="Fine-tune steps between two freezes (--to none) or swaps (--to dyt/derf). [default: sized by --budget]", rich_help_panel="Fine-tune")] = None,
+    heal: Annotated[Optional[int], typer.Option(help="Fine-tune steps after the last freeze or swap. [default: sized by --budget]", rich_help_panel="Fine-tune")] = None,
     aux_weight: Annotated[float, typer.Option(help="[--to none] Weight of Baroni et al.'s auxiliary loss (spread of the final norm's per-token scale); 0 turns it off.", rich_help_panel="Fine-tune")] = 0.0,
-    lr: Annotated[float, typer.Option(help="Learning rate (AdamW, warmup then cosine).", rich_help_panel="Fine-tune")] = 3e-3,
-    batch_size: Annotated[Optional[int], typer.Option(help="Sequences per step (default: about 1024 tokens per step).", rich_help_panel="Fine-tune")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate (AdamW, warmup then cosine). [default: sized by the parameter count, 3e-3 at 1M to 1e-4 at 10B]", rich_help_panel="Fine-tune")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Sequences per step (default: about 1k tokens per step on a CPU, 8k on a GPU).", rich_help_panel="Fine-tune")] = None,
     seq_len: Annotated[Optional[int], typer.Option(help="Tokens per sequence (default: the model's context length, at most 1024, so that every position is trained).", rich_help_panel="Fine-tune")] = None,
     text: Annotated[Optional[str], typer.Option(help="Training text: .txt/.jsonl file or hub dataset (default: Shakespeare training split).", rich_help_panel="Fine-tune")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the batches and the initialisation.", rich_help_panel="Fine-tune")] = 0,
@@ -185,7 +186,8 @@ def convert(
         runtime = resolve_runtime(device, max_memory)
         options = removal_options(gap=gap, heal=heal, aux_weight=aux_weight, lr=lr, batch_size=batch_size, seq_len=seq_len, text=text, seed=seed,
                                   loss=loss, gradient_checkpointing=gradient_checkpointing,
-                                  checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, device=device)
+                                  checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, device=device,
+                                  budget=budget)
         common = dict(force=force, max_shard_size=max_shard_size, removal=options, json_output=json_output,
                       allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, runtime=runtime)
         if to is Target.none:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from normsurgery.engine.loading import load_model, load_tokenizer
 from normsurgery.checkpoint.writer import parse_size
@@ -18,17 +18,22 @@ from normsurgery.errors import NormSurgeryError
 from normsurgery.rewrite.remove import plan_remove_norms
 from normsurgery.source import open_model
 from normsurgery.engine.resources import Runtime, resolve_runtime
-from normsurgery.train.engine import FinetuneOptions, check_fits, finetune
+from normsurgery.train.engine import FinetuneOptions, check_fits, finetune, time_step
+from normsurgery.trainable.budget import DEFAULT_BUDGET, Sized, parse_budget, size_schedule, sized_lr, tokens_per_step
 from normsurgery.trainable.export import export_trained
 from normsurgery.trainable.remove_ln import (
+    CALIBRATION_SEQ_LEN,
+    CALIBRATION_SEQUENCES,
+    HELDOUT_TOKENS,
+    RELEASES,
     RemovalOptions,
     calibration_batches,
     cross_entropy,
     heldout_batches,
     remove_norms,
-    removal_order,
+    removal_units,
 )
-from normsurgery.trainable.stand_ins import removable_norms
+from normsurgery.trainable.stand_ins import removable_norms, special_token_ids
 
 
 def _load_for_training(source: Any, options: FinetuneOptions, allow_pickle: bool,
@@ -56,18 +61,24 @@ def _open_for_training(model: str, out: Path, force: bool, max_shard_size: str, 
     except BaseException:
         source.close()
         raise
+    removal.finetune.tokens_per_step = tokens_per_step(runtime.device.type)
     removal.finetune.fit_context(source.config)
     return source, shard_bytes
 
 
-def _is_main_process() -> bool:
-    """Whether this process reports and writes: under `accelerate launch` every process trains a replica of the
-    same model (DDP keeps them equal) and only the main one exports it. ACCELERATE_USE_CPU=true makes a
-    `torchrun` launch on CPUs distributed (gloo), as accelerate's own state does."""
+def _state() -> Any:
+    """accelerate's process state, made the way the fine-tune makes it: ACCELERATE_USE_CPU=true makes a `torchrun`
+    launch on CPUs distributed (gloo), as accelerate's own state does."""
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
 
-    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")).is_main_process
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
+def _is_main_process() -> bool:
+    """Whether this process reports and writes: under `accelerate launch` every process trains a replica of the
+    same model (DDP keeps them equal) and only the main one exports it."""
+    return _state().is_main_process
 
 
 def _export_on_main(export: Callable[[], dict[str, float]]) -> dict[str, float] | None:
@@ -79,6 +90,50 @@ def _export_on_main(export: Callable[[], dict[str, float]]) -> dict[str, float] 
     return check
 
 
+def _progress(label: str, disable: bool) -> Progress:
+    """The fine-tune's progress bar: steps, loss, time so far and the estimate of what is left."""
+    return Progress(TextColumn(label), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
+                    TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), TextColumn("eta"),
+                    TimeRemainingColumn(), console=console, transient=True, disable=disable)
+
+
+def size_run(removal: RemovalOptions, *, parameters: int, units: int, releases: int, student: torch.nn.Module,
+             teacher: torch.nn.Module | None, elapsed: float) -> Sized:
+    """Fill what the user left unset (learning rate, gap, heal) from the model's size, a timed step on this
+    device and the budget (`removal.budget`, DEFAULT_BUDGET when unset); returns the schedule and its cost."""
+    options = removal.finetune
+    if options.lr is None:
+        options.lr = sized_lr(parameters)
+    step_tokens = (options.batch_size or 1) * (options.seq_len or 1)
+    device = torch.device(options.device) if options.device == "cpu" or options.device.startswith("cuda:") else _state().device
+    seconds = time_step(student, teacher, options, device)
+    forward = seconds / 3 / step_tokens  # a forward pass is about a third of a step, per token
+    per_event = forward * CALIBRATION_SEQUENCES * min(options.seq_len or 1, CALIBRATION_SEQ_LEN) * removal.calibration_batches
+    fixed = elapsed + 2 * forward * HELDOUT_TOKENS + 2 * seconds  # held-out before and after, the export check
+    budget = parse_budget(removal.budget or DEFAULT_BUDGET)
+    sized = size_schedule(units, releases, budget=budget, parameters=parameters, step_tokens=step_tokens,
+                          seconds_per_step=seconds, seconds_per_event=per_event, fixed_seconds=fixed)
+    if removal.gap is None and removal.heal is None:
+        removal.gap, removal.heal, removal.per_freeze = sized.gap, sized.heal, sized.per_freeze
+    else:  # the user's own schedule: keep it whole (a missing part comes from the sized one) and estimate its cost
+        removal.gap = sized.gap if removal.gap is None else removal.gap
+        removal.heal = sized.heal if removal.heal is None else removal.heal
+        events = -(-units // removal.per_freeze) + releases
+        sized.steps = max(1, (events - 1) * removal.gap + removal.heal)
+        sized.gap, sized.heal, sized.per_freeze = removal.gap, removal.heal, removal.per_freeze
+        sized.estimate_seconds = fixed + sized.steps * seconds + events * per_event
+    return sized
+
+
+def _announce(sized: Sized, what: str, units: int, options: FinetuneOptions, parameters: int, device: str,
+              quiet: bool) -> None:
+    """Say before the fine-tune starts what it will do and roughly how long it will take."""
+    if quiet:
+        return
+    console.print(f"{sized.describe(what, units)} (lr {options.lr:.2g} for {parameters / 1e6:.3g}M parameters, "
+                  f"{options.batch_size} x {options.seq_len} tokens a step at {sized.seconds_per_step:.2g} s on {device})")
+
+
 def _options_report(options: FinetuneOptions, **schedule: float) -> dict[str, Any]:
     """The schedule and fine-tune options as plain data for the report."""
     return {**schedule, **{k: str(v) if isinstance(v, Path) else v for k, v in asdict(options).items()}}
@@ -88,22 +143,23 @@ def run_remove(model: str, out: Path, *, force: bool, max_shard_size: str, remov
                allow_pickle: bool, trust_remote_code: bool, quiet: bool = False,
                runtime: Runtime | None = None) -> dict[str, Any]:
     """LN removal end to end: check it applies, fine-tune with the freeze schedule, fold, write, check, report."""
-    removal.finetune.validate()
-    if removal.gap < 0 or removal.heal < 0 or removal.aux_weight < 0:
-        raise NormSurgeryError("--gap, --heal and --aux-weight cannot be negative.")
+    removal.validate()
     source, shard_bytes = _open_for_training(model, out, force, max_shard_size, removal, allow_pickle, trust_remote_code,
                                              runtime, "convert --to none")
     try:
-        order = removal_order(source.arch, removable_norms(source.arch))
+        started = time.perf_counter()
+        units = removal_units(source.arch, removable_norms(source.arch))
         tokenizer, student, teacher = _load_for_training(source, removal.finetune, allow_pickle, trust_remote_code)
-        total = max(1, (len(order) - 1) * removal.gap + removal.heal)
+        sized = size_run(removal, parameters=source.parameter_count, units=len(units), releases=len(RELEASES),
+                         student=student, teacher=teacher, elapsed=time.perf_counter() - started)
+        main = _is_main_process()
+        _announce(sized, "norm paths to freeze", len(units), removal.finetune, source.parameter_count,
+                  str(student.device), json_output or quiet or not main)
         start = time.perf_counter()
-        with Progress(TextColumn("removing norms"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
-                      TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), console=console,
-                      transient=True, disable=json_output or quiet or not _is_main_process()) as progress:
-            task = progress.add_task("remove", total=total, loss=float("nan"))
+        with _progress("removing norms", json_output or quiet or not main) as progress:
+            task = progress.add_task("remove", total=sized.steps, loss=float("nan"))
             scales, events, result, before = remove_norms(
-                student, tokenizer, source.arch, removal, teacher=teacher,
+                student, tokenizer, source.arch, removal, teacher=teacher, special_ids=special_token_ids(tokenizer),
                 on_step=lambda step, loss: progress.update(task, completed=step + 1, loss=loss),
             )
         seconds = time.perf_counter() - start
@@ -116,7 +172,9 @@ def run_remove(model: str, out: Path, *, force: bool, max_shard_size: str, remov
             "finetune_seconds": seconds,
             "removal_steps": [asdict(e) for e in events],
             "losses": result.losses,
-            "options": _options_report(removal.finetune, gap=removal.gap, heal=removal.heal, aux_weight=removal.aux_weight),
+            "options": _options_report(removal.finetune, gap=removal.gap, heal=removal.heal, per_freeze=removal.per_freeze,
+                                       aux_weight=removal.aux_weight, budget=removal.budget or DEFAULT_BUDGET),
+            "estimate_seconds": sized.estimate_seconds,
             "text": result.text,
             "processes": result.processes,
         }
@@ -134,8 +192,9 @@ def run_remove(model: str, out: Path, *, force: bool, max_shard_size: str, remov
     if json_output:
         print_json(summary)
     else:
-        console.print(f"[bold green]wrote[/bold green] {out} (no normalization left: {len(scales)} norms frozen and "
-                      f"folded; its own modeling code, trust_remote_code=True)")
+        frozen = sum(e.scale is not None for e in events)
+        console.print(f"[bold green]wrote[/bold green] {out} (no normalization left: {len(scales)} norms frozen, "
+                      f"{frozen} reader paths apart, and folded; its own modeling code, trust_remote_code=True)")
         console.print(f"held-out cross-entropy {before:.4f} -> {after:.4f} nats/token ({after - before:+.4f}); "
                       f"fine-tune {len(result.losses)} steps in {seconds:.0f} s")
         console.print(f"export check: {report['export_check']['rel_logit_diff']:.3g} of the logit scale")
@@ -154,12 +213,12 @@ def _note_if_far(before: float, after: float) -> None:
                       "MODEL` before using it.[/yellow]")
 
 
-def removal_options(*, gap: int, heal: int, aux_weight: float, lr: float, batch_size: int | None, seq_len: int | None,
-                    text: str | None, seed: int,
-                    loss: str, gradient_checkpointing: bool, checkpoint_dir: Path | None,
-                    checkpoint_every: int, device: str = "auto") -> RemovalOptions:
-    """The CLI's options as a RemovalOptions."""
-    return RemovalOptions(gap=gap, heal=heal, aux_weight=aux_weight, finetune=FinetuneOptions(
+def removal_options(*, gap: int | None, heal: int | None, aux_weight: float, lr: float | None, batch_size: int | None,
+                    seq_len: int | None, text: str | None, seed: int, loss: str, gradient_checkpointing: bool,
+                    checkpoint_dir: Path | None, checkpoint_every: int, device: str = "auto",
+                    budget: str | None = None) -> RemovalOptions:
+    """The CLI's options as a RemovalOptions (None: sized by the model, the device and the budget)."""
+    return RemovalOptions(gap=gap, heal=heal, aux_weight=aux_weight, budget=budget, finetune=FinetuneOptions(
         lr=lr, batch_size=batch_size, seq_len=seq_len, text=text, seed=seed, loss=loss,  # type: ignore[arg-type]
         gradient_checkpointing=gradient_checkpointing, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
         device=device))
@@ -168,55 +227,52 @@ def removal_options(*, gap: int, heal: int, aux_weight: float, lr: float, batch_
 def run_swap(model: str, target: str, out: Path, *, force: bool, max_shard_size: str, removal: RemovalOptions,
              json_output: bool, allow_pickle: bool, trust_remote_code: bool, quiet: bool = False,
              runtime: Runtime | None = None) -> dict[str, Any]:
-    """DyT/Derf end to end: centre (LayerNorm models), calibrate alpha, swap, heal for `removal.heal` steps, write."""
+    """DyT/Derf end to end: centre (LayerNorm models), swap progressively with calibrated alphas while distilling,
+    heal, write."""
     from normsurgery.rewrite.plan import Plan
-    from normsurgery.trainable.swap import (
-        center_in_memory,
-        fit_alpha,
-        install_swaps,
-        norm_inputs,
-        plan_surgery,
-        swapped_tensor_names,
-    )
+    from normsurgery.trainable.swap import center_in_memory, plan_surgery, swap_norms, swap_order, swapped_tensor_names
 
-    removal.finetune.validate()
-    if removal.heal < 1:
+    removal.validate()
+    if removal.heal is not None and removal.heal < 1:
         raise NormSurgeryError("--heal must be at least 1 for --to dyt/derf (the fine-tune after the swap).")
     source, shard_bytes = _open_for_training(model, out, force, max_shard_size, removal, allow_pickle, trust_remote_code,
                                              runtime, f"convert --to {target}")
     try:
+        started = time.perf_counter()
         norms = removable_norms(source.arch)
+        order = swap_order(removal_units(source.arch, norms))
         tokenizer, student, teacher = _load_for_training(source, removal.finetune, allow_pickle, trust_remote_code)
         centred = any(n.kind == "layernorm" for n in norms)
         if centred:
             center_in_memory(student, source.arch)
-        seq_len, batch = removal.finetune.seq_len, removal.finetune.batch_size
-        calib = calibration_batches(tokenizer, seq_len, batch, removal.calibration_batches)
+        sized = size_run(removal, parameters=source.parameter_count, units=len(order), releases=0, student=student,
+                         teacher=teacher, elapsed=time.perf_counter() - started)
+        removal.heal = max(1, removal.heal)
+        main = _is_main_process()
+        _announce(sized, f"norms to swap for {target}", len(order), removal.finetune, source.parameter_count,
+                  str(student.device), json_output or quiet or not main)
+        seq_len = removal.finetune.seq_len
         heldout = heldout_batches(tokenizer, seq_len)
         before = cross_entropy(student, heldout)
-        inputs = norm_inputs(student, norms, calib)
-        inits = {n.name: fit_alpha(inputs[n.name], n, target) for n in norms}
-        install_swaps(student, norms, target, inits)
-        swapped = cross_entropy(student, heldout)
-        removal.finetune.steps = removal.heal
         start = time.perf_counter()
-        with Progress(TextColumn(f"healing {target}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
-                      TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), console=console,
-                      transient=True, disable=json_output or quiet or not _is_main_process()) as progress:
-            task = progress.add_task("heal", total=removal.heal, loss=float("nan"))
-            result = finetune(student, tokenizer, removal.finetune, teacher=teacher,
-                              on_step=lambda step, loss: progress.update(task, completed=step + 1, loss=loss))
+        with _progress(f"swapping norms for {target}", json_output or quiet or not main) as progress:
+            task = progress.add_task("swap", total=sized.steps, loss=float("nan"))
+            inits, events, result = swap_norms(
+                student, tokenizer, source.arch, norms, target, order, removal, teacher=teacher,
+                on_step=lambda step, loss: progress.update(task, completed=step + 1, loss=loss))
         seconds = time.perf_counter() - start
         after = cross_entropy(student, heldout)
         report = {
             "heldout_ce_before": before,
-            "heldout_ce_after_swap": swapped,
             "heldout_ce_after": after,
             "heldout_ce_change": after - before,
             "finetune_seconds": seconds,
             "alpha_init": [asdict(i) for i in inits.values()],
+            "removal_steps": events,
             "losses": result.losses,
-            "options": _options_report(removal.finetune, heal=removal.heal),
+            "options": _options_report(removal.finetune, gap=removal.gap, heal=removal.heal, per_freeze=removal.per_freeze,
+                                       budget=removal.budget or DEFAULT_BUDGET),
+            "estimate_seconds": sized.estimate_seconds,
             "text": result.text,
             "processes": result.processes,
         }
@@ -242,7 +298,7 @@ def run_swap(model: str, target: str, out: Path, *, force: bool, max_shard_size:
         console.print(f"[bold green]wrote[/bold green] {out} ({len(norms)} norms swapped for {target}; alpha from a "
                       f"least-squares fit for {kept}, from the typical scale for {len(norms) - kept}; its own modeling "
                       "code, trust_remote_code=True)")
-        console.print(f"held-out cross-entropy {before:.4f} -> {swapped:.4f} after the swap -> {after:.4f} after "
-                      f"{removal.heal} healing steps ({after - before:+.4f}) in {seconds:.0f} s")
+        console.print(f"held-out cross-entropy {before:.4f} -> {after:.4f} nats/token ({after - before:+.4f}); "
+                      f"fine-tune {len(result.losses)} steps in {seconds:.0f} s")
         _note_if_far(before, after)
     return summary

@@ -45,11 +45,12 @@ class ConvertStep(_Options):
     kind: Literal["convert"] = "convert"
     to: Literal["rmsnorm", "crmsnorm", "none", "dyt", "derf"]
     max_logit_diff: float = 2e-5
-    gap: int = Field(30, ge=0)
-    heal: int = Field(300, ge=0)
+    budget: str | None = None  # a time (30min) or a token count (20M); sizes what is left unset (default 30min)
+    gap: int | None = Field(None, ge=0)  # None: sized by the budget
+    heal: int | None = Field(None, ge=0)
     aux_weight: float = Field(0.0, ge=0)
-    lr: float = Field(3e-3, gt=0)
-    batch_size: int | None = Field(None, ge=1)  # None: about 1024 tokens per step
+    lr: float | None = Field(None, gt=0)  # None: sized by the parameter count
+    batch_size: int | None = Field(None, ge=1)  # None: about 1k tokens per step on a CPU, 8k on a GPU
     seq_len: int | None = Field(None, ge=2)  # None: the model's context, at most 1024
     text: str | None = None
     seed: int = 0

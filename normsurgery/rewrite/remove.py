@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from normsurgery.arch.spec import Architecture, Norm
+from normsurgery.arch.spec import DEFAULT_GROUP, Architecture, Norm
 from normsurgery.rewrite.center import (
     bias_name,
     center_embedding_step,
@@ -26,16 +26,29 @@ from normsurgery.rewrite.plan import Plan, Step
 Tensor = torch.Tensor
 
 
-def _frozen_norm_step(norm: Norm, arch: Architecture, scale: float, untie_from: str | None) -> Step:
-    """Fold a frozen norm's (g / s) and b into its readers."""
+def _frozen_norm_step(norm: Norm, arch: Architecture, scales: dict[str, float], untie_from: str | None) -> Step:
+    """Fold a frozen norm's (g / s) and b into its readers, each output slice of a reader with the scale `s` of
+    the group it serves (`Linear.groups`; DEFAULT_GROUP for a reader that declares none)."""
     def compute(t: dict[str, Tensor]) -> dict[str, Tensor]:
         gain = effective_gain(t.get(norm.weight) if norm.weight else None, norm.gain_offset, arch.hidden_size)
-        gain = gain.to(torch.float64) / scale
+        gain = gain.to(torch.float64)
         bias = t.get(norm.bias) if norm.bias else None
         out: dict[str, Tensor] = {}
         for r in norm.readers:
             weight = t[reader_source(r, arch, untie_from)]
-            w, c = fold_into_reader(weight, t[r.bias] if r.bias else None, gain, bias, conv1d=r.conv1d)
+            groups = r.groups or (DEFAULT_GROUP,)
+            width = weight.shape[1 if r.conv1d else 0] // len(groups)
+            parts = []
+            for i, group in enumerate(groups):  # each output slice with the scale of the group it serves
+                part = slice(i * width, (i + 1) * width)
+                parts.append(fold_into_reader(weight[:, part] if r.conv1d else weight[part],
+                                              t[r.bias][part] if r.bias else None, gain / scales[group], bias,
+                                              conv1d=r.conv1d))
+            if len(parts) == 1:
+                w, c = parts[0]
+            else:
+                w = torch.cat([p[0] for p in parts], dim=1 if r.conv1d else 0)
+                c = None if parts[0][1] is None else torch.cat([p[1] for p in parts])
             out[r.weight] = w
             if c is not None:
                 out[bias_name(r)] = c
@@ -44,9 +57,9 @@ def _frozen_norm_step(norm: Norm, arch: Architecture, scale: float, untie_from: 
     return Step(f"remove {norm.name}", norm_step_inputs(norm, arch, untie_from), compute)
 
 
-def plan_remove_norms(arch: Architecture, scales: dict[str, float]) -> Plan:
-    """The plan that folds every norm named in `scales` (frozen at that scale) away; LayerNorm models are
-    centred first. The caller has checked that these are all the model's input and final norms."""
+def plan_remove_norms(arch: Architecture, scales: dict[str, dict[str, float]]) -> Plan:
+    """The plan that folds every norm named in `scales` (frozen at one scale per reader group) away; LayerNorm
+    models are centred first. The caller has checked that these are all the model's input and final norms."""
     plan = Plan(operation="none")
     if any(n.kind == "layernorm" and n.name in scales for n in arch.all_norms()):
         plan.steps.append(center_embedding_step(arch, "rmsnorm"))

@@ -32,8 +32,8 @@ class FinetuneOptions:
     """What a fine-tune does; every field is a CLI/recipe option of the commands that heal."""
 
     steps: int = 100
-    lr: float = 1e-3
-    batch_size: int | None = 8  # None: about TOKENS_PER_STEP tokens per step (set by fit_context)
+    lr: float | None = 1e-3  # None: sized by the model (trainable/budget.py)
+    batch_size: int | None = 8  # None: about `tokens_per_step` tokens per step (set by fit_context)
     seq_len: int | None = 128  # None: the model's context, at most AUTO_SEQ_LEN (set by fit_context)
     text: str | None = None  # .txt / .jsonl file, hub dataset name, or None: the Shakespeare training split
     seed: int = 0
@@ -45,13 +45,14 @@ class FinetuneOptions:
     checkpoint_dir: Path | None = None  # resume from it when it holds a state; save to it every checkpoint_every
     checkpoint_every: int = 0
     device: str = "auto"  # --device: auto (accelerate's choice: the GPUs when there are any), cpu, cuda, cuda:N
+    tokens_per_step: int = TOKENS_PER_STEP  # what an unset batch_size becomes (sized by the device, budget.py)
 
     def fit_context(self, config: Any) -> None:
         """Fit the sequences to the model's context (the report shows the values used): an unset `seq_len` becomes
         the whole context, at most AUTO_SEQ_LEN, since a rewrite fine-tuned on short sequences is left untrained at
         the later positions (measured: DyT on gpt2-shakespeare healed at 128 of its 256 positions, +0.0005 nats
         before position 128 and +0.29 after); a longer one is shortened to the context; an unset `batch_size`
-        keeps about TOKENS_PER_STEP tokens per step."""
+        keeps about `tokens_per_step` tokens per step."""
         from normsurgery.check import context_length
 
         limit = context_length(config)
@@ -60,19 +61,47 @@ class FinetuneOptions:
         elif limit is not None and self.seq_len > limit:
             self.seq_len = limit
         if self.batch_size is None:
-            self.batch_size = max(1, TOKENS_PER_STEP // self.seq_len)
+            self.batch_size = max(1, self.tokens_per_step // self.seq_len)
 
     def validate(self) -> None:
         """One clear error for an option no fine-tune can run with."""
         for name in ("steps", "batch_size", "seq_len"):  # None: set from the model by fit_context
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise NormSurgeryError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)}).")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
+        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):  # None: sized by the command
             raise NormSurgeryError(f"--lr must be a positive number (got {self.lr}).")
         if self.loss not in ("kl", "lm", "kl+lm"):
             raise NormSurgeryError(f"--loss must be kl, lm or kl+lm (got {self.loss!r}).")
         if self.warmup < 0 or self.checkpoint_every < 0 or self.grad_clip < 0:
             raise NormSurgeryError("--warmup, --checkpoint-every and --grad-clip cannot be negative.")
+
+
+def time_step(student: torch.nn.Module, teacher: torch.nn.Module | None, options: FinetuneOptions,
+              device: torch.device) -> float:
+    """Seconds one training step of this shape takes here (forward, backward, and the teacher's forward), timed on
+    random tokens after a small warm-up pass; the gradients are dropped. Sizes a schedule to a time budget."""
+    import time
+
+    vocab = int(student.get_input_embeddings().weight.shape[0])
+    ids = torch.randint(0, vocab, (options.batch_size or 1, options.seq_len or 128), generator=torch.Generator().manual_seed(0))
+    student.to(device)
+    if teacher is not None:
+        teacher.to(device)
+    seconds = 0.0
+    for batch in (ids[:1, :16], ids):
+        start = time.perf_counter()
+        batch = batch.to(device)
+        logits = student(input_ids=batch).logits
+        if teacher is not None and "kl" in options.loss:
+            with torch.no_grad():
+                reference = teacher(input_ids=batch).logits
+            logits = logits + 0 * reference
+        logits.float().logsumexp(-1).mean().backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
+    student.zero_grad(set_to_none=True)
+    return seconds
 
 
 def training_bytes(parameters: int, options: FinetuneOptions) -> int:

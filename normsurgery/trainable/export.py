@@ -68,7 +68,7 @@ def export_trained(source: ModelSource, plan: Plan, model: torch.nn.Module, chec
         check = _same_function(model, staged, check_ids, float32=stored == torch.float32)
         report = {**report, "export_check": check}
         if report.get("losses"):
-            marks = {e["step"]: e["norm"] for e in report.get("removal_steps", [])}
+            marks = {e["step"]: e["unit"] for e in report.get("removal_steps", [])}
             title = f"{source.spec}: {plan.operation}, {len(report['losses'])} fine-tune steps"
             not_drawn = draw_loss_curve(report["losses"], marks, title, writer.tmp / LOSS_CURVE)
             report["loss_curve"] = not_drawn or LOSS_CURVE

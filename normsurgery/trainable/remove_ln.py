@@ -1,13 +1,14 @@
 """LayerNorm removal by fine-tuning (Heimersheim 2024; Baroni et al. 2025), on a loaded model.
 
-Each norm in turn gets its per-token divisor frozen to its mean on calibration text, measured just before
-the freeze on the model as it is then (Baroni et al.'s "recompute" variant), with a short fine-tune between
-freezes. The order is theirs: every block's MLP-input norm (ln_2) first, then every attention-input norm
-(ln_1), then the final norm. We freeze ln_1 as one norm (they freeze its Q/K and V paths at different steps,
-which needs a patched attention) and keep no special scale for a first or end-of-text token: the tokens we
-train on have none. Frozen norms are linear and fold away exactly (normsurgery/rewrite/remove.py). Optionally
-(`aux_weight`) Baroni et al.'s auxiliary loss pushes the final norm's per-token scales together, so that the
-constant that replaces them fits every token better.
+Each reader path of each norm in turn (see stand_ins.py) gets its per-token divisor frozen to its mean on
+calibration text, measured just before the freeze on the model as it is then (Baroni et al.'s "recompute"
+variant), with a short fine-tune between freezes. The order is theirs: every block's MLP-input norm first, then
+every attention-input norm's Q/K path, then its V path, then the final norm. Position 0 (the attention sink) and
+the tokenizer's special tokens keep frozen scales of their own until the end, when the special tokens and then
+position 0 are released onto the ordinary scale, so that the exported model has no special case and no norm.
+Frozen norms are linear and fold away exactly (normsurgery/rewrite/remove.py). Optionally (`aux_weight`)
+Baroni et al.'s auxiliary loss pushes the final norm's per-token scales together, so that the constant that
+replaces them fits every token better.
 """
 
 from __future__ import annotations
@@ -22,36 +23,73 @@ from normsurgery.arch.spec import Architecture, Norm
 from normsurgery.errors import NormSurgeryError
 from normsurgery.train.engine import FinetuneOptions, FinetuneResult, finetune
 from normsurgery.train.text import tokenize, windows
-from normsurgery.trainable.stand_ins import FreezableNorm, install, removable_norms, scale_spread
+from normsurgery.trainable.stand_ins import ScaleGroup, Unit, install, reader_groups, removable_norms, scale_spread
+
+CALIBRATION_SEQUENCES = 8  # sequences per scale measurement (position 0 is measured on each of them)
+CALIBRATION_SEQ_LEN = 256  # at most this many tokens each
+HELDOUT_TOKENS = 8192  # the command's own held-out sample (bench/ measures on more)
+RELEASES = ("special", "first")  # released after the last freeze, in this order: special tokens, then position 0
 
 
 @dataclass
 class RemovalOptions:
-    """The schedule: fine-tune steps between two freezes, and after the last one."""
+    """The schedule: fine-tune steps between two freezes and after the last event, and how many units (reader
+    paths) each freeze takes (more than one when the budget has fewer gaps than the model has paths)."""
 
-    gap: int = 10
-    heal: int = 50
-    calibration_batches: int = 4
+    gap: int | None = 10  # None (with heal): sized by the budget (budget.py)
+    heal: int | None = 50
+    per_freeze: int = 1
+    calibration_batches: int = 1  # batches of CALIBRATION_SEQUENCES sequences per measurement
     aux_weight: float = 0.0  # weight of the spread of the final norm's per-token scale (Baroni et al.'s aux loss)
+    budget: str | None = None  # --budget: what sizes an unset gap and heal (DEFAULT_BUDGET when None)
     finetune: FinetuneOptions = field(default_factory=FinetuneOptions)
+
+    def validate(self) -> None:
+        """One clear error for a schedule no run can follow."""
+        self.finetune.validate()
+        if (self.gap or 0) < 0 or (self.heal or 0) < 0 or self.aux_weight < 0:
+            raise NormSurgeryError("--gap, --heal and --aux-weight cannot be negative.")
+        if self.budget is not None:
+            from normsurgery.trainable.budget import parse_budget
+
+            parse_budget(self.budget)
 
 
 @dataclass
 class RemovalEvent:
-    """One freeze: when, which norm, the scale it got, and the held-out CE just after."""
+    """One schedule event: when, what (a unit `norm[group]`, or a release), and the scale a freeze gave."""
 
     step: int
-    norm: str
-    scale: float
-    heldout_ce: float
+    unit: str
+    scale: float | None
 
 
-def removal_order(arch: Architecture, norms: list[Norm]) -> list[Norm]:
-    """MLP-input norms block by block, then attention-input norms, then the final norm (Baroni et al.)."""
+def removal_units(arch: Architecture, norms: list[Norm]) -> list[Unit]:
+    """MLP-input norms block by block, then each attention-input norm's Q/K path, its V path and any other path
+    (a parallel block's MLP), then the final norm (Baroni et al.)."""
     wanted = {n.name for n in norms}
     inputs = [[n for n in b.norms if n.role == "input" and n.name in wanted] for b in arch.blocks]
-    order = [b[1] for b in inputs if len(b) > 1] + [b[0] for b in inputs if b]
-    return order + [n for n in norms if n.role == "final"]
+    units = [Unit(b[1], g) for b in inputs if len(b) > 1 for g in reader_groups(b[1])]
+    rank = {"qk": 0, "v": 1}
+    firsts = [b[0] for b in inputs if b]
+    for r in sorted({rank.get(g, 2) for n in firsts for g in reader_groups(n)}):
+        units += [Unit(n, g) for n in firsts for g in reader_groups(n) if rank.get(g, 2) == r]
+    return units + [Unit(n, g) for n in norms if n.role == "final" for g in reader_groups(n)]
+
+
+def schedule(units: list[Unit], options: RemovalOptions) -> dict[int, list[list[str]]]:
+    """The events due at each step: freezes of `per_freeze` units `gap` steps apart, then the releases."""
+    events = [[u.name for u in units[i : i + options.per_freeze]] for i in range(0, len(units), options.per_freeze)]
+    due: dict[int, list[list[str]]] = {}
+    for i, names in enumerate(events + [[release] for release in RELEASES]):
+        due.setdefault(i * options.gap, []).append(names)
+    return due
+
+
+def total_steps(units: int, options: RemovalOptions) -> int:
+    """Fine-tune steps of the whole schedule: gaps between events, then the heal."""
+    events = math.ceil(units / max(1, options.per_freeze)) + len(RELEASES)
+    return max(1, (events - 1) * options.gap + options.heal)
 
 
 def calibration_batches(tokenizer: Any, seq_len: int, batch_size: int, count: int) -> list[torch.Tensor]:
@@ -63,11 +101,11 @@ def calibration_batches(tokenizer: Any, seq_len: int, batch_size: int, count: in
 
 
 def heldout_batches(tokenizer: Any, seq_len: int, batch_size: int = 8) -> list[torch.Tensor]:
-    """A fixed held-out sample for the per-step cross-entropy in the report (evaluation only)."""
+    """A fixed held-out sample of about HELDOUT_TOKENS tokens for the report's cross-entropy (evaluation only)."""
     from normsurgery.reference.text import shakespeare_text
 
     stream = windows(tokenize(tokenizer, shakespeare_text("heldout"), seq_len), seq_len, batch_size, seed=2)
-    return [next(stream) for _ in range(4)]
+    return [next(stream) for _ in range(max(1, HELDOUT_TOKENS // (batch_size * seq_len)))]
 
 
 @torch.no_grad()
@@ -88,18 +126,18 @@ def cross_entropy(model: torch.nn.Module, batches: list[torch.Tensor]) -> float:
 
 
 @torch.no_grad()
-def freeze(model: torch.nn.Module, stand_in: FreezableNorm, batches: list[torch.Tensor]) -> float:
-    """Measure a norm's mean divisor on calibration batches with the model as it is now, and freeze it there."""
+def freeze(model: torch.nn.Module, groups: list[ScaleGroup], batches: list[torch.Tensor]) -> list[float]:
+    """Measure the groups' mean divisors on calibration batches with the model as it is now, and freeze them."""
     training = model.training
     model.eval()
     device = next(model.parameters()).device
-    stand_in.start_collecting()
+    for group in groups:
+        group.start_collecting()
     for batch in batches:
         model(input_ids=batch.to(device))
-    scale = stand_in.mean_scale()
-    stand_in.scale.fill_(scale)
+    scales = [group.freeze() for group in groups]
     model.train(training)
-    return scale
+    return scales
 
 
 def remove_norms(
@@ -109,49 +147,56 @@ def remove_norms(
     options: RemovalOptions,
     *,
     teacher: torch.nn.Module | None,
+    special_ids: list[int] = (),
     on_step: Callable[[int, float], None] | None = None,
-) -> tuple[dict[str, float], list[RemovalEvent], FinetuneResult, float]:
-    """Freeze every removable norm on schedule while fine-tuning; returns the scales, the freeze events, the
-    fine-tune's losses and the held-out CE before anything changed."""
-    order = removal_order(arch, removable_norms(arch))
-    stand_ins = install(model, order)
-    calib = calibration_batches(tokenizer, options.finetune.seq_len, options.finetune.batch_size, options.calibration_batches)
-    heldout = heldout_batches(tokenizer, options.finetune.seq_len)
-    before = cross_entropy(model, heldout)
-    due: dict[int, list[Norm]] = {}
-    for i, norm in enumerate(order):
-        due.setdefault(i * options.gap, []).append(norm)
-    options.finetune.steps = max(1, (len(order) - 1) * options.gap + options.heal)
+) -> tuple[dict[str, dict[str, float]], list[RemovalEvent], FinetuneResult, float]:
+    """Freeze every reader path of every removable norm on schedule while fine-tuning, then release the special
+    scales; returns the scales (norm -> group -> scale), the events, the fine-tune's losses and the held-out CE
+    before anything changed."""
+    norms = removable_norms(arch)
+    units = removal_units(arch, norms)
+    groups = install(model, norms, list(special_ids), arch.key_renames)
+    seq_len = min(options.finetune.seq_len, CALIBRATION_SEQ_LEN)
+    calib = calibration_batches(tokenizer, seq_len, CALIBRATION_SEQUENCES, options.calibration_batches)
+    before = cross_entropy(model, heldout_batches(tokenizer, options.finetune.seq_len))
+    due = schedule(units, options)
+    options.finetune.steps = total_steps(len(units), options)
     events: list[RemovalEvent] = []
 
-    def freeze_due(step: int) -> None:
-        for norm in due.pop(step, []):
-            if stand_ins[norm.name].frozen:  # frozen in a checkpoint this run resumed from
+    def run_due(step: int) -> None:
+        for names in due.pop(step, []):
+            if names[0] in RELEASES:
+                for group in groups.values():
+                    group.release(names[0])
+                events.append(RemovalEvent(step, names[0], None))
                 continue
-            scale = freeze(model, stand_ins[norm.name], calib)
-            if not math.isfinite(scale) or scale <= 0:
-                raise NormSurgeryError(f"{norm.name} measured a scale of {scale} on the calibration text; the model "
-                                       "diverged. Lower --lr or raise --gap.")
-            events.append(RemovalEvent(step, norm.name, scale, cross_entropy(model, heldout)))
+            todo = [groups[n] for n in names if not groups[n].frozen]  # frozen: in a checkpoint this run resumed from
+            for group, scale in zip(todo, freeze(model, todo, calib) if todo else []):
+                if not math.isfinite(scale) or scale <= 0:
+                    raise NormSurgeryError(f"{group.name} measured a scale of {scale} on the calibration text; the "
+                                           "model diverged. Lower --lr or raise --gap.")
+                events.append(RemovalEvent(step, group.name, scale))
 
-    freeze_due(0)
+    run_due(0)
 
     def after_step(step: int, loss: float) -> None:
-        freeze_due(step + 1)
+        run_due(step + 1)
         if on_step:
             on_step(step, loss)
 
     extra_loss = None
     if options.aux_weight:
-        final = stand_ins[next(n.name for n in order if n.role == "final")]
+        final = next(groups[u.name] for u in units if u.norm.role == "final")
         final.track = True
         extra_loss = lambda: options.aux_weight * scale_spread(final)  # noqa: E731
     try:
         result = finetune(model, tokenizer, options.finetune, teacher=teacher, on_step=after_step, extra_loss=extra_loss)
     finally:
-        for stand_in in stand_ins.values():
-            stand_in.track, stand_in.live = False, None
-    for step in sorted(due):  # norms a resumed run found frozen, or (never otherwise) left over
-        freeze_due(step)
-    scales = {name: float(s.scale) for name, s in stand_ins.items()}
+        for group in groups.values():
+            group.track, group.live, group.ordinary = False, None, None
+    for step in sorted(due):  # events a resumed run had passed, or (never otherwise) left over
+        run_due(step)
+    scales: dict[str, dict[str, float]] = {}
+    for group in groups.values():
+        scales.setdefault(group.norm_name, {})[group.group] = float(group.scale)
     return scales, events, result, before

@@ -1,78 +1,256 @@
-"""Stand-ins for a loaded model's norms that keep its parameters (so state_dict names do not change) and
-can have their per-token scale frozen to a constant."""
+"""Stand-ins for a loaded model's norms whose per-token divisor can be frozen, one per reader path.
+
+A norm's module becomes a pass-through that keeps its parameters (so state_dict names do not change); each group
+of its readers (an input norm's Q/K projections, its V projection, the MLP's projections: `Linear.groups` in the
+family declaration) computes the norm itself, with its own divisor. Baroni et al. freeze those paths at different
+steps; doing it at the readers needs no per-family attention code. A frozen group divides ordinary tokens by one
+constant and, until they are released at the end of the schedule, position 0 (the attention sink) and the
+tokenizer's special tokens by constants of their own.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from normsurgery.arch.spec import Architecture, Norm
+from normsurgery.arch.spec import DEFAULT_GROUP, Architecture, Linear, Norm
 from normsurgery.errors import NormSurgeryError
 
+class TokenContext:
+    """Which tokens of the current batch are special (BOS, end-of-text...): set by a pre-hook on the model."""
 
-class FreezableNorm(nn.Module):
-    """LayerNorm or RMSNorm, computed in float32, whose divisor sqrt(mean square + eps) can be frozen to `scale`.
+    def __init__(self, special_ids: list[int]) -> None:
+        self.special_ids = torch.tensor(sorted(set(special_ids)), dtype=torch.long)
+        self.special: torch.Tensor | None = None  # (batch, seq) bool, or None when no batch has been seen
 
-    While `collect` is on it accumulates the mean of its live per-token divisor (the calibration statistic);
-    while `track` is on it keeps the last forward's live divisors, with their graph, for an auxiliary loss.
+    def see(self, input_ids: torch.Tensor | None) -> None:
+        """Record the special-token mask of the batch about to run."""
+        if input_ids is None or not self.special_ids.numel():
+            self.special = None
+            return
+        self.special = torch.isin(input_ids, self.special_ids.to(input_ids.device))
+
+
+class ScaleGroup(nn.Module):
+    """A norm as seen by one group of its readers, computed in float32: LayerNorm or RMSNorm whose divisor
+    sqrt(mean square + eps) is live (`scale` NaN) or frozen.
+
+    While `collect` is on it sums its live divisors apart for ordinary tokens, position 0 and special tokens (the
+    calibration statistics); while `track` is on it keeps the last forward's live divisors, with their graph, for
+    the auxiliary loss.
     """
 
-    def __init__(self, norm: Norm, original: nn.Module) -> None:
+    def __init__(self, norm: Norm, owner: "NormPassthrough", group: str, context: TokenContext) -> None:
         super().__init__()
-        self.name = norm.name
+        self.norm_name, self.group = norm.name, group
         self.center = norm.kind == "layernorm"
         self.eps = norm.eps
         self.gain_offset = norm.gain_offset
-        self.weight = original.weight if norm.weight else None
-        self.bias = original.bias if norm.bias else None
-        # the frozen divisor; NaN while live. A buffer, so that a resumed fine-tune gets it back with the weights
+        self._owner = [owner]  # not a submodule: the owner holds the parameters under their original names
+        self._context = context
+        # NaN: live (scale), or the same as the ordinary scale (first, special). Buffers: a resumed run gets them back
         self.register_buffer("scale", torch.tensor(float("nan")))
+        self.register_buffer("first", torch.tensor(float("nan")))
+        self.register_buffer("special", torch.tensor(float("nan")))
         self.collect = False
         self.track = False
         self.live: torch.Tensor | None = None
-        self._sum = 0.0
-        self._count = 0
+        self.ordinary: torch.Tensor | None = None  # mask of the ordinary tokens of the tracked forward
+        self._sums = torch.zeros(3, dtype=torch.float64)  # ordinary, first, special
+        self._counts = torch.zeros(3, dtype=torch.float64)
+        self._cache: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = x.float()
-        if self.center:
-            y = y - y.mean(dim=-1, keepdim=True)
-        live = torch.sqrt(y.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        if self.collect:
-            self._sum += float(live.detach().sum())
-            self._count += live.numel()
-        if self.track:
-            self.live = live
-        y = y / (live if torch.isnan(self.scale) else self.scale)
-        if self.weight is not None:
-            y = y * (self.weight.float() + self.gain_offset)
-        if self.bias is not None:
-            y = y + self.bias.float()
-        return y.to(x.dtype)
+    @property
+    def name(self) -> str:
+        return f"{self.norm_name}[{self.group}]"
 
     @property
     def frozen(self) -> bool:
-        """Whether the divisor is fixed."""
+        """Whether the ordinary tokens' divisor is fixed."""
         return not bool(torch.isnan(self.scale))
 
+    def masks(self, shape: torch.Size, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(position 0, special token) masks for a (batch, seq) activation."""
+        first = torch.zeros(shape, dtype=torch.bool, device=device)
+        if len(shape) > 1:
+            first[:, 0] = True
+        special = self._context.special
+        if special is None or special.shape != shape:
+            special = torch.zeros(shape, dtype=torch.bool, device=device)
+        return first, special & ~first
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._cache is not None and self._cache[0] is x:  # q and k read the same group: compute it once
+            return self._cache[1]
+        y = x.float()
+        if self.center:
+            y = y - y.mean(dim=-1, keepdim=True)
+        live = torch.sqrt(y.pow(2).mean(dim=-1) + self.eps)
+        first, special = self.masks(live.shape, live.device)
+        if self.collect:
+            detached = live.detach().double()
+            for i, mask in enumerate((~first & ~special, first, special)):
+                self._sums[i] += float(detached[mask].sum())
+                self._counts[i] += int(mask.sum())
+        if self.track:
+            self.live, self.ordinary = live, ~first & ~special
+        if self.frozen:
+            divisor = torch.full_like(live, float(self.scale))
+            if not torch.isnan(self.first):
+                divisor = torch.where(first, self.first.to(live.dtype), divisor)
+            if not torch.isnan(self.special):
+                divisor = torch.where(special, self.special.to(live.dtype), divisor)
+        else:
+            divisor = live
+        y = y / divisor.unsqueeze(-1)
+        owner = self._owner[0]
+        if owner.weight is not None:
+            y = y * (owner.weight.float() + self.gain_offset)
+        if owner.bias is not None:
+            y = y + owner.bias.float()
+        y = y.to(x.dtype)
+        self._cache = (x, y)
+        return y
+
     def start_collecting(self) -> None:
-        """Reset the calibration statistic and record from the next forward."""
-        self._sum, self._count, self.collect = 0.0, 0, True
+        """Reset the calibration statistics and record from the next forward."""
+        self._sums.zero_()
+        self._counts.zero_()
+        self.collect = True
 
-    def mean_scale(self) -> float:
-        """The mean live divisor over the tokens seen since `start_collecting`."""
+    def freeze(self) -> float:
+        """Fix the divisors at the means seen since `start_collecting` (position 0 and special tokens apart, when
+        any were seen); returns the ordinary tokens' scale."""
         self.collect = False
-        if not self._count:
+        if not self._counts[0]:
             raise NormSurgeryError(f"no calibration tokens reached {self.name}.")
-        return self._sum / self._count
+        means = (self._sums / self._counts.clamp(min=1)).tolist()
+        self.scale.fill_(means[0])
+        self.first.fill_(means[1] if self._counts[1] else float("nan"))
+        self.special.fill_(means[2] if self._counts[2] else float("nan"))
+        return means[0]
+
+    def release(self, which: str) -> None:
+        """End a special case: `first` (position 0) or `special` (special tokens) take the ordinary scale."""
+        getattr(self, which).fill_(float("nan"))
+
+    def forget(self) -> None:
+        """Drop the cached output of the last forward (called by the owner before each new one)."""
+        self._cache = None
 
 
-def scale_spread(stand_in: FreezableNorm) -> torch.Tensor:
-    """Baroni et al.'s auxiliary loss: how far the last forward's per-token divisors stray from their mean, as the
-    mean squared relative deviation (scale-free, so one weight suits every model). Zero when all tokens agree."""
-    if stand_in.live is None:
-        raise NormSurgeryError(f"{stand_in.name} has not run a forward with tracking on.")
-    live = stand_in.live.flatten()
+class NormPassthrough(nn.Module):
+    """What replaces a norm module: its parameters under their original names, the residual passed through
+    unchanged (the readers' groups normalise it), and the groups as submodules (their buffers in the state)."""
+
+    def __init__(self, norm: Norm, original: nn.Module, context: TokenContext, group_names: list[str]) -> None:
+        super().__init__()
+        self.weight = original.weight if norm.weight else None
+        self.bias = original.bias if norm.bias else None
+        self.groups = nn.ModuleDict({g: ScaleGroup(norm, self, g, context) for g in group_names})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for group in self.groups.values():
+            group.forget()
+        return x
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One thing the removal schedule freezes: a reader group of one norm."""
+
+    norm: Norm
+    group: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.norm.name}[{self.group}]"
+
+
+def reader_groups(norm: Norm) -> list[str]:
+    """The groups a norm's readers declare, in order of first appearance (DEFAULT_GROUP for readers that declare none)."""
+    seen: list[str] = []
+    for reader in norm.readers:
+        for group in reader.groups or (DEFAULT_GROUP,):
+            if group not in seen:
+                seen.append(group)
+    return seen or [DEFAULT_GROUP]
+
+
+def _bind_reader(module: nn.Module, reader: Linear, groups: dict[str, ScaleGroup]) -> None:
+    """Make a reader read its groups' normalised residual: a pre-hook for a one-group reader, a forward that
+    splits the output slices between groups for a fused one (GPT-2's c_attn)."""
+    names = reader.groups or (DEFAULT_GROUP,)
+    if len(set(names)) == 1:
+        group = groups[names[0]]
+        module.register_forward_pre_hook(lambda _m, args: (group(args[0]),) + tuple(args[1:]))
+        return
+    width = (module.weight.shape[1] if reader.conv1d else module.weight.shape[0]) // len(names)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        outputs = []
+        for i, name in enumerate(names):
+            part = slice(i * width, (i + 1) * width)
+            weight = module.weight[:, part].t() if reader.conv1d else module.weight[part]
+            bias = module.bias[part] if module.bias is not None else None
+            outputs.append(F.linear(groups[name](x), weight, bias))
+        return torch.cat(outputs, dim=-1)
+
+    module.forward = forward
+
+
+def loaded_module(model: nn.Module, path: str, renames: dict[str, str]) -> nn.Module:
+    """The module of a loaded model at an on-disk module path (the family's key renames applied, e.g. GPT-NeoX's
+    embed_out, which transformers loads as lm_head)."""
+    import re
+
+    for pattern, replacement in renames.items():
+        path = re.sub(pattern, replacement, path + ".").rstrip(".")
+    return model.get_submodule(path)
+
+
+def install(model: nn.Module, norms: list[Norm], special_ids: list[int],
+            renames: dict[str, str] | None = None) -> dict[str, ScaleGroup]:
+    """Swap each norm of a loaded model for a pass-through and its readers for group-normalising ones; returns
+    the groups by unit name (`norm[group]`). `special_ids` are the tokens kept on scales of their own; `renames`
+    the family's on-disk -> in-memory key renames."""
+    context = TokenContext(special_ids)
+    model.register_forward_pre_hook(lambda _m, args, kwargs: context.see(kwargs.get("input_ids", args[0] if args else None)),
+                                    with_kwargs=True)
+    found: dict[str, ScaleGroup] = {}
+    for norm in norms:
+        original = model.get_submodule(norm.name)
+        passthrough = NormPassthrough(norm, original, context, reader_groups(norm))
+        parent, _, attr = norm.name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, passthrough)
+        groups = dict(passthrough.groups.items())
+        for reader in norm.readers:
+            _bind_reader(loaded_module(model, reader.weight.rpartition(".")[0], renames or {}), reader, groups)
+        found.update({g.name: g for g in groups.values()})
+    return found
+
+
+def special_token_ids(tokenizer: Any) -> list[int]:
+    """The tokenizer's special tokens (BOS, EOS, chat markers...): attention sinks like position 0."""
+    ids = set(getattr(tokenizer, "all_special_ids", []) or [])
+    for attr in ("bos_token_id", "eos_token_id"):
+        value = getattr(tokenizer, attr, None)
+        if isinstance(value, int):
+            ids.add(value)
+    return sorted(ids)
+
+
+def scale_spread(group: ScaleGroup) -> torch.Tensor:
+    """Baroni et al.'s auxiliary loss: how far the last forward's per-token divisors of the ordinary tokens
+    stray from their mean, as the mean squared relative deviation (scale-free, so one weight suits every
+    model). Zero when all tokens agree."""
+    if group.live is None or group.ordinary is None:
+        raise NormSurgeryError(f"{group.name} has not run a forward with tracking on.")
+    live = group.live[group.ordinary]
     return ((live / live.mean()) - 1).pow(2).mean()
 
 
@@ -91,15 +269,3 @@ def removable_norms(arch: Architecture) -> list[Norm]:
                                f"{', '.join(others[:3])} are not (sandwich, Peri-LN or embedding norms). No output was "
                                "written.")
     return [n for n in arch.all_norms() if n.role in ("input", "final")]
-
-
-def install(model: nn.Module, norms: list[Norm]) -> dict[str, FreezableNorm]:
-    """Swap each norm module of a loaded model for a FreezableNorm holding the same parameters."""
-    stand_ins = {}
-    for norm in norms:
-        original = model.get_submodule(norm.name)
-        stand_in = FreezableNorm(norm, original)
-        parent, _, attr = norm.name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, attr, stand_in)
-        stand_ins[norm.name] = stand_in
-    return stand_ins

@@ -4,21 +4,24 @@ LayerNorm models are centred first (exact: the writers' outputs made zero-mean, 
 DyT/Derf do not subtract the mean. Each swap keeps the norm's gain (Gemma's 1 + w included) and bias, and
 gets its alpha (and Derf's shift) from calibration statistics: the norm's inputs on calibration text and
 its normalised outputs x / sqrt(mean square + eps). Two initialisations are compared per norm, alpha from
-the typical scale (tanh(a x) ~ a x, so a = 1/s; erf(a x) ~ 2 a x / sqrt(pi)) and a least-squares fit of
-the squashed input to the normalised output, and the one with the smaller error is kept. The model is
-then healed by distillation (the fine-tune engine).
+the typical scale (the frozen-scale linearisation: tanh(a x) ~ a x, so a = 1/s; erf(a x) ~ 2 a x / sqrt(pi))
+and a least-squares fit of the squashed input to the normalised output, and the one with the smaller error is
+kept. The swaps are made progressively, as LN removal freezes (`swap_norms`: MLP-input norms, then attention-input
+norms, then the final norm, `gap` distillation steps apart, each calibrated on the model as it is by then), and
+the model is then healed by distillation (the fine-tune engine).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from normsurgery.arch.spec import Architecture, Norm
+from normsurgery.train.engine import FinetuneResult, finetune
 from normsurgery.export.modeling_normsurgery import DynamicErf, DynamicTanh
 from normsurgery.rewrite.center import center_embedding_step, center_position_step, center_writer_step, module_path
 
@@ -112,21 +115,119 @@ def fit_alpha(x: torch.Tensor, norm: Norm, target: str) -> AlphaInit:
                      mse_typical, mse_best)
 
 
-def install_swaps(model: nn.Module, norms: list[Norm], target: str, inits: dict[str, AlphaInit]) -> None:
-    """Replace each norm by DyT/Derf holding the norm's effective gain, its bias, and the chosen alpha."""
+class SwappableNorm(nn.Module):
+    """A norm that becomes DyT/Derf when `swap` is called, in float32. It keeps the norm's parameters under their
+    names and has DyT/Derf's (`alpha`, Derf's `shift`, a `weight` for a norm without a gain) from the start, so
+    that the optimizer built before the first step trains each of them once its swap is made."""
+
+    def __init__(self, norm: Norm, original: nn.Module, target: str, dim: int) -> None:
+        super().__init__()
+        self.target, self.center, self.eps = target, norm.kind == "layernorm", norm.eps
+        self.gain_offset = norm.gain_offset
+        self.has_gain = norm.weight is not None
+        self.weight = original.weight if norm.weight else nn.Parameter(torch.ones(dim))
+        self.bias = original.bias if norm.bias else None
+        device = self.weight.device
+        self.alpha = nn.Parameter(torch.ones((), device=device))
+        if target == "derf":
+            self.shift = nn.Parameter(torch.zeros((), device=device))
+        self.register_buffer("swapped", torch.tensor(False, device=device))  # a buffer: a resumed run gets it back
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.float()
+        if bool(self.swapped):
+            z = self.alpha.float() * y + (self.shift.float() if self.target == "derf" else 0.0)
+            y = (torch.tanh(z) if self.target == "dyt" else torch.erf(z)) * self.weight.float()
+        else:
+            if self.center:
+                y = y - y.mean(dim=-1, keepdim=True)
+            y = y * torch.rsqrt(y.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+            if self.has_gain:
+                y = y * (self.weight.float() + self.gain_offset)
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.to(x.dtype)
+
+    @torch.no_grad()
+    def swap(self, alpha: float) -> None:
+        """From now on DyT/Derf with this alpha, the norm's effective gain and its bias."""
+        if self.has_gain and self.gain_offset:
+            self.weight.add_(self.gain_offset)
+            self.gain_offset = 0.0
+        self.alpha.fill_(alpha)
+        self.swapped.fill_(True)
+
+
+def install_swappable(model: nn.Module, norms: list[Norm], target: str) -> dict[str, SwappableNorm]:
+    """Put a SwappableNorm, not yet swapped, in place of each norm."""
+    found = {}
     for norm in norms:
         original = model.get_submodule(norm.name)
-        dim = original.weight.shape[0] if norm.weight else int(model.config.get_text_config().hidden_size)
-        swap = SWAPS[target](dim, bias=norm.bias is not None)
-        swap.to(next(model.parameters()).device)
-        with torch.no_grad():
-            swap.alpha.fill_(inits[norm.name].alpha)
-            if norm.weight:
-                swap.weight.copy_(original.weight.float() + norm.gain_offset)
-            if norm.bias:
-                swap.bias.copy_(original.bias.float())
+        stand_in = SwappableNorm(norm, original, target, int(model.config.get_text_config().hidden_size))
         parent, _, attr = norm.name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, attr, swap)
+        setattr(model.get_submodule(parent) if parent else model, attr, stand_in)
+        found[norm.name] = stand_in
+    return found
+
+
+def swap_order(units: list[Any]) -> list[str]:
+    """The norms in the order of the removal schedule's units (each norm once, at its first unit)."""
+    seen: list[str] = []
+    for unit in units:
+        if unit.norm.name not in seen:
+            seen.append(unit.norm.name)
+    return seen
+
+
+def swap_norms(
+    model: nn.Module,
+    tokenizer: Any,
+    arch: Architecture,
+    norms: list[Norm],
+    target: str,
+    order: list[str],
+    options: Any,
+    *,
+    teacher: nn.Module | None,
+    on_step: Callable[[int, float], None] | None = None,
+) -> tuple[dict[str, AlphaInit], list[dict[str, Any]], FinetuneResult]:
+    """Swap the norms for DyT/Derf in `order`, `options.per_freeze` at a time and `options.gap` distillation steps
+    apart (gap 0: all at once), each alpha fitted on the model as it is just before its swap; then heal for
+    `options.heal` steps. Returns the initialisations, the events and the fine-tune's losses."""
+    from normsurgery.trainable.remove_ln import CALIBRATION_SEQ_LEN, CALIBRATION_SEQUENCES, calibration_batches
+
+    by_name = {n.name: n for n in norms}
+    stand_ins = install_swappable(model, norms, target)
+    calib = calibration_batches(tokenizer, min(options.finetune.seq_len, CALIBRATION_SEQ_LEN), CALIBRATION_SEQUENCES,
+                                max(1, CALIBRATION_TOKENS // (CALIBRATION_SEQUENCES * CALIBRATION_SEQ_LEN)))
+    groups = [order[i : i + options.per_freeze] for i in range(0, len(order), options.per_freeze)]
+    due: dict[int, list[list[str]]] = {}
+    for i, names in enumerate(groups):
+        due.setdefault(i * options.gap, []).append(names)
+    options.finetune.steps = max(1, (len(groups) - 1) * options.gap + options.heal)
+    inits: dict[str, AlphaInit] = {}
+    events: list[dict[str, Any]] = []
+
+    def run_due(step: int) -> None:
+        for names in due.pop(step, []):
+            todo = [by_name[n] for n in names if not bool(stand_ins[n].swapped)]  # swapped: a resumed run
+            inputs = norm_inputs(model, todo, calib) if todo else {}
+            for norm in todo:
+                inits[norm.name] = fit_alpha(inputs[norm.name], norm, target)
+                stand_ins[norm.name].swap(inits[norm.name].alpha)
+                events.append({"step": step, "unit": norm.name, "scale": inits[norm.name].alpha})
+
+    run_due(0)
+
+    def after_step(step: int, loss: float) -> None:
+        run_due(step + 1)
+        if on_step:
+            on_step(step, loss)
+
+    result = finetune(model, tokenizer, options.finetune, teacher=teacher, on_step=after_step)
+    for step in sorted(due):
+        run_due(step)
+    return inits, events, result
 
 
 def swapped_tensor_names(norms: list[Norm], target: str) -> list[str]:
