@@ -60,3 +60,11 @@ def shakespeare_text(split: str) -> str:
         raise NormSurgeryError(f"unknown text split {split!r}; choose one of {', '.join(SPLITS)}.")
     files = play_files()
     return "\n\n".join(play_text(files[slug].read_text(encoding="utf-8")) for slug in split_manifest()["splits"][split])
+
+
+def python_docs_text() -> str:
+    """Text of another kind than the plays, which no fine-tune reads: the Python language reference topics that
+    ship with CPython (`pydoc_data.topics`, PSF licence), for measuring what a rewrite does off Shakespeare."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[key].strip() for key in sorted(topics)) + "\n"
