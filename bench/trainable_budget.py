@@ -52,7 +52,8 @@ def run(model: str, target: str, budget: str, variant: dict[str, str], out: Path
                               aux_weight=float(variant.get("aux_weight", 0.0)),
                               lr=float(variant["lr"]) if "lr" in variant else None, batch_size=None, seq_len=None,
                               text=None, seed=0, loss="kl", gradient_checkpointing=False, checkpoint_dir=None,
-                              checkpoint_every=0, budget=budget)
+                              checkpoint_every=0, budget=budget,
+                              ramp=int(variant["ramp"]) if "ramp" in variant else None)
     common = dict(force=True, max_shard_size="5GB", removal=options, json_output=True, allow_pickle=False,
                   trust_remote_code=False)
     with contextlib.redirect_stdout(io.StringIO()):
@@ -101,6 +102,7 @@ def main() -> None:
                     options = report["options"]
                     row = {"target": target, "budget": budget, "variant": variant, "steps": len(report["losses"]),
                            "gap": options["gap"], "heal": options["heal"], "per_freeze": options["per_freeze"],
+                           "ramp": options.get("ramp"),
                            "lr": options["lr"], "batch": f"{options['batch_size']}x{options['seq_len']}",
                            "wall_s": wall, "estimate_s": report["estimate_seconds"],
                            "internal_change": report["heldout_ce_change"]}
@@ -123,7 +125,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         variant = ", ".join(f"{k}={v}" for k, v in r["variant"].items()) or "defaults"
-        schedule = f"gap {r['gap']}, heal {r['heal']}" + (f", {r['per_freeze']} per event" if r["per_freeze"] > 1 else "")
+        schedule = (f"gap {r['gap']}, heal {r['heal']}" + (f", ramp {r['ramp']}" if (r["ramp"] or 1) > 1 else "")
+                    + (f", {r['per_freeze']} per event" if r["per_freeze"] > 1 else ""))
         baseline = (f"{r['baseline_shakespeare_change']:+.3f} / {r['baseline_python-docs_change']:+.3f}"
                     if "baseline_shakespeare_change" in r else "-")
         print(f"| {r['target']} | {r['budget']} | {variant} | {schedule}, lr {r['lr']:.2g}, {r['batch']} | {r['steps']} "

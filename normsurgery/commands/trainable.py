@@ -28,6 +28,7 @@ from normsurgery.trainable.remove_ln import (
     RELEASES,
     RemovalOptions,
     calibration_batches,
+    total_steps,
     cross_entropy,
     heldout_batches,
     remove_norms,
@@ -98,9 +99,11 @@ def _progress(label: str, disable: bool) -> Progress:
 
 
 def size_run(removal: RemovalOptions, *, parameters: int, units: int, releases: int, student: torch.nn.Module,
-             teacher: torch.nn.Module | None, elapsed: float) -> Sized:
-    """Fill what the user left unset (learning rate, gap, heal) from the model's size, a timed step on this
-    device and the budget (`removal.budget`, DEFAULT_BUDGET when unset); returns the schedule and its cost."""
+             teacher: torch.nn.Module | None, elapsed: float, used: Callable[[int, int, int, int], int],
+             ramps: bool) -> Sized:
+    """Fill what the user left unset (learning rate, gap, ramp, heal) from the model's size, a timed step on this
+    device and the budget (`removal.budget`, DEFAULT_BUDGET when unset); returns the schedule and its cost.
+    `used(gap, per_freeze, ramp, heal)` is the number of steps of such a schedule."""
     options = removal.finetune
     if options.lr is None:
         options.lr = sized_lr(parameters)
@@ -112,15 +115,18 @@ def size_run(removal: RemovalOptions, *, parameters: int, units: int, releases: 
     fixed = elapsed + 2 * forward * HELDOUT_TOKENS + 2 * seconds  # held-out before and after, the export check
     budget = parse_budget(removal.budget or DEFAULT_BUDGET)
     sized = size_schedule(units, releases, budget=budget, parameters=parameters, step_tokens=step_tokens,
-                          seconds_per_step=seconds, seconds_per_event=per_event, fixed_seconds=fixed)
+                          seconds_per_step=seconds, seconds_per_event=per_event, fixed_seconds=fixed,
+                          used=lambda g, p, r: used(g, p, r, 0), ramps=ramps)
     if removal.gap is None and removal.heal is None:
         removal.gap, removal.heal, removal.per_freeze = sized.gap, sized.heal, sized.per_freeze
+        removal.ramp = sized.ramp if removal.ramp is None else removal.ramp
     else:  # the user's own schedule: keep it whole (a missing part comes from the sized one) and estimate its cost
         removal.gap = sized.gap if removal.gap is None else removal.gap
         removal.heal = sized.heal if removal.heal is None else removal.heal
+        removal.ramp = 1 if removal.ramp is None else removal.ramp
         events = -(-units // removal.per_freeze) + releases
-        sized.steps = max(1, (events - 1) * removal.gap + removal.heal)
-        sized.gap, sized.heal, sized.per_freeze = removal.gap, removal.heal, removal.per_freeze
+        sized.steps = used(removal.gap, removal.per_freeze, removal.ramp, removal.heal)
+        sized.gap, sized.heal, sized.per_freeze, sized.ramp = removal.gap, removal.heal, removal.per_freeze, removal.ramp
         sized.estimate_seconds = fixed + sized.steps * seconds + events * per_event
     return sized
 
@@ -132,6 +138,9 @@ def _announce(sized: Sized, what: str, units: int, options: FinetuneOptions, par
         return
     console.print(f"{sized.describe(what, units)} (lr {options.lr:.2g} for {parameters / 1e6:.3g}M parameters, "
                   f"{options.batch_size} x {options.seq_len} tokens a step at {sized.seconds_per_step:.2g} s on {device})")
+    if sized.per_freeze > 1:
+        console.print(f"[yellow]note: the budget allows fewer steps than there are {what}, so {sized.per_freeze} "
+                      "change at each event; expect a worse result than a larger --budget gives.[/yellow]")
 
 
 def _options_report(options: FinetuneOptions, **schedule: float) -> dict[str, Any]:
@@ -151,7 +160,9 @@ def run_remove(model: str, out: Path, *, force: bool, max_shard_size: str, remov
         units = removal_units(source.arch, removable_norms(source.arch))
         tokenizer, student, teacher = _load_for_training(source, removal.finetune, allow_pickle, trust_remote_code)
         sized = size_run(removal, parameters=source.parameter_count, units=len(units), releases=len(RELEASES),
-                         student=student, teacher=teacher, elapsed=time.perf_counter() - started)
+                         student=student, teacher=teacher, elapsed=time.perf_counter() - started,
+                         used=lambda g, p, r, h: total_steps(len(units), RemovalOptions(gap=g, heal=h, per_freeze=p,
+                                                                                       ramp=r)), ramps=True)
         main = _is_main_process()
         _announce(sized, "norm paths to freeze", len(units), removal.finetune, source.parameter_count,
                   str(student.device), json_output or quiet or not main)
@@ -173,7 +184,8 @@ def run_remove(model: str, out: Path, *, force: bool, max_shard_size: str, remov
             "removal_steps": [asdict(e) for e in events],
             "losses": result.losses,
             "options": _options_report(removal.finetune, gap=removal.gap, heal=removal.heal, per_freeze=removal.per_freeze,
-                                       aux_weight=removal.aux_weight, budget=removal.budget or DEFAULT_BUDGET),
+                                       ramp=removal.ramp, aux_weight=removal.aux_weight,
+                                       budget=removal.budget or DEFAULT_BUDGET),
             "estimate_seconds": sized.estimate_seconds,
             "text": result.text,
             "processes": result.processes,
@@ -216,9 +228,9 @@ def _note_if_far(before: float, after: float) -> None:
 def removal_options(*, gap: int | None, heal: int | None, aux_weight: float, lr: float | None, batch_size: int | None,
                     seq_len: int | None, text: str | None, seed: int, loss: str, gradient_checkpointing: bool,
                     checkpoint_dir: Path | None, checkpoint_every: int, device: str = "auto",
-                    budget: str | None = None) -> RemovalOptions:
+                    budget: str | None = None, ramp: int | None = None) -> RemovalOptions:
     """The CLI's options as a RemovalOptions (None: sized by the model, the device and the budget)."""
-    return RemovalOptions(gap=gap, heal=heal, aux_weight=aux_weight, budget=budget, finetune=FinetuneOptions(
+    return RemovalOptions(gap=gap, heal=heal, ramp=ramp, aux_weight=aux_weight, budget=budget, finetune=FinetuneOptions(
         lr=lr, batch_size=batch_size, seq_len=seq_len, text=text, seed=seed, loss=loss,  # type: ignore[arg-type]
         gradient_checkpointing=gradient_checkpointing, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
         device=device))
@@ -246,7 +258,8 @@ def run_swap(model: str, target: str, out: Path, *, force: bool, max_shard_size:
         if centred:
             center_in_memory(student, source.arch)
         sized = size_run(removal, parameters=source.parameter_count, units=len(order), releases=0, student=student,
-                         teacher=teacher, elapsed=time.perf_counter() - started)
+                         teacher=teacher, elapsed=time.perf_counter() - started, ramps=False,
+                         used=lambda g, p, r, h: max(1, (-(-len(order) // p) - 1) * g + h))
         removal.heal = max(1, removal.heal)
         main = _is_main_process()
         _announce(sized, f"norms to swap for {target}", len(order), removal.finetune, source.parameter_count,

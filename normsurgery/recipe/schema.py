@@ -48,6 +48,7 @@ class ConvertStep(_Options):
     budget: str | None = None  # a time (30min) or a token count (20M); sizes what is left unset (default 30min)
     gap: int | None = Field(None, ge=0)  # None: sized by the budget
     heal: int | None = Field(None, ge=0)
+    ramp: int | None = Field(None, ge=1)  # None: 4 gaps with a sized schedule, else 1
     aux_weight: float = Field(0.0, ge=0)
     lr: float | None = Field(None, gt=0)  # None: sized by the parameter count
     batch_size: int | None = Field(None, ge=1)  # None: about 1k tokens per step on a CPU, 8k on a GPU

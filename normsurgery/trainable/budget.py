@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from typing import Callable
 
 from normsurgery.errors import NormSurgeryError
 
@@ -20,7 +21,8 @@ DEFAULT_BUDGET = "30min"
 REFERENCE_PARAMETERS = 1.35e6  # gpt2-shakespeare, where lr 3e-3, gap 30 and heal 300 were measured
 TOKENS_PER_STEP = {"cpu": 1024, "cuda": 8192}
 HEAL_SHARE = 0.3  # of the budget's steps, for the heal after the last event
-_UNITS = {"s": 1, "sec": 1, "min": 60, "m": 60, "h": 3600}
+RAMP_GAPS = 4  # a gradual freeze takes this many gaps (several paths ramp at once)
+_UNITS = {"s": 1, "sec": 1, "min": 60, "h": 3600}
 _MULTIPLIERS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9}
 
 
@@ -36,9 +38,13 @@ class Budget:
 
 
 def parse_budget(text: str) -> Budget:
-    """'30min', '2h', '900s' (time) or '20M', '500k', '1e6' (training tokens)."""
+    """'30min', '2h', '900s' (time) or '20M', '500k', '1e6' (training tokens); a bare '30m' is refused as
+    ambiguous."""
+    if re.fullmatch(r"\s*\d+(?:\.\d+)?\s*m\s*", text):
+        raise NormSurgeryError(f"--budget {text!r} is ambiguous: write {text.strip()[:-1]}min for minutes or "
+                               f"{text.strip()[:-1]}M for million training tokens.")
     value = text.strip().lower().replace(" ", "")
-    timed = re.fullmatch(r"(\d+(?:\.\d+)?)(s|sec|min|m|h)", value)
+    timed = re.fullmatch(r"(\d+(?:\.\d+)?)(s|sec|min|h)", value)
     if timed:
         return Budget(seconds=float(timed.group(1)) * _UNITS[timed.group(2)])
     counted = re.fullmatch(r"(\d+(?:\.\d+)?(?:e\d+)?)([kmg]?)(?:tok|tokens)?", value)
@@ -60,7 +66,7 @@ def tokens_per_step(device_type: str) -> int:
 
 def cap_gap(parameters: int) -> int:
     """The most steps (of about 1k tokens) worth spending per schedule event for a model of this size."""
-    return max(1, math.ceil(30 * math.sqrt(max(parameters, 1) / REFERENCE_PARAMETERS)))
+    return max(1, round(30 * math.sqrt(max(parameters, 1) / REFERENCE_PARAMETERS)))
 
 
 @dataclass
@@ -71,13 +77,15 @@ class Sized:
     gap: int
     heal: int
     per_freeze: int
+    ramp: int
     seconds_per_step: float
     estimate_seconds: float
 
     def describe(self, events_name: str, units: int) -> str:
         grouped = f"{self.per_freeze} at a time, " if self.per_freeze > 1 else ""
-        return (f"{units} {events_name}, {grouped}every {self.gap} steps, then {self.heal} healing steps: {self.steps} "
-                f"steps, about {_minutes(self.estimate_seconds)}")
+        ramp = f", each over {self.ramp} steps" if self.ramp > 1 else ""
+        return (f"{units} {events_name}, {grouped}every {self.gap} steps{ramp}, then {self.heal} healing steps: "
+                f"{self.steps} steps, about {_minutes(self.estimate_seconds)}")
 
 
 def _minutes(seconds: float) -> str:
@@ -85,9 +93,11 @@ def _minutes(seconds: float) -> str:
 
 
 def size_schedule(units: int, releases: int, *, budget: Budget, parameters: int, step_tokens: int,
-                  seconds_per_step: float, seconds_per_event: float, fixed_seconds: float) -> Sized:
-    """Steps, gap, heal and units per event that fit the budget: about 70% of the steps between events (every
-    event at least one step apart), the rest healing; never more than the size-scaled cap."""
+                  seconds_per_step: float, seconds_per_event: float, fixed_seconds: float,
+                  used: Callable[[int, int, int], int], ramps: bool = True) -> Sized:
+    """Steps, gap, ramp, heal and units per event that fit the budget: about 70% of the steps for the events
+    (every event at least one step apart), the rest healing; never more than the size-scaled cap. `used(gap,
+    per_freeze, ramp)` is how many steps the events of such a schedule take before the heal."""
     if budget.tokens is not None:
         steps = max(1, budget.tokens // step_tokens)
     else:
@@ -95,15 +105,21 @@ def size_schedule(units: int, releases: int, *, budget: Budget, parameters: int,
         spare = budget.seconds - fixed_seconds - (units + releases) * seconds_per_event
         steps = max(1, int(spare / max(seconds_per_step, 1e-6)))
     cap = max(1, round(cap_gap(parameters) * 1024 / step_tokens))
-    events = units + releases
     between = max(0, int(steps * (1 - HEAL_SHARE)))
-    if between >= events - 1:
-        per_freeze, gap = 1, min(cap, between // max(1, events - 1))
-    else:  # fewer gaps than events: several units per freeze, one step apart
-        per_freeze = math.ceil(units / max(1, between - releases + 1))
-        gap = 1 if between else 0
+
+    def ramp_of(gap: int) -> int:
+        return max(1, RAMP_GAPS * gap) if ramps else 1
+
+    fitting = [g for g in range(1, cap + 1) if used(g, 1, ramp_of(g)) <= between]
+    if fitting:
+        per_freeze, gap = 1, fitting[-1]
+    else:  # fewer steps than events: several units per event, one step apart (or all at once)
+        per_freeze = next((p for p in range(2, units + 1) if used(1, p, ramp_of(1)) <= between), units)
+        gap = 1 if used(1, per_freeze, ramp_of(1)) <= between else 0
+    ramp = ramp_of(gap)
+    taken = used(gap, per_freeze, ramp)
+    heal = max(1, min(10 * cap, steps - taken))
+    total = taken + heal
     frozen_events = math.ceil(units / per_freeze) + releases
-    heal = max(1, min(10 * cap, steps - gap * (frozen_events - 1)))
-    total = gap * (frozen_events - 1) + heal
     estimate = fixed_seconds + total * seconds_per_step + frozen_events * seconds_per_event
-    return Sized(total, gap, heal, per_freeze, seconds_per_step, estimate)
+    return Sized(total, gap, heal, per_freeze, ramp, seconds_per_step, estimate)

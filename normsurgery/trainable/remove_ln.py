@@ -2,7 +2,8 @@
 
 Each reader path of each norm in turn (see stand_ins.py) gets its per-token divisor frozen to its mean on
 calibration text, measured just before the freeze on the model as it is then (Baroni et al.'s "recompute"
-variant), with a short fine-tune between freezes. The order is theirs: every block's MLP-input norm first, then
+variant), with a short fine-tune between freezes. A freeze can be gradual (`ramp` steps: the divisor moves
+geometrically from the live one to the constant), which spares the model the jump. The order is theirs: every block's MLP-input norm first, then
 every attention-input norm's Q/K path, then its V path, then the final norm. Position 0 (the attention sink) and
 the tokenizer's special tokens keep frozen scales of their own until the end, when the special tokens and then
 position 0 are released onto the ordinary scale, so that the exported model has no special case and no norm.
@@ -39,6 +40,7 @@ class RemovalOptions:
     gap: int | None = 10  # None (with heal): sized by the budget (budget.py)
     heal: int | None = 50
     per_freeze: int = 1
+    ramp: int | None = 1  # steps over which a freeze or a release goes from live to fixed (1: at once; None: sized)
     calibration_batches: int = 1  # batches of CALIBRATION_SEQUENCES sequences per measurement
     aux_weight: float = 0.0  # weight of the spread of the final norm's per-token scale (Baroni et al.'s aux loss)
     budget: str | None = None  # --budget: what sizes an unset gap and heal (DEFAULT_BUDGET when None)
@@ -49,6 +51,8 @@ class RemovalOptions:
         self.finetune.validate()
         if (self.gap or 0) < 0 or (self.heal or 0) < 0 or self.aux_weight < 0:
             raise NormSurgeryError("--gap, --heal and --aux-weight cannot be negative.")
+        if self.ramp is not None and self.ramp < 1:
+            raise NormSurgeryError(f"--ramp must be at least 1 step (got {self.ramp}).")
         if self.budget is not None:
             from normsurgery.trainable.budget import parse_budget
 
@@ -77,19 +81,29 @@ def removal_units(arch: Architecture, norms: list[Norm]) -> list[Unit]:
     return units + [Unit(n, g) for n in norms if n.role == "final" for g in reader_groups(n)]
 
 
-def schedule(units: list[Unit], options: RemovalOptions) -> dict[int, list[list[str]]]:
-    """The events due at each step: freezes of `per_freeze` units `gap` steps apart, then the releases."""
-    events = [[u.name for u in units[i : i + options.per_freeze]] for i in range(0, len(units), options.per_freeze)]
+def schedule(units: list[str], options: RemovalOptions) -> dict[int, list[list[str]]]:
+    """The events starting at each step: freezes of `per_freeze` units `gap` steps apart, then the two releases,
+    `gap` steps apart after the last freeze has ramped in."""
+    events = [units[i : i + options.per_freeze] for i in range(0, len(units), options.per_freeze)]
+    gap, ramp = options.gap or 0, options.ramp or 1
     due: dict[int, list[list[str]]] = {}
-    for i, names in enumerate(events + [[release] for release in RELEASES]):
-        due.setdefault(i * options.gap, []).append(names)
+    for i, names in enumerate(events):
+        due.setdefault(i * gap, []).append(names)
+    last = (len(events) - 1) * gap + ramp - 1
+    for i, release in enumerate(RELEASES):
+        due.setdefault(last + (i + 1) * gap, []).append([release])
     return due
 
 
 def total_steps(units: int, options: RemovalOptions) -> int:
-    """Fine-tune steps of the whole schedule: gaps between events, then the heal."""
-    events = math.ceil(units / max(1, options.per_freeze)) + len(RELEASES)
-    return max(1, (events - 1) * options.gap + options.heal)
+    """Fine-tune steps of the whole schedule: the events, the last release's ramp, then the heal."""
+    due = schedule([str(i) for i in range(units)], options)
+    return max(1, max(due) + (options.ramp or 1) - 1 + (options.heal or 0))
+
+
+def ramp_fraction(steps_since_start: int, ramp: int) -> float:
+    """How far a ramp begun `steps_since_start` steps ago has gone: 1/ramp at its first step, 1 after `ramp`."""
+    return 0.0 if steps_since_start < 0 else min(1.0, (steps_since_start + 1) / max(1, ramp))
 
 
 def calibration_batches(tokenizer: Any, seq_len: int, batch_size: int, count: int) -> list[torch.Tensor]:
@@ -126,8 +140,8 @@ def cross_entropy(model: torch.nn.Module, batches: list[torch.Tensor]) -> float:
 
 
 @torch.no_grad()
-def freeze(model: torch.nn.Module, groups: list[ScaleGroup], batches: list[torch.Tensor]) -> list[float]:
-    """Measure the groups' mean divisors on calibration batches with the model as it is now, and freeze them."""
+def measure(model: torch.nn.Module, groups: list[ScaleGroup], batches: list[torch.Tensor]) -> list[float]:
+    """Measure the groups' mean divisors on calibration batches with the model as it is now (their freezes begin)."""
     training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -135,7 +149,7 @@ def freeze(model: torch.nn.Module, groups: list[ScaleGroup], batches: list[torch
         group.start_collecting()
     for batch in batches:
         model(input_ids=batch.to(device))
-    scales = [group.freeze() for group in groups]
+    scales = [group.measure() for group in groups]
     model.train(training)
     return scales
 
@@ -159,28 +173,37 @@ def remove_norms(
     seq_len = min(options.finetune.seq_len, CALIBRATION_SEQ_LEN)
     calib = calibration_batches(tokenizer, seq_len, CALIBRATION_SEQUENCES, options.calibration_batches)
     before = cross_entropy(model, heldout_batches(tokenizer, options.finetune.seq_len))
-    due = schedule(units, options)
+    due = schedule([u.name for u in units], options)
     options.finetune.steps = total_steps(len(units), options)
+    starts: dict[str, int] = {}  # unit or release -> the step its ramp began
     events: list[RemovalEvent] = []
 
-    def run_due(step: int) -> None:
+    def advance(step: int) -> None:
+        """Begin the events due at `step`, then set every ramp for the step about to run."""
         for names in due.pop(step, []):
             if names[0] in RELEASES:
-                for group in groups.values():
-                    group.release(names[0])
+                starts[names[0]] = step
                 events.append(RemovalEvent(step, names[0], None))
                 continue
-            todo = [groups[n] for n in names if not groups[n].frozen]  # frozen: in a checkpoint this run resumed from
-            for group, scale in zip(todo, freeze(model, todo, calib) if todo else []):
+            todo = [groups[n] for n in names if not groups[n].measured]  # measured: in a checkpoint resumed from
+            for group, scale in zip(todo, measure(model, todo, calib) if todo else []):
                 if not math.isfinite(scale) or scale <= 0:
                     raise NormSurgeryError(f"{group.name} measured a scale of {scale} on the calibration text; the "
                                            "model diverged. Lower --lr or raise --gap.")
                 events.append(RemovalEvent(step, group.name, scale))
+            starts.update({n: step for n in names})
+        for name, start in starts.items():
+            fraction = ramp_fraction(step - start, options.ramp or 1)
+            if name in RELEASES:
+                for group in groups.values():
+                    group.release(name, fraction)
+            else:
+                groups[name].set_mix(max(float(groups[name].mix), fraction))
 
-    run_due(0)
+    advance(0)
 
     def after_step(step: int, loss: float) -> None:
-        run_due(step + 1)
+        advance(step + 1)
         if on_step:
             on_step(step, loss)
 
@@ -195,7 +218,11 @@ def remove_norms(
         for group in groups.values():
             group.track, group.live, group.ordinary = False, None, None
     for step in sorted(due):  # events a resumed run had passed, or (never otherwise) left over
-        run_due(step)
+        advance(step)
+    for group in groups.values():  # the schedule ends fully frozen and released; make it so exactly
+        group.set_mix(1.0)
+        for which in RELEASES:
+            group.release(which)
     scales: dict[str, dict[str, float]] = {}
     for group in groups.values():
         scales.setdefault(group.norm_name, {})[group.group] = float(group.scale)

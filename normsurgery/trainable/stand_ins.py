@@ -5,7 +5,8 @@ of its readers (an input norm's Q/K projections, its V projection, the MLP's pro
 family declaration) computes the norm itself, with its own divisor. Baroni et al. freeze those paths at different
 steps; doing it at the readers needs no per-family attention code. A frozen group divides ordinary tokens by one
 constant and, until they are released at the end of the schedule, position 0 (the attention sink) and the
-tokenizer's special tokens by constants of their own.
+tokenizer's special tokens by constants of their own. Freezing and releasing can be gradual: the divisor moves
+from the live one to the constant geometrically, live^(1 - m) * s^m, as `mix` m goes from 0 to 1.
 """
 
 from __future__ import annotations
@@ -37,11 +38,12 @@ class TokenContext:
 
 class ScaleGroup(nn.Module):
     """A norm as seen by one group of its readers, computed in float32: LayerNorm or RMSNorm whose divisor
-    sqrt(mean square + eps) is live (`scale` NaN) or frozen.
+    sqrt(mean square + eps) is live, frozen (`mix` 1), or on the way between (0 < mix < 1).
 
-    While `collect` is on it sums its live divisors apart for ordinary tokens, position 0 and special tokens (the
-    calibration statistics); while `track` is on it keeps the last forward's live divisors, with their graph, for
-    the auxiliary loss.
+    The frozen divisor is `scale` for ordinary tokens and `first` / `special` for position 0 / special tokens,
+    which move onto `scale` as their release (0 to 1) goes on. While `collect` is on it sums its live divisors
+    apart for those three kinds of token (the calibration statistics); while `track` is on it keeps the last
+    forward's live divisors, with their graph, for the auxiliary loss.
     """
 
     def __init__(self, norm: Norm, owner: "NormPassthrough", group: str, context: TokenContext) -> None:
@@ -52,10 +54,12 @@ class ScaleGroup(nn.Module):
         self.gain_offset = norm.gain_offset
         self._owner = [owner]  # not a submodule: the owner holds the parameters under their original names
         self._context = context
-        # NaN: live (scale), or the same as the ordinary scale (first, special). Buffers: a resumed run gets them back
+        # buffers, so that a resumed run gets them back. NaN: not measured yet (first/special: none seen)
         self.register_buffer("scale", torch.tensor(float("nan")))
         self.register_buffer("first", torch.tensor(float("nan")))
         self.register_buffer("special", torch.tensor(float("nan")))
+        self.register_buffer("mix", torch.tensor(0.0))
+        self.register_buffer("released", torch.zeros(2))  # special tokens, position 0: 0 own scale, 1 ordinary
         self.collect = False
         self.track = False
         self.live: torch.Tensor | None = None
@@ -69,9 +73,14 @@ class ScaleGroup(nn.Module):
         return f"{self.norm_name}[{self.group}]"
 
     @property
-    def frozen(self) -> bool:
-        """Whether the ordinary tokens' divisor is fixed."""
+    def measured(self) -> bool:
+        """Whether the frozen scales have been measured (the path's freeze has begun)."""
         return not bool(torch.isnan(self.scale))
+
+    @property
+    def frozen(self) -> bool:
+        """Whether the divisor is fully fixed, special tokens and position 0 on the ordinary scale included."""
+        return self.measured and float(self.mix) >= 1 and bool((self.released >= 1).all())
 
     def masks(self, shape: torch.Size, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(position 0, special token) masks for a (batch, seq) activation."""
@@ -82,6 +91,12 @@ class ScaleGroup(nn.Module):
         if special is None or special.shape != shape:
             special = torch.zeros(shape, dtype=torch.bool, device=device)
         return first, special & ~first
+
+    def _target(self, own: torch.Tensor, released: float) -> float | None:
+        """The frozen divisor of a special kind of token: its own scale moved geometrically onto the ordinary one."""
+        if torch.isnan(own) or released >= 1:
+            return None
+        return float(torch.exp((1 - released) * own.double().log() + released * self.scale.double().log()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._cache is not None and self._cache[0] is x:  # q and k read the same group: compute it once
@@ -98,12 +113,14 @@ class ScaleGroup(nn.Module):
                 self._counts[i] += int(mask.sum())
         if self.track:
             self.live, self.ordinary = live, ~first & ~special
-        if self.frozen:
-            divisor = torch.full_like(live, float(self.scale))
-            if not torch.isnan(self.first):
-                divisor = torch.where(first, self.first.to(live.dtype), divisor)
-            if not torch.isnan(self.special):
-                divisor = torch.where(special, self.special.to(live.dtype), divisor)
+        mix = float(self.mix)
+        if self.measured and mix > 0:
+            target = torch.full_like(live, float(self.scale))
+            for mask, own, released in ((first, self.first, self.released[1]), (special, self.special, self.released[0])):
+                value = self._target(own, float(released))
+                if value is not None:
+                    target = torch.where(mask, torch.full_like(live, value), target)
+            divisor = target if mix >= 1 else torch.exp((1 - mix) * live.log() + mix * target.log())
         else:
             divisor = live
         y = y / divisor.unsqueeze(-1)
@@ -122,9 +139,9 @@ class ScaleGroup(nn.Module):
         self._counts.zero_()
         self.collect = True
 
-    def freeze(self) -> float:
-        """Fix the divisors at the means seen since `start_collecting` (position 0 and special tokens apart, when
-        any were seen); returns the ordinary tokens' scale."""
+    def measure(self) -> float:
+        """Set the frozen divisors to the means seen since `start_collecting` (position 0 and special tokens apart,
+        when any were seen); returns the ordinary tokens' scale. `mix` says how much of them is used."""
         self.collect = False
         if not self._counts[0]:
             raise NormSurgeryError(f"no calibration tokens reached {self.name}.")
@@ -134,13 +151,20 @@ class ScaleGroup(nn.Module):
         self.special.fill_(means[2] if self._counts[2] else float("nan"))
         return means[0]
 
-    def release(self, which: str) -> None:
-        """End a special case: `first` (position 0) or `special` (special tokens) take the ordinary scale."""
-        getattr(self, which).fill_(float("nan"))
+    def set_mix(self, value: float) -> None:
+        """How far the divisor has moved from live (0) to frozen (1)."""
+        self.mix.fill_(min(1.0, max(0.0, value)))
+
+    def release(self, which: str, value: float = 1.0) -> None:
+        """How far `special` (special tokens) or `first` (position 0) have moved onto the ordinary scale."""
+        self.released[RELEASE_INDEX[which]] = min(1.0, max(0.0, value))
 
     def forget(self) -> None:
         """Drop the cached output of the last forward (called by the owner before each new one)."""
         self._cache = None
+
+
+RELEASE_INDEX = {"special": 0, "first": 1}
 
 
 class NormPassthrough(nn.Module):
