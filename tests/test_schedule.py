@@ -51,6 +51,9 @@ def test_a_frozen_path_keeps_position_0_and_special_tokens_apart_until_released(
     group.release("special")
     group.release("first")
     group.forget()
+    assert torch.allclose(group(x)[0, :, 0], torch.ones(4))  # now outliers (> 3x the scale): still live
+    group.release("outliers")
+    group.forget()
     assert torch.allclose(group(x)[0, :, 0], torch.tensor([100.0, 1.0, 10.0, 1.0]))  # one scale for all
     assert group.frozen
 
@@ -91,12 +94,12 @@ def test_schedules_fit_the_budget():
         return lambda g, p, r: total_steps(units, RemovalOptions(gap=g, heal=0, per_freeze=p, ramp=r))
 
     common = dict(parameters=135_000_000, step_tokens=1024, seconds_per_event=0.0, fixed_seconds=0.0, used=used(91))
-    roomy = size_schedule(91, 2, budget=Budget(tokens=1024 * 3000), seconds_per_step=1.0, **common)
+    roomy = size_schedule(91, 3, budget=Budget(tokens=1024 * 3000), seconds_per_step=1.0, **common)
     assert roomy.per_freeze == 1 and roomy.ramp == 4 * roomy.gap and roomy.steps <= 3000
     assert roomy.steps == total_steps(91, RemovalOptions(gap=roomy.gap, heal=roomy.heal, ramp=roomy.ramp))
-    tight = size_schedule(91, 2, budget=Budget(seconds=40), seconds_per_step=1.0, **common)
+    tight = size_schedule(91, 3, budget=Budget(seconds=40), seconds_per_step=1.0, **common)
     assert tight.per_freeze > 1 and tight.gap == 1 and tight.steps <= 41
-    tiny = size_schedule(13, 2, budget=Budget(seconds=3600), parameters=1_350_000, step_tokens=1024,
+    tiny = size_schedule(13, 3, budget=Budget(seconds=3600), parameters=1_350_000, step_tokens=1024,
                          seconds_per_step=0.01, seconds_per_event=0.0, fixed_seconds=0.0, used=used(13))
     assert tiny.gap == 30 and tiny.heal == 300  # capped: what the 1.35M model needs, not an hour of steps
 
@@ -115,13 +118,14 @@ def test_a_gradual_freeze_ramps_geometrically_and_ends_exact():
     group(x)
     assert group.measure() == 4.0
     group.release("first", 1.0)
+    group.release("outliers", 1.0)
     for fraction, expected in ((0.5, 2.0), (1.0, 4.0)):  # position 0: live 1 -> constant 4, geometrically
         group.set_mix(fraction)
         group.forget()
         assert float(group(x)[0, 0, 0]) == pytest.approx(1.0 / expected)
     assert not group.frozen and [ramp_fraction(k, 4) for k in (-1, 0, 3, 9)] == [0.0, 0.25, 1.0, 1.0]
     due = schedule(["a", "b", "c"], RemovalOptions(gap=2, ramp=3))
-    assert due == {0: [["a"]], 2: [["b"]], 4: [["c"]], 8: [["special"]], 10: [["first"]]}
+    assert due == {0: [["a"]], 2: [["b"]], 4: [["c"]], 8: [["outliers"]], 10: [["special"]], 12: [["first"]]}
 
 
 def test_convert_refuses_a_bad_budget_before_loading(tiny_model, cli, tmp_path):

@@ -30,7 +30,7 @@ def test_removal_exports_a_norm_free_model_equal_to_the_trained_one(name, tiny_m
     assert len({s["unit"].split("[")[0] for s in freezes}) == report["removed"] and all(s["scale"] > 0 for s in freezes)
     paths = {s["unit"].split("[")[1].rstrip("]") for s in freezes}
     assert paths == ({"all"} if name == "gpt_neox" else {"all", "qk", "v"})  # NeoX's fused QKV interleaves heads
-    assert [s["unit"] for s in steps[-2:]] == ["special", "first"]  # the special scales released last
+    assert [s["unit"] for s in steps[-3:]] == ["outliers", "special", "first"]  # the tokens kept apart, released last
     assert [s["step"] for s in steps] == list(range(len(steps)))  # one event per --gap step
     assert len(report["losses"]) == len(steps) - 1 + 2
     card = json.loads((out / "normsurgery.json").read_text())

@@ -155,7 +155,7 @@ def convert(
     budget: Annotated[Optional[str], typer.Option(help="What the whole fine-tune may take: a time (30min, 2h, 900s) or training tokens (20M, 500k). Sizes every schedule option left unset. [default: 30min]", rich_help_panel="Fine-tune")] = None,
     gap: Annotated[Optional[int], typer.Option(help="Fine-tune steps between two freezes (--to none) or swaps (--to dyt/derf). [default: sized by --budget]", rich_help_panel="Fine-tune")] = None,
     heal: Annotated[Optional[int], typer.Option(help="Fine-tune steps after the last freeze or swap. [default: sized by --budget]", rich_help_panel="Fine-tune")] = None,
-    ramp: Annotated[Optional[int], typer.Option(help="[--to none] Steps over which each freeze moves from the live scale to the constant (1: at once). [default: 4 gaps with a sized schedule, else 1]", rich_help_panel="Fine-tune")] = None,
+    ramp: Annotated[Optional[int], typer.Option(help="Steps over which each freeze (--to none: live scale to constant) or swap (--to dyt/derf: norm to DyT/Derf) blends in (1: at once). [default: 4 gaps with a sized schedule, else 1]", rich_help_panel="Fine-tune")] = None,
     aux_weight: Annotated[float, typer.Option(help="[--to none] Weight of Baroni et al.'s auxiliary loss (spread of the final norm's per-token scale); 0 turns it off.", rich_help_panel="Fine-tune")] = 0.0,
     lr: Annotated[Optional[float], typer.Option(help="Peak learning rate (AdamW, warmup then cosine). [default: sized by the parameter count, 3e-3 at 1M to 1e-4 at 10B]", rich_help_panel="Fine-tune")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Sequences per step (default: about 1k tokens per step on a CPU, 8k on a GPU).", rich_help_panel="Fine-tune")] = None,

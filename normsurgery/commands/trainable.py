@@ -242,7 +242,14 @@ def run_swap(model: str, target: str, out: Path, *, force: bool, max_shard_size:
     """DyT/Derf end to end: centre (LayerNorm models), swap progressively with calibrated alphas while distilling,
     heal, write."""
     from normsurgery.rewrite.plan import Plan
-    from normsurgery.trainable.swap import center_in_memory, plan_surgery, swap_norms, swap_order, swapped_tensor_names
+    from normsurgery.trainable.swap import (
+        center_in_memory,
+        plan_surgery,
+        swap_norms,
+        swap_order,
+        swap_steps,
+        swapped_tensor_names,
+    )
 
     removal.validate()
     if removal.heal is not None and removal.heal < 1:
@@ -258,8 +265,8 @@ def run_swap(model: str, target: str, out: Path, *, force: bool, max_shard_size:
         if centred:
             center_in_memory(student, source.arch)
         sized = size_run(removal, parameters=source.parameter_count, units=len(order), releases=0, student=student,
-                         teacher=teacher, elapsed=time.perf_counter() - started, ramps=False,
-                         used=lambda g, p, r, h: max(1, (-(-len(order) // p) - 1) * g + h))
+                         teacher=teacher, elapsed=time.perf_counter() - started, ramps=True,
+                         used=lambda g, p, r, h: swap_steps(len(order), g, p, r, h))
         removal.heal = max(1, removal.heal)
         main = _is_main_process()
         _announce(sized, f"norms to swap for {target}", len(order), removal.finetune, source.parameter_count,
@@ -284,7 +291,7 @@ def run_swap(model: str, target: str, out: Path, *, force: bool, max_shard_size:
             "removal_steps": events,
             "losses": result.losses,
             "options": _options_report(removal.finetune, gap=removal.gap, heal=removal.heal, per_freeze=removal.per_freeze,
-                                       budget=removal.budget or DEFAULT_BUDGET),
+                                       ramp=removal.ramp, budget=removal.budget or DEFAULT_BUDGET),
             "estimate_seconds": sized.estimate_seconds,
             "text": result.text,
             "processes": result.processes,

@@ -29,7 +29,7 @@ from normsurgery.trainable.stand_ins import ScaleGroup, Unit, install, reader_gr
 CALIBRATION_SEQUENCES = 8  # sequences per scale measurement (position 0 is measured on each of them)
 CALIBRATION_SEQ_LEN = 256  # at most this many tokens each
 HELDOUT_TOKENS = 8192  # the command's own held-out sample (bench/ measures on more)
-RELEASES = ("special", "first")  # released after the last freeze, in this order: special tokens, then position 0
+RELEASES = ("outliers", "special", "first")  # released after the last freeze, in this order
 
 
 @dataclass

@@ -5,7 +5,8 @@ of its readers (an input norm's Q/K projections, its V projection, the MLP's pro
 family declaration) computes the norm itself, with its own divisor. Baroni et al. freeze those paths at different
 steps; doing it at the readers needs no per-family attention code. A frozen group divides ordinary tokens by one
 constant and, until they are released at the end of the schedule, position 0 (the attention sink) and the
-tokenizer's special tokens by constants of their own. Freezing and releasing can be gradual: the divisor moves
+tokenizer's special tokens by constants of their own, and tokens whose live divisor is several times the constant
+(massive activations: through a gated MLP a frozen one grows quadratically, block after block) stay live. Freezing and releasing can be gradual: the divisor moves
 from the live one to the constant geometrically, live^(1 - m) * s^m, as `mix` m goes from 0 to 1.
 """
 
@@ -59,7 +60,8 @@ class ScaleGroup(nn.Module):
         self.register_buffer("first", torch.tensor(float("nan")))
         self.register_buffer("special", torch.tensor(float("nan")))
         self.register_buffer("mix", torch.tensor(0.0))
-        self.register_buffer("released", torch.zeros(2))  # special tokens, position 0: 0 own scale, 1 ordinary
+        # outlier tokens, special tokens, position 0: 0 kept apart, 1 on the ordinary scale
+        self.register_buffer("released", torch.zeros(len(RELEASE_INDEX)))
         self.collect = False
         self.track = False
         self.live: torch.Tensor | None = None
@@ -116,11 +118,19 @@ class ScaleGroup(nn.Module):
         mix = float(self.mix)
         if self.measured and mix > 0:
             target = torch.full_like(live, float(self.scale))
-            for mask, own, released in ((first, self.first, self.released[1]), (special, self.special, self.released[0])):
-                value = self._target(own, float(released))
+            for mask, own, which in ((first, self.first, "first"), (special, self.special, "special")):
+                value = self._target(own, float(self.released[RELEASE_INDEX[which]]))
                 if value is not None:
                     target = torch.where(mask, torch.full_like(live, value), target)
-            divisor = target if mix >= 1 else torch.exp((1 - mix) * live.log() + mix * target.log())
+            weight = torch.full_like(live, mix)
+            outliers = float(self.released[RELEASE_INDEX["outliers"]])
+            if outliers < 1:  # tokens far above the scale stay live longer: frozen, they grow without bound
+                far = live.detach() > OUTLIER * float(self.scale)
+                for mask, which in ((first, "first"), (special, "special")):  # on their own scales until released
+                    if self.released[RELEASE_INDEX[which]] < 1:
+                        far = far & ~mask
+                weight = torch.where(far, torch.full_like(live, mix * outliers), weight)
+            divisor = target if mix >= 1 and outliers >= 1 else torch.exp((1 - weight) * live.log() + weight * target.log())
         else:
             divisor = live
         y = y / divisor.unsqueeze(-1)
@@ -156,7 +166,8 @@ class ScaleGroup(nn.Module):
         self.mix.fill_(min(1.0, max(0.0, value)))
 
     def release(self, which: str, value: float = 1.0) -> None:
-        """How far `special` (special tokens) or `first` (position 0) have moved onto the ordinary scale."""
+        """How far `outliers` (tokens above OUTLIER x the scale), `special` (special tokens) or `first` (position 0)
+        have moved onto the ordinary scale."""
         self.released[RELEASE_INDEX[which]] = min(1.0, max(0.0, value))
 
     def forget(self) -> None:
@@ -164,7 +175,8 @@ class ScaleGroup(nn.Module):
         self._cache = None
 
 
-RELEASE_INDEX = {"special": 0, "first": 1}
+RELEASE_INDEX = {"outliers": 0, "special": 1, "first": 2}
+OUTLIER = 3.0  # a token whose live divisor exceeds this many times the ordinary scale is an outlier until released
 
 
 class NormPassthrough(nn.Module):

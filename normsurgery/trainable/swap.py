@@ -131,31 +131,40 @@ class SwappableNorm(nn.Module):
         self.alpha = nn.Parameter(torch.ones((), device=device))
         if target == "derf":
             self.shift = nn.Parameter(torch.zeros((), device=device))
-        self.register_buffer("swapped", torch.tensor(False, device=device))  # a buffer: a resumed run gets it back
+        # buffers, so that a resumed run gets them back: whether the swap has begun, and how far (0 norm, 1 swap)
+        self.register_buffer("swapped", torch.tensor(False, device=device))
+        self.register_buffer("mix", torch.tensor(0.0, device=device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = x.float()
-        if bool(self.swapped):
+        mix = float(self.mix) if bool(self.swapped) else 0.0
+        if mix > 0:
             z = self.alpha.float() * y + (self.shift.float() if self.target == "derf" else 0.0)
-            y = (torch.tanh(z) if self.target == "dyt" else torch.erf(z)) * self.weight.float()
-        else:
+            squashed = (torch.tanh(z) if self.target == "dyt" else torch.erf(z)) * self.weight.float()
+        if mix < 1:
             if self.center:
                 y = y - y.mean(dim=-1, keepdim=True)
             y = y * torch.rsqrt(y.pow(2).mean(dim=-1, keepdim=True) + self.eps)
             if self.has_gain:
                 y = y * (self.weight.float() + self.gain_offset)
+        y = squashed if mix >= 1 else y if mix <= 0 else mix * squashed + (1 - mix) * y
         if self.bias is not None:
             y = y + self.bias.float()
         return y.to(x.dtype)
 
     @torch.no_grad()
     def swap(self, alpha: float) -> None:
-        """From now on DyT/Derf with this alpha, the norm's effective gain and its bias."""
+        """Begin the swap: DyT/Derf with this alpha, the norm's effective gain and its bias, blended in as `mix`
+        goes from 0 to 1 (the norm keeps the same gain meanwhile)."""
         if self.has_gain and self.gain_offset:
             self.weight.add_(self.gain_offset)
             self.gain_offset = 0.0
         self.alpha.fill_(alpha)
         self.swapped.fill_(True)
+
+    def set_mix(self, value: float) -> None:
+        """How far the output has moved from the norm's (0) to DyT/Derf's (1)."""
+        self.mix.fill_(min(1.0, max(0.0, value)))
 
 
 def install_swappable(model: nn.Module, norms: list[Norm], target: str) -> dict[str, SwappableNorm]:
@@ -192,9 +201,15 @@ def swap_norms(
     on_step: Callable[[int, float], None] | None = None,
 ) -> tuple[dict[str, AlphaInit], list[dict[str, Any]], FinetuneResult]:
     """Swap the norms for DyT/Derf in `order`, `options.per_freeze` at a time and `options.gap` distillation steps
-    apart (gap 0: all at once), each alpha fitted on the model as it is just before its swap; then heal for
-    `options.heal` steps. Returns the initialisations, the events and the fine-tune's losses."""
-    from normsurgery.trainable.remove_ln import CALIBRATION_SEQ_LEN, CALIBRATION_SEQUENCES, calibration_batches
+    apart (gap 0: all at once), each alpha fitted on the model as it is just before its swap and blended in over
+    `options.ramp` steps; then heal for `options.heal` steps. Returns the initialisations, the events and the
+    fine-tune's losses."""
+    from normsurgery.trainable.remove_ln import (
+        CALIBRATION_SEQ_LEN,
+        CALIBRATION_SEQUENCES,
+        calibration_batches,
+        ramp_fraction,
+    )
 
     by_name = {n.name: n for n in norms}
     stand_ins = install_swappable(model, norms, target)
@@ -204,9 +219,11 @@ def swap_norms(
     due: dict[int, list[list[str]]] = {}
     for i, names in enumerate(groups):
         due.setdefault(i * options.gap, []).append(names)
-    options.finetune.steps = max(1, (len(groups) - 1) * options.gap + options.heal)
+    ramp = options.ramp or 1
+    options.finetune.steps = swap_steps(len(order), options.gap or 0, options.per_freeze, ramp, options.heal)
     inits: dict[str, AlphaInit] = {}
     events: list[dict[str, Any]] = []
+    starts: dict[str, int] = {}
 
     def run_due(step: int) -> None:
         for names in due.pop(step, []):
@@ -216,6 +233,9 @@ def swap_norms(
                 inits[norm.name] = fit_alpha(inputs[norm.name], norm, target)
                 stand_ins[norm.name].swap(inits[norm.name].alpha)
                 events.append({"step": step, "unit": norm.name, "scale": inits[norm.name].alpha})
+            starts.update({n: step for n in names})
+        for name, start in starts.items():
+            stand_ins[name].set_mix(max(float(stand_ins[name].mix), ramp_fraction(step - start, ramp)))
 
     run_due(0)
 
@@ -227,7 +247,14 @@ def swap_norms(
     result = finetune(model, tokenizer, options.finetune, teacher=teacher, on_step=after_step)
     for step in sorted(due):
         run_due(step)
+    for stand_in in stand_ins.values():  # the schedule ends fully swapped; make it so exactly
+        stand_in.set_mix(1.0)
     return inits, events, result
+
+
+def swap_steps(norms: int, gap: int, per_freeze: int, ramp: int, heal: int) -> int:
+    """Fine-tune steps of a swap schedule: the swaps, the last one's ramp, then the heal."""
+    return max(1, (-(-norms // max(1, per_freeze)) - 1) * gap + ramp - 1 + heal)
 
 
 def swapped_tensor_names(norms: list[Norm], target: str) -> list[str]:
