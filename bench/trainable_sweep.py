@@ -74,11 +74,11 @@ def main() -> None:
     from normsurgery.engine.loading import load_model, load_tokenizer
     from normsurgery.source import open_model
     from normsurgery.train.engine import FinetuneOptions, finetune
-    from normsurgery.trainable.remove_ln import cross_entropy, removal_order
+    from normsurgery.trainable.remove_ln import cross_entropy
     from normsurgery.trainable.stand_ins import removable_norms
 
     source = open_model(args.model, scan_finite=False)
-    path, norms = source.path, len(removal_order(source.arch, removable_norms(source.arch)))
+    path, norms = source.path, len(removable_norms(source.arch))
     source.close()
     tokenizer = load_tokenizer(path)
     batches = heldout(tokenizer, args.seq_len, args.heldout_batches)

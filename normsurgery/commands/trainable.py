@@ -18,7 +18,7 @@ from normsurgery.errors import NormSurgeryError
 from normsurgery.rewrite.remove import plan_remove_norms
 from normsurgery.source import open_model
 from normsurgery.engine.resources import Runtime, resolve_runtime
-from normsurgery.train.engine import FinetuneOptions, check_fits, finetune, time_step
+from normsurgery.train.engine import FinetuneOptions, check_fits, time_step
 from normsurgery.trainable.budget import DEFAULT_BUDGET, Sized, parse_budget, size_schedule, sized_lr, tokens_per_step
 from normsurgery.trainable.export import export_trained
 from normsurgery.trainable.remove_ln import (

@@ -5,13 +5,15 @@ of its readers (an input norm's Q/K projections, its V projection, the MLP's pro
 family declaration) computes the norm itself, with its own divisor. Baroni et al. freeze those paths at different
 steps; doing it at the readers needs no per-family attention code. A frozen group divides ordinary tokens by one
 constant and, until they are released at the end of the schedule, position 0 (the attention sink) and the
-tokenizer's special tokens by constants of their own, and tokens whose live divisor is several times the constant
-(massive activations: through a gated MLP a frozen one grows quadratically, block after block) stay live. Freezing and releasing can be gradual: the divisor moves
+tokenizer's special tokens by constants of their own, and no token's normalised input may exceed a few times an
+ordinary one's (massive activations: through a gated MLP a frozen one grows quadratically, block after block,
+and overflows); the bound is lifted gradually at the end. Freezing and releasing can be gradual: the divisor moves
 from the live one to the constant geometrically, live^(1 - m) * s^m, as `mix` m goes from 0 to 1.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -122,15 +124,13 @@ class ScaleGroup(nn.Module):
                 value = self._target(own, float(self.released[RELEASE_INDEX[which]]))
                 if value is not None:
                     target = torch.where(mask, torch.full_like(live, value), target)
-            weight = torch.full_like(live, mix)
             outliers = float(self.released[RELEASE_INDEX["outliers"]])
-            if outliers < 1:  # tokens far above the scale stay live longer: frozen, they grow without bound
-                far = live.detach() > OUTLIER * float(self.scale)
-                for mask, which in ((first, "first"), (special, "special")):  # on their own scales until released
-                    if self.released[RELEASE_INDEX[which]] < 1:
-                        far = far & ~mask
-                weight = torch.where(far, torch.full_like(live, mix * outliers), weight)
-            divisor = target if mix >= 1 and outliers >= 1 else torch.exp((1 - weight) * live.log() + weight * target.log())
+            if outliers < 1:  # no token's normalised input above OUTLIER x unit RMS: frozen, a token far from its
+                # scale (a massive activation, a sink unlike the calibration's) grows quadratically through gated
+                # MLPs, block after block, and overflows. The bound is lifted (to none) by the release
+                bound = OUTLIER ** (1 / (1 - outliers)) if outliers < 0.97 else math.inf
+                target = torch.maximum(target, live / bound)
+            divisor = target if mix >= 1 else torch.exp((1 - mix) * live.log() + mix * target.log())
         else:
             divisor = live
         y = y / divisor.unsqueeze(-1)
@@ -166,8 +166,8 @@ class ScaleGroup(nn.Module):
         self.mix.fill_(min(1.0, max(0.0, value)))
 
     def release(self, which: str, value: float = 1.0) -> None:
-        """How far `outliers` (tokens above OUTLIER x the scale), `special` (special tokens) or `first` (position 0)
-        have moved onto the ordinary scale."""
+        """How far `outliers` (the bound of OUTLIER x an ordinary token, lifted to none), `special` (special
+        tokens) or `first` (position 0) have moved onto the ordinary scale."""
         self.released[RELEASE_INDEX[which]] = min(1.0, max(0.0, value))
 
     def forget(self) -> None:
@@ -176,7 +176,7 @@ class ScaleGroup(nn.Module):
 
 
 RELEASE_INDEX = {"outliers": 0, "special": 1, "first": 2}
-OUTLIER = 3.0  # a token whose live divisor exceeds this many times the ordinary scale is an outlier until released
+OUTLIER = 3.0  # until released, no token's normalised input exceeds this many times unit RMS
 
 
 class NormPassthrough(nn.Module):
