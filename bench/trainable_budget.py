@@ -44,13 +44,16 @@ def samples(tokenizer, seq_len: int, tokens: int) -> dict[str, list[torch.Tensor
 
 
 def run(model: str, target: str, budget: str, variant: dict[str, str], out: Path) -> dict:
-    """One `convert --to TARGET --budget BUDGET` (plus the variant's options); its JSON report."""
+    """One `convert --to TARGET --budget BUDGET` (plus the variant's options: gap, heal, ramp, lr, aux_weight,
+    batch_size, seq_len); its JSON report."""
     from normsurgery.commands.trainable import removal_options, run_remove, run_swap
 
     options = removal_options(gap=int(variant["gap"]) if "gap" in variant else None,
                               heal=int(variant["heal"]) if "heal" in variant else None,
                               aux_weight=float(variant.get("aux_weight", 0.0)),
-                              lr=float(variant["lr"]) if "lr" in variant else None, batch_size=None, seq_len=None,
+                              lr=float(variant["lr"]) if "lr" in variant else None,
+                              batch_size=int(variant["batch_size"]) if "batch_size" in variant else None,
+                              seq_len=int(variant["seq_len"]) if "seq_len" in variant else None,
                               text=None, seed=0, loss="kl", gradient_checkpointing=False, checkpoint_dir=None,
                               checkpoint_every=0, budget=budget,
                               ramp=int(variant["ramp"]) if "ramp" in variant else None)
@@ -69,12 +72,14 @@ def main() -> None:
     parser.add_argument("--eval-seq-len", type=int, default=512)
     parser.add_argument("--eval-tokens", type=int, default=32768, help="held-out tokens per text")
     parser.add_argument("--no-baseline", action="store_true")
+    parser.add_argument("--variants-only", action="store_true", help="skip the rows with the default options")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
 
     from transformers import AutoModelForCausalLM
 
     from normsurgery.engine.loading import load_model, load_tokenizer
+    from normsurgery.errors import NormSurgeryError
     from normsurgery.source import open_model
     from normsurgery.train.engine import FinetuneOptions, finetune
     from normsurgery.trainable.remove_ln import cross_entropy
@@ -88,14 +93,20 @@ def main() -> None:
     base = {name: cross_entropy(original, batches) for name, batches in held.items()}
     print(f"{args.model}: original held-out CE " + ", ".join(f"{k} {v:.4f}" for k, v in base.items()) +
           f" nats/token ({args.eval_tokens} tokens of each at {args.eval_seq_len})", flush=True)
-    variants = [{}] + [dict(kv.split("=", 1) for kv in v.split(",")) for v in args.variant]
+    variants = ([] if args.variants_only else [{}]) + [dict(kv.split("=", 1) for kv in v.split(",")) for v in args.variant]
     rows, baselines = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         for target in args.targets.split(","):
             for budget in args.budgets.split(","):
                 for variant in variants:
                     start = time.perf_counter()
-                    report = run(args.model, target, budget, variant, Path(tmp) / "out")
+                    try:
+                        report = run(args.model, target, budget, variant, Path(tmp) / "out")
+                    except NormSurgeryError as err:  # a diverged fine-tune is a result too
+                        rows.append({"target": target, "budget": budget, "variant": variant, "failed": str(err),
+                                     "wall_s": time.perf_counter() - start})
+                        print(json.dumps(rows[-1]), flush=True)
+                        continue
                     wall = time.perf_counter() - start
                     rewritten = AutoModelForCausalLM.from_pretrained(Path(tmp) / "out", dtype=torch.float32,
                                                                      trust_remote_code=True)
@@ -125,6 +136,10 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         variant = ", ".join(f"{k}={v}" for k, v in r["variant"].items()) or "defaults"
+        if "failed" in r:
+            print(f"| {r['target']} | {r['budget']} | {variant} | - | - | {r['wall_s'] / 60:.1f} min | failed: "
+                  f"{r['failed'].split(';')[0]} | - | - |")
+            continue
         schedule = (f"gap {r['gap']}, heal {r['heal']}" + (f", ramp {r['ramp']}" if (r["ramp"] or 1) > 1 else "")
                     + (f", {r['per_freeze']} per event" if r["per_freeze"] > 1 else ""))
         baseline = (f"{r['baseline_shakespeare_change']:+.3f} / {r['baseline_python-docs_change']:+.3f}"

@@ -131,3 +131,15 @@ def test_a_gradual_freeze_ramps_geometrically_and_ends_exact():
 def test_convert_refuses_a_bad_budget_before_loading(tiny_model, cli, tmp_path):
     code, _, err = cli("convert", tiny_model("gpt2"), "--to", "none", "-o", tmp_path / "out", "--budget", "soon")
     assert code == 2 and "--budget" in err and "Traceback" not in err and not (tmp_path / "out").exists()
+
+
+def test_convert_says_what_it_chose_before_it_starts(tiny_model, cli, tmp_path):
+    from normsurgery.reference.text import shakespeare_text
+
+    text = tmp_path / "train.txt"
+    text.write_text(shakespeare_text("train")[:30_000], encoding="utf-8")
+    code, out, err = cli("convert", tiny_model("llama"), "--to", "none", "-o", tmp_path / "none", "--budget", "3k",
+                         "--seq-len", "32", "--text", text)
+    assert code == 0, err
+    assert "norm paths to freeze" in out and "steps, about" in out and "lr 0.003" in out
+    assert "note: the budget allows fewer steps" in out  # 3k tokens: 3 steps of 1k tokens for more paths
