@@ -175,14 +175,13 @@ def remove_norms(
     before = cross_entropy(model, heldout_batches(tokenizer, options.finetune.seq_len))
     due = schedule([u.name for u in units], options)
     options.finetune.steps = total_steps(len(units), options)
-    starts: dict[str, int] = {}  # unit or release -> the step its ramp began
+    begins = {n: step for step, listed in due.items() for names in listed for n in names}  # a resumed run's too
     events: list[RemovalEvent] = []
 
     def advance(step: int) -> None:
         """Begin the events due at `step`, then set every ramp for the step about to run."""
         for names in due.pop(step, []):
             if names[0] in RELEASES:
-                starts[names[0]] = step
                 events.append(RemovalEvent(step, names[0], None))
                 continue
             todo = [groups[n] for n in names if not groups[n].measured]  # measured: in a checkpoint resumed from
@@ -191,14 +190,15 @@ def remove_norms(
                     raise NormSurgeryError(f"{group.name} measured a scale of {scale} on the calibration text; the "
                                            "model diverged. Lower --lr or raise --gap.")
                 events.append(RemovalEvent(step, group.name, scale))
-            starts.update({n: step for n in names})
-        for name, start in starts.items():
-            fraction = ramp_fraction(step - start, options.ramp or 1)
+        for name, begin in begins.items():
+            if begin > step:
+                continue
+            fraction = ramp_fraction(step - begin, options.ramp or 1)
             if name in RELEASES:
                 for group in groups.values():
                     group.release(name, fraction)
-            else:
-                groups[name].set_mix(max(float(groups[name].mix), fraction))
+            elif groups[name].measured:
+                groups[name].set_mix(fraction)
 
     advance(0)
 

@@ -223,7 +223,7 @@ def swap_norms(
     options.finetune.steps = swap_steps(len(order), options.gap or 0, options.per_freeze, ramp, options.heal)
     inits: dict[str, AlphaInit] = {}
     events: list[dict[str, Any]] = []
-    starts: dict[str, int] = {}
+    begins = {n: step for step, listed in due.items() for names in listed for n in names}  # a resumed run's too
 
     def run_due(step: int) -> None:
         for names in due.pop(step, []):
@@ -233,9 +233,9 @@ def swap_norms(
                 inits[norm.name] = fit_alpha(inputs[norm.name], norm, target)
                 stand_ins[norm.name].swap(inits[norm.name].alpha)
                 events.append({"step": step, "unit": norm.name, "scale": inits[norm.name].alpha})
-            starts.update({n: step for n in names})
-        for name, start in starts.items():
-            stand_ins[name].set_mix(max(float(stand_ins[name].mix), ramp_fraction(step - start, ramp)))
+        for name, begin in begins.items():
+            if begin <= step and bool(stand_ins[name].swapped):
+                stand_ins[name].set_mix(ramp_fraction(step - begin, ramp))
 
     run_due(0)
 
