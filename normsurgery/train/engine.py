@@ -206,7 +206,9 @@ def finetune(
         if extra_loss is not None:
             loss = loss + extra_loss()
         if not torch.isfinite(loss):
-            raise NormSurgeryError(f"the fine-tune diverged at step {step} (loss {loss.item()}); lower --lr.")
+            raise NormSurgeryError(f"the fine-tune diverged at step {step} (loss {loss.item()}); nothing was written. "
+                                   "Lower --lr, or give the schedule more steps (a larger --budget or --gap): a "
+                                   "rewrite that changes many norms per step can blow the model up.")
         accelerator.backward(loss)
         if options.grad_clip:
             accelerator.clip_grad_norm_(trainable, options.grad_clip)
