@@ -247,7 +247,6 @@ def run_swap(model: str, target: str, out: Path, *, force: bool, max_shard_size:
         plan_surgery,
         swap_norms,
         swap_order,
-        swap_steps,
         swapped_tensor_names,
     )
 
@@ -266,7 +265,8 @@ def run_swap(model: str, target: str, out: Path, *, force: bool, max_shard_size:
             center_in_memory(student, source.arch)
         sized = size_run(removal, parameters=source.parameter_count, units=len(order), releases=0, student=student,
                          teacher=teacher, elapsed=time.perf_counter() - started, ramps=True,
-                         used=lambda g, p, r, h: swap_steps(len(order), g, p, r, h))
+                         used=lambda g, p, r, h: total_steps(len(order), RemovalOptions(gap=g, heal=h, per_freeze=p,
+                                                                                        ramp=r), releases=()))
         removal.heal = max(1, removal.heal)
         main = _is_main_process()
         _announce(sized, f"norms to swap for {target}", len(order), removal.finetune, source.parameter_count,
@@ -278,7 +278,7 @@ def run_swap(model: str, target: str, out: Path, *, force: bool, max_shard_size:
         with _progress(f"swapping norms for {target}", json_output or quiet or not main) as progress:
             task = progress.add_task("swap", total=sized.steps, loss=float("nan"))
             inits, events, result = swap_norms(
-                student, tokenizer, source.arch, norms, target, order, removal, teacher=teacher,
+                student, tokenizer, norms, target, order, removal, teacher=teacher,
                 on_step=lambda step, loss: progress.update(task, completed=step + 1, loss=loss))
         seconds = time.perf_counter() - start
         after = cross_entropy(student, heldout)

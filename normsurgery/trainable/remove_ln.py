@@ -81,23 +81,24 @@ def removal_units(arch: Architecture, norms: list[Norm]) -> list[Unit]:
     return units + [Unit(n, g) for n in norms if n.role == "final" for g in reader_groups(n)]
 
 
-def schedule(units: list[str], options: RemovalOptions) -> dict[int, list[list[str]]]:
-    """The events starting at each step: freezes of `per_freeze` units `gap` steps apart, then the two releases,
-    `gap` steps apart after the last freeze has ramped in."""
+def schedule(units: list[str], options: RemovalOptions,
+             releases: tuple[str, ...] = RELEASES) -> dict[int, list[list[str]]]:
+    """The events starting at each step: freezes (or swaps) of `per_freeze` units `gap` steps apart, then the
+    releases, `gap` steps apart after the last one has ramped in."""
     events = [units[i : i + options.per_freeze] for i in range(0, len(units), options.per_freeze)]
     gap, ramp = options.gap or 0, options.ramp or 1
     due: dict[int, list[list[str]]] = {}
     for i, names in enumerate(events):
         due.setdefault(i * gap, []).append(names)
     last = (len(events) - 1) * gap + ramp - 1
-    for i, release in enumerate(RELEASES):
+    for i, release in enumerate(releases):
         due.setdefault(last + (i + 1) * gap, []).append([release])
     return due
 
 
-def total_steps(units: int, options: RemovalOptions) -> int:
-    """Fine-tune steps of the whole schedule: the events, the last release's ramp, then the heal."""
-    due = schedule([str(i) for i in range(units)], options)
+def total_steps(units: int, options: RemovalOptions, releases: tuple[str, ...] = RELEASES) -> int:
+    """Fine-tune steps of the whole schedule: the events, the last one's ramp, then the heal."""
+    due = schedule([str(i) for i in range(units)], options, releases)
     return max(1, max(due) + (options.ramp or 1) - 1 + (options.heal or 0))
 
 

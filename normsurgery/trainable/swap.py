@@ -191,7 +191,6 @@ def swap_order(units: list[Any]) -> list[str]:
 def swap_norms(
     model: nn.Module,
     tokenizer: Any,
-    arch: Architecture,
     norms: list[Norm],
     target: str,
     order: list[str],
@@ -209,18 +208,17 @@ def swap_norms(
         CALIBRATION_SEQUENCES,
         calibration_batches,
         ramp_fraction,
+        schedule,
+        total_steps,
     )
 
     by_name = {n.name: n for n in norms}
     stand_ins = install_swappable(model, norms, target)
     calib = calibration_batches(tokenizer, min(options.finetune.seq_len, CALIBRATION_SEQ_LEN), CALIBRATION_SEQUENCES,
                                 max(1, CALIBRATION_TOKENS // (CALIBRATION_SEQUENCES * CALIBRATION_SEQ_LEN)))
-    groups = [order[i : i + options.per_freeze] for i in range(0, len(order), options.per_freeze)]
-    due: dict[int, list[list[str]]] = {}
-    for i, names in enumerate(groups):
-        due.setdefault(i * options.gap, []).append(names)
+    due = schedule(order, options, releases=())
     ramp = options.ramp or 1
-    options.finetune.steps = swap_steps(len(order), options.gap or 0, options.per_freeze, ramp, options.heal)
+    options.finetune.steps = total_steps(len(order), options, releases=())
     inits: dict[str, AlphaInit] = {}
     events: list[dict[str, Any]] = []
     begins = {n: step for step, listed in due.items() for names in listed for n in names}  # a resumed run's too
@@ -251,10 +249,6 @@ def swap_norms(
         stand_in.set_mix(1.0)
     return inits, events, result
 
-
-def swap_steps(norms: int, gap: int, per_freeze: int, ramp: int, heal: int) -> int:
-    """Fine-tune steps of a swap schedule: the swaps, the last one's ramp, then the heal."""
-    return max(1, (-(-norms // max(1, per_freeze)) - 1) * gap + ramp - 1 + heal)
 
 
 def swapped_tensor_names(norms: list[Norm], target: str) -> list[str]:
