@@ -167,7 +167,10 @@ def finetune(
         raise NormSurgeryError("a distillation loss needs the original model as teacher.")
     if options.device.startswith("cuda:"):
         torch.cuda.set_device(int(options.device.split(":", 1)[1]))  # one process: accelerate trains on the current GPU
-    accelerator = Accelerator(cpu=options.device == "cpu" or parse_flag_from_env("ACCELERATE_USE_CPU"))
+    # the schedule counts optimizer steps: accelerate would otherwise step it once per process at every step, and
+    # a run on N processes would reach the end of its cosine (lr 0) after 1/N of its steps
+    accelerator = Accelerator(cpu=options.device == "cpu" or parse_flag_from_env("ACCELERATE_USE_CPU"),
+                              step_scheduler_with_optimizer=False)
     refuse_sharded(accelerator.distributed_type)
     set_seed(options.seed)
     text, label = load_text(options.text)
