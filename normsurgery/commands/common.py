@@ -30,6 +30,11 @@ MaxMemory = Annotated[Optional[str], typer.Option(
     "memory. Weights beyond it are read from the checkpoint as the forward reaches them.",
     rich_help_panel="Execution")]
 
+MixedPrecision = Annotated[str, typer.Option(
+    "--mixed-precision", help="The fine-tune's steps in bfloat16 autocast (weights, gradients and AdamW state stay "
+    "float32): auto (bf16 on a GPU that supports it, float32 on the CPU), no, or bf16 (allowed on the CPU, where it "
+    "is usually slower).", rich_help_panel="Fine-tune")]
+
 
 DTYPE_NAMES = ("float32", "float64", "bfloat16", "float16")
 

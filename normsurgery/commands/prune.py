@@ -17,6 +17,7 @@ from normsurgery.commands.common import (
     Device,
     JsonOutput,
     MaxMemory,
+    MixedPrecision,
     TrustRemoteCode,
     console,
     print_json,
@@ -180,6 +181,7 @@ def prune(
     heal_steps: Annotated[int, typer.Option(help="Distil the pruned model to the original for N steps (0: no heal).", rich_help_panel="Heal")] = 0,
     lr: Annotated[float, typer.Option(help="Heal learning rate.", rich_help_panel="Heal")] = 1e-4,
     batch_size: Annotated[int, typer.Option(help="Heal sequences per step.", rich_help_panel="Heal")] = 8,
+    mixed_precision: MixedPrecision = "auto",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Choose and report the blocks; write nothing.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
     max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Largest output shard, e.g. 5GB.")] = "5GB",
@@ -205,31 +207,40 @@ def prune(
                                keep_first=keep_first, keep_last=keep_last, remeasure=candidates_to_remeasure,
                                skip_cost=skip_cost, samples=samples, seq_len=seq_len, text=text)
     from normsurgery.engine.resources import resolve_runtime
-    from normsurgery.train.engine import FinetuneOptions
+    from normsurgery.train.engine import FinetuneOptions, process_state
 
     runtime = resolve_runtime(device, max_memory)
     heal = FinetuneOptions(steps=heal_steps, lr=lr, batch_size=batch_size, seq_len=seq_len, text=text,
-                           device=device) if heal_steps else None
+                           device=device, mixed_precision=mixed_precision) if heal_steps else None
     report = run_prune(model, output, selection, heal=heal, dry_run=dry_run, force=force, max_shard_size=max_shard_size,
                        verify=not no_verify, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
                        quiet=json_output, runtime=runtime)
-    _print_prune(report, json_output)
+    if heal is None or process_state().is_main_process:  # a heal on several processes: the main one reports
+        _print_prune(report, json_output)
 
 
 def _write_and_heal(source: ModelSource, plan: Any, out: Path, force: bool, shard_bytes: int, options: Any,
                     allow_pickle: bool, runtime: Runtime) -> dict[str, Any]:
-    """Write the exact pruned model to a staging folder beside OUT, distil it to the original, write it to OUT."""
+    """Write the exact pruned model to a staging folder beside OUT, distil it to the original, write it to OUT. On
+    several processes (`accelerate launch`) the main one writes both and reports; the others get no report."""
     from normsurgery.surgery import apply_plan
+    from normsurgery.train.engine import process_state
     from normsurgery.trainable.heal import heal_folder
 
     options.validate()
     staging = out.parent / f".{out.name}.unhealed"
-    result = apply_plan(source, plan, staging, force=True, max_shard_size=shard_bytes, verify=True, runtime=runtime)
+    state = process_state()
+    result = (apply_plan(source, plan, staging, force=True, max_shard_size=shard_bytes, verify=True, runtime=runtime)
+              if state.is_main_process else None)
+    state.wait_for_everyone()
     try:
         heal = heal_folder(staging, source.path, out, options, operation="prune+heal", force=force,
                            max_shard_size=shard_bytes, allow_pickle=allow_pickle, runtime=runtime)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if state.is_main_process:  # the others have read it: the heal waits for every process before it returns
+            shutil.rmtree(staging, ignore_errors=True)
+    if result is None:
+        return {}
     return {"output": str(out), "config_updates": result.config_updates, "check": result.check,
             "change": result.change, "heal": heal,
             "export_check": heal.pop("export_check")}

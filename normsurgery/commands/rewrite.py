@@ -17,6 +17,7 @@ from normsurgery.commands.common import (
     JsonOutput,
     MaxLogitDiff,
     MaxMemory,
+    MixedPrecision,
     TrustRemoteCode,
     console,
     print_json,
@@ -166,6 +167,7 @@ def convert(
     gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing", help="Trade compute for memory.", rich_help_panel="Fine-tune")] = False,
     checkpoint_dir: Annotated[Optional[Path], typer.Option(help="Resume from / save the fine-tune state here.", rich_help_panel="Fine-tune")] = None,
     checkpoint_every: Annotated[int, typer.Option(help="Save the state every N steps (with --checkpoint-dir).", rich_help_panel="Fine-tune")] = 0,
+    mixed_precision: MixedPrecision = "auto",
 ) -> None:
     """Convert a Pre-LN LayerNorm model to Pre-RMSNorm or Pre-CRMSNorm exactly, or remove its norms (--to none).
 
@@ -188,7 +190,7 @@ def convert(
         options = removal_options(gap=gap, heal=heal, aux_weight=aux_weight, lr=lr, batch_size=batch_size, seq_len=seq_len, text=text, seed=seed,
                                   loss=loss, gradient_checkpointing=gradient_checkpointing,
                                   checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, device=device,
-                                  budget=budget, ramp=ramp)
+                                  budget=budget, ramp=ramp, mixed_precision=mixed_precision)
         common = dict(force=force, max_shard_size=max_shard_size, removal=options, json_output=json_output,
                       allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, runtime=runtime)
         if to is Target.none:

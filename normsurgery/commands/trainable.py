@@ -18,9 +18,9 @@ from normsurgery.errors import NormSurgeryError
 from normsurgery.rewrite.remove import plan_remove_norms
 from normsurgery.source import open_model
 from normsurgery.engine.resources import Runtime, resolve_runtime
-from normsurgery.train.engine import FinetuneOptions, check_fits, time_step
+from normsurgery.train.engine import FinetuneOptions, check_fits, process_state, time_step
 from normsurgery.trainable.budget import DEFAULT_BUDGET, Sized, parse_budget, size_schedule, sized_lr, tokens_per_step
-from normsurgery.trainable.export import export_trained
+from normsurgery.trainable.export import export_on_main, export_trained
 from normsurgery.trainable.remove_ln import (
     CALIBRATION_SEQ_LEN,
     CALIBRATION_SEQUENCES,
@@ -50,45 +50,25 @@ def _load_for_training(source: Any, options: FinetuneOptions, allow_pickle: bool
 def _open_for_training(model: str, out: Path, force: bool, max_shard_size: str, removal: RemovalOptions,
                        allow_pickle: bool, trust_remote_code: bool, runtime: Runtime | None,
                        what: str) -> tuple[Any, int]:
-    """Refuse an existing OUT, open and scan the model, refuse a fine-tune that cannot fit the memory budget, fit
-    the sequence length to its context; the shard size."""
+    """Refuse an existing OUT, open and scan the model, refuse a fine-tune that cannot fit the memory budget (of
+    one device, the training state split over the processes under FSDP), fit the sequence length to its context;
+    the shard size."""
+    from normsurgery.train.sharding import fsdp_wanted
+
     shard_bytes = parse_size(max_shard_size)
     if out.exists() and not force:
         raise NormSurgeryError(f"{out} already exists; choose another --output or pass --force to replace it.")
     runtime = runtime or resolve_runtime(removal.finetune.device)
     source = open_model(model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, scan_finite=True)
     try:
-        check_fits(source.parameter_count, removal.finetune, runtime.budget, what)
+        check_fits(source.parameter_count, removal.finetune, runtime.budget, what,
+                   shards=process_state().num_processes if fsdp_wanted() else 1)
     except BaseException:
         source.close()
         raise
     removal.finetune.tokens_per_step = tokens_per_step(runtime.device.type)
     removal.finetune.fit_context(source.config)
     return source, shard_bytes
-
-
-def _state() -> Any:
-    """accelerate's process state, made the way the fine-tune makes it: ACCELERATE_USE_CPU=true makes a `torchrun`
-    launch on CPUs distributed (gloo), as accelerate's own state does."""
-    from accelerate import PartialState
-    from accelerate.utils import parse_flag_from_env
-
-    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
-
-
-def _is_main_process() -> bool:
-    """Whether this process reports and writes: under `accelerate launch` every process trains a replica of the
-    same model (DDP keeps them equal) and only the main one exports it."""
-    return _state().is_main_process
-
-
-def _export_on_main(export: Callable[[], dict[str, float]]) -> dict[str, float] | None:
-    """Run the export on the main process only, the others waiting until the output is in place."""
-    from accelerate import PartialState
-
-    check = export() if _is_main_process() else None
-    PartialState().wait_for_everyone()
-    return check
 
 
 def _progress(label: str, disable: bool) -> Progress:
@@ -108,7 +88,7 @@ def size_run(removal: RemovalOptions, *, parameters: int, units: int, releases: 
     if options.lr is None:
         options.lr = sized_lr(parameters)
     step_tokens = (options.batch_size or 1) * (options.seq_len or 1)
-    device = torch.device(options.device) if options.device == "cpu" or options.device.startswith("cuda:") else _state().device
+    device = torch.device(options.device) if options.device == "cpu" or options.device.startswith("cuda:") else process_state().device
     seconds = time_step(student, teacher, options, device)
     forward = seconds / 3 / step_tokens  # a forward pass is about a third of a step, per token
     per_event = forward * CALIBRATION_SEQUENCES * min(options.seq_len or 1, CALIBRATION_SEQ_LEN) * removal.calibration_batches
@@ -163,7 +143,7 @@ def run_remove(model: str, out: Path, *, force: bool, max_shard_size: str, remov
                          student=student, teacher=teacher, elapsed=time.perf_counter() - started,
                          used=lambda g, p, r, h: total_steps(len(units), RemovalOptions(gap=g, heal=h, per_freeze=p,
                                                                                        ramp=r)), ramps=True)
-        main = _is_main_process()
+        main = process_state().is_main_process
         _announce(sized, "norm paths to freeze", len(units), removal.finetune, source.parameter_count,
                   str(student.device), json_output or quiet or not main)
         start = time.perf_counter()
@@ -189,11 +169,13 @@ def run_remove(model: str, out: Path, *, force: bool, max_shard_size: str, remov
             "estimate_seconds": sized.estimate_seconds,
             "text": result.text,
             "processes": result.processes,
+            "fsdp": result.fsdp,
+            "mixed_precision": result.mixed_precision,
         }
         plan = plan_remove_norms(source.arch, scales)
         check_ids = calibration_batches(tokenizer, removal.finetune.seq_len, 2, 1)[0]
-        report["export_check"] = _export_on_main(lambda: export_trained(
-            source, plan, student, check_ids, out, force=force, max_shard_size=shard_bytes, report=report))
+        report["export_check"] = export_on_main(student, check_ids, lambda state, want: export_trained(
+            source, plan, state, want, check_ids, out, force=force, max_shard_size=shard_bytes, report=report))
     finally:
         source.close()
     if report["export_check"] is None:  # another process wrote and reports
@@ -228,12 +210,13 @@ def _note_if_far(before: float, after: float) -> None:
 def removal_options(*, gap: int | None, heal: int | None, aux_weight: float, lr: float | None, batch_size: int | None,
                     seq_len: int | None, text: str | None, seed: int, loss: str, gradient_checkpointing: bool,
                     checkpoint_dir: Path | None, checkpoint_every: int, device: str = "auto",
-                    budget: str | None = None, ramp: int | None = None) -> RemovalOptions:
+                    budget: str | None = None, ramp: int | None = None,
+                    mixed_precision: str = "auto") -> RemovalOptions:
     """The CLI's options as a RemovalOptions (None: sized by the model, the device and the budget)."""
     return RemovalOptions(gap=gap, heal=heal, ramp=ramp, aux_weight=aux_weight, budget=budget, finetune=FinetuneOptions(
         lr=lr, batch_size=batch_size, seq_len=seq_len, text=text, seed=seed, loss=loss,  # type: ignore[arg-type]
         gradient_checkpointing=gradient_checkpointing, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
-        device=device))
+        device=device, mixed_precision=mixed_precision))  # type: ignore[arg-type]
 
 
 def run_swap(model: str, target: str, out: Path, *, force: bool, max_shard_size: str, removal: RemovalOptions,
@@ -244,6 +227,7 @@ def run_swap(model: str, target: str, out: Path, *, force: bool, max_shard_size:
     from normsurgery.rewrite.plan import Plan
     from normsurgery.trainable.swap import (
         center_in_memory,
+        exported_state,
         plan_surgery,
         swap_norms,
         swap_order,
@@ -268,7 +252,7 @@ def run_swap(model: str, target: str, out: Path, *, force: bool, max_shard_size:
                          used=lambda g, p, r, h: total_steps(len(order), RemovalOptions(gap=g, heal=h, per_freeze=p,
                                                                                         ramp=r), releases=()))
         removal.heal = max(1, removal.heal)
-        main = _is_main_process()
+        main = process_state().is_main_process
         _announce(sized, f"norms to swap for {target}", len(order), removal.finetune, source.parameter_count,
                   str(student.device), json_output or quiet or not main)
         seq_len = removal.finetune.seq_len
@@ -295,6 +279,8 @@ def run_swap(model: str, target: str, out: Path, *, force: bool, max_shard_size:
             "estimate_seconds": sized.estimate_seconds,
             "text": result.text,
             "processes": result.processes,
+            "fsdp": result.fsdp,
+            "mixed_precision": result.mixed_precision,
         }
         plan = Plan(operation=target, surgery=plan_surgery(source.arch, norms, target))
         extra = swapped_tensor_names(norms, target)
@@ -302,8 +288,9 @@ def run_swap(model: str, target: str, out: Path, *, force: bool, max_shard_size:
             plan.config_updates["tie_word_embeddings"] = False
             extra.append(source.arch.unembed.weight)
         check_ids = calibration_batches(tokenizer, seq_len, 2, 1)[0]
-        report["export_check"] = _export_on_main(lambda: export_trained(
-            source, plan, student, check_ids, out, force=force, max_shard_size=shard_bytes, report=report, extra=extra))
+        report["export_check"] = export_on_main(student, check_ids, lambda state, want: export_trained(
+            source, plan, exported_state(state, norms, target), want, check_ids, out, force=force,
+            max_shard_size=shard_bytes, report=report, extra=extra))
     finally:
         source.close()
     if report["export_check"] is None:

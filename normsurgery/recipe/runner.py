@@ -196,7 +196,8 @@ class RecipeRun:
         options = removal_options(gap=step.gap, heal=step.heal, aux_weight=step.aux_weight, lr=step.lr,
                                   batch_size=step.batch_size, seq_len=step.seq_len, text=step.text, seed=step.seed,
                                   loss=step.loss, gradient_checkpointing=False, checkpoint_dir=None, checkpoint_every=0,
-                                  device=self.device, budget=step.budget, ramp=step.ramp)
+                                  device=self.device, budget=step.budget, ramp=step.ramp,
+                                  mixed_precision=step.mixed_precision)
         out = self._next(result)
         common = dict(force=True, max_shard_size="5GB", removal=options, json_output=True, allow_pickle=False,
                       trust_remote_code=self.trust_remote_code, quiet=True, runtime=self.runtime)
@@ -224,7 +225,8 @@ class RecipeRun:
         from normsurgery.trainable.heal import heal_folder
 
         options = FinetuneOptions(steps=step.steps, lr=step.lr, batch_size=step.batch_size, seq_len=step.seq_len,
-                                  text=step.text, seed=step.seed, device=self.device)
+                                  text=step.text, seed=step.seed, device=self.device,
+                                  mixed_precision=step.mixed_precision)
         out = self._next(result)
         summary = heal_folder(Path(self.current), Path(self.original), out, options, operation="heal", force=True,
                               max_shard_size=5_000_000_000, runtime=self.runtime)

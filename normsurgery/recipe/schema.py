@@ -56,6 +56,7 @@ class ConvertStep(_Options):
     text: str | None = None
     seed: int = 0
     loss: Literal["kl", "lm", "kl+lm"] = "kl"
+    mixed_precision: Literal["auto", "no", "bf16"] = "auto"  # bf16 autocast: auto on a GPU that supports it
 
 
 class PruneStep(_Options):
@@ -89,6 +90,7 @@ class HealStep(_Options):
     seq_len: int = Field(128, ge=2)
     text: str | None = None
     seed: int = 0
+    mixed_precision: Literal["auto", "no", "bf16"] = "auto"
 
 
 class CheckStep(_Options):

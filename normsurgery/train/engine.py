@@ -1,9 +1,9 @@
 """A short fine-tune of a loaded model: distillation to a teacher's logits (KL), the language-model loss, or both.
 
-Built on accelerate, so the same code runs on the CPU, one GPU, or several (`accelerate launch`, data parallel;
-sharded runs, FSDP or DeepSpeed, are refused because the rewrites export the whole model from one process).
-Deterministic for a seed on the CPU; resumable from a checkpoint folder (accelerate's state plus the step
-reached). Rewrites that change the model as training goes (LN removal freezes one norm at a time) hook in
+Built on accelerate, so the same code runs on the CPU, one GPU, or several (`accelerate launch`: data parallel, or
+FSDP version 2 with each decoder block sharded, see sharding.py; DeepSpeed and Megatron-LM are refused). Optionally
+in bfloat16 autocast (float32 master weights). Deterministic for a seed on the CPU; resumable from a checkpoint
+folder (accelerate's state plus the step reached), except under FSDP. Rewrites that change the model as training goes (LN removal freezes one norm at a time) hook in
 through `on_step`.
 """
 
@@ -22,6 +22,7 @@ from normsurgery.errors import NormSurgeryError
 from normsurgery.train.text import load_text, tokenize, windows
 
 Loss = Literal["kl", "lm", "kl+lm"]
+MixedPrecision = Literal["auto", "no", "bf16"]
 STATE_FILE = "normsurgery_finetune.json"
 AUTO_SEQ_LEN = 1024  # longest sequence an unset --seq-len becomes (the model's context, at most this)
 TOKENS_PER_STEP = 1024  # tokens per step an unset --batch-size keeps
@@ -46,6 +47,7 @@ class FinetuneOptions:
     checkpoint_every: int = 0
     device: str = "auto"  # --device: auto (accelerate's choice: the GPUs when there are any), cpu, cuda, cuda:N
     tokens_per_step: int = TOKENS_PER_STEP  # what an unset batch_size becomes (sized by the device, budget.py)
+    mixed_precision: MixedPrecision = "auto"  # --mixed-precision: bf16 autocast on a GPU that has it (see bf16_autocast)
 
     def fit_context(self, config: Any) -> None:
         """Fit the sequences to the model's context (the report shows the values used): an unset `seq_len` becomes
@@ -64,7 +66,9 @@ class FinetuneOptions:
             self.batch_size = max(1, self.tokens_per_step // self.seq_len)
 
     def validate(self) -> None:
-        """One clear error for an option no fine-tune can run with."""
+        """One clear error for an option no fine-tune can run with (here or under this launch's FSDP)."""
+        from normsurgery.train.sharding import fsdp_wanted
+
         for name in ("steps", "batch_size", "seq_len"):  # None: set from the model by fit_context
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise NormSurgeryError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)}).")
@@ -72,8 +76,26 @@ class FinetuneOptions:
             raise NormSurgeryError(f"--lr must be a positive number (got {self.lr}).")
         if self.loss not in ("kl", "lm", "kl+lm"):
             raise NormSurgeryError(f"--loss must be kl, lm or kl+lm (got {self.loss!r}).")
+        if self.mixed_precision not in ("auto", "no", "bf16"):
+            raise NormSurgeryError(f"--mixed-precision must be auto, no or bf16 (got {self.mixed_precision!r}).")
         if self.warmup < 0 or self.checkpoint_every < 0 or self.grad_clip < 0:
             raise NormSurgeryError("--warmup, --checkpoint-every and --grad-clip cannot be negative.")
+        if self.checkpoint_dir is not None and fsdp_wanted():
+            raise NormSurgeryError(
+                "--checkpoint-dir is not supported under FSDP: the sharded model and optimizer state would need a "
+                "distributed checkpoint, which normsurgery does not write or read yet. Run without --checkpoint-dir "
+                "(the fine-tune then starts afresh each time), or with data parallelism (no FSDP in `accelerate "
+                "config`), which saves and resumes; nothing was written.")
+
+
+def process_state() -> Any:
+    """accelerate's process state, made the way the fine-tune makes it (ACCELERATE_USE_CPU=true makes a `torchrun`
+    launch on CPUs distributed, over gloo): under `accelerate launch` every process trains the same model (a
+    replica under DDP, a shard under FSDP) and only the main one reports and writes."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
 
 
 def time_step(student: torch.nn.Module, teacher: torch.nn.Module | None, options: FinetuneOptions,
@@ -91,11 +113,12 @@ def time_step(student: torch.nn.Module, teacher: torch.nn.Module | None, options
     for batch in (ids[:1, :16], ids):
         start = time.perf_counter()
         batch = batch.to(device)
-        logits = student(input_ids=batch).logits
-        if teacher is not None and "kl" in options.loss:
-            with torch.no_grad():
-                reference = teacher(input_ids=batch).logits
-            logits = logits + 0 * reference
+        with autocast(options, device):
+            logits = student(input_ids=batch).logits
+            if teacher is not None and "kl" in options.loss:
+                with torch.no_grad():
+                    reference = teacher(input_ids=batch).logits
+                logits = logits + 0 * reference
         logits.float().logsumexp(-1).mean().backward()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -104,36 +127,66 @@ def time_step(student: torch.nn.Module, teacher: torch.nn.Module | None, options
     return seconds
 
 
-def training_bytes(parameters: int, options: FinetuneOptions) -> int:
-    """What a fine-tune of a model with `parameters` holds at least: float32 weights, gradients and AdamW's two
-    moments (16 bytes a parameter), the teacher for a distillation loss (4 more), and the logits of a batch."""
-    per_parameter = 16 + (4 if "kl" in options.loss else 0)
-    return parameters * per_parameter
+def bf16_autocast(options: FinetuneOptions, device: torch.device) -> bool:
+    """Whether the training steps run in bfloat16 autocast (the weights, their gradients and AdamW stay float32):
+    `auto` on a CUDA GPU that supports bfloat16, never on the CPU; `bf16` wherever it is asked for (on a CPU too:
+    torch has bfloat16 kernels there, slow on most CPUs, but it is the same code path as on a GPU); `no` never."""
+    if options.mixed_precision == "no":
+        return False
+    gpu_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if options.mixed_precision == "auto":
+        return gpu_bf16
+    if device.type == "cuda" and not gpu_bf16:
+        raise NormSurgeryError(f"{torch.cuda.get_device_name(device)} does not support bfloat16; use --mixed-precision "
+                               "no (float32) on it.")
+    return True
 
 
-def check_fits(parameters: int, options: FinetuneOptions, budget: int, what: str) -> None:
-    """Refuse a fine-tune that cannot fit the memory budget before anything is loaded."""
+def autocast(options: FinetuneOptions, device: torch.device) -> torch.autocast:
+    """The autocast context of a training step: bfloat16 where `bf16_autocast` says so, else a no-op. Only the
+    training steps run in it: the calibrations, the held-out measurements and the export check stay float32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16_autocast(options, device))
+
+
+def training_bytes(parameters: int, options: FinetuneOptions, shards: int = 1, timed: bool = True) -> int:
+    """What a fine-tune of a model with `parameters` holds at least on one device: float32 weights, gradients and
+    AdamW's two moments (16 bytes a parameter) and the teacher for a distillation loss (4 more), split over
+    `shards` FSDP processes; but a step `timed` before the fine-tune (convert's, which sizes the schedule) runs
+    unsharded, with the whole model's weights and gradients (and the teacher) on every device."""
+    teacher = 4 if "kl" in options.loss else 0
+    return int(parameters * max((16 + teacher) / shards, 8 + teacher if timed else 0))
+
+
+def check_fits(parameters: int, options: FinetuneOptions, budget: int, what: str, shards: int = 1,
+               timed: bool = True) -> None:
+    """Refuse a fine-tune that cannot fit the memory budget (of one device) before anything is loaded."""
     from normsurgery.engine.resources import human_bytes
 
-    need = training_bytes(parameters, options)
+    need = training_bytes(parameters, options, shards, timed)
     if need > budget:
+        held = (f"float32 weights, gradients, AdamW state{' and the teacher' if 'kl' in options.loss else ''}"
+                + (f" over {shards} FSDP processes" if shards > 1 else "")
+                + (", and the whole model's weights and gradients in the step timed before the fine-tune"
+                   if shards > 1 and timed else ""))
         raise NormSurgeryError(
             f"{what} fine-tunes the whole model, which needs at least {human_bytes(need)} here ({parameters / 1e9:.2g}B "
-            f"parameters: float32 weights, gradients, AdamW state{' and the teacher' if 'kl' in options.loss else ''}), "
-            f"more than the {human_bytes(budget)} available (--max-memory or the free memory). Run it on a GPU or a "
-            "larger machine (accelerate launch spreads it with DDP); nothing was written."
-        )
+            f"parameters: {held}), more than the {human_bytes(budget)} available (--max-memory or the free memory). "
+            "Run it on a GPU or a larger machine, or shard it over several GPUs with FSDP (README, 'Several "
+            "processes'); nothing was written.")
 
 
 @dataclass
 class FinetuneResult:
-    """The loss at every step (those run by this process), where the text came from, and how many processes
-    trained (each on its own batches, gradients averaged)."""
+    """The loss at every step (those run by this process), where the text came from, how many processes trained
+    (each on its own batches, gradients averaged), whether they sharded the model (FSDP), and whether the steps
+    ran in bfloat16 autocast."""
 
     losses: list[float] = field(default_factory=list)
     first_step: int = 0
     text: str = ""
     processes: int = 1
+    fsdp: bool = False
+    mixed_precision: str = "no"
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -160,7 +213,9 @@ def finetune(
     """Train `student` in place for `options.steps` steps (counting those of a resumed run); `extra_loss`, called
     after each forward, adds an auxiliary term (e.g. from tensors the forward left on the model)."""
     from accelerate import Accelerator
-    from accelerate.utils import parse_flag_from_env, set_seed
+    from accelerate.utils import DistributedType, parse_flag_from_env, set_seed
+
+    from normsurgery.train.sharding import fsdp_wanted
 
     options.validate()
     if "kl" in options.loss and teacher is None:
@@ -168,10 +223,13 @@ def finetune(
     if options.device.startswith("cuda:"):
         torch.cuda.set_device(int(options.device.split(":", 1)[1]))  # one process: accelerate trains on the current GPU
     # the schedule counts optimizer steps: accelerate would otherwise step it once per process at every step, and
-    # a run on N processes would reach the end of its cosine (lr 0) after 1/N of its steps
+    # a run on N processes would reach the end of its cosine (lr 0) after 1/N of its steps. Mixed precision is
+    # --mixed-precision's (`autocast`), never accelerate's, which would put every forward of the model in it
     accelerator = Accelerator(cpu=options.device == "cpu" or parse_flag_from_env("ACCELERATE_USE_CPU"),
-                              step_scheduler_with_optimizer=False)
+                              step_scheduler_with_optimizer=False, mixed_precision="no")
     refuse_sharded(accelerator.distributed_type)
+    sharded = fsdp_wanted() and (accelerator.distributed_type == DistributedType.FSDP or accelerator.num_processes > 1)
+    bf16 = bf16_autocast(options, accelerator.device)
     set_seed(options.seed)
     text, label = load_text(options.text)
     ids = tokenize(tokenizer, text, options.seq_len)
@@ -179,6 +237,8 @@ def finetune(
         if not getattr(student, "supports_gradient_checkpointing", False):
             raise NormSurgeryError("this model class does not support gradient checkpointing; drop the option.")
         student.gradient_checkpointing_enable()
+    student.train()
+    teacher = _place(accelerator, student, teacher, sharded)  # before the optimizer, which holds the shards
     trainable = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=options.lr, weight_decay=options.weight_decay)
     warmup = max(1, options.warmup)
@@ -186,28 +246,26 @@ def finetune(
         optimizer,
         lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, options.steps) / options.steps)),
     )
-    student.train()
-    student, optimizer, schedule = accelerator.prepare(student, optimizer, schedule)
-    if teacher is not None:
-        teacher = teacher.to(accelerator.device).eval().requires_grad_(False)
-
+    student, optimizer, schedule = _prepare(accelerator, student, optimizer, schedule, sharded)
     first = _resume(accelerator, options.checkpoint_dir)
     batches = windows(ids, options.seq_len, options.batch_size, options.seed + accelerator.process_index)
     for _ in range(first):  # the same batches as an uninterrupted run
         next(batches)
-    result = FinetuneResult(first_step=first, text=label, processes=accelerator.num_processes)
+    result = FinetuneResult(first_step=first, text=label, processes=accelerator.num_processes, fsdp=sharded,
+                            mixed_precision="bf16" if bf16 else "no")
     for step in range(first, options.steps):
         batch = next(batches).to(accelerator.device)
-        logits = student(input_ids=batch).logits
-        loss = torch.zeros((), device=accelerator.device)
-        if "kl" in options.loss:
-            with torch.no_grad():
-                reference = teacher(input_ids=batch).logits
-            loss = loss + distillation_loss(logits, reference)
-        if "lm" in options.loss:
-            loss = loss + lm_loss(logits, batch)
-        if extra_loss is not None:
-            loss = loss + extra_loss()
+        with autocast(options, accelerator.device):
+            logits = student(input_ids=batch).logits
+            loss = torch.zeros((), device=accelerator.device)
+            if "kl" in options.loss:
+                with torch.no_grad():
+                    reference = teacher(input_ids=batch).logits
+                loss = loss + distillation_loss(logits, reference)
+            if "lm" in options.loss:
+                loss = loss + lm_loss(logits, batch)
+            if extra_loss is not None:
+                loss = loss + extra_loss()
         if not torch.isfinite(loss):
             raise NormSurgeryError(f"the fine-tune diverged at step {step} (loss {loss.item()}); nothing was written. "
                                    "Lower --lr, or give the schedule more steps (a larger --budget or --gap): a "
@@ -231,17 +289,42 @@ def finetune(
     return result
 
 
-def refuse_sharded(distributed_type: Any) -> None:
-    """Refuse FSDP/DeepSpeed/Megatron sharding: the rewrites read and export the whole trained model in place, which
-    a sharded run does not hold on any one process (DDP, one process or several, is what is supported)."""
+def _place(accelerator: Any, student: torch.nn.Module, teacher: torch.nn.Module | None,
+           sharded: bool) -> torch.nn.Module | None:
+    """Shard the student and the frozen teacher over the processes (FSDP), or put the frozen teacher on this
+    process's device (accelerate's prepare puts the student there); returns the teacher."""
+    from normsurgery.train.sharding import shard
+
+    if teacher is not None:
+        teacher = teacher.eval().requires_grad_(False)
+    if sharded:
+        shard(student, accelerator.device)
+        return teacher if teacher is None else shard(teacher, accelerator.device)
+    return teacher if teacher is None else teacher.to(accelerator.device)
+
+
+def _prepare(accelerator: Any, student: torch.nn.Module, optimizer: Any, schedule: Any, sharded: bool) -> tuple[Any, Any, Any]:
+    """accelerate's wrapping: DDP over several processes, or on GPUs under FSDP its FSDP2 bookkeeping (it keeps the
+    model, already sharded, as it is). CPU processes under FSDP, which accelerate runs as DDP, get the optimizer
+    and the schedule wrapped only: DDP must not wrap a sharded model."""
     from accelerate.utils import DistributedType
 
-    if distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
+    if sharded and accelerator.distributed_type != DistributedType.FSDP:
+        return (student, *accelerator.prepare(optimizer, schedule))
+    return accelerator.prepare(student, optimizer, schedule)
+
+
+def refuse_sharded(distributed_type: Any) -> None:
+    """Refuse DeepSpeed and Megatron-LM: their engines wrap the model, its norms' stand-ins and the optimizer in
+    ways the rewrites do not follow (FSDP version 2 and DDP are what is supported)."""
+    from accelerate.utils import DistributedType
+
+    if distributed_type in (DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
         raise NormSurgeryError(
-            f"this accelerate configuration shards the model ({distributed_type.value}), which normsurgery's fine-tunes "
-            "do not support: the rewrite reads and exports the whole trained model from one process. Run with data "
-            "parallelism instead (`accelerate launch --multi_gpu ...`, no FSDP/DeepSpeed in `accelerate config`); "
-            "every model this tool's fine-tunes are meant for fits one GPU.")
+            f"this accelerate configuration runs the fine-tune with {distributed_type.value}, which normsurgery does not "
+            "support. Use FSDP version 2 to shard a model that does not fit one GPU (`distributed_type: FSDP` and "
+            "`fsdp_version: 2` in `accelerate config`), or data parallelism (`accelerate launch --multi_gpu ...`); "
+            "nothing was written.")
 
 
 def _resume(accelerator: Any, folder: Path | None) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -44,14 +44,41 @@ class MemorySource:
 
 
 MAX_EXPORT_DIFF = 1e-4  # of the logit scale: the fold of frozen norms is exact up to float32 rounding
+Export = Callable[[dict[str, torch.Tensor], torch.Tensor], dict[str, float]]
 
 
-def export_trained(source: ModelSource, plan: Plan, model: torch.nn.Module, check_ids: torch.Tensor, out: Path, *,
-                   force: bool, max_shard_size: int, report: dict[str, Any], extra: list[str] = ()) -> dict[str, float]:
-    """Run `plan` over the trained `model`'s tensors (cast back to their stored dtypes; `extra`: tensors the
-    source checkpoint does not have, such as a swap's alpha), write OUT with card and report, and check before
-    OUT appears that the written folder computes what `model` computes on `check_ids`. Returns the check."""
-    state = model.state_dict()
+def export_on_main(model: torch.nn.Module, check_ids: torch.Tensor, export: Export) -> dict[str, float] | None:
+    """Gather the trained model's whole state and its logits on `check_ids` (on every process: under FSDP both are
+    collectives), then `export(state, logits)` on the main process only, the others waiting until the output is in
+    place; returns the export's check, None on the other processes."""
+    from normsurgery.train.engine import process_state
+    from normsurgery.train.sharding import full_state
+
+    logits = reference_logits(model, check_ids)
+    state = full_state(model)
+    check = export(state, logits) if process_state().is_main_process else None
+    process_state().wait_for_everyone()
+    return check
+
+
+@torch.no_grad()
+def reference_logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """The trained model's float32 logits on `ids` (on the CPU), in evaluation mode, that the export must match."""
+    training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    logits = model(input_ids=ids.to(device)).logits.float().cpu()
+    model.train(training)
+    return logits
+
+
+def export_trained(source: ModelSource, plan: Plan, state: dict[str, torch.Tensor], want: torch.Tensor,
+                   check_ids: torch.Tensor, out: Path, *, force: bool, max_shard_size: int, report: dict[str, Any],
+                   extra: list[str] = ()) -> dict[str, float]:
+    """Run `plan` over the trained model's `state` (cast back to their stored dtypes; `extra`: tensors the source
+    checkpoint does not have, such as a swap's alpha), write OUT with card and report, and check before OUT
+    appears that the written folder computes `want`, the trained model's logits on `check_ids`. Returns the
+    check."""
     stored = main_dtype(source)
     dtypes = {n: source.reader.info(n).dtype for n in source.reader.names()}
     metadata = {"normsurgery_version": normsurgery.__version__, "normsurgery_operation": plan.operation}
@@ -65,7 +92,7 @@ def export_trained(source: ModelSource, plan: Plan, model: torch.nn.Module, chec
         if plan.surgery is not None:
             writer.copy_file(MODELING_FILE)
         staged = writer.stage()
-        check = _same_function(model, staged, check_ids, float32=stored == torch.float32)
+        check = _same_function(want, staged, check_ids, float32=stored == torch.float32)
         report = {**report, "export_check": check}
         if report.get("losses"):
             marks = {e["step"]: e["unit"] for e in report.get("removal_steps", [])}
@@ -81,18 +108,13 @@ def export_trained(source: ModelSource, plan: Plan, model: torch.nn.Module, chec
 
 
 @torch.no_grad()
-def _same_function(model: torch.nn.Module, folder: Path, ids: torch.Tensor, *, float32: bool) -> dict[str, float]:
+def _same_function(want: torch.Tensor, folder: Path, ids: torch.Tensor, *, float32: bool) -> dict[str, float]:
     """Load the written folder (with normsurgery's own modeling code when it has it) and compare its logits with
-    the trained model's."""
+    the trained model's, `want`."""
     from transformers import AutoModelForCausalLM
 
     from normsurgery.errors import CheckFailed
 
-    training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    want = model(input_ids=ids.to(device)).logits.float().cpu()
-    model.train(training)
     remote = (folder / "modeling_normsurgery.py").exists()
     written = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=remote, dtype=torch.float32).eval()
     got = written(input_ids=ids).logits.float()

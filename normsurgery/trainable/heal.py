@@ -12,8 +12,8 @@ from normsurgery.engine.loading import load_model, load_tokenizer
 from normsurgery.rewrite.plan import Plan
 from normsurgery.source import open_model
 from normsurgery.engine.resources import Runtime, resolve_runtime
-from normsurgery.train.engine import FinetuneOptions, check_fits, finetune
-from normsurgery.trainable.export import export_trained
+from normsurgery.train.engine import FinetuneOptions, check_fits, finetune, process_state
+from normsurgery.trainable.export import export_on_main, export_trained
 from normsurgery.trainable.remove_ln import calibration_batches, cross_entropy, heldout_batches
 
 
@@ -21,13 +21,17 @@ def heal_folder(current: Path, teacher_folder: Path, out: Path, options: Finetun
                 force: bool, max_shard_size: int, allow_pickle: bool = False,
                 runtime: Runtime | None = None) -> dict[str, Any]:
     """Fine-tune the model in `current` towards `teacher_folder`'s logits and write it to `out` (checked to compute
-    what the trained model computes); returns the held-out cross-entropies, losses and the export check."""
+    what the trained model computes; on several processes the main one writes); returns the held-out
+    cross-entropies, losses and the export check (None on the other processes)."""
+    from normsurgery.train.sharding import fsdp_wanted
+
     options.validate()
     runtime = runtime or resolve_runtime(options.device)
     source = open_model(str(current), scan_finite=False)
     options.fit_context(source.config)
     try:
-        check_fits(source.parameter_count, options, runtime.budget, "healing")
+        check_fits(source.parameter_count, options, runtime.budget, "healing",
+                   shards=process_state().num_processes if fsdp_wanted() else 1, timed=False)
         tokenizer = load_tokenizer(teacher_folder)
         teacher = load_model(teacher_folder, torch.float32, allow_pickle=allow_pickle)
         student = load_model(current, torch.float32)
@@ -39,10 +43,12 @@ def heal_folder(current: Path, teacher_folder: Path, out: Path, options: Finetun
         summary: dict[str, Any] = {
             "heldout_ce_before": before, "heldout_ce_unhealed": unhealed, "heldout_ce_after": healed,
             "heldout_ce_change": healed - before, "finetune_seconds": time.perf_counter() - start,
-            "losses": trained.losses}
+            "losses": trained.losses, "processes": trained.processes, "fsdp": trained.fsdp,
+            "mixed_precision": trained.mixed_precision}
         check_ids = calibration_batches(tokenizer, options.seq_len, 2, 1)[0]
-        summary["export_check"] = export_trained(source, Plan(operation=operation), student, check_ids, out,
-                                                 force=force, max_shard_size=max_shard_size, report=summary)
+        summary["export_check"] = export_on_main(student, check_ids, lambda state, want: export_trained(
+            source, Plan(operation=operation), state, want, check_ids, out, force=force, max_shard_size=max_shard_size,
+            report=summary))
     finally:
         source.close()
     return summary

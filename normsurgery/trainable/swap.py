@@ -118,7 +118,9 @@ def fit_alpha(x: torch.Tensor, norm: Norm, target: str) -> AlphaInit:
 class SwappableNorm(nn.Module):
     """A norm that becomes DyT/Derf when `swap` is called, in float32. It keeps the norm's parameters under their
     names and has DyT/Derf's (`alpha`, Derf's `shift`, a `weight` for a norm without a gain) from the start, so
-    that the optimizer built before the first step trains each of them once its swap is made."""
+    that the optimizer built before the first step trains each of them once its swap is made. Alpha and shift are
+    one-element vectors, since FSDP2 cannot shard a scalar parameter; the output stores them as DyT/Derf's scalars
+    (`exported_state`)."""
 
     def __init__(self, norm: Norm, original: nn.Module, target: str, dim: int) -> None:
         super().__init__()
@@ -128,9 +130,9 @@ class SwappableNorm(nn.Module):
         self.weight = original.weight if norm.weight else nn.Parameter(torch.ones(dim))
         self.bias = original.bias if norm.bias else None
         device = self.weight.device
-        self.alpha = nn.Parameter(torch.ones((), device=device))
+        self.alpha = nn.Parameter(torch.ones(1, device=device))
         if target == "derf":
-            self.shift = nn.Parameter(torch.zeros((), device=device))
+            self.shift = nn.Parameter(torch.zeros(1, device=device))
         # buffers, so that a resumed run gets them back: whether the swap has begun, and how far (0 norm, 1 swap)
         self.register_buffer("swapped", torch.tensor(False, device=device))
         self.register_buffer("mix", torch.tensor(0.0, device=device))
@@ -249,6 +251,12 @@ def swap_norms(
         stand_in.set_mix(1.0)
     return inits, events, result
 
+
+
+def exported_state(state: dict[str, torch.Tensor], norms: list[Norm], target: str) -> dict[str, torch.Tensor]:
+    """The trained state with each swap's alpha (and Derf's shift) the scalar that DyT/Derf store."""
+    scalars = {f"{n.name}.{p}" for n in norms for p in ["alpha"] + (["shift"] if target == "derf" else [])}
+    return {name: tensor.reshape(()) if name in scalars else tensor for name, tensor in state.items()}
 
 
 def swapped_tensor_names(norms: list[Norm], target: str) -> list[str]:
