@@ -213,7 +213,7 @@ def finetune(
     """Train `student` in place for `options.steps` steps (counting those of a resumed run); `extra_loss`, called
     after each forward, adds an auxiliary term (e.g. from tensors the forward left on the model)."""
     from accelerate import Accelerator
-    from accelerate.utils import DistributedType, parse_flag_from_env, set_seed
+    from accelerate.utils import DistributedDataParallelKwargs, DistributedType, parse_flag_from_env, set_seed
 
     from normsurgery.train.sharding import fsdp_wanted
 
@@ -224,9 +224,11 @@ def finetune(
         torch.cuda.set_device(int(options.device.split(":", 1)[1]))  # one process: accelerate trains on the current GPU
     # the schedule counts optimizer steps: accelerate would otherwise step it once per process at every step, and
     # a run on N processes would reach the end of its cosine (lr 0) after 1/N of its steps. Mixed precision is
-    # --mixed-precision's (`autocast`), never accelerate's, which would put every forward of the model in it
+    # --mixed-precision's (`autocast`), never accelerate's, which would put every forward of the model in it. DDP
+    # looks for unused parameters: a swap's alpha takes no part in the forward until its norm is swapped
     accelerator = Accelerator(cpu=options.device == "cpu" or parse_flag_from_env("ACCELERATE_USE_CPU"),
-                              step_scheduler_with_optimizer=False, mixed_precision="no")
+                              step_scheduler_with_optimizer=False, mixed_precision="no",
+                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     refuse_sharded(accelerator.distributed_type)
     sharded = fsdp_wanted() and (accelerator.distributed_type == DistributedType.FSDP or accelerator.num_processes > 1)
     bf16 = bf16_autocast(options, accelerator.device)
