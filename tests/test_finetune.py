@@ -93,14 +93,39 @@ def test_bad_options_are_explained(model_and_tokenizer, text_file, change, messa
         finetune(model, tok, _options(text_file, **{"loss": "lm", **change}))
 
 
-@pytest.mark.parametrize("kind", ["FSDP", "DEEPSPEED"])
-def test_sharded_training_is_refused_before_any_step(kind):
+@pytest.mark.parametrize("kind", ["DEEPSPEED", "MEGATRON_LM"])
+def test_deepspeed_and_megatron_are_refused_before_any_step(kind):
     from accelerate.utils import DistributedType
 
-    refuse_sharded(DistributedType.MULTI_CPU)
-    refuse_sharded(DistributedType.MULTI_GPU)
-    with pytest.raises(NormSurgeryError, match="shards the model .*accelerate launch --multi_gpu"):
+    for supported in ("MULTI_CPU", "MULTI_GPU", "FSDP"):
+        refuse_sharded(DistributedType[supported])
+    with pytest.raises(NormSurgeryError, match="which normsurgery does not support. Use FSDP version 2"):
         refuse_sharded(DistributedType[kind])
+
+
+def test_fsdp_version_1_and_checkpoints_under_fsdp_are_refused(monkeypatch, tmp_path):
+    from normsurgery.train.sharding import fsdp_wanted
+
+    assert not fsdp_wanted()
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(NormSurgeryError, match="FSDP version 1; .* version 2 only"):
+        fsdp_wanted()
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    assert fsdp_wanted()
+    FinetuneOptions().validate()
+    with pytest.raises(NormSurgeryError, match="--checkpoint-dir is not supported under FSDP"):
+        FinetuneOptions(checkpoint_dir=tmp_path).validate()
+
+
+def test_mixed_precision_is_bf16_on_gpus_that_have_it_and_float32_on_the_cpu():
+    from normsurgery.train.engine import bf16_autocast
+
+    cpu = torch.device("cpu")
+    assert not bf16_autocast(FinetuneOptions(mixed_precision="auto"), cpu)
+    assert bf16_autocast(FinetuneOptions(mixed_precision="bf16"), cpu)
+    assert not bf16_autocast(FinetuneOptions(mixed_precision="no"), cpu)
+    with pytest.raises(NormSurgeryError, match="--mixed-precision must be auto, no or bf16"):
+        FinetuneOptions(mixed_precision="fp16").validate()  # type: ignore[arg-type]
 
 
 def test_text_sources(tmp_path):

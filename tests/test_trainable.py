@@ -130,22 +130,65 @@ def test_auxiliary_loss_narrows_the_final_norms_scale_spread(tiny_model, tmp_pat
     assert spreads[10.0] < 0.8 * spreads[0.0]  # measured 0.0104 vs 0.0161
 
 
-def test_removal_trains_on_two_processes_and_writes_once(tiny_model, tmp_path, fast):
-    """`torchrun` (what `accelerate launch` runs on GPUs) with two CPU processes: DDP over gloo, the main process
-    exports, and the output is the same norm-free model format."""
+FSDP = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
+
+
+def _on_two_processes(model, target: str, out, fast, **env: str) -> dict:
+    """`convert --to TARGET` under `torchrun` (what `accelerate launch` runs on GPUs) with two CPU processes over
+    gloo (DDP, or FSDP with `env=FSDP`); the report the main process printed."""
     import os
     import subprocess
     import sys
 
-    out = tmp_path / "ddp"
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", **env}
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "normsurgery", "convert", str(tiny_model("gpt2")), "--to", "none", "-o", str(out),
-                          *fast, "--json"], capture_output=True, text=True, env=env, timeout=300)
+                          "-m", "normsurgery", "convert", str(model), "--to", target, "-o", str(out), *fast, "--json"],
+                         capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    report = json.loads(run.stdout[run.stdout.index("{"):])
-    assert report["processes"] == 2 and report["export_check"]["rel_logit_diff"] <= 1e-5
-    assert json.loads((out / "normsurgery.json").read_text())["processes"] == 2
+    assert run.stdout.count('"export_check"') == 1  # one process reports (and writes)
+    return json.loads(run.stdout[run.stdout.index("{"):])
+
+
+def test_removal_trains_on_two_processes_and_writes_once(tiny_model, tmp_path, fast):
+    """DDP: the main process exports, and the output is the same norm-free model format."""
+    report = _on_two_processes(tiny_model("gpt2"), "none", tmp_path / "ddp", fast)
+    assert report["processes"] == 2 and not report["fsdp"] and report["export_check"]["rel_logit_diff"] <= 1e-5
+    assert json.loads((tmp_path / "ddp" / "normsurgery.json").read_text())["processes"] == 2
+
+
+def test_removal_trains_sharded_under_fsdp_and_exports_the_gathered_model(tiny_model, clean_python, tmp_path, fast):
+    """FSDP2 over two CPU processes: every decoder block sharded, the whole state gathered on the main process,
+    which exports a model that computes what the sharded one computed."""
+    out = tmp_path / "fsdp"
+    report = _on_two_processes(tiny_model("llama"), "none", out, fast, **FSDP)
+    assert report["processes"] == 2 and report["fsdp"] and report["export_check"]["rel_logit_diff"] <= 1e-5
+    assert report["export_check"]["top1_agreement"] == 1.0
+    loaded = clean_python("norm_free", out)
+    assert loaded["norm_modules"] == [] and loaded["cache_consistent"]
+
+
+def test_swap_trains_the_same_under_fsdp_as_under_ddp(tiny_model, clean_python, tmp_path, fast):
+    """DyT on GPT-2 (centred, untied, fused c_attn; the final norm in the root's FSDP unit): the sharded run
+    follows the replicated one step for step. The swap sets each alpha between steps, which must reach the shard
+    the optimizer updates (a root left gathered after a forward once swallowed the final norm's)."""
+    ddp = _on_two_processes(tiny_model("gpt2"), "dyt", tmp_path / "ddp", fast)
+    fsdp = _on_two_processes(tiny_model("gpt2"), "dyt", tmp_path / "fsdp", fast, **FSDP)
+    assert fsdp["fsdp"] and not ddp["fsdp"] and fsdp["processes"] == ddp["processes"] == 2
+    assert fsdp["losses"] == pytest.approx(ddp["losses"], rel=1e-5)
+    assert fsdp["heldout_ce_after"] == pytest.approx(ddp["heldout_ce_after"], rel=1e-5)
+    assert [i["alpha"] for i in fsdp["alpha_init"]] == pytest.approx([i["alpha"] for i in ddp["alpha_init"]], rel=1e-6)
+    assert fsdp["export_check"]["rel_logit_diff"] <= 1e-5
+    assert clean_python("norm_free", tmp_path / "fsdp")["swaps"] == ["DynamicTanh"]
+
+
+def test_bf16_trains_in_autocast_and_exports_what_float32_computes(tiny_model, cli, tmp_path, fast):
+    """--mixed-precision bf16 (allowed on the CPU): the steps run in bfloat16 autocast, the weights stay float32,
+    and the export check (a float32 forward) still holds at float32 precision."""
+    code, stdout, err = cli("convert", tiny_model("llama"), "--to", "dyt", "-o", tmp_path / "bf16", *fast,
+                            "--mixed-precision", "bf16", "--json")
+    assert code == 0, err
+    report = json.loads(stdout)
+    assert report["mixed_precision"] == "bf16" and report["export_check"]["rel_logit_diff"] <= 1e-5
 
 
 def test_a_clearly_worse_result_is_pointed_out():
