@@ -159,3 +159,12 @@ def test_unset_sequence_length_covers_the_models_context(context, given, expecte
     options.validate()
     options.fit_context(SimpleNamespace(max_position_embeddings=context) if context else SimpleNamespace())
     assert (options.seq_len, options.batch_size) == expected
+
+
+def test_fsdp_splits_the_training_state_but_not_the_timed_step():
+    from normsurgery.train.engine import training_bytes
+
+    kl = FinetuneOptions(loss="kl")
+    assert training_bytes(1000, kl) == 20_000  # weights, gradients, AdamW's two moments, the teacher
+    assert training_bytes(1000, kl, shards=4) == 12_000  # convert's timed step: the whole model's weights, gradients, teacher
+    assert training_bytes(1000, kl, shards=4, timed=False) == 5_000  # the heal times no step
