@@ -297,12 +297,12 @@ def _place(accelerator: Any, student: torch.nn.Module, teacher: torch.nn.Module 
     process's device (accelerate's prepare puts the student there); returns the teacher."""
     from normsurgery.train.sharding import shard
 
-    if teacher is not None:
-        teacher = teacher.eval().requires_grad_(False)
     if sharded:
         shard(student, accelerator.device)
-        return teacher if teacher is None else shard(teacher, accelerator.device)
-    return teacher if teacher is None else teacher.to(accelerator.device)
+    if teacher is None:
+        return None
+    teacher = teacher.eval().requires_grad_(False)
+    return shard(teacher, accelerator.device) if sharded else teacher.to(accelerator.device)
 
 
 def _prepare(accelerator: Any, student: torch.nn.Module, optimizer: Any, schedule: Any, sharded: bool) -> tuple[Any, Any, Any]:

@@ -49,7 +49,8 @@ def shard(model: nn.Module, device: torch.device) -> nn.Module:
     if not blocks:
         raise NormSurgeryError(
             f"{type(model).__name__} does not name its decoder block class (transformers' `_no_split_modules`), "
-            "so FSDP cannot shard it block by block. Run with data parallelism (no FSDP in `accelerate config`).")
+            "so FSDP cannot shard it block by block. Run it with data parallelism (no FSDP in `accelerate config`); "
+            "nothing was written.")
     mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
     for block in reversed(blocks):  # inner units before the ones that hold them
         fully_shard(block, mesh=mesh, reshard_after_forward=True)
