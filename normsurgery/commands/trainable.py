@@ -78,18 +78,27 @@ def _progress(label: str, disable: bool) -> Progress:
                     TimeRemainingColumn(), console=console, transient=True, disable=disable)
 
 
+def _from_main(*values: float) -> list[float]:
+    """The main process's values on every process (one process: the values): each process times its own step, and
+    schedules sized from different timings would run different numbers of steps, whose collectives never match."""
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list(list(values), from_process=0)
+
+
 def size_run(removal: RemovalOptions, *, parameters: int, units: int, releases: int, student: torch.nn.Module,
              teacher: torch.nn.Module | None, elapsed: float, used: Callable[[int, int, int, int], int],
              ramps: bool) -> Sized:
     """Fill what the user left unset (learning rate, gap, ramp, heal) from the model's size, a timed step on this
-    device and the budget (`removal.budget`, DEFAULT_BUDGET when unset); returns the schedule and its cost.
+    device (the main process's, on several) and the budget (`removal.budget`, DEFAULT_BUDGET when unset); returns
+    the schedule and its cost.
     `used(gap, per_freeze, ramp, heal)` is the number of steps of such a schedule."""
     options = removal.finetune
     if options.lr is None:
         options.lr = sized_lr(parameters)
     step_tokens = (options.batch_size or 1) * (options.seq_len or 1)
     device = torch.device(options.device) if options.device == "cpu" or options.device.startswith("cuda:") else process_state().device
-    seconds = time_step(student, teacher, options, device)
+    seconds, elapsed = _from_main(time_step(student, teacher, options, device), elapsed)
     forward = seconds / 3 / step_tokens  # a forward pass is about a third of a step, per token
     per_event = forward * CALIBRATION_SEQUENCES * min(options.seq_len or 1, CALIBRATION_SEQ_LEN) * removal.calibration_batches
     fixed = elapsed + 2 * forward * HELDOUT_TOKENS + 2 * seconds  # held-out before and after, the export check
