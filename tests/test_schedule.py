@@ -143,3 +143,38 @@ def test_convert_says_what_it_chose_before_it_starts(tiny_model, cli, tmp_path):
     assert code == 0, err
     assert "norm paths to freeze" in out and "steps, about" in out and "lr 0.003" in out
     assert "note: the budget allows fewer steps" in out  # 3k tokens: 3 steps of 1k tokens for more paths
+
+
+def test_a_budget_far_below_what_the_model_needs_is_pointed_out_before_it_starts():
+    """smollm2-135m at 30 CPU minutes gets 1 step per path where about 300 are meant: the command says so up front;
+    the budget our 1.35M-parameter model gets by default is not flagged."""
+    from normsurgery.commands.common import console
+    from normsurgery.commands.trainable import _announce
+    from normsurgery.train.engine import FinetuneOptions
+    from normsurgery.trainable.budget import Sized
+
+    options = FinetuneOptions(lr=6e-4, batch_size=4, seq_len=256)
+    with console.capture() as short:
+        _announce(Sized(300, 1, 90, 1, 4, 6.5, 1800), "norm paths to freeze", 91, options, 134_515_008, "cpu", False)
+    with console.capture() as enough:
+        _announce(Sized(3000, 30, 300, 1, 120, 0.1, 400), "norm paths to freeze", 37, options, 1_350_000, "cpu", False)
+    said = " ".join(short.get().split())
+    assert "gets 1 step(s) of 1k tokens" in said and "about 299" in said and "--budget" in said
+    assert "meant to get" not in " ".join(enough.get().split())
+
+
+def test_a_fine_tune_whose_loss_explodes_stops_with_the_clear_error(tiny_model):
+    """A loss past any model's (here an lr that wrecks the model at once) stops the run at that step, before it
+    wastes the rest of the budget on a model that cannot come back."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from normsurgery.errors import NormSurgeryError
+    from normsurgery.train.engine import FinetuneOptions, finetune
+
+    folder = tiny_model("gpt2")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    teacher = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    options = FinetuneOptions(steps=20, lr=1e4, batch_size=2, seq_len=32, warmup=1, grad_clip=0.0)
+    with pytest.raises(NormSurgeryError, match="diverged at step"):
+        finetune(model, AutoTokenizer.from_pretrained(folder), options, teacher=teacher)

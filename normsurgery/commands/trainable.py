@@ -19,7 +19,7 @@ from normsurgery.rewrite.remove import plan_remove_norms
 from normsurgery.source import open_model
 from normsurgery.engine.resources import Runtime, resolve_runtime
 from normsurgery.train.engine import FinetuneOptions, check_fits, process_state, time_step
-from normsurgery.trainable.budget import DEFAULT_BUDGET, Sized, parse_budget, size_schedule, sized_lr, tokens_per_step
+from normsurgery.trainable.budget import DEFAULT_BUDGET, Sized, cap_gap, parse_budget, size_schedule, sized_lr, tokens_per_step
 from normsurgery.trainable.export import export_on_main, export_trained
 from normsurgery.trainable.remove_ln import (
     CALIBRATION_SEQ_LEN,
@@ -130,6 +130,18 @@ def _announce(sized: Sized, what: str, units: int, options: FinetuneOptions, par
     if sized.per_freeze > 1:
         console.print(f"[yellow]note: the budget allows fewer steps than there are {what}, so {sized.per_freeze} "
                       "change at each event; expect a worse result than a larger --budget gives.[/yellow]")
+    given, meant = steps_per_unit(sized, options), cap_gap(parameters)
+    if given < meant / 10:
+        console.print(f"[yellow]note: at this budget each of the {units} {what} gets {given:.2g} step(s) of 1k tokens "
+                      f"before the next change; a model of this size is meant to get about {meant} (gpt2-shakespeare, 1.35M parameters, needed 30). Expect "
+                      "the result to be far from the original, or the fine-tune to diverge: give it a larger --budget, "
+                      "or run it on a GPU.[/yellow]")
+
+
+def steps_per_unit(sized: Sized, options: FinetuneOptions) -> float:
+    """Training steps of 1k tokens that one unit (a norm path or a norm) gets before the next changes."""
+    tokens = (options.batch_size or 1) * (options.seq_len or 1)
+    return sized.gap * tokens / 1024 / max(1, sized.per_freeze)
 
 
 def _options_report(options: FinetuneOptions, **schedule: float) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from normsurgery.train.text import load_text, tokenize, windows
 Loss = Literal["kl", "lm", "kl+lm"]
 MixedPrecision = Literal["auto", "no", "bf16"]
 STATE_FILE = "normsurgery_finetune.json"
+DIVERGED_LOSS = 100.0  # nats/token: no model comes back from this (guessing uniformly over 256k tokens is 12.5)
 AUTO_SEQ_LEN = 1024  # longest sequence an unset --seq-len becomes (the model's context, at most this)
 TOKENS_PER_STEP = 1024  # tokens per step an unset --batch-size keeps
 
@@ -268,7 +269,7 @@ def finetune(
                 loss = loss + lm_loss(logits, batch)
             if extra_loss is not None:
                 loss = loss + extra_loss()
-        if not torch.isfinite(loss):
+        if not torch.isfinite(loss) or float(loss.detach()) > DIVERGED_LOSS:
             raise NormSurgeryError(f"the fine-tune diverged at step {step} (loss {loss.item()}); nothing was written. "
                                    "Lower --lr, or give the schedule more steps (a larger --budget or --gap): a "
                                    "rewrite that changes many norms per step can blow the model up.")
