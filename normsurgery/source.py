@@ -6,9 +6,7 @@ import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
-
-import torch
+from typing import Any, Callable, Literal
 
 from normsurgery.arch import Architecture, architecture_of, config_view, load_config
 from normsurgery.checkpoint.reader import CheckpointReader
@@ -28,14 +26,24 @@ class ModelSource:
     reader: CheckpointReader
     arch: Architecture
     _config: Any = None
+    _view: Any = None  # config.json read directly (ConfigView), when the transformers config is not built yet
     _validation: threading.Thread | None = None
     _validation_error: list[BaseException] = field(default_factory=list)
 
     @property
     def config(self) -> Any:
-        """The transformers config (waits for a background validation to build it)."""
+        """The transformers config (waits for a background validation to build it; built now if none runs)."""
         self.confirm()
+        if self._config is None:
+            self._config = load_config(self.reader.config, where=str(self.path / "config.json"))
         return self._config
+
+    @property
+    def settings(self) -> Any:
+        """The config's values: the transformers config once it is built, else config.json read directly, which
+        imports transformers only for a value config.json lacks and its class would fill in."""
+        self.confirm()
+        return self._config if self._config is not None else self._view
 
     def confirm(self) -> None:
         """Wait for a validation running in the background and raise its error, if any."""
@@ -89,32 +97,36 @@ def open_model(
     trust_remote_code: bool = False,
     scan_finite: bool = True,
     on_tensor: Callable[[str], None] | None = None,
-    validate_in_background: bool = False,
+    shapes: Literal["now", "background", "unchecked"] = "now",
 ) -> ModelSource:
-    """Open a model of a supported family and validate its tensor names and shapes against its config.
+    """Open a model of a supported family and validate its tensor names, and the shapes against its config.
 
-    With `validate_in_background`, the architecture is read from config.json directly and the validations
-    that import transformers (the config itself, then the shapes its model class implies: seconds of
-    start-up) run on a thread; the caller must call `confirm()` before trusting any result.
+    The shapes are checked against the model class transformers builds from the config (seconds of start-up):
+    `now`; or on a thread (`background`), while the architecture is read from config.json directly, so the
+    caller can start streaming, but must call `confirm()` before trusting any result; or not at all
+    (`unchecked`: a copy the user chose not to verify, which must start like a file copy, without torch).
     """
     path, reader = open_weights(
         spec, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, scan_finite=scan_finite, on_tensor=on_tensor
     )
     where = str(path / "config.json")
     try:
-        config = None
-        arch = _quick_architecture(reader.config, where) if validate_in_background else None
+        config = view = None
+        arch = None
+        if shapes != "now":
+            view = config_view(reader.config, where)
+            arch = _quick_architecture(view)
         if arch is None:
             config = load_config(reader.config, where=where)
             arch = architecture_of(config)
         validate_names(reader, arch, path)
-        if not validate_in_background:
+        if shapes == "now":
             validate_shapes(reader, config, path)
     except BaseException:
         reader.close()
         raise
-    source = ModelSource(spec=spec, path=path, reader=reader, arch=arch, _config=config)
-    if validate_in_background:
+    source = ModelSource(spec=spec, path=path, reader=reader, arch=arch, _config=config, _view=view)
+    if shapes == "background":
 
         def validate() -> None:
             try:
@@ -134,9 +146,9 @@ def open_model(
     return source
 
 
-def _quick_architecture(raw: dict[str, Any], where: str) -> Architecture | None:
-    """The architecture read from config.json alone, or None when a value needs transformers to make sense of."""
-    view = config_view(raw, where)
+def _quick_architecture(view: Any) -> Architecture | None:
+    """The architecture read from config.json alone (`view`), or None when a value needs transformers to make sense
+    of."""
     try:
         return architecture_of(view)
     except NormSurgeryError:
@@ -168,6 +180,7 @@ def validate_names(reader: CheckpointReader, arch: Architecture, path: Path) -> 
 
 def validate_shapes(reader: CheckpointReader, config: Any, path: Path) -> None:
     """Each stored tensor has the shape stock transformers builds from the config (checked on the meta device)."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):

@@ -1,31 +1,37 @@
-"""Run an exact rewrite end to end: plan, stream tensors through it, export, verify, and commit atomically."""
+"""Run an exact rewrite end to end: plan, stream tensors through it, export, verify, and commit atomically.
+
+A plan of copies only (pruning) streams stored bytes and imports torch only to verify: its start-up is that of a
+file copy.
+"""
 
 from __future__ import annotations
 
 import json
 import math
 from collections import Counter
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
-
-import torch
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import normsurgery
-from normsurgery.check import Pairing, Run, compare_runs, sample_tokens
 from normsurgery.checkpoint.card import render_model_card
+from normsurgery.checkpoint.raw import RawTensor
+from normsurgery.checkpoint.safetensors_header import dtype_name, torch_dtype
 from normsurgery.checkpoint.writer import CheckpointWriter
-from normsurgery.engine.loading import OpenModel
-from normsurgery.engine.resources import Runtime, resolve_runtime
-from normsurgery.engine.weights import CheckpointWeights, PlanWeights
 from normsurgery.errors import CheckFailed
 from normsurgery.export.config import MODELING_FILE, rewritten_config
 from normsurgery.rewrite.plan import Plan, Step, execute
 from normsurgery.source import ModelSource
 from normsurgery.thresholds import DEFAULT_NUM_SEQS, DEFAULT_SEQ_LEN, Thresholds
 
-Tensor = torch.Tensor
+if TYPE_CHECKING:
+    import torch
+
+    from normsurgery.engine.resources import Runtime
+    from normsurgery.engine.weights import PlanWeights
+
+    Tensor = torch.Tensor
 
 
 @dataclass
@@ -55,6 +61,8 @@ class SurgeryResult:
 def _one_torch_thread() -> Iterator[None]:
     """Streaming already keeps two threads busy (read and rewrite; write); torch's own worker threads would
     only spin against them (measured: 5.2-5.8 s instead of 5.8-7.1 s for the 2.4 GB fold on 2 cores)."""
+    import torch
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -64,16 +72,18 @@ def _one_torch_thread() -> Iterator[None]:
 
 
 class _FiniteSource:
-    """Reads tensors lazily from a checkpoint and refuses NaN/inf as it goes."""
+    """Reads tensors lazily from a checkpoint (as torch tensors, or as stored bytes when `raw`) and refuses NaN/inf
+    as it goes."""
 
-    def __init__(self, source: ModelSource) -> None:
+    def __init__(self, source: ModelSource, raw: bool = False) -> None:
         self._reader = source.reader
+        self._raw = raw
 
     def names(self) -> list[str]:
         return self._reader.names()
 
-    def get(self, name: str) -> Tensor:
-        tensor = self._reader.get(name)
+    def get(self, name: str) -> Tensor | RawTensor:
+        tensor = self._reader.raw(name) if self._raw else self._reader.get(name)
         self._reader.check_finite(name, tensor)
         return tensor
 
@@ -88,19 +98,24 @@ class _ShapeRecorder:
         self.writer = writer
         self.shapes: dict[str, list[int]] = {}
 
-    def add(self, name: str, tensor: Tensor) -> None:
+    def add(self, name: str, tensor: Tensor | RawTensor) -> None:
         self.shapes[name] = list(tensor.shape)
         self.writer.add(name, tensor)
 
 
-def main_dtype(source: ModelSource) -> torch.dtype:
-    """The dtype most of the model's floating tensors are stored in."""
-    counts: Counter[torch.dtype] = Counter()
+def main_dtype_code(source: ModelSource) -> str:
+    """The safetensors dtype code (e.g. "BF16") most of the model's floating tensors are stored in."""
+    counts: Counter[str] = Counter()
     for name in source.reader.names():
         info = source.reader.info(name)
-        if info.dtype.is_floating_point:
-            counts[info.dtype] += math.prod(info.shape)
-    return counts.most_common(1)[0][0] if counts else torch.float32
+        if info.is_floating_point:
+            counts[info.code] += math.prod(info.shape)
+    return counts.most_common(1)[0][0] if counts else "F32"
+
+
+def main_dtype(source: ModelSource) -> torch.dtype:
+    """The dtype most of the model's floating tensors are stored in."""
+    return torch_dtype(main_dtype_code(source))
 
 
 def apply_plan(
@@ -118,14 +133,14 @@ def apply_plan(
     runtime: Runtime | None = None,
 ) -> SurgeryResult:
     """Stream `source` through `plan` into `out`; verify against the source (in bounded memory on `runtime`)
-    before the folder appears."""
-    stored = main_dtype(source)
-    target = dtype or stored
+    before the folder appears. A plan of copies only streams stored bytes (no torch unless it verifies)."""
+    copies_only = not plan.steps and dtype is None
+    stored = main_dtype_code(source)
 
     def dtype_for(name: str) -> torch.dtype:
         if dtype is not None:
             return dtype
-        return source.reader.info(name).dtype if name in source.reader else stored
+        return source.reader.info(name).dtype if name in source.reader else torch_dtype(stored)
 
     result = SurgeryResult(
         operation=plan.operation,
@@ -135,23 +150,23 @@ def apply_plan(
         folded=plan.folded,
         kept=plan.kept,
         remote_code=plan.surgery is not None,
-        dtype=str(target).replace("torch.", ""),
+        dtype=str(dtype).replace("torch.", "") if dtype is not None else dtype_name(stored),
     )
     metadata = {"normsurgery_version": normsurgery.__version__, "normsurgery_operation": plan.operation}
     with CheckpointWriter(out, force=force, max_shard_size=max_shard_size, metadata=metadata) as writer:
         sink = _ShapeRecorder(writer)
         produced: dict[str, Step] = {}
         try:
-            with _one_torch_thread():
-                written = execute(plan, _FiniteSource(source), sink, dtype_for=dtype_for, on_step=on_step,
-                                  produced=produced)
+            with nullcontext() if copies_only else _one_torch_thread():
+                written = execute(plan, _FiniteSource(source, raw=copies_only), sink, dtype_for=dtype_for,
+                                  on_step=on_step, produced=produced)
         except Exception:
             source.confirm()  # a wrong-shaped checkpoint fails here with the clear error
             raise
         source.confirm()
         result.tensors_written = len(written)
         resized = (plan.surgery or {}).get("resized", [])
-        result.config_updates = plan.all_config_updates(source.config)
+        result.config_updates = plan.all_config_updates(source.settings)
         config = rewritten_config(
             source.reader.config,
             {**result.config_updates, **({"torch_dtype": result.dtype} if dtype else {})},
@@ -164,8 +179,12 @@ def apply_plan(
             writer.copy_file(MODELING_FILE)
         staged = writer.stage()
         if verify:
+            from normsurgery.engine.resources import resolve_runtime
+            from normsurgery.engine.weights import PlanWeights
+
             twin = PlanWeights(source.reader, produced, sink.shapes, plan.renames)
-            _verify(source, plan, staged, out, target, thresholds, result, on_verify, twin, runtime or resolve_runtime())
+            _verify(source, plan, staged, out, dtype or torch_dtype(stored), thresholds, result, on_verify, twin,
+                    runtime or resolve_runtime())
         card = render_model_card(
             source.spec,
             [{"operation": plan.operation, "folded": len(plan.folded), "kept": len(plan.kept),
@@ -189,9 +208,6 @@ def _card_extra(plan: Plan, result: SurgeryResult) -> dict[str, Any] | None:
                 f"perplexity {c['ppl_original']:.4g} -> {c['ppl_candidate']:.4g} on {c['tokens']}",
                 f"top-1 agreement {c['top1_agreement']:.2%}, mean KL {c['mean_kl']:.4g} nats"]
     return extra or None
-
-
-LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 NO_LIMITS = Thresholds(max_rel_logit_diff=None, min_top1=None, max_kl=None)
@@ -218,6 +234,12 @@ def _verify(
       the rounding of storing it is measured and reported.
     - Rewrites that keep the residual basis (fold, prune) name the first block whose output differs.
     """
+    import torch
+
+    from normsurgery.check import Pairing, Run, compare_runs, sample_tokens
+    from normsurgery.engine.loading import OpenModel
+    from normsurgery.engine.weights import CheckpointWeights
+
     f32 = torch.float32
     blocks = [b.prefix.rstrip(".") for b in source.arch.blocks]
     label = (source.spec, str(out))
@@ -237,7 +259,7 @@ def _verify(
                 Pairing(0, 1, (f"{source.spec} with blocks {skipped} skipped", str(out)), thresholds, by_block=True),
                 Pairing(2, 1, label, NO_LIMITS)], tokens, **common)
             result.check, result.change = report.as_dict(), change.as_dict()
-        elif target not in LOW_PRECISION:
+        elif target not in (torch.bfloat16, torch.float16):
             runs = [Run(original, blocks=blocks), Run(stored, blocks=blocks)]
             report, = compare_runs(runs, [Pairing(0, 1, label, thresholds, by_block=plan.operation == "fold")],
                                    tokens, **common)

@@ -9,6 +9,7 @@ import torch
 from safetensors import safe_open
 
 from conftest import ALL_FIXTURES
+from family_configs import FAMILY_CONFIGS
 from fixtures import config_for
 from normsurgery.arch import SUPPORTED_MODEL_TYPES, architecture_of, config_view, load_config
 from normsurgery.arch.families import FAMILIES
@@ -101,3 +102,18 @@ def test_unknown_model_type_lists_supported():
         load_config({"model_type": "bert"})
     with pytest.raises(NormSurgeryError, match="model_type"):
         load_config({"hidden_size": 3})
+
+
+@pytest.mark.parametrize("model_type", sorted({mt for f in FAMILIES for mt in f.model_types}))
+def test_per_layer_filled_names_exactly_what_the_config_class_fills_in(model_type):
+    """ConfigView answers a per-block key that config.json lacks with None unless the family declares that its
+    config class fills it in (per_layer_filled): checked against transformers for every family, on a config.json
+    that holds none of the per-block keys."""
+    from normsurgery.arch import FAMILY_BY_MODEL_TYPE, load_config
+
+    family = FAMILY_BY_MODEL_TYPE[model_type]
+    kwargs = next(kw for mt, kw in FAMILY_CONFIGS.values() if mt == model_type)
+    raw = {"model_type": model_type, **{k: v for k, v in kwargs.items() if k not in family.per_layer}}
+    full = load_config(raw)
+    filled = {key for key in family.per_layer if getattr(full, key, None) is not None}
+    assert filled == set(family.per_layer_filled), (model_type, filled)

@@ -224,11 +224,12 @@ def test_re_read_spans_many_mapping_windows_from_unaligned_offsets(tmp_path, mon
     import mmap
 
     from normsurgery.checkpoint import shard_file
+    from normsurgery.checkpoint.raw import as_raw
     from normsurgery.errors import NormSurgeryError
 
     monkeypatch.setattr(shard_file, "VERIFY_WINDOW", mmap.ALLOCATIONGRANULARITY)
     data = torch.arange(5 * mmap.ALLOCATIONGRANULARITY // 4 + 3, dtype=torch.float32)
-    raw = shard_file.tensor_bytes(data)
+    raw = as_raw(data).data
     path = tmp_path / "shard"
     path.write_bytes(b"x" * 13 + bytes(raw) + b"tail")
     span = shard_file.Span("t", 13, len(raw), shard_file.checksum(raw))
@@ -242,3 +243,26 @@ def test_re_read_spans_many_mapping_windows_from_unaligned_offsets(tmp_path, mon
     path.write_bytes(b"x" * 13 + bytes(raw)[:-1])
     with pytest.raises(NormSurgeryError, match="checksum mismatch"):
         shard_file.verify_spans(path, [span])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn,
+                                   torch.float8_e5m2])
+def test_nonfinite_values_are_found_in_stored_bytes_as_torch_finds_them(dtype, monkeypatch):
+    """The torch-free check (exponent bits on the stored bytes) counts NaN and inf exactly as torch.isfinite does,
+    in any chunk, and passes every finite value (largest, smallest subnormal, -0)."""
+    from normsurgery.checkpoint import finite
+    from normsurgery.checkpoint.raw import as_raw
+
+    monkeypatch.setattr(finite, "CHUNK_ELEMENTS", 7)
+    info = torch.finfo(dtype)
+    values = torch.tensor([0.0, -0.0, 1.0, -2.5], dtype=torch.float32).to(dtype).repeat(10)
+    edges = torch.tensor([info.max, -info.max, info.tiny, info.smallest_normal / 4], dtype=torch.float64).to(dtype)
+    clean = torch.cat([values, edges])
+    assert finite.nonfinite_count(as_raw(clean)) == 0
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        rows = clean.view(torch.uint8).clone().view(len(clean), -1)  # set elements bytewise: no float8 indexing
+        rows[[3, 30]] = torch.tensor([bad]).to(dtype).view(torch.uint8)
+        dirty = rows.view(-1).view(dtype)
+        expected = int((~torch.isfinite(dirty.float() if dirty.element_size() == 1 else dirty)).sum())
+        assert expected == 2 or dtype == torch.float8_e4m3fn  # e4m3fn has no inf: it saturates or becomes NaN
+        assert finite.nonfinite_count(as_raw(dirty)) == expected

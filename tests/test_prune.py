@@ -166,3 +166,51 @@ def test_heal_distils_the_pruned_model_and_writes_a_stock_model(tiny_model, cli,
     assert not (out / "modeling_normsurgery.py").exists() and (out / "loss_curve.png").exists()
     assert not any(p.name.endswith(".unhealed") for p in tmp_path.iterdir())
     assert clean_python("norm_free", out)["cache_consistent"]
+
+
+@pytest.mark.parametrize("verify", [True, False])
+@pytest.mark.parametrize("name, layers", [("gemma2", "0"), ("smollm3", "1,3"), ("gpt_neo", "0"), ("qwen2", "1"),
+                                          ("llama", "0"), ("mistral", "1")])
+def test_per_layer_config_from_a_minimal_config_json(name, layers, verify, tiny_model, cli, tmp_path):
+    """A hub config.json usually lacks the per-block lists its config class fills in: pruned with or without
+    verification (the unverified copy reads config.json without transformers), the output's config equals the
+    full-config result."""
+    from normsurgery.arch import FAMILY_BY_MODEL_TYPE
+
+    folder = tiny_model(name)
+    config = json.loads((folder / "config.json").read_text())
+    minimal = _edited_copy(folder, tmp_path)
+    family = FAMILY_BY_MODEL_TYPE[config["model_type"]]
+    stripped = {k: v for k, v in config.items() if k not in family.per_layer}
+    (minimal / "config.json").write_text(json.dumps(stripped))
+    code, _, err = cli("prune", folder, "--layers", layers, "-o", tmp_path / "full")
+    assert code == 0, err
+    code, _, err = cli("prune", minimal, "--layers", layers, "-o", tmp_path / "minimal",
+                       *(() if verify else ("--no-verify",)))
+    assert code == 0, err
+    full = json.loads((tmp_path / "full" / "config.json").read_text())
+    got = json.loads((tmp_path / "minimal" / "config.json").read_text())
+    for key in family.per_layer:
+        assert got.get(key) == full.get(key), key
+
+
+def test_unverified_prune_copies_stored_bytes_without_torch(tiny_model, tmp_path):
+    """`prune --layers --no-verify` starts like a file copy: neither torch nor transformers is imported, and every
+    kept tensor is byte-identical to its source under its new name."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    folder, out = tiny_model("llama"), tmp_path / "pruned"
+    probe = ("import sys; from normsurgery.cli import main\n"
+             f"sys.argv = ['normsurgery', 'prune', {str(folder)!r}, '--layers', '0', '-o', {str(out)!r}, '--no-verify']\n"
+             "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+             "print('LOADED', [m for m in ('torch', 'transformers') if m in sys.modules])")
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert "LOADED []" in run.stdout, (run.stdout[-500:], run.stderr[-2000:])
+    source, pruned = load_file(folder / "model.safetensors"), load_file(out / "model.safetensors")
+    renamed = {k.replace("layers.1.", "layers.0."): v for k, v in source.items() if "layers.0." not in k}
+    assert pruned.keys() == renamed.keys()
+    assert all(torch.equal(pruned[k], renamed[k]) and pruned[k].dtype == renamed[k].dtype for k in pruned)
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 1

@@ -55,7 +55,8 @@ def load_config(raw: dict[str, Any], where: str = "config.json") -> Any:
 def config_view(raw: dict[str, Any], where: str = "config.json") -> ConfigView:
     """A config.json read without transformers where it can be (see ConfigView); the family must be supported."""
     family = family_for(_supported_model_type(raw, where))
-    return ConfigView(raw, dict(family.config_keys), lambda: load_config(raw, where))
+    return ConfigView(raw, dict(family.config_keys), lambda: load_config(raw, where),
+                      absent_is_none=frozenset(family.per_layer) - frozenset(family.per_layer_filled))
 
 
 def architecture_of(config: Any) -> Architecture:

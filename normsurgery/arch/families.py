@@ -50,6 +50,7 @@ GPT_NEO = Family(
     model_types=("gpt_neo",),
     config_keys=(("num_hidden_layers", ("num_layers",)),),
     per_layer=("attention_layers",),
+    per_layer_filled=("attention_layers",),  # expanded from attention_types
     layers="transformer.h",
     norm_kind="layernorm",
     eps=_attr("layer_norm_epsilon"),
@@ -252,7 +253,8 @@ def _llama_block(
     return BlockLayout(norms=norms, writers=(Lin("self_attn.o_proj", bias=o_bias), Lin("mlp.down_proj", bias=mlp_bias)))
 
 
-def _llama_like(name: str, block: BlockLayout, *, per_layer: tuple[str, ...] = ("layer_types",), notes: str = "") -> Family:
+def _llama_like(name: str, block: BlockLayout, *, per_layer: tuple[str, ...] = ("layer_types",),
+                per_layer_filled: tuple[str, ...] = (), notes: str = "") -> Family:
     return Family(
         name=name,
         model_types=(name,),
@@ -264,17 +266,19 @@ def _llama_like(name: str, block: BlockLayout, *, per_layer: tuple[str, ...] = (
         final_norm=NormAt("model.norm", role="final"),
         unembed=Lin("lm_head"),
         per_layer=per_layer,
+        per_layer_filled=per_layer_filled,
         notes=notes,
     )
 
 
 LLAMA = _llama_like("llama", _llama_block())
 MISTRAL = _llama_like("mistral", _llama_block(False, False, False))
-QWEN2 = _llama_like("qwen2", _llama_block(True, False, False), per_layer=("layer_types", "max_window_layers"))
-QWEN3 = _llama_like("qwen3", _llama_block(mlp_bias=False, qk_norm=True), per_layer=("layer_types", "max_window_layers"),
-                    notes="per-head QK-norm")
+_SLIDING_FROM = ("layer_types", "max_window_layers")  # layer_types expanded from max_window_layers (default 28)
+QWEN2 = _llama_like("qwen2", _llama_block(True, False, False), per_layer=_SLIDING_FROM, per_layer_filled=_SLIDING_FROM)
+QWEN3 = _llama_like("qwen3", _llama_block(mlp_bias=False, qk_norm=True), per_layer=_SLIDING_FROM,
+                    per_layer_filled=_SLIDING_FROM, notes="per-head QK-norm")
 SMOLLM3 = _llama_like("smollm3", _llama_block(), per_layer=("layer_types", "no_rope_layers"),
-                      notes="some layers without rotary positions")
+                      per_layer_filled=("layer_types", "no_rope_layers"), notes="some layers without rotary positions")
 
 # ------------------------------------------------------------------ RMSNorm with (1 + w) gains: Gemma
 
@@ -294,7 +298,8 @@ def _gemma_block(sandwich: bool, qk_norm: bool) -> BlockLayout:
     return BlockLayout(norms=norms, writers=(Lin("self_attn.o_proj", bias="attention_bias"), Lin("mlp.down_proj")))
 
 
-def _gemma(name: str, model_types: tuple[str, ...], block: BlockLayout, notes: str) -> Family:
+def _gemma(name: str, model_types: tuple[str, ...], block: BlockLayout, notes: str,
+           filled: tuple[str, ...] = ()) -> Family:
     return Family(
         name=name,
         model_types=model_types,
@@ -307,13 +312,16 @@ def _gemma(name: str, model_types: tuple[str, ...], block: BlockLayout, notes: s
         unembed=Lin("lm_head"),
         gain_offset=1.0,
         embed_scale=lambda c: math.sqrt(c.hidden_size),
+        per_layer_filled=filled,
         notes=notes,
     )
 
 
 GEMMA = _gemma("gemma", ("gemma",), _gemma_block(False, False), "gains are (1 + w); embeddings scaled by sqrt(d)")
-GEMMA2 = _gemma("gemma2", ("gemma2",), _gemma_block(True, False), "sandwich norms; (1 + w) gains; logit soft-capping")
-GEMMA3 = _gemma("gemma3", ("gemma3_text",), _gemma_block(True, True), "sandwich norms; (1 + w) gains; QK-norm")
+GEMMA2 = _gemma("gemma2", ("gemma2",), _gemma_block(True, False), "sandwich norms; (1 + w) gains; logit soft-capping",
+                ("layer_types",))
+GEMMA3 = _gemma("gemma3", ("gemma3_text",), _gemma_block(True, True), "sandwich norms; (1 + w) gains; QK-norm",
+                ("layer_types",))
 
 OLMO2 = Family(
     name="olmo2",

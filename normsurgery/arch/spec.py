@@ -98,6 +98,10 @@ class Family:
     # config attributes that hold one value per block (or are derived from block indices), re-indexed when
     # blocks are removed; normsurgery/arch/layer_config.py knows each one's format
     per_layer: tuple[str, ...] = ("layer_types",)
+    # the per_layer attributes the transformers config class fills in when config.json lacks them (a class default
+    # or a list expanded from a pattern): only these need transformers to be read (ConfigView); tested against
+    # transformers for every family
+    per_layer_filled: tuple[str, ...] = ()
     # config flags under which a block's computation depends on its index (removing one changes the others)
     depth_dependent: tuple[str, ...] = ()
     notes: str = ""

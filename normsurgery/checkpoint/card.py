@@ -17,12 +17,12 @@ _CHECK_ROWS = (
 
 
 def _versions() -> str:
-    import torch
-    import transformers
+    """The versions that made the output, from the installed packages' metadata (importing them takes seconds)."""
+    from importlib.metadata import version
 
     import normsurgery
 
-    return f"normsurgery {normsurgery.__version__}, torch {torch.__version__}, transformers {transformers.__version__}"
+    return f"normsurgery {normsurgery.__version__}, torch {version('torch')}, transformers {version('transformers')}"
 
 
 def render_model_card(source: str, operations: list[dict[str, Any]], checks: dict[str, Any] | None,

@@ -1,4 +1,8 @@
-"""Parse a .safetensors header with bounds checks before anything is allocated or memory-mapped."""
+"""Parse a .safetensors header with bounds checks before anything is allocated or memory-mapped.
+
+Torch-free: dtypes are the format's own codes ("BF16"), mapped to torch dtypes only when a caller asks, so that
+commands that only copy tensors (prune --layers) start without importing torch.
+"""
 
 from __future__ import annotations
 
@@ -7,18 +11,45 @@ import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from normsurgery.errors import NormSurgeryError
 
+if TYPE_CHECKING:
+    import torch
+
 MAX_HEADER_BYTES = 100_000_000  # safetensors itself caps headers at 100 MB
 
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+ITEMSIZE: dict[str, int] = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+    "F8_E4M3": 1, "F8_E5M2": 1,
 }  # fmt: skip
+_TORCH_NAMES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
+    "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+}  # fmt: skip
+FLOAT_CODES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
+
+
+def torch_dtype(code: str) -> torch.dtype:
+    """The torch dtype of a safetensors dtype code."""
+    import torch
+
+    return getattr(torch, _TORCH_NAMES[code])
+
+
+def dtype_name(code: str) -> str:
+    """The torch name of a safetensors dtype code ("BF16" -> "bfloat16"), without importing torch."""
+    return _TORCH_NAMES[code]
+
+
+def dtype_code(dtype: torch.dtype) -> str:
+    """The safetensors dtype code of a torch dtype."""
+    name = str(dtype).replace("torch.", "")
+    for code, torch_name in _TORCH_NAMES.items():
+        if torch_name == name:
+            return code
+    raise ValueError(f"safetensors has no dtype for {dtype}")
 
 
 @dataclass(frozen=True)
@@ -26,12 +57,22 @@ class TensorInfo:
     """Where one tensor lives and what it is, read from a header without loading the data."""
 
     name: str
-    dtype: torch.dtype
+    code: str  # the safetensors dtype code, e.g. "BF16"
     shape: tuple[int, ...]
     file: Path
     begin: int  # byte offset within the file's data section
     nbytes: int
     data_start: int = 0  # byte offset of the data section in the file (8 + header length)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The torch dtype (imports torch)."""
+        return torch_dtype(self.code)
+
+    @property
+    def is_floating_point(self) -> bool:
+        """Whether the tensor holds floating-point values (no torch needed)."""
+        return self.code in FLOAT_CODES
 
     @property
     def file_offset(self) -> int:
@@ -87,8 +128,9 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
 def _tensor_info(path: Path, name: str, entry: object, data_size: int, data_start: int) -> TensorInfo:
     if not isinstance(entry, dict):
         raise _corrupt(path, f"entry {name!r} is not an object")
-    dtype = DTYPES.get(entry.get("dtype"))  # type: ignore[arg-type]
-    if dtype is None:
+    code = entry.get("dtype")
+    itemsize = ITEMSIZE.get(code)  # type: ignore[arg-type]
+    if itemsize is None:
         raise _corrupt(path, f"tensor {name} has unknown dtype {entry.get('dtype')!r}")
     shape, offsets = entry.get("shape"), entry.get("data_offsets")
     if not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape):
@@ -97,9 +139,8 @@ def _tensor_info(path: Path, name: str, entry: object, data_size: int, data_star
             or not 0 <= offsets[0] <= offsets[1]):
         raise _corrupt(path, f"tensor {name} has invalid data offsets {offsets!r}")
     begin, end = offsets
-    itemsize = torch.empty((), dtype=dtype).element_size()
     if end - begin != math.prod(shape) * itemsize:
         raise _corrupt(path, f"tensor {name} spans {end - begin} bytes but shape {shape} needs {math.prod(shape) * itemsize}")
     if end > data_size:
         raise _corrupt(path, f"tensor {name} ends at byte {end}, past the end of the data ({data_size} bytes)")
-    return TensorInfo(name, dtype, tuple(shape), path, begin, end - begin, data_start)
+    return TensorInfo(name, str(code), tuple(shape), path, begin, end - begin, data_start)

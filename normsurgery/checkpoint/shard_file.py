@@ -20,10 +20,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
-import torch
 import xxhash
 
-from normsurgery.checkpoint.safetensors_header import DTYPES, read_header
+from normsurgery.checkpoint.raw import AnyTensor, RawTensor, as_raw
+from normsurgery.checkpoint.safetensors_header import read_header
 from normsurgery.errors import NormSurgeryError
 
 HEADER_RESERVE = 64 * 1024  # bytes kept for a shard's header; the data follows, written as tensors arrive
@@ -31,12 +31,7 @@ CHUNK = 64 * 2**20  # copy size when a header outgrows its reserved space
 VERIFY_WINDOW = 64 * 2**20  # bytes of a written shard mapped at a time when it is re-read against its checksums
 QUEUED_LIMIT = 256 * 2**20  # tensor bytes that may wait for the writer thread
 FLUSH_EVERY = 256 * 2**20  # bytes after which an open shard is flushed, so the disk works from the start
-_DTYPE_CODES = {dtype: code for code, dtype in DTYPES.items()}
-
-
-def tensor_bytes(tensor: torch.Tensor) -> memoryview:
-    """The raw little-endian bytes of a contiguous CPU tensor, without a copy."""
-    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+Layout = tuple[str, tuple[int, ...]]  # a written tensor's dtype code and shape
 
 
 class ShardFile:
@@ -52,13 +47,13 @@ class ShardFile:
         self.unchecked: list[str] = []  # written, not yet handed to a re-read against their checksums
         self.size = 0
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, tensor: RawTensor) -> None:
         """Append the tensor's bytes, and remember their checksum."""
-        data = tensor_bytes(tensor)
+        data = tensor.data
         self.file.write(data)
         self.checksums[name] = checksum(data)
         self.unchecked.append(name)
-        self.entries[name] = {"dtype": _DTYPE_CODES[tensor.dtype], "shape": list(tensor.shape),
+        self.entries[name] = {"dtype": tensor.code, "shape": list(tensor.shape),
                               "data_offsets": [self.size, self.size + len(data)]}
         self.size += len(data)
 
@@ -92,11 +87,11 @@ class ShardFile:
         return True
 
 
-def verify_shard(path: Path, expected: dict[str, tuple[torch.dtype, tuple[int, ...]]]) -> dict[str, Any]:
+def verify_shard(path: Path, expected: dict[str, Layout]) -> dict[str, Any]:
     """Re-read a closed shard's header (bounds-checked like any input): it must describe exactly the tensors
     written, with their dtypes and shapes, inside the file. Returns where each tensor lies."""
     infos, _ = read_header(path)
-    found = {name: (info.dtype, info.shape) for name, info in infos.items()}
+    found = {name: (info.code, info.shape) for name, info in infos.items()}
     if found != expected:
         name = sorted(set(found.items()) ^ set(expected.items()))[0][0]
         raise NormSurgeryError(
@@ -167,7 +162,7 @@ class ShardPipeline:
         self.folder = folder
         self.metadata = metadata
         self.max_shard_size = max_shard_size
-        self._written: list[dict[str, tuple[torch.dtype, tuple[int, ...]]]] = []  # per shard: name -> (dtype, shape)
+        self._written: list[dict[str, Layout]] = []  # per shard: name -> (dtype code, shape)
         self.bytes = 0
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="normsurgery-writer")
         self._syncer = ThreadPoolExecutor(1, thread_name_prefix="normsurgery-fsync")  # flushes never stall writes
@@ -178,18 +173,21 @@ class ShardPipeline:
         self._file: ShardFile | None = None  # the open shard (writer thread only)
         self._unflushed = 0  # bytes of the open shard written since its last flush (writer thread only)
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        """Queue a contiguous CPU tensor; a new shard starts when it would overflow the current one, or when
-        the tensor would start at an offset that is not a multiple of its element size (loaders need that)."""
-        size = tensor.numel() * tensor.element_size()
-        if self._open_size and (self._open_size + size > self.max_shard_size or self._open_size % tensor.element_size()):
+    def add(self, name: str, tensor: AnyTensor) -> None:
+        """Queue a contiguous CPU tensor (torch or stored bytes); a new shard starts when it would overflow the
+        current one, or when the tensor would start at an offset that is not a multiple of its element size
+        (loaders need that)."""
+        tensor = as_raw(tensor)
+        size = tensor.nbytes
+        itemsize = size // tensor.numel if tensor.numel else 1
+        if self._open_size and (self._open_size + size > self.max_shard_size or self._open_size % itemsize):
             self._close()
         if self._open_size is None:
             self._submit(self._open_job, len(self._written))
             self._written.append({})
             self._open_size = 0
         self._submit(self._write_job, name, tensor, size=size)
-        self._written[-1][name] = (tensor.dtype, tuple(tensor.shape))
+        self._written[-1][name] = (tensor.code, tuple(tensor.shape))
         self._open_size += size
         self.bytes += size
 
@@ -240,15 +238,15 @@ class ShardPipeline:
     def _open_job(self, index: int) -> None:
         self._file = ShardFile(self.shard_path(index), self.metadata)
 
-    def _write_job(self, name: str, tensor: torch.Tensor) -> None:
+    def _write_job(self, name: str, tensor: RawTensor) -> None:
         self._file.write(name, tensor)
-        self._unflushed += tensor.numel() * tensor.element_size()
+        self._unflushed += tensor.nbytes
         if self._unflushed >= FLUSH_EVERY and (not self._syncs or self._syncs[-1].done()):
             self._file.file.flush()
             self._syncs.append(self._syncer.submit(_sync_and_verify, self._file.path, self._file.take_unchecked()))
             self._unflushed = 0
 
-    def _finish_job(self, index: int, expected: dict[str, tuple[torch.dtype, tuple[int, ...]]]) -> None:
+    def _finish_job(self, index: int, expected: dict[str, Layout]) -> None:
         file, self._file = self._file, None
         moved = file.close()
         self._unflushed = 0

@@ -11,8 +11,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from normsurgery.checkpoint.raw import AnyTensor, RawTensor
 from normsurgery.checkpoint.shard_file import ShardPipeline
 from normsurgery.errors import NormSurgeryError
 
@@ -124,12 +123,13 @@ class CheckpointWriter:
         """Bytes of tensor data handed to the writer so far."""
         return self._pipeline.bytes if self._pipeline else 0
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        """Queue a tensor for the current shard (written in the background; a new shard starts when it is full)."""
+    def add(self, name: str, tensor: AnyTensor) -> None:
+        """Queue a tensor (torch, or stored bytes) for the current shard (written in the background; a new shard
+        starts when it is full)."""
         if name in self._names:
             raise ValueError(f"tensor {name} written twice")
         self._names.add(name)
-        self._pipeline.add(name, tensor.detach().to("cpu").contiguous())
+        self._pipeline.add(name, tensor if isinstance(tensor, RawTensor) else tensor.detach().to("cpu").contiguous())
 
     # ---------------------------------------------------------------- side files
 

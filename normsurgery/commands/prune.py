@@ -105,15 +105,12 @@ def run_prune(model: str, output: Path | None, selection: PruneSelection, *, hea
     """Choose the blocks, write the pruned model (verified), optionally heal it (`heal`: FinetuneOptions); the report.
     Measurement and verification run on `runtime` (default: the free memory of the best device)."""
     from normsurgery.checkpoint.writer import parse_size
-    from normsurgery.engine.resources import peak_rss, resolve_runtime
-    from normsurgery.prune.measure import remeasure
     from normsurgery.rewrite.prune import check_removal, plan_prune
     from normsurgery.source import open_model
     from normsurgery.surgery import apply_plan
     from normsurgery.thresholds import Thresholds
 
     s = selection
-    runtime = runtime or resolve_runtime()
     if (s.remove is None) == (s.layers is None):
         raise NormSurgeryError("give either --remove K (choose K blocks) or --layers (name them), not both or neither.")
     shard_bytes = parse_size(max_shard_size)
@@ -123,15 +120,21 @@ def run_prune(model: str, output: Path | None, selection: PruneSelection, *, hea
         raise NormSurgeryError(f"{output} already exists; choose another --output or pass --force to replace it.")
     # measuring runs the model, so NaN/inf are refused first. A given --layers runs nothing before the copy: it
     # streams at once, checking each tensor as it is copied or dropped (NaN is refused even where it is cut away),
-    # while transformers' reading of the config and the shape check go on in the background
+    # while transformers' reading of the config and the shape check go on in the background; unverified, it is a
+    # checked copy of stored bytes that imports neither torch nor transformers
+    shapes = "now" if s.layers is None else "unchecked" if not verify and heal is None else "background"
     source = open_model(model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
-                        scan_finite=s.layers is None, validate_in_background=s.layers is not None)
+                        scan_finite=s.layers is None, shapes=shapes)
     report: dict[str, Any] = {"operation": "prune", "source": source.spec}
     try:
         if s.layers is not None:
             chosen = check_removal(source.arch, s.layers)
             report["selection"] = {"method": "given", "blocks": chosen}
         else:
+            from normsurgery.engine.resources import peak_rss, resolve_runtime
+            from normsurgery.prune.measure import remeasure
+
+            runtime = runtime or resolve_runtime()
             opened, tokenizer = _load(source, runtime, allow_pickle, trust_remote_code)
             with opened:
                 stats, ids = _stats(source, opened, tokenizer, samples=s.samples, seq_len=s.seq_len, text=s.text,
@@ -149,9 +152,12 @@ def run_prune(model: str, output: Path | None, selection: PruneSelection, *, hea
         plan.check_dropped = s.layers is not None  # --remove scanned every tensor when it opened the model
         report["kept_blocks"] = source.arch.num_layers - len(chosen)
         if dry_run:
-            report.update(dry_run=True, config_updates=plan.all_config_updates(source.config))
+            report.update(dry_run=True, config_updates=plan.all_config_updates(source.settings))
         elif heal is not None:
-            report.update(_write_and_heal(source, plan, output, force, shard_bytes, heal, allow_pickle, runtime))
+            from normsurgery.engine.resources import resolve_runtime
+
+            report.update(_write_and_heal(source, plan, output, force, shard_bytes, heal, allow_pickle,
+                                          runtime or resolve_runtime()))
         else:
             result = apply_plan(source, plan, output, force=force, max_shard_size=shard_bytes, verify=verify,
                                 thresholds=Thresholds(), runtime=runtime)
@@ -206,17 +212,26 @@ def prune(
     selection = PruneSelection(remove=remove, layers=_parse_layers(layers) if layers is not None else None, by=by,
                                keep_first=keep_first, keep_last=keep_last, remeasure=candidates_to_remeasure,
                                skip_cost=skip_cost, samples=samples, seq_len=seq_len, text=text)
-    from normsurgery.engine.resources import resolve_runtime
-    from normsurgery.train.engine import FinetuneOptions, process_state
+    runs_a_model = remove is not None or not no_verify or heal_steps > 0
+    runtime, heal = None, None
+    if runs_a_model or device != "auto" or max_memory is not None:  # a --no-verify copy of named blocks needs no torch
+        from normsurgery.engine.resources import resolve_runtime
 
-    runtime = resolve_runtime(device, max_memory)
-    heal = FinetuneOptions(steps=heal_steps, lr=lr, batch_size=batch_size, seq_len=seq_len, text=text,
-                           device=device, mixed_precision=mixed_precision) if heal_steps else None
+        runtime = resolve_runtime(device, max_memory)
+    if heal_steps:
+        from normsurgery.train.engine import FinetuneOptions
+
+        heal = FinetuneOptions(steps=heal_steps, lr=lr, batch_size=batch_size, seq_len=seq_len, text=text,
+                               device=device, mixed_precision=mixed_precision)
     report = run_prune(model, output, selection, heal=heal, dry_run=dry_run, force=force, max_shard_size=max_shard_size,
                        verify=not no_verify, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
                        quiet=json_output, runtime=runtime)
-    if heal is None or process_state().is_main_process:  # a heal on several processes: the main one reports
-        _print_prune(report, json_output)
+    if heal is not None:
+        from normsurgery.train.engine import process_state
+
+        if not process_state().is_main_process:  # a heal on several processes: the main one reports
+            return
+    _print_prune(report, json_output)
 
 
 def _write_and_heal(source: ModelSource, plan: Any, out: Path, force: bool, shard_bytes: int, options: Any,

@@ -62,7 +62,7 @@ def _run(model: str, plan_for, out: Path, force: bool, max_shard_size: str, dtyp
     if out.exists() and not force:
         raise NormSurgeryError(f"{out} already exists; choose another --output or pass --force to replace it.")
     source = open_model(model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, scan_finite=False,
-                        validate_in_background=True)
+                        shapes="background")
     try:
         plan = plan_for(source)
         with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),

@@ -164,7 +164,7 @@ class RecipeRun:
         from normsurgery.surgery import apply_plan
 
         source = open_model(str(self.current), trust_remote_code=self.trust_remote_code, scan_finite=False,
-                            validate_in_background=True)
+                            shapes="background")
         try:
             out = self._next(result)
             applied = apply_plan(source, plan_for(source), out, dtype=self._dtype(),

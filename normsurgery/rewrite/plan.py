@@ -8,12 +8,13 @@ the writer. Tensors no step mentions are copied unchanged. Peak memory is one st
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
-import torch
+if TYPE_CHECKING:  # a plan of copies only (pruning) runs on stored bytes and never imports torch
+    import torch
 
-Tensor = torch.Tensor
-Compute = Callable[[dict[str, Tensor]], dict[str, Tensor]]
+    Tensor = torch.Tensor
+Compute = Callable[[dict[str, "Tensor"]], dict[str, "Tensor"]]
 
 
 class TensorSource(Protocol):
