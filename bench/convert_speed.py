@@ -6,6 +6,10 @@ that is timed separately) in interleaved rounds, and records every process's pea
 Markdown table.
 
     python bench/convert_speed.py [--workdir /tmp/normsurgery-bench] [--suite main|rss|prune|all] [--repeat N]
+                                  [--mergekit PATH/TO/mergekit-yaml]
+
+With --mergekit, the prune suite also times mergekit's passthrough merge of the same kept blocks in each round
+(install it in its own environment: `python -m venv mk && mk/bin/pip install torch==2.13.0 mergekit==0.1.5`).
 """
 
 from __future__ import annotations
@@ -48,25 +52,38 @@ def normsurgery(*args: str) -> list[str]:
     return [sys.executable, "-m", "normsurgery", *args]
 
 
-def bench_model(src: Path, ops: list[tuple[str, list[str]]], work: Path, verify: bool, repeat: int) -> list[dict]:
-    """Rounds of one copy then each operation, interleaved so that each round meets the same machine (its page
-    cache and disk serve other work). Reports the fastest run of each (the least disturbed) and the median of the
-    per-round ratios to that round's copy."""
+def mergekit_prune(mergekit: str, src: Path, work: Path, keep: list[tuple[int, int]]) -> list[str]:
+    """The mergekit command that keeps the block ranges `keep` of `src` (a passthrough merge), 1 GB shards."""
+    slices = "\n".join(f"  - sources:\n      - model: {src}\n        layer_range: [{a}, {b}]" for a, b in keep)
+    config = work / "mergekit-prune.yaml"
+    config.write_text(f"slices:\n{slices}\nmerge_method: passthrough\ndtype: bfloat16\n")
+    return [mergekit, str(config), "--out-shard-size", "1B", "--quiet"]
+
+
+def bench_model(src: Path, ops: list[tuple[str, list[str]]], work: Path, verify: bool, repeat: int,
+                others: list[tuple[str, list[str]]] = ()) -> list[dict]:
+    """Rounds of one copy then each operation (and each other tool's command, given whole but for the output
+    folder), interleaved so that each round meets the same machine (its page cache and disk serve other work).
+    Reports the fastest run of each (the least disturbed) and the median of the per-round ratios to that round's
+    copy."""
     copies: list[float] = []
-    runs: dict[str, list[tuple[float, float]]] = {label: [] for label, _ in ops}
+    runs: dict[str, list[tuple[float, float]]] = {label: [] for label, _ in [*ops, *others]}
     out = work / "out"
     for _ in range(repeat):
         copies.append(copy_time(src, work / "copy")[0])
         for label, args in ops:
             runs[label].append(run(normsurgery(*args, str(src), "-o", str(out), "--force", "--no-verify", "--max-shard-size", "1GB")))
             shutil.rmtree(out, ignore_errors=True)
+        for label, command in others:
+            runs[label].append(run([*command[:2], str(out), *command[2:]]))
+            shutil.rmtree(out, ignore_errors=True)
     rows = []
-    for label, args in ops:
+    for label, args in [*ops, *others]:
         seconds = [r[0] for r in runs[label]]
         row = {"model": src.name, "GB": folder_bytes(src) / 1e9, "op": label, "s": min(seconds),
                "rss": max(r[1] for r in runs[label]), "copy_s": min(copies), "ratio": min(seconds) / min(copies),
                "median_ratio": statistics.median(s / c for s, c in zip(seconds, copies))}
-        if verify:
+        if verify and (label, args) in ops:
             row["s_verified"], row["rss_verified"] = run(normsurgery(*args, str(src), "-o", str(out), "--force", "--max-shard-size", "1GB"))
             shutil.rmtree(out, ignore_errors=True)
         print(f"  {src.name} {label}: {row}; runs {[round(x, 2) for x in seconds]}, copies {[round(x, 2) for x in copies]}", flush=True)
@@ -80,14 +97,17 @@ def main() -> None:
     parser.add_argument("--suite", choices=["main", "rss", "prune", "all"], default="all")
     parser.add_argument("--verify", action="store_true", help="also time each operation with its automatic check")
     parser.add_argument("--repeat", type=int, default=3, help="rounds of copy and operations")
+    parser.add_argument("--mergekit", help="a mergekit-yaml executable: also time mergekit's prune (prune suite)")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     if args.suite in ("main", "prune", "all"):
         llama = build(args.workdir / "llama-2.4gb-bf16", SHAPES["llama-2.4gb"], torch.bfloat16)
         ops = [("prune 4 blocks", ["prune", "--layers", "10,11,12,13"])]
+        others = [("mergekit prune 4 blocks", mergekit_prune(args.mergekit, llama, args.workdir, [(0, 10), (14, 24)]))
+                  ] if args.mergekit else []
         rows += bench_model(llama, ([("fold", ["fold"])] if args.suite != "prune" else []) + ops, args.workdir,
-                            args.verify, args.repeat)
+                            args.verify, args.repeat, others)
     if args.suite in ("main", "all"):
         gpt2 = build(args.workdir / "gpt2-xl-fp32", SHAPES["gpt2-xl"], torch.float32)
         rows += bench_model(gpt2, [("fold", ["fold"]), ("rmsnorm", ["convert", "--to", "rmsnorm"]),

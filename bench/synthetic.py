@@ -56,6 +56,7 @@ def build(out: Path, config_kwargs: dict, dtype: torch.dtype, shard: str = "1GB"
             writer.add(name, tensor.to(dtype))
         cfg = config.to_dict()
         cfg["dtype"] = str(dtype).replace("torch.", "")
+        cfg["architectures"] = [type(model).__name__]  # as a saved model has (mergekit needs it)
         writer.write_json("config.json", cfg)
     return out
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple, Union
 
 from normsurgery.checkpoint.safetensors_header import dtype_code
@@ -17,6 +18,7 @@ class RawTensor(NamedTuple):
     code: str
     shape: tuple[int, ...]
     data: memoryview
+    origin: tuple[Path, int] | None = None  # the file and offset the bytes were mapped from, for a kernel-side copy
 
     @property
     def nbytes(self) -> int:

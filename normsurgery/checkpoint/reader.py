@@ -149,7 +149,8 @@ class CheckpointReader:
         if info.nbytes == 0:
             return RawTensor(info.code, info.shape, memoryview(b""))
         region, offset = self._map(info, writable=False)
-        return RawTensor(info.code, info.shape, memoryview(region)[offset : offset + info.nbytes])
+        return RawTensor(info.code, info.shape, memoryview(region)[offset : offset + info.nbytes],
+                         (info.file, info.file_offset))
 
     def _map(self, info: TensorInfo, writable: bool = True) -> tuple[mmap.mmap, int]:
         """A mapping of the pages holding one tensor (copy-on-write, or read-only), and the tensor's offset in it."""
