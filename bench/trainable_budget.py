@@ -11,6 +11,7 @@ command given as key=value: gap=0 swaps every norm at once).
     python bench/trainable_budget.py --model smollm2-135m --targets none --budgets 30min
     python bench/trainable_budget.py --model gpt2-shakespeare --targets none,dyt,derf --budgets 2min
     python bench/trainable_budget.py --model smollm2-135m --targets dyt --budgets 10min --variant gap=0
+    python bench/trainable_budget.py --model smollm2-135m --targets dyt --budgets 10min --variant alpha_init=best-mse
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def samples(tokenizer, seq_len: int, tokens: int) -> dict[str, list[torch.Tensor
 
 
 def run(model: str, target: str, budget: str, variant: dict[str, str], out: Path) -> dict:
-    """One `convert --to TARGET --budget BUDGET` (plus the variant's options: gap, heal, ramp, lr, aux_weight,
+    """One `convert --to TARGET --budget BUDGET` (plus the variant's options: gap, heal, ramp, lr, aux_weight, alpha_init,
     batch_size, seq_len); its JSON report."""
     from normsurgery.commands.trainable import removal_options, run_remove, run_swap
 
@@ -56,7 +57,8 @@ def run(model: str, target: str, budget: str, variant: dict[str, str], out: Path
                               seq_len=int(variant["seq_len"]) if "seq_len" in variant else None,
                               text=None, seed=0, loss="kl", gradient_checkpointing=False, checkpoint_dir=None,
                               checkpoint_every=0, budget=budget,
-                              ramp=int(variant["ramp"]) if "ramp" in variant else None)
+                              ramp=int(variant["ramp"]) if "ramp" in variant else None,
+                              alpha_init=variant.get("alpha_init", "best-mse"))
     common = dict(force=True, max_shard_size="5GB", removal=options, json_output=True, allow_pickle=False,
                   trust_remote_code=False)
     with contextlib.redirect_stdout(io.StringIO()):

@@ -61,18 +61,26 @@ def test_refusals_write_nothing(name, args, message, tiny_model, cli, tmp_path, 
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("target, name", [("dyt", "gpt2"), ("derf", "llama"), ("dyt", "gpt_neox"), ("derf", "phi")])
-def test_swaps_export_dyt_or_derf_with_calibrated_alpha(target, name, tiny_model, cli, clean_python, tmp_path, fast):
+@pytest.mark.parametrize("target, name, init", [("dyt", "gpt2", "linear"), ("derf", "llama", "linear"),
+                                               ("dyt", "gpt_neox", "best-mse"), ("derf", "phi", "best-mse")])
+def test_swaps_export_dyt_or_derf_with_calibrated_alpha(target, name, init, tiny_model, cli, clean_python, tmp_path,
+                                                        fast):
+    """The trained swaps are written as DyT/Derf (a `linear` start's gain factor folded into the stored gain: the
+    export check compares the written model with the trained one) and load without normsurgery."""
     from safetensors import safe_open
 
     out = tmp_path / target
-    code, stdout, err = cli("convert", tiny_model(name), "--to", target, "-o", out, *fast, "--json")
+    code, stdout, err = cli("convert", tiny_model(name), "--to", target, "-o", out, *fast, "--json",
+                            "--alpha-init", init)
     assert code == 0, err
     report = json.loads(stdout)
-    assert report["export_check"]["rel_logit_diff"] <= 1e-5
-    for init in report["alpha_init"]:
-        kept = init["mse_least_squares"] if init["method"] == "least-squares" else init["mse_scale"]
-        assert init["alpha"] > 0 and kept == min(init["mse_scale"], init["mse_least_squares"])
+    assert report["export_check"]["rel_logit_diff"] <= 1e-5 and report["options"]["alpha_init"] == init
+    for start in report["alpha_init"]:
+        if init == "linear":
+            assert start["method"] == "linear" and start["gain"] == 10.0 and start["alpha"] > 0
+        else:
+            kept = start["mse_least_squares"] if start["method"] == "least-squares" else start["mse_scale"]
+            assert start["alpha"] > 0 and kept == min(start["mse_scale"], start["mse_least_squares"])
     names = set()
     for shard in out.glob("*.safetensors"):
         with safe_open(shard, "pt") as f:
@@ -93,9 +101,31 @@ def test_alpha_fit_keeps_the_better_initialisation():
     x = 3.0 * torch.randn(512, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     norm = Norm(name="n", weight="n.weight", bias=None, kind="rmsnorm", eps=1e-6, gain_offset=0.0, role="input")
     for target in ("dyt", "derf"):
-        init = fit_alpha(x, norm, target)
-        assert init.mse_least_squares <= init.mse_scale and init.method == "least-squares"
+        init = fit_alpha(x, norm, target)  # best-mse, the default
+        assert init.mse_least_squares <= init.mse_scale and init.method == "least-squares" and init.gain == 1.0
         assert 0.05 < init.alpha < 2.0  # near 1/3 (the typical scale), not a degenerate fit
+
+
+def test_linear_alpha_start_is_the_frozen_scale_map_up_to_three_typical_scales():
+    """`--alpha-init linear`: gain x alpha-squashed input equals x / s (s the typical scale) within 3% for |x| up to
+    3 s, so the swap starts where a frozen-scale norm would; only inputs far beyond the typical scale saturate."""
+    import math
+
+    import torch
+
+    from normsurgery.arch.spec import Norm
+    from normsurgery.trainable.swap import fit_alpha
+
+    x = 3.0 * torch.randn(512, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    norm = Norm(name="n", weight="n.weight", bias=None, kind="rmsnorm", eps=1e-6, gain_offset=0.0, role="input")
+    s = float(torch.sqrt(x.pow(2).mean(dim=-1)).mean())
+    probe = torch.linspace(-3 * s, 3 * s, 101, dtype=torch.float64)
+    for target, squash in (("dyt", torch.tanh), ("derf", torch.erf)):
+        init = fit_alpha(x, norm, target, "linear")
+        assert init.method == "linear" and init.gain == pytest.approx(10.0)
+        start = init.gain * squash(init.alpha * probe)
+        assert torch.allclose(start, probe / s, rtol=0.03, atol=1e-12)
+        assert float(init.gain * squash(init.alpha * torch.tensor(100 * s))) < 15  # saturates far out
 
 
 def test_auxiliary_loss_narrows_the_final_norms_scale_spread(tiny_model, tmp_path):

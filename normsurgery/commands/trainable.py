@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
@@ -232,9 +233,10 @@ def removal_options(*, gap: int | None, heal: int | None, aux_weight: float, lr:
                     seq_len: int | None, text: str | None, seed: int, loss: str, gradient_checkpointing: bool,
                     checkpoint_dir: Path | None, checkpoint_every: int, device: str = "auto",
                     budget: str | None = None, ramp: int | None = None,
-                    mixed_precision: str = "auto") -> RemovalOptions:
+                    mixed_precision: str = "auto", alpha_init: str = "best-mse") -> RemovalOptions:
     """The CLI's options as a RemovalOptions (None: sized by the model, the device and the budget)."""
-    return RemovalOptions(gap=gap, heal=heal, ramp=ramp, aux_weight=aux_weight, budget=budget, finetune=FinetuneOptions(
+    return RemovalOptions(gap=gap, heal=heal, ramp=ramp, aux_weight=aux_weight, budget=budget, alpha_init=alpha_init,
+                          finetune=FinetuneOptions(
         lr=lr, batch_size=batch_size, seq_len=seq_len, text=text, seed=seed, loss=loss,  # type: ignore[arg-type]
         gradient_checkpointing=gradient_checkpointing, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
         device=device, mixed_precision=mixed_precision))  # type: ignore[arg-type]
@@ -296,7 +298,8 @@ def run_swap(model: str, target: str, out: Path, *, force: bool, max_shard_size:
             "removal_steps": events,
             "losses": result.losses,
             "options": _options_report(removal.finetune, gap=removal.gap, heal=removal.heal, per_freeze=removal.per_freeze,
-                                       ramp=removal.ramp, budget=removal.budget or DEFAULT_BUDGET),
+                                       ramp=removal.ramp, budget=removal.budget or DEFAULT_BUDGET,
+                                       alpha_init=removal.alpha_init),
             "estimate_seconds": sized.estimate_seconds,
             "text": result.text,
             "processes": result.processes,
@@ -322,9 +325,9 @@ def run_swap(model: str, target: str, out: Path, *, force: bool, max_shard_size:
     if json_output:
         print_json(summary)
     else:
-        kept = sum(i.method == "least-squares" for i in inits.values())
-        console.print(f"[bold green]wrote[/bold green] {out} ({len(norms)} norms swapped for {target}; alpha from a "
-                      f"least-squares fit for {kept}, from the typical scale for {len(norms) - kept}; its own modeling "
+        methods = Counter(i.method for i in inits.values())
+        console.print(f"[bold green]wrote[/bold green] {out} ({len(norms)} norms swapped for {target}; alpha "
+                      f"initialised by {', '.join(f'{m} for {k}' for m, k in methods.items())}; its own modeling "
                       "code, trust_remote_code=True)")
         console.print(f"held-out cross-entropy {before:.4f} -> {after:.4f} nats/token ({after - before:+.4f}); "
                       f"fine-tune {len(result.losses)} steps in {seconds:.0f} s")

@@ -197,7 +197,7 @@ class RecipeRun:
                                   batch_size=step.batch_size, seq_len=step.seq_len, text=step.text, seed=step.seed,
                                   loss=step.loss, gradient_checkpointing=False, checkpoint_dir=None, checkpoint_every=0,
                                   device=self.device, budget=step.budget, ramp=step.ramp,
-                                  mixed_precision=step.mixed_precision)
+                                  mixed_precision=step.mixed_precision, alpha_init=step.alpha_init)
         out = self._next(result)
         common = dict(force=True, max_shard_size="5GB", removal=options, json_output=True, allow_pickle=False,
                       trust_remote_code=self.trust_remote_code, quiet=True, runtime=self.runtime)

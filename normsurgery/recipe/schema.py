@@ -50,6 +50,7 @@ class ConvertStep(_Options):
     heal: int | None = Field(None, ge=0)
     ramp: int | None = Field(None, ge=1)  # None: 4 gaps with a sized schedule, else 1
     aux_weight: float = Field(0.0, ge=0)
+    alpha_init: Literal["linear", "scale", "least-squares", "best-mse"] = "best-mse"  # dyt/derf: how a swap starts
     lr: float | None = Field(None, gt=0)  # None: sized by the parameter count
     batch_size: int | None = Field(None, ge=1)  # None: about 1k tokens per step on a CPU, 8k on a GPU
     seq_len: int | None = Field(None, ge=2)  # None: the model's context, at most 1024

@@ -43,6 +43,7 @@ class RemovalOptions:
     ramp: int | None = 1  # steps over which a freeze or a release goes from live to fixed (1: at once; None: sized)
     calibration_batches: int = 1  # batches of CALIBRATION_SEQUENCES sequences per measurement
     aux_weight: float = 0.0  # weight of the spread of the final norm's per-token scale (Baroni et al.'s aux loss)
+    alpha_init: str = "best-mse"  # DyT/Derf: how each swap's alpha and gain start (trainable.swap.ALPHA_INITS)
     budget: str | None = None  # --budget: what sizes an unset gap and heal (DEFAULT_BUDGET when None)
     finetune: FinetuneOptions = field(default_factory=FinetuneOptions)
 
@@ -51,6 +52,8 @@ class RemovalOptions:
         self.finetune.validate()
         if (self.gap or 0) < 0 or (self.heal or 0) < 0 or self.aux_weight < 0:
             raise NormSurgeryError("--gap, --heal and --aux-weight cannot be negative.")
+        if self.alpha_init not in ("linear", "scale", "least-squares", "best-mse"):
+            raise NormSurgeryError(f"--alpha-init must be linear, scale, least-squares or best-mse (got {self.alpha_init!r}).")
         if self.ramp is not None and self.ramp < 1:
             raise NormSurgeryError(f"--ramp must be at least 1 step (got {self.ramp}).")
         if self.budget is not None:

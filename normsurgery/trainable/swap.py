@@ -3,10 +3,17 @@
 LayerNorm models are centred first (exact: the writers' outputs made zero-mean, see center.py), because
 DyT/Derf do not subtract the mean. Each swap keeps the norm's gain (Gemma's 1 + w included) and bias, and
 gets its alpha (and Derf's shift) from calibration statistics: the norm's inputs on calibration text and
-its normalised outputs x / sqrt(mean square + eps). Two initialisations are compared per norm, alpha from
-the typical scale (the frozen-scale linearisation: tanh(a x) ~ a x, so a = 1/s; erf(a x) ~ 2 a x / sqrt(pi))
-and a least-squares fit of the squashed input to the normalised output, and the one with the smaller error is
-kept. The swaps are made progressively, as LN removal freezes (`swap_norms`: MLP-input norms, then attention-input
+its normalised outputs x / sqrt(mean square + eps). `--alpha-init` chooses how (ALPHA_INITS):
+- `best-mse` (the default): the better, by that fit's error, of the two below;
+- `scale`: alpha = 1/s (s the typical scale) with the gain unchanged (tanh(a x) ~ a x near 0; erf(a x) ~
+  2 a x / sqrt(pi));
+- `least-squares`: the alpha of a least-squares fit of the squashed input to the normalised output;
+- `linear`: the frozen-scale linearisation, made to hold: alpha = 0.1/s and the gain times 10, so that
+  g' tanh(a x) = g x / s within 3% for |x| < 3 s and only tokens 10x the typical scale saturate. On smollm2-135m it
+  is the best start before any training (the MLP-input norms swapped: +4.6 nats, against +9.4 for `scale` and
+  +8.9 for `least-squares`; bench/swap_ablation.py), but not after a 10-minute CPU fine-tune (README).
+
+The swaps are made progressively, as LN removal freezes (`swap_norms`: MLP-input norms, then attention-input
 norms, then the final norm, `gap` distillation steps apart, each calibrated on the model as it is by then), and
 the model is then healed by distillation (the fine-tune engine).
 """
@@ -28,6 +35,8 @@ from normsurgery.rewrite.center import center_embedding_step, center_position_st
 SWAPS = {"dyt": DynamicTanh, "derf": DynamicErf}
 CALIBRATION_TOKENS = 4096  # token vectors kept per norm for the alpha fit
 ALPHA_GRID = torch.logspace(-2, 2, 161, dtype=torch.float64)  # times the typical-scale alpha
+ALPHA_INITS = ("linear", "scale", "least-squares", "best-mse")
+LINEAR_FRACTION = 0.1  # `linear`: alpha as a fraction of the typical-scale alpha (the gain grows by its inverse)
 
 
 @dataclass
@@ -37,9 +46,10 @@ class AlphaInit:
     norm: str
     alpha: float
     shift: float
-    method: str  # "scale" or "least-squares"
+    method: str  # "linear", "scale" or "least-squares"
     mse_scale: float
     mse_least_squares: float
+    gain: float = 1.0  # factor on the norm's gain (`linear`: 1 / LINEAR_FRACTION)
 
 
 def _param(model: nn.Module, name: str) -> nn.Parameter:
@@ -94,8 +104,9 @@ def norm_inputs(model: nn.Module, norms: list[Norm], batches: list[torch.Tensor]
     return {name: torch.cat(xs)[:CALIBRATION_TOKENS] for name, xs in seen.items()}
 
 
-def fit_alpha(x: torch.Tensor, norm: Norm, target: str) -> AlphaInit:
-    """Alpha (and shift 0) for one norm: typical-scale value vs least-squares fit to the normalised inputs."""
+def fit_alpha(x: torch.Tensor, norm: Norm, target: str, init: str = "best-mse") -> AlphaInit:
+    """Alpha (shift 0) and gain factor for one norm from its calibration inputs `x`, by the rule `init`
+    (ALPHA_INITS); the report carries the fit errors of the typical-scale and least-squares alphas either way."""
     if norm.kind == "layernorm":
         x = x - x.mean(dim=-1, keepdim=True)  # already ~0 after centring; exact for the fit
     z = x / torch.sqrt(x.pow(2).mean(dim=-1, keepdim=True) + norm.eps)
@@ -110,7 +121,10 @@ def fit_alpha(x: torch.Tensor, norm: Norm, target: str) -> AlphaInit:
     errors = [mse(a) for a in grid]
     best = grid[min(range(len(grid)), key=errors.__getitem__)]
     mse_typical, mse_best = mse(typical), mse(best)
-    keep_ls = mse_best < mse_typical
+    if init == "linear":
+        return AlphaInit(norm.name, LINEAR_FRACTION * typical, 0.0, "linear", mse_typical, mse_best,
+                         1.0 / LINEAR_FRACTION)
+    keep_ls = init == "least-squares" or (init == "best-mse" and mse_best < mse_typical)
     return AlphaInit(norm.name, best if keep_ls else typical, 0.0, "least-squares" if keep_ls else "scale",
                      mse_typical, mse_best)
 
@@ -136,13 +150,15 @@ class SwappableNorm(nn.Module):
         # buffers, so that a resumed run gets them back: whether the swap has begun, and how far (0 norm, 1 swap)
         self.register_buffer("swapped", torch.tensor(False, device=device))
         self.register_buffer("mix", torch.tensor(0.0, device=device))
+        # factor on the gain inside DyT/Derf only (alpha-init `linear`), folded into the exported gain
+        self.register_buffer("squash_gain", torch.tensor(1.0, device=device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = x.float()
         mix = float(self.mix) if bool(self.swapped) else 0.0
         if mix > 0:
             z = self.alpha.float() * y + (self.shift.float() if self.target == "derf" else 0.0)
-            squashed = (torch.tanh(z) if self.target == "dyt" else torch.erf(z)) * self.weight.float()
+            squashed = (torch.tanh(z) if self.target == "dyt" else torch.erf(z)) * (self.weight.float() * self.squash_gain)
         if mix < 1:
             if self.center:
                 y = y - y.mean(dim=-1, keepdim=True)
@@ -155,12 +171,13 @@ class SwappableNorm(nn.Module):
         return y.to(x.dtype)
 
     @torch.no_grad()
-    def swap(self, alpha: float) -> None:
-        """Begin the swap: DyT/Derf with this alpha, the norm's effective gain and its bias, blended in as `mix`
-        goes from 0 to 1 (the norm keeps the same gain meanwhile)."""
+    def swap(self, alpha: float, gain: float = 1.0) -> None:
+        """Begin the swap: DyT/Derf with this alpha, the norm's effective gain times `gain` and its bias, blended
+        in as `mix` goes from 0 to 1 (the norm's own output keeps its gain meanwhile)."""
         if self.has_gain and self.gain_offset:
             self.weight.add_(self.gain_offset)
             self.gain_offset = 0.0
+        self.squash_gain.fill_(gain)
         self.alpha.fill_(alpha)
         self.swapped.fill_(True)
 
@@ -230,8 +247,8 @@ def swap_norms(
             todo = [by_name[n] for n in names if not bool(stand_ins[n].swapped)]  # swapped: a resumed run
             inputs = norm_inputs(model, todo, calib) if todo else {}
             for norm in todo:
-                inits[norm.name] = fit_alpha(inputs[norm.name], norm, target)
-                stand_ins[norm.name].swap(inits[norm.name].alpha)
+                inits[norm.name] = fit_alpha(inputs[norm.name], norm, target, options.alpha_init)
+                stand_ins[norm.name].swap(inits[norm.name].alpha, inits[norm.name].gain)
                 events.append({"step": step, "unit": norm.name, "scale": inits[norm.name].alpha})
         for name, begin in begins.items():
             if begin <= step and bool(stand_ins[name].swapped):
@@ -254,9 +271,16 @@ def swap_norms(
 
 
 def exported_state(state: dict[str, torch.Tensor], norms: list[Norm], target: str) -> dict[str, torch.Tensor]:
-    """The trained state with each swap's alpha (and Derf's shift) the scalar that DyT/Derf store."""
+    """The trained state as DyT/Derf store it: each swap's alpha and Derf's shift a scalar, its gain factor
+    (`squash_gain`) folded into the gain."""
     scalars = {f"{n.name}.{p}" for n in norms for p in ["alpha"] + (["shift"] if target == "derf" else [])}
-    return {name: tensor.reshape(()) if name in scalars else tensor for name, tensor in state.items()}
+    out = {name: tensor.reshape(()) if name in scalars else tensor for name, tensor in state.items()}
+    for norm in norms:
+        factor = state.get(f"{norm.name}.squash_gain")
+        if factor is not None:
+            weight = state[f"{norm.name}.weight"]
+            out[f"{norm.name}.weight"] = (weight.float() * factor.float()).to(weight.dtype)
+    return out
 
 
 def swapped_tensor_names(norms: list[Norm], target: str) -> list[str]:
