@@ -3,8 +3,9 @@
 `ConfigView` answers the attributes a family declaration reads straight from config.json, under the keys
 transformers reads them from; an attribute config.json does not have (a class default) comes from the full
 transformers config, built only then, except `absent_is_none` attributes, which the config class never fills in
-(e.g. Llama's per-block `layer_types`): those are None when config.json lacks them. Callers that keep the view's answer compare it with the full config's
-in the background (`normsurgery.source`), so a divergence can never pass unnoticed.
+(e.g. Llama's per-block `layer_types`): those are None when config.json lacks them. Callers that keep the view's
+answer compare it with the full config's in the background (`normsurgery.source`), so a divergence can never pass
+unnoticed.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from typing import Any, Callable, NamedTuple
 import xxhash
 
 from normsurgery.checkpoint.raw import AnyTensor, RawTensor, as_raw
-from normsurgery.checkpoint.safetensors_header import read_header
+from normsurgery.checkpoint.safetensors_header import ITEMSIZE, read_header
 from normsurgery.errors import NormSurgeryError
 
 HEADER_RESERVE = 64 * 1024  # bytes kept for a shard's header; the data follows, written as tensors arrive
@@ -224,8 +224,7 @@ class ShardPipeline:
         (loaders need that)."""
         tensor = as_raw(tensor)
         size = tensor.nbytes
-        itemsize = size // tensor.numel if tensor.numel else 1
-        if self._open_size and (self._open_size + size > self.max_shard_size or self._open_size % itemsize):
+        if self._open_size and (self._open_size + size > self.max_shard_size or self._open_size % ITEMSIZE[tensor.code]):
             self._close()
         if self._open_size is None:
             self._submit(self._open_job, len(self._written))

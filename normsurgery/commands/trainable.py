@@ -134,8 +134,8 @@ def _announce(sized: Sized, what: str, units: int, options: FinetuneOptions, par
     given, meant = steps_per_unit(sized, options), cap_gap(parameters)
     if given < meant / 10:
         console.print(f"[yellow]note: at this budget each of the {units} {what} gets {given:.2g} step(s) of 1k tokens "
-                      f"before the next change; a model of this size is meant to get about {meant} (gpt2-shakespeare, 1.35M parameters, needed 30). Expect "
-                      "the result to be far from the original, or the fine-tune to diverge: give it a larger --budget, "
+                      f"before the next change; a model of this size is meant to get about {meant} (gpt2-shakespeare, "
+                      "1.35M parameters, needed 30). Expect the result to be far from the original, or the fine-tune to diverge: give it a larger --budget, "
                       "or run it on a GPU.[/yellow]")
 
 
