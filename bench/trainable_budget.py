@@ -76,6 +76,7 @@ def main() -> None:
     parser.add_argument("--no-baseline", action="store_true")
     parser.add_argument("--variants-only", action="store_true", help="skip the rows with the default options")
     parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument("--keep", type=Path, help="keep each row's output in this folder (for `normsurgery eval`)")
     args = parser.parse_args()
 
     from transformers import AutoModelForCausalLM
@@ -102,15 +103,17 @@ def main() -> None:
             for budget in args.budgets.split(","):
                 for variant in variants:
                     start = time.perf_counter()
+                    name = "-".join([target, budget, *(f"{k}={v}" for k, v in variant.items())])
+                    out = args.keep / name if args.keep else Path(tmp) / "out"
                     try:
-                        report = run(args.model, target, budget, variant, Path(tmp) / "out")
+                        report = run(args.model, target, budget, variant, out)
                     except NormSurgeryError as err:  # a diverged fine-tune is a result too
                         rows.append({"target": target, "budget": budget, "variant": variant, "failed": str(err),
                                      "wall_s": time.perf_counter() - start})
                         print(json.dumps(rows[-1]), flush=True)
                         continue
                     wall = time.perf_counter() - start
-                    rewritten = AutoModelForCausalLM.from_pretrained(Path(tmp) / "out", dtype=torch.float32,
+                    rewritten = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32,
                                                                      trust_remote_code=True)
                     options = report["options"]
                     row = {"target": target, "budget": budget, "variant": variant, "steps": len(report["losses"]),
