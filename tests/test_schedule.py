@@ -102,6 +102,18 @@ def test_schedules_fit_the_budget():
     tiny = size_schedule(13, 3, budget=Budget(seconds=3600), parameters=1_350_000, step_tokens=1024,
                          seconds_per_step=0.01, seconds_per_event=0.0, fixed_seconds=0.0, used=used(13))
     assert tiny.gap == 30 and tiny.heal == 300  # capped: what the 1.35M model needs, not an hour of steps
+    fitted = size_schedule(91, 3, budget=Budget(seconds=400), seconds_per_step=1.0, seconds_per_unit=2.0, **common)
+    unfitted = size_schedule(91, 3, budget=Budget(seconds=400), seconds_per_step=1.0, **common)
+    assert fitted.steps <= 400 - 91 * 2 < unfitted.steps  # each unit's fit is paid from the budget's steps
+    assert fitted.estimate_seconds == pytest.approx(fitted.steps * 1.0 + 91 * 2.0) and fitted.estimate_seconds <= 400
+
+
+def test_the_sizer_times_a_real_alpha_fit():
+    from normsurgery.arch.spec import Norm
+    from normsurgery.trainable.swap import time_fit
+
+    norm = Norm(name="n", weight="n.weight", bias=None, kind="rmsnorm", eps=1e-6, gain_offset=0.0, role="input")
+    assert 0 < time_fit(norm, "dyt", 64) < time_fit(norm, "derf", 576) * 50
 
 
 def test_a_gradual_freeze_ramps_geometrically_and_ends_exact():

@@ -89,24 +89,26 @@ def _from_main(*values: float) -> list[float]:
 
 def size_run(removal: RemovalOptions, *, parameters: int, units: int, releases: int, student: torch.nn.Module,
              teacher: torch.nn.Module | None, elapsed: float, used: Callable[[int, int, int, int], int],
-             ramps: bool) -> Sized:
+             ramps: bool, calibration_batches: int, seconds_per_unit: Callable[[], float] = lambda: 0.0) -> Sized:
     """Fill what the user left unset (learning rate, gap, ramp, heal) from the model's size, a timed step on this
     device (the main process's, on several) and the budget (`removal.budget`, DEFAULT_BUDGET when unset); returns
     the schedule and its cost.
-    `used(gap, per_freeze, ramp, heal)` is the number of steps of such a schedule."""
+    `used(gap, per_freeze, ramp, heal)` is the number of steps of such a schedule; each event measures
+    `calibration_batches` batches of calibration text, and `seconds_per_unit()` times what each unit costs besides
+    (a swap's alpha fit)."""
     options = removal.finetune
     if options.lr is None:
         options.lr = sized_lr(parameters)
     step_tokens = (options.batch_size or 1) * (options.seq_len or 1)
     device = torch.device(options.device) if options.device == "cpu" or options.device.startswith("cuda:") else process_state().device
-    seconds, elapsed = _from_main(time_step(student, teacher, options, device), elapsed)
+    seconds, elapsed, per_unit = _from_main(time_step(student, teacher, options, device), elapsed, seconds_per_unit())
     forward = seconds / 3 / step_tokens  # a forward pass is about a third of a step, per token
-    per_event = forward * CALIBRATION_SEQUENCES * min(options.seq_len or 1, CALIBRATION_SEQ_LEN) * removal.calibration_batches
+    per_event = forward * CALIBRATION_SEQUENCES * min(options.seq_len or 1, CALIBRATION_SEQ_LEN) * calibration_batches
     fixed = elapsed + 2 * forward * HELDOUT_TOKENS + 2 * seconds  # held-out before and after, the export check
     budget = parse_budget(removal.budget or DEFAULT_BUDGET)
     sized = size_schedule(units, releases, budget=budget, parameters=parameters, step_tokens=step_tokens,
                           seconds_per_step=seconds, seconds_per_event=per_event, fixed_seconds=fixed,
-                          used=lambda g, p, r: used(g, p, r, 0), ramps=ramps)
+                          used=lambda g, p, r: used(g, p, r, 0), ramps=ramps, seconds_per_unit=per_unit)
     if removal.gap is None and removal.heal is None:
         removal.gap, removal.heal, removal.per_freeze = sized.gap, sized.heal, sized.per_freeze
         removal.ramp = sized.ramp if removal.ramp is None else removal.ramp
@@ -117,7 +119,7 @@ def size_run(removal: RemovalOptions, *, parameters: int, units: int, releases: 
         events = -(-units // removal.per_freeze) + releases
         sized.steps = used(removal.gap, removal.per_freeze, removal.ramp, removal.heal)
         sized.gap, sized.heal, sized.per_freeze, sized.ramp = removal.gap, removal.heal, removal.per_freeze, removal.ramp
-        sized.estimate_seconds = fixed + sized.steps * seconds + events * per_event
+        sized.estimate_seconds = fixed + sized.steps * seconds + events * per_event + units * per_unit
     return sized
 
 
@@ -164,7 +166,8 @@ def run_remove(model: str, out: Path, *, force: bool, max_shard_size: str, remov
         sized = size_run(removal, parameters=source.parameter_count, units=len(units), releases=len(RELEASES),
                          student=student, teacher=teacher, elapsed=time.perf_counter() - started,
                          used=lambda g, p, r, h: total_steps(len(units), RemovalOptions(gap=g, heal=h, per_freeze=p,
-                                                                                       ramp=r)), ramps=True)
+                                                                                       ramp=r)), ramps=True,
+                         calibration_batches=removal.calibration_batches)
         main = process_state().is_main_process
         _announce(sized, "norm paths to freeze", len(units), removal.finetune, source.parameter_count,
                   str(student.device), json_output or quiet or not main)
@@ -249,12 +252,14 @@ def run_swap(model: str, target: str, out: Path, *, force: bool, max_shard_size:
     heal, write."""
     from normsurgery.rewrite.plan import Plan
     from normsurgery.trainable.swap import (
+        SWAP_CALIBRATION_BATCHES,
         center_in_memory,
         exported_state,
         plan_surgery,
         swap_norms,
         swap_order,
         swapped_tensor_names,
+        time_fit,
     )
 
     removal.validate()
@@ -272,6 +277,8 @@ def run_swap(model: str, target: str, out: Path, *, force: bool, max_shard_size:
             center_in_memory(student, source.arch)
         sized = size_run(removal, parameters=source.parameter_count, units=len(order), releases=0, student=student,
                          teacher=teacher, elapsed=time.perf_counter() - started, ramps=True,
+                         calibration_batches=SWAP_CALIBRATION_BATCHES,
+                         seconds_per_unit=lambda: time_fit(norms[0], target, source.arch.hidden_size),
                          used=lambda g, p, r, h: total_steps(len(order), RemovalOptions(gap=g, heal=h, per_freeze=p,
                                                                                         ramp=r), releases=()))
         removal.heal = max(1, removal.heal)

@@ -94,15 +94,16 @@ def _minutes(seconds: float) -> str:
 
 def size_schedule(units: int, releases: int, *, budget: Budget, parameters: int, step_tokens: int,
                   seconds_per_step: float, seconds_per_event: float, fixed_seconds: float,
-                  used: Callable[[int, int, int], int], ramps: bool = True) -> Sized:
+                  used: Callable[[int, int, int], int], ramps: bool = True, seconds_per_unit: float = 0.0) -> Sized:
     """Steps, gap, ramp, heal and units per event that fit the budget: about 70% of the steps for the events
     (every event at least one step apart), the rest healing; never more than the size-scaled cap. `used(gap,
-    per_freeze, ramp)` is how many steps the events of such a schedule take before the heal."""
+    per_freeze, ramp)` is how many steps the events of such a schedule take before the heal. An event costs
+    `seconds_per_event` (its calibration) and each unit in it `seconds_per_unit` (a swap's alpha fit)."""
     if budget.tokens is not None:
         steps = max(1, budget.tokens // step_tokens)
     else:
         assert budget.seconds is not None
-        spare = budget.seconds - fixed_seconds - (units + releases) * seconds_per_event
+        spare = budget.seconds - fixed_seconds - (units + releases) * seconds_per_event - units * seconds_per_unit
         steps = max(1, int(spare / max(seconds_per_step, 1e-6)))
     cap = max(1, round(cap_gap(parameters) * 1024 / step_tokens))
     between = max(0, int(steps * (1 - HEAL_SHARE)))
@@ -121,5 +122,6 @@ def size_schedule(units: int, releases: int, *, budget: Budget, parameters: int,
     heal = max(1, min(10 * cap, steps - taken))
     total = taken + heal
     frozen_events = math.ceil(units / per_freeze) + releases
-    estimate = fixed_seconds + total * seconds_per_step + frozen_events * seconds_per_event
+    estimate = (fixed_seconds + total * seconds_per_step + frozen_events * seconds_per_event
+                + units * seconds_per_unit)
     return Sized(total, gap, heal, per_freeze, ramp, seconds_per_step, estimate)
