@@ -86,10 +86,10 @@ def main() -> None:
 
     from normsurgery.arch import family_for
     from normsurgery.engine.loading import load_model, load_tokenizer
-    from normsurgery.prune.measure import calibration_ids, cross_entropy, measure
-    from normsurgery.prune.measure import remeasure
-    from normsurgery.prune.select import candidates
-    from normsurgery.prune.skip import skipping
+    from normsurgery.depth.measure import calibration_ids, cross_entropy, measure
+    from normsurgery.depth.measure import remeasure
+    from normsurgery.depth.select import candidates
+    from normsurgery.depth.skip import skipping
     from normsurgery.source import open_model
     from normsurgery.train.engine import FinetuneOptions, finetune
 

@@ -17,9 +17,7 @@ command given as key=value: gap=0 swaps every norm at once).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
-import io
 import json
 import os
 import tempfile
@@ -47,7 +45,7 @@ def samples(tokenizer, seq_len: int, tokens: int) -> dict[str, list[torch.Tensor
 def run(model: str, target: str, budget: str, variant: dict[str, str], out: Path) -> dict:
     """One `convert --to TARGET --budget BUDGET` (plus the variant's options: gap, heal, ramp, lr, aux_weight, alpha_init,
     batch_size, seq_len); its JSON report."""
-    from normsurgery.commands.trainable import removal_options, run_remove, run_swap
+    from normsurgery.trainable.pipeline import removal_options, run_remove, run_swap
 
     options = removal_options(gap=int(variant["gap"]) if "gap" in variant else None,
                               heal=int(variant["heal"]) if "heal" in variant else None,
@@ -59,10 +57,8 @@ def run(model: str, target: str, budget: str, variant: dict[str, str], out: Path
                               checkpoint_every=0, budget=budget,
                               ramp=int(variant["ramp"]) if "ramp" in variant else None,
                               alpha_init=variant.get("alpha_init", "best-mse"))
-    common = dict(force=True, max_shard_size="5GB", removal=options, json_output=True, allow_pickle=False,
-                  trust_remote_code=False)
-    with contextlib.redirect_stdout(io.StringIO()):
-        return run_remove(model, out, **common) if target == "none" else run_swap(model, target, out, **common)
+    common = dict(force=True, removal=options)
+    return run_remove(model, out, **common) if target == "none" else run_swap(model, target, out, **common)
 
 
 def main() -> None:

@@ -13,9 +13,7 @@ to itself changes nothing: its KL is zero from the first step). Prints a markdow
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
-import io
 import json
 import os
 import tempfile
@@ -39,17 +37,15 @@ def heldout(tokenizer, seq_len: int, count: int) -> list[torch.Tensor]:
 
 def run_rewrite(model: str, target: str, gap: int, heal: int, args: argparse.Namespace, out: Path) -> dict:
     """One `convert --to TARGET` run; its JSON report."""
-    from normsurgery.commands.trainable import removal_options, run_remove, run_swap
+    from normsurgery.trainable.pipeline import removal_options, run_remove, run_swap
 
     options = removal_options(gap=gap, heal=heal, aux_weight=args.aux_weight, lr=args.lr, batch_size=args.batch_size,
                               seq_len=args.seq_len, text=None, seed=0, loss=args.loss, gradient_checkpointing=False,
                               checkpoint_dir=None, checkpoint_every=0)
-    common = dict(force=True, max_shard_size="5GB", removal=options, json_output=True, allow_pickle=False,
-                  trust_remote_code=False)
-    with contextlib.redirect_stdout(io.StringIO()):
-        if target == "none":
-            return run_remove(model, out, **common)
-        return run_swap(model, target, out, **common)
+    common = dict(force=True, removal=options)
+    if target == "none":
+        return run_remove(model, out, **common)
+    return run_swap(model, target, out, **common)
 
 
 def main() -> None:

@@ -1,3 +1,29 @@
-"""normsurgery: post-training surgery on the normalization layers and depth of transformer LMs."""
+"""normsurgery: post-training surgery on the normalization layers and depth of transformer LMs.
+
+The Python API (normsurgery/api.py) is here at the top level; importing the package loads neither torch nor
+transformers until a call needs them:
+
+    import normsurgery as ns
+    result = ns.fold("smollm2-135m", "out/folded")    # result.check.passed, result.check.rel_logit_diff
+"""
+
+from typing import Any
 
 __version__ = "0.1.0"
+
+_API = ("fold", "convert", "check", "diagnose", "prune", "evaluate", "run_recipe", "fold_model")
+_ERRORS = ("NormSurgeryError", "CheckFailed")
+__all__ = ["__version__", *_API, *_ERRORS]
+
+
+def __getattr__(name: str) -> Any:
+    """The API's calls and exceptions, imported on first use."""
+    if name in _API:
+        from normsurgery import api
+
+        return getattr(api, name)
+    if name in _ERRORS:
+        from normsurgery import errors
+
+        return getattr(errors, name)
+    raise AttributeError(f"module 'normsurgery' has no attribute {name!r}")

@@ -28,6 +28,8 @@ from normsurgery.thresholds import DEFAULT_NUM_SEQS, DEFAULT_SEQ_LEN, Thresholds
 if TYPE_CHECKING:
     import torch
 
+    from normsurgery.comparison import CheckReport
+
     from normsurgery.engine.resources import Runtime
     from normsurgery.engine.weights import PlanWeights
 
@@ -46,15 +48,15 @@ class SurgeryResult:
     kept: list[str]
     remote_code: bool
     dtype: str
-    check: dict[str, Any] | None = None
-    maths_check: dict[str, Any] | None = None  # bf16/fp16 outputs: a float32 twin of the rewrite vs the source
-    storage_check: dict[str, Any] | None = None  # bf16/fp16 outputs: the stored result vs its float32 twin
-    change: dict[str, Any] | None = None  # pruning: the output against the unpruned source (what it costs)
+    check: CheckReport | None = None  # the output against the source (None: not verified)
+    maths_check: CheckReport | None = None  # bf16/fp16 outputs: a float32 twin of the rewrite vs the source
+    storage_check: CheckReport | None = None  # bf16/fp16 outputs: the stored result vs its float32 twin
+    change: CheckReport | None = None  # pruning: the output against the unpruned source (what it costs)
     config_updates: dict[str, Any] | None = None  # what changed in config.json
 
     def as_dict(self) -> dict[str, Any]:
         """Plain data for normsurgery.json and --json."""
-        return dict(self.__dict__)
+        return {k: v.as_dict() if hasattr(v, "as_dict") else v for k, v in self.__dict__.items()}
 
 
 @contextmanager
@@ -189,7 +191,7 @@ def apply_plan(
             source.spec,
             [{"operation": plan.operation, "folded": len(plan.folded), "kept": len(plan.kept),
               "remote_code": result.remote_code, "dtype": result.dtype}],
-            result.check,
+            result.check.as_dict() if result.check else None,
             _card_extra(plan, result),
         )
         writer.write_text("README.md", card)
@@ -205,8 +207,8 @@ def _card_extra(plan: Plan, result: SurgeryResult) -> dict[str, Any] | None:
         if result.change:
             c = result.change
             extra["change_against_the_source"] = [
-                f"perplexity {c['ppl_original']:.4g} -> {c['ppl_candidate']:.4g} on {c['tokens']}",
-                f"top-1 agreement {c['top1_agreement']:.2%}, mean KL {c['mean_kl']:.4g} nats"]
+                f"perplexity {c.ppl_original:.4g} -> {c.ppl_candidate:.4g} on {c.tokens}",
+                f"top-1 agreement {c.top1_agreement:.2%}, mean KL {c.mean_kl:.4g} nats"]
     return extra or None
 
 
@@ -236,7 +238,7 @@ def _verify(
     """
     import torch
 
-    from normsurgery.check import Pairing, Run, compare_runs, sample_tokens
+    from normsurgery.comparison import Pairing, Run, compare_runs, sample_tokens
     from normsurgery.engine.loading import OpenModel
     from normsurgery.engine.weights import CheckpointWeights
 
@@ -249,7 +251,7 @@ def _verify(
                                              num_seqs=DEFAULT_NUM_SEQS)
         common = dict(tokens_label=tokens_label, dtype=f32, on_batch=on_verify)
         if plan.skipped_blocks:
-            from normsurgery.prune.skip import skipping
+            from normsurgery.depth.skip import skipping
 
             kept = [b for i, b in enumerate(blocks) if i not in plan.skipped_blocks]
             runs = [Run(original, lambda: skipping(original.model, source.arch, plan.skipped_blocks), kept),
@@ -258,12 +260,12 @@ def _verify(
             report, change = compare_runs(runs, [
                 Pairing(0, 1, (f"{source.spec} with blocks {skipped} skipped", str(out)), thresholds, by_block=True),
                 Pairing(2, 1, label, NO_LIMITS)], tokens, **common)
-            result.check, result.change = report.as_dict(), change.as_dict()
+            result.check, result.change = report, change
         elif target not in (torch.bfloat16, torch.float16):
             runs = [Run(original, blocks=blocks), Run(stored, blocks=blocks)]
             report, = compare_runs(runs, [Pairing(0, 1, label, thresholds, by_block=plan.operation == "fold")],
                                    tokens, **common)
-            result.check = report.as_dict()
+            result.check = report
         else:
             with OpenModel(staged, runtime, weights=twin) as exact:
                 twin_label = f"{out} (float32 twin)"
@@ -272,7 +274,7 @@ def _verify(
                     Pairing(0, 1, (source.spec, twin_label), thresholds, by_block=plan.operation == "fold"),
                     Pairing(1, 2, (twin_label, str(out)), NO_LIMITS),
                     Pairing(0, 2, label, NO_LIMITS)], tokens, **common)
-            result.maths_check, result.storage_check, result.check = report.as_dict(), storage.as_dict(), overall.as_dict()
+            result.maths_check, result.storage_check, result.check = report, storage, overall
     if not report.passed:
         raise CheckFailed(
             f"verification failed, so {out} was not written: {'; '.join(report.failures)}. This is a bug in "

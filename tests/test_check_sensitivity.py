@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from normsurgery.arch import architecture_of
-from normsurgery.check import check_tokens
+from normsurgery.comparison import check_tokens
 from normsurgery.engine.lazy_model import model_config
 from normsurgery.thresholds import DEFAULT_NUM_SEQS, DEFAULT_SEQ_LEN
 

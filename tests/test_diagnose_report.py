@@ -10,8 +10,8 @@ from html.parser import HTMLParser
 
 import pytest
 
-from normsurgery.prune.report import draw_plots, render_html, write_html
-from normsurgery.prune.stats import LayerStats, NormGain
+from normsurgery.depth.report import draw_plots, render_html, write_html
+from normsurgery.depth.stats import LayerStats, NormGain
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 ALL_PNGS = ["residual_norm.png", "block_influence.png", "angular_distance.png", "norm_gains.png"]

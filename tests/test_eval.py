@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from normsurgery.evaluate.tasks import OFFLINE_TASKS
-from normsurgery.evaluate.tasks import shakespeare as docs
+from normsurgery.evaluation.tasks import OFFLINE_TASKS
+from normsurgery.evaluation.tasks import shakespeare as docs
 from normsurgery.reference.text import shakespeare_text
 
 
@@ -109,7 +109,7 @@ def test_thresholds_need_an_original(tiny_model, cli):
 @pytest.mark.parametrize("task, separator", [("shakespeare_lastword", " "), ("shakespeare_nextline", "\n")])
 def test_requests_score_the_intended_continuation(task, separator):
     """What lm-eval scores is the context, then the separator and the target: no word glued to the context."""
-    from normsurgery.evaluate.runner import task_manager
+    from normsurgery.evaluation.runner import task_manager
 
     loaded = task_manager([task]).load([task])["tasks"][task]
     loaded.build_all_requests(rank=0, world_size=1, limit=5)

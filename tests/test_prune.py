@@ -82,7 +82,7 @@ def test_statistics_match_an_independent_computation(tiny_model):
     replaced by the identity so that the last state is the raw residual."""
     from transformers import AutoModelForCausalLM
 
-    from normsurgery.prune.measure import measure
+    from normsurgery.depth.measure import measure
     from normsurgery.source import open_model
 
     folder = tiny_model("llama")
@@ -109,7 +109,7 @@ def test_statistics_match_an_independent_computation(tiny_model):
 
 
 def _stats(bi, angular_last):
-    from normsurgery.prune.stats import LayerStats
+    from normsurgery.depth.stats import LayerStats
 
     L = len(bi)
     return LayerStats(model="m", family="llama", num_layers=L, norm_placement="Pre-LN", tokens=1, sequences=1,
@@ -118,7 +118,7 @@ def _stats(bi, angular_last):
 
 
 def test_selection_by_metric_respects_the_guards():
-    from normsurgery.prune.select import candidates
+    from normsurgery.depth.select import candidates
 
     bi = [0.01, 0.5, 0.1, 0.05, 0.3, 0.02]
     spans = [[0.9, 0.5, 0.2, 0.4, 0.3, 0.1], [0.9, 0.6, 0.3, 0.5, 0.35], [0.9, 0.7, 0.6, 0.8]] + [[1.0] * (6 - n) for n in range(3, 6)]

@@ -36,7 +36,10 @@ SHORT = ("--set", "gap=1", "--set", "heal=3")
 
 @pytest.mark.parametrize("name", sorted(STAND_INS))
 def test_shipped_recipe_runs_on_a_tiny_fixture(name, tiny_model, cli, tmp_path):
-    code, stdout, err = cli("run", RECIPES / name, "--model", tiny_model(STAND_INS[name]), "--set", f"out={tmp_path}",
+    """Each shipped recipe runs as a fresh clone runs it: its output folder's parents (`runs/` by default) do not
+    exist yet and are created."""
+    runs = tmp_path / "fresh" / "runs"
+    code, stdout, err = cli("run", RECIPES / name, "--model", tiny_model(STAND_INS[name]), "--set", f"out={runs}",
                             *SHORT, "--json", "--junit", tmp_path / "report.xml")
     report = json.loads(stdout)
     statuses = [s["status"] for s in report["steps"]]
@@ -44,13 +47,13 @@ def test_shipped_recipe_runs_on_a_tiny_fixture(name, tiny_model, cli, tmp_path):
         failed = next(s for s in report["steps"] if s["status"] == "failed")
         assert failed["kind"] in ("eval", "check") and failed["failures"], failed
         assert statuses[-1] == "skipped" and "error" not in statuses
-        assert not list(tmp_path.glob(".*recipe-work"))
+        assert not list(runs.glob(".*recipe-work"))
         return
     assert code == 0, (err, [(s["label"], s["failures"], s["error"]) for s in report["steps"]])
     assert all(s == "passed" for s in statuses)
     out = Path(report["output"])
-    assert out.parent == tmp_path and (out / "config.json").exists()
-    assert not list(tmp_path.glob(".*recipe-work"))
+    assert out.parent == runs and (out / "config.json").exists()
+    assert not list(runs.glob(".*recipe-work"))
     card = (out / "README.md").read_text()
     assert report["recipe_sha256"] in card and "## Recipe" in card
     assert json.loads((out / "normsurgery.json").read_text())["recipe"]["recipe_sha256"] == report["recipe_sha256"]

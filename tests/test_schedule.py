@@ -160,19 +160,18 @@ def test_convert_says_what_it_chose_before_it_starts(tiny_model, cli, tmp_path):
 def test_a_budget_far_below_what_the_model_needs_is_pointed_out_before_it_starts():
     """smollm2-135m at 30 CPU minutes gets 1 step per path where about 300 are meant: the command says so up front;
     the budget our 1.35M-parameter model gets by default is not flagged."""
-    from normsurgery.commands.common import console
-    from normsurgery.commands.trainable import _announce
     from normsurgery.train.engine import FinetuneOptions
     from normsurgery.trainable.budget import Sized
+    from normsurgery.trainable.pipeline import describe_plan
 
     options = FinetuneOptions(lr=6e-4, batch_size=4, seq_len=256)
-    with console.capture() as short:
-        _announce(Sized(300, 1, 90, 1, 4, 6.5, 1800), "norm paths to freeze", 91, options, 134_515_008, "cpu", False)
-    with console.capture() as enough:
-        _announce(Sized(3000, 30, 300, 1, 120, 0.1, 400), "norm paths to freeze", 37, options, 1_350_000, "cpu", False)
-    said = " ".join(short.get().split())
+    short = describe_plan(Sized(300, 1, 90, 1, 4, 6.5, 1800), "norm paths to freeze", 91, options, 134_515_008, "cpu")
+    enough = describe_plan(Sized(3000, 30, 300, 1, 120, 0.1, 400), "norm paths to freeze", 37, options, 1_350_000,
+                           "cpu")
+    said = " ".join(" ".join(short.notes).split())
     assert "gets 1 step(s) of 1k tokens" in said and "about 299" in said and "--budget" in said
-    assert "meant to get" not in " ".join(enough.get().split())
+    assert short.steps == 300 and "300 steps" in short.summary
+    assert not enough.notes
 
 
 def test_a_fine_tune_whose_loss_explodes_stops_with_the_clear_error(tiny_model):

@@ -223,7 +223,7 @@ def test_bf16_trains_in_autocast_and_exports_what_float32_computes(tiny_model, c
 
 def test_a_clearly_worse_result_is_pointed_out():
     from normsurgery.commands.common import console
-    from normsurgery.commands.trainable import _note_if_far
+    from normsurgery.commands.rewrite import _note_if_far
 
     with console.capture() as far:
         _note_if_far(4.0, 4.5)

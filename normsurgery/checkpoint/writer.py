@@ -44,6 +44,15 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def make_parent(out: Path) -> None:
+    """Create the missing parent folders of an output (a folder or a file), or say clearly why they cannot be."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise NormSurgeryError(f"cannot create the output's parent folder {out.parent}: {err.strerror or err}. "
+                               "Choose another output.") from None
+
+
 class CheckpointWriter:
     """Context manager: `add` tensors, write side files, then commit OUT atomically on a clean exit."""
 
@@ -68,8 +77,7 @@ class CheckpointWriter:
             raise NormSurgeryError(
                 f"{self.out} already exists ({what}). Choose another output, or pass --force to replace a folder."
             )
-        if not parent.is_dir():
-            raise NormSurgeryError(f"the output's parent folder {parent} does not exist; create it first.")
+        make_parent(self.out)
         if not os.access(parent, os.W_OK):
             raise NormSurgeryError(f"cannot write into {parent} (read-only or no permission); choose another output.")
         self.clean_stale(self.out)

@@ -15,7 +15,6 @@ from normsurgery.thresholds import (
     DEFAULT_MIN_TOP1,
     DEFAULT_NUM_SEQS,
     DEFAULT_SEQ_LEN,
-    Thresholds,
 )
 from normsurgery.cli import app
 from normsurgery.commands.common import (
@@ -27,12 +26,11 @@ from normsurgery.commands.common import (
     TrustRemoteCode,
     console,
     print_json,
-    torch_dtype,
 )
-from normsurgery.errors import CheckFailed, NormSurgeryError
+from normsurgery.errors import CheckFailed
 
 if TYPE_CHECKING:
-    from normsurgery.check import CheckReport
+    from normsurgery.comparison import CheckReport
 
 
 def report_markdown(report: CheckReport) -> str:
@@ -121,34 +119,15 @@ def check(
 
       normsurgery check ./orig ./pruned --max-logit-diff -1 --min-top1 0.9 --max-kl 0.05 --json
     """
-    from normsurgery.check import run_check
-    from normsurgery.engine.resources import resolve_runtime
-    from normsurgery.source import validated_path
+    from normsurgery.api import check as compare
 
-    compute_dtype = torch_dtype(dtype)
-    runtime = resolve_runtime(device, max_memory)
-    text_value = None
-    if text is not None:
-        try:
-            text_value = text.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as err:
-            raise NormSurgeryError(f"cannot read --text {text}: {err}. Give a readable UTF-8 text file.") from None
-    paths = []
-    for spec in (original, candidate):
-        paths.append(validated_path(spec, allow_pickle=allow_pickle))
-    thresholds = Thresholds(
-        max_rel_logit_diff=None if max_logit_diff < 0 else max_logit_diff,
-        min_top1=None if min_top1 < 0 else min_top1,
-        max_kl=None if max_kl < 0 else max_kl,
-    )
     with Progress(TextColumn("comparing"), BarColumn(), TextColumn("{task.completed} forwards"),
                   console=console, transient=True, disable=json_output or markdown) as progress:
         task = progress.add_task("check", total=None)
-        report = run_check(
-            paths[0], paths[1], thresholds=thresholds, text=text_value, seq_len=seq_len, num_seqs=num_seqs,
-            dtype=compute_dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
-            on_batch=lambda: progress.advance(task), labels=(original, candidate), runtime=runtime,
-        )
+        report = compare(original, candidate, text=text, seq_len=seq_len, num_seqs=num_seqs, dtype=dtype,
+                         max_logit_diff=max_logit_diff, min_top1=min_top1, max_kl=max_kl, allow_pickle=allow_pickle,
+                         trust_remote_code=trust_remote_code, device=device, max_memory=max_memory,
+                         progress=lambda _what, done, _total: progress.update(task, completed=done))
     if json_output:
         print_json(report.as_dict())
     elif markdown:

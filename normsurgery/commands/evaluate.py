@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -16,7 +17,7 @@ from normsurgery.errors import CheckFailed, NormSurgeryError
 
 
 def _print_table(rows, candidate, original, failures) -> None:
-    from normsurgery.evaluate.compare import _num, _pm
+    from normsurgery.evaluation.compare import _num, _pm
 
     title = f"eval: {candidate.model}" + (f" vs {original.model}" if original else "")
     table = Table(title=title, title_justify="left")
@@ -55,24 +56,6 @@ def _record(folder: Path, text: str, data: dict) -> None:
         os.replace(tmp, path)
 
 
-def _check_fits(folder: Path, dtype, max_memory: Optional[str]) -> None:
-    """lm-eval holds the whole model: refuse one whose weights exceed the memory budget before loading it."""
-    from normsurgery.checkpoint.reader import CheckpointReader
-    from normsurgery.checkpoint.writer import parse_size
-    from normsurgery.engine.resources import available_ram, human_bytes
-
-    budget = parse_size(max_memory) if max_memory else available_ram()
-    with CheckpointReader.open(folder, trust_remote_code=True) as reader:  # headers only; pickle was refused
-        need = sum(reader.info(n).numel for n in reader.names()) * dtype.itemsize
-    if need > budget:
-        raise NormSurgeryError(
-            f"{folder} takes {human_bytes(need)} in {str(dtype).replace('torch.', '')}, more than the "
-            f"{human_bytes(budget)} available (--max-memory or the free memory), and lm-eval holds the whole model. "
-            "Evaluate it in bfloat16 (--dtype bfloat16), on a GPU (--device cuda), or with lm-eval's own multi-GPU "
-            "backends; `normsurgery check` compares two models of any size in bounded memory."
-        )
-
-
 @app.command("eval")
 def eval_command(
     model: Annotated[str, typer.Argument(help="Model folder, reference model name or hub id.")],
@@ -100,55 +83,33 @@ def eval_command(
 
       normsurgery eval ./gpt2-dyt --compare gpt2-shakespeare --max-ppl-increase 0.05 --markdown summary.md
     """
-    from normsurgery.evaluate import compare as cmp
-    from normsurgery.evaluate.runner import DEFAULT_TASKS, evaluate_path, task_manager
+    from normsurgery.evaluation.compare import evaluate_models
 
-    from normsurgery.source import validated_path
-
-    compute_dtype = torch_dtype(dtype)
-    if (max_ppl_increase is not None or max_acc_drop is not None) and compare is None:
-        raise NormSurgeryError("--max-ppl-increase and --max-acc-drop compare against an original: add --compare ORIGINAL.")
-    names = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else list(DEFAULT_TASKS)
-    manager = task_manager(names)  # unknown or unreachable tasks fail here, before any model loads
-    folder = validated_path(model)
-    reference = validated_path(compare) if compare else None
-    for path in (folder, reference):
-        if path is not None:
-            _check_fits(path, compute_dtype, max_memory)
-    options = dict(limit=limit, batch_size=batch_size, device=device, dtype=compute_dtype,
-                   trust_remote_code=trust_remote_code, manager=manager)
-    quiet = json_output
-    status = console.status("", spinner="dots") if not quiet else None
-
-    def on_task(label: str):
-        return lambda task: status.update(f"{label}: {task}") if status else None
-
-    with status if status else _nothing():
-        candidate = evaluate_path(folder, names, label=model, on_task=on_task(model), **options)
-        original = evaluate_path(reference, names, label=compare, on_task=on_task(compare), **options) if reference else None
-    rows = cmp.rows_of(candidate, original)
-    failures = cmp.apply_thresholds(rows, max_ppl_increase, max_acc_drop)
-    thresholds = {"max_ppl_increase": max_ppl_increase, "max_acc_drop": max_acc_drop}
-    data = cmp.report(candidate, original, rows, failures, thresholds)
-    text = cmp.markdown(candidate, original, rows, failures)
+    status = console.status("", spinner="dots") if not json_output else None
+    with status if status else nullcontext():
+        evaluation = evaluate_models(
+            model, tasks=tasks.split(",") if tasks else None, compare=compare, limit=limit, batch_size=batch_size,
+            device=device, dtype=torch_dtype(dtype), max_memory=max_memory, max_ppl_increase=max_ppl_increase,
+            max_acc_drop=max_acc_drop, trust_remote_code=trust_remote_code,
+            on_task=(lambda label, task: status.update(f"{label}: {task}")) if status else None)
+    rows, candidate, original, failures = (evaluation.rows, evaluation.candidate, evaluation.original,
+                                           evaluation.failures)
+    data, text = evaluation.as_dict(), evaluation.markdown()
     if markdown is not None:
+        from normsurgery.checkpoint.writer import make_parent
+
+        make_parent(markdown)
         try:
             markdown.write_text(text, encoding="utf-8")
         except OSError as err:
             raise NormSurgeryError(f"cannot write --markdown {markdown}: {err}.") from None
     if record:
-        _record(folder, text, data)
+        from normsurgery.source import validated_path
+
+        _record(validated_path(model), text, data)
     if json_output:
         print_json(data)
     else:
         _print_table(rows, candidate, original, failures)
     if failures:
         raise CheckFailed("; ".join(failures))
-
-
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -21,10 +21,8 @@ from normsurgery.commands.common import (
     TrustRemoteCode,
     console,
     print_json,
-    torch_dtype,
 )
-from normsurgery.errors import NormSurgeryError
-from normsurgery.thresholds import DEFAULT_MAX_REL_LOGIT_DIFF, Thresholds
+from normsurgery.thresholds import DEFAULT_MAX_REL_LOGIT_DIFF
 
 if TYPE_CHECKING:
     from normsurgery.surgery import SurgeryResult
@@ -50,35 +48,22 @@ NoVerify = Annotated[bool, typer.Option("--no-verify", help="Skip the model chec
 def _run(model: str, plan_for, out: Path, force: bool, max_shard_size: str, dtype: Optional[str], no_verify: bool,
          json_output: bool, allow_pickle: bool, trust_remote_code: bool, max_logit_diff: float, device: str,
          max_memory: Optional[str]) -> SurgeryResult:
-    """Shared body of the rewrite commands: open, plan, write, verify, report."""
-    from normsurgery.checkpoint.writer import parse_size
-    from normsurgery.engine.resources import resolve_runtime
-    from normsurgery.source import open_model
-    from normsurgery.surgery import apply_plan
+    """Shared body of the rewrite commands: the API's rewrite with progress bars, then the report."""
+    from normsurgery.api import _rewrite
 
-    store = torch_dtype(dtype) if dtype is not None else None
-    runtime = resolve_runtime(device, max_memory)
-    shard_bytes = parse_size(max_shard_size)
-    if out.exists() and not force:
-        raise NormSurgeryError(f"{out} already exists; choose another --output or pass --force to replace it.")
-    source = open_model(model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, scan_finite=False,
-                        shapes="background")
-    try:
-        plan = plan_for(source)
-        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                      TimeElapsedColumn(), console=console, transient=True, disable=json_output) as progress:
-            task = progress.add_task(f"{plan.operation}: writing", total=len(plan.steps) + len(source.reader))
-            check_task = progress.add_task("verifying", total=None, visible=False)
-            result = apply_plan(
-                source, plan, out, force=force, max_shard_size=shard_bytes,
-                dtype=store, verify=not no_verify,
-                thresholds=Thresholds(max_rel_logit_diff=None if max_logit_diff < 0 else max_logit_diff),
-                on_step=lambda _: progress.advance(task),
-                on_verify=lambda: (progress.update(check_task, visible=True), progress.advance(check_task)),
-                runtime=runtime,
-            )
-    finally:
-        source.close()
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=console, transient=True, disable=json_output) as progress:
+        tasks: dict[str, Any] = {}
+
+        def on_progress(what: str, done: int, total: int | None) -> None:
+            if what not in tasks:
+                tasks[what] = progress.add_task(what, total=total)
+            progress.update(tasks[what], completed=done)
+
+        result = _rewrite(model, out, plan_for, force=force, dtype=dtype, verify=not no_verify,
+                          max_logit_diff=max_logit_diff, max_shard_size=max_shard_size, allow_pickle=allow_pickle,
+                          trust_remote_code=trust_remote_code, device=device, max_memory=max_memory,
+                          progress=on_progress)
     if json_output:
         print_json(result.as_dict())
     else:
@@ -94,17 +79,74 @@ def _print_result(result: SurgeryResult) -> None:
         console.print(f"  - {line}")
     if result.check:
         c = result.check
-        console.print(f"check: max |logit diff| {c['max_abs_logit_diff']:.3g} ({c['rel_logit_diff']:.3g} of the logit scale), "
-                      f"mean KL {c['mean_kl']:.3g}, top-1 agreement {c['top1_agreement']:.2%}")
-        if c.get("memory"):
+        console.print(f"check: max |logit diff| {c.max_abs_logit_diff:.3g} ({c.rel_logit_diff:.3g} of the logit scale), "
+                      f"mean KL {c.mean_kl:.3g}, top-1 agreement {c.top1_agreement:.2%}")
+        if c.memory:
             from normsurgery.commands.check import memory_line
 
-            console.print(f"  {memory_line(c['memory'])}")
+            console.print(f"  {memory_line(c.memory)}")
     if result.maths_check and result.storage_check:
-        console.print(f"  maths (float32 twin): {result.maths_check['rel_logit_diff']:.3g} of the logit scale; "
-                      f"storage rounding to {result.dtype}: {result.storage_check['rel_logit_diff']:.3g}")
+        console.print(f"  maths (float32 twin): {result.maths_check.rel_logit_diff:.3g} of the logit scale; "
+                      f"storage rounding to {result.dtype}: {result.storage_check.rel_logit_diff:.3g}")
     if not result.check:
         console.print("[yellow]not verified (--no-verify)[/yellow]")
+
+
+def _run_trainable(model: str, target: str, out: Path, options: Any, *, force: bool, max_shard_size: str,
+                   json_output: bool, allow_pickle: bool, trust_remote_code: bool, runtime: Any) -> None:
+    """`convert --to none|dyt|derf`: say what the schedule is, show a progress bar with an ETA, print the result."""
+    from rich.progress import TimeRemainingColumn
+
+    from normsurgery.trainable.pipeline import run_remove, run_swap
+
+    progress = Progress(TextColumn("removing norms" if target == "none" else f"swapping norms for {target}"),
+                        BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
+                        TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), TextColumn("eta"),
+                        TimeRemainingColumn(), console=console, transient=True, disable=json_output)
+    task = progress.add_task(target, total=None, loss=float("nan"))
+
+    def on_plan(plan: Any) -> None:
+        if not json_output:
+            console.print(plan.summary)
+            for note in plan.notes:
+                console.print(f"[yellow]note: {note}[/yellow]")
+        progress.update(task, total=plan.steps)
+
+    common = dict(force=force, max_shard_size=max_shard_size, removal=options, allow_pickle=allow_pickle,
+                  trust_remote_code=trust_remote_code, runtime=runtime, on_plan=on_plan,
+                  on_step=lambda step, loss: progress.update(task, completed=step + 1, loss=loss))
+    with progress:
+        report = run_remove(model, out, **common) if target == "none" else run_swap(model, target, out, **common)
+    if not report:  # a process other than the main one of a distributed run
+        return
+    if json_output:
+        print_json(report)
+        return
+    if target == "none":
+        console.print(f"[bold green]wrote[/bold green] {out} (no normalization left: {report['removed']} norms "
+                      f"frozen, {report['frozen_paths']} reader paths apart, and folded; its own modeling code, "
+                      "trust_remote_code=True)")
+    else:
+        methods = ", ".join(f"{m} for {k}" for m, k in report["alpha_methods"].items())
+        console.print(f"[bold green]wrote[/bold green] {out} ({report['swapped']} norms swapped for {target}; alpha "
+                      f"initialised by {methods}; its own modeling code, trust_remote_code=True)")
+    before, after = report["heldout_ce_before"], report["heldout_ce_after"]
+    console.print(f"held-out cross-entropy {before:.4f} -> {after:.4f} nats/token ({after - before:+.4f}); "
+                  f"fine-tune {len(report['losses'])} steps in {report['finetune_seconds']:.0f} s")
+    if target == "none":
+        console.print(f"export check: {report['export_check']['rel_logit_diff']:.3g} of the logit scale")
+    _note_if_far(before, after)
+
+
+FAR = 0.1  # nats/token of held-out cross-entropy above the original worth telling the user about
+
+
+def _note_if_far(before: float, after: float) -> None:
+    """Say plainly when the rewritten model is clearly worse than the original, and what to try."""
+    if after - before > FAR:
+        console.print(f"[yellow]note: the output is {after - before:.2f} nats/token worse than the original on held-out "
+                      "text. Heal longer (--heal), try another --lr, or measure it with `normsurgery eval OUT --compare "
+                      "MODEL` before using it.[/yellow]")
 
 
 @app.command()
@@ -184,20 +226,17 @@ def convert(
       normsurgery convert gpt2-shakespeare --to none -o gpt2-noln
     """
     if to in (Target.none, Target.dyt, Target.derf):
-        from normsurgery.commands.trainable import removal_options, run_remove, run_swap
         from normsurgery.engine.resources import resolve_runtime
+        from normsurgery.trainable.pipeline import removal_options
 
-        runtime = resolve_runtime(device, max_memory)
-        options = removal_options(gap=gap, heal=heal, aux_weight=aux_weight, lr=lr, batch_size=batch_size, seq_len=seq_len, text=text, seed=seed,
-                                  loss=loss, gradient_checkpointing=gradient_checkpointing,
-                                  checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, device=device,
-                                  budget=budget, ramp=ramp, mixed_precision=mixed_precision, alpha_init=alpha_init)
-        common = dict(force=force, max_shard_size=max_shard_size, removal=options, json_output=json_output,
-                      allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, runtime=runtime)
-        if to is Target.none:
-            run_remove(model, output, **common)
-        else:
-            run_swap(model, to.value, output, **common)
+        options = removal_options(gap=gap, heal=heal, aux_weight=aux_weight, lr=lr, batch_size=batch_size,
+                                  seq_len=seq_len, text=text, seed=seed, loss=loss,
+                                  gradient_checkpointing=gradient_checkpointing, checkpoint_dir=checkpoint_dir,
+                                  checkpoint_every=checkpoint_every, device=device, budget=budget, ramp=ramp,
+                                  mixed_precision=mixed_precision, alpha_init=alpha_init)
+        _run_trainable(model, to.value, output, options, force=force, max_shard_size=max_shard_size,
+                       json_output=json_output, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+                       runtime=resolve_runtime(device, max_memory))
         return
     if to is Target.rmsnorm:
         from normsurgery.source import open_model

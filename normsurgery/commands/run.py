@@ -30,6 +30,9 @@ def _overrides(pairs: list[str]) -> dict[str, str]:
 def _write(path: Path | None, text: str, what: str) -> None:
     if path is None:
         return
+    from normsurgery.checkpoint.writer import make_parent
+
+    make_parent(path)
     try:
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(text, encoding="utf-8")

@@ -112,14 +112,14 @@ class RecipeRun:
 
     def run(self) -> list[StepResult]:
         """Run every step in order; the first failure or error skips the rest. Never leaves the work folder."""
+        from normsurgery.checkpoint.writer import make_parent
         from normsurgery.engine.resources import resolve_runtime
         from normsurgery.source import validated_path
 
         self.runtime = resolve_runtime(self.device, self.max_memory)
         if self.output.exists() and not self.force:
             raise NormSurgeryError(f"{self.output} already exists; choose another output or pass --force to replace it.")
-        if not self.output.parent.is_dir():
-            raise NormSurgeryError(f"the output's parent folder {self.output.parent} does not exist; create it first.")
+        make_parent(self.output)
         self.original = validated_path(self.recipe.model)
         self.current = self.original
         work = work_folder(self.output)
@@ -171,7 +171,8 @@ class RecipeRun:
                                  thresholds=Thresholds(max_rel_logit_diff=step.max_logit_diff), runtime=self.runtime)
         finally:
             source.close()
-        result.figures = {k: applied.check[k] for k in ("rel_logit_diff", "mean_kl", "top1_agreement")} if applied.check else {}
+        result.figures = ({k: getattr(applied.check, k) for k in ("rel_logit_diff", "mean_kl", "top1_agreement")}
+                          if applied.check else {})
         result.figures["folded"] = len(applied.folded)
         self._advance(step, out)
 
@@ -191,7 +192,7 @@ class RecipeRun:
 
             self._exact(lambda s: plan_center_swap(s.arch, step.to), step, result)
             return
-        from normsurgery.commands.trainable import removal_options, run_remove, run_swap
+        from normsurgery.trainable.pipeline import removal_options, run_remove, run_swap
 
         options = removal_options(gap=step.gap, heal=step.heal, aux_weight=step.aux_weight, lr=step.lr,
                                   batch_size=step.batch_size, seq_len=step.seq_len, text=step.text, seed=step.seed,
@@ -199,21 +200,20 @@ class RecipeRun:
                                   device=self.device, budget=step.budget, ramp=step.ramp,
                                   mixed_precision=step.mixed_precision, alpha_init=step.alpha_init)
         out = self._next(result)
-        common = dict(force=True, max_shard_size="5GB", removal=options, json_output=True, allow_pickle=False,
-                      trust_remote_code=self.trust_remote_code, quiet=True, runtime=self.runtime)
+        common = dict(force=True, removal=options, trust_remote_code=self.trust_remote_code, runtime=self.runtime)
         report = (run_remove(str(self.current), out, **common) if step.to == "none"
                   else run_swap(str(self.current), step.to, out, **common))
         result.figures = {k: report[k] for k in ("heldout_ce_before", "heldout_ce_after", "heldout_ce_change")}
         self._advance(step, out)
 
     def _prune(self, step: PruneStep, result: StepResult) -> None:
-        from normsurgery.commands.prune import PruneSelection, run_prune
+        from normsurgery.depth.pipeline import PruneSelection, run_prune
 
         selection = PruneSelection(remove=step.remove, layers=step.layers, by=step.by, keep_first=step.keep_first,
                                    keep_last=step.keep_last, remeasure=step.remeasure, samples=step.samples,
                                    seq_len=step.seq_len, text=step.text)
         out = self._next(result)
-        report = run_prune(str(self.current), out, selection, force=True, quiet=True,
+        report = run_prune(str(self.current), out, selection, force=True,
                            trust_remote_code=self.trust_remote_code, runtime=self.runtime)
         change = report.get("change") or {}
         result.figures = {"removed_blocks": report["selection"]["blocks"], "kept_blocks": report["kept_blocks"],
@@ -234,7 +234,7 @@ class RecipeRun:
         self._advance(step, out)
 
     def _check(self, step: CheckStep, result: StepResult) -> None:
-        from normsurgery.check import run_check
+        from normsurgery.comparison import run_check
         from normsurgery.thresholds import Thresholds
 
         against = Path(self.models[step.against]) if step.against != "original" else Path(self.original)
@@ -248,8 +248,8 @@ class RecipeRun:
         result.failures = list(report.failures)
 
     def _eval(self, step: EvalStep, result: StepResult) -> None:
-        from normsurgery.evaluate import compare as cmp
-        from normsurgery.evaluate.runner import DEFAULT_TASKS, evaluate_path, task_manager
+        from normsurgery.evaluation import compare as cmp
+        from normsurgery.evaluation.runner import DEFAULT_TASKS, evaluate_path, task_manager
 
         names = step.tasks or list(DEFAULT_TASKS)
         manager = task_manager(names)

@@ -37,15 +37,16 @@ class RemovalOptions:
     """The schedule: fine-tune steps between two freezes and after the last event, and how many units (reader
     paths) each freeze takes (more than one when the budget has fewer gaps than the model has paths)."""
 
-    gap: int | None = 10  # None (with heal): sized by the budget (budget.py)
-    heal: int | None = 50
+    gap: int | None = None  # None (with heal): sized by the budget (budget.py)
+    heal: int | None = None
     per_freeze: int = 1
-    ramp: int | None = 1  # steps over which a freeze or a release goes from live to fixed (1: at once; None: sized)
+    ramp: int | None = None  # steps over which a freeze or a release goes from live to fixed (1: at once; None: sized)
     calibration_batches: int = 1  # batches of CALIBRATION_SEQUENCES sequences per measurement
     aux_weight: float = 0.0  # weight of the spread of the final norm's per-token scale (Baroni et al.'s aux loss)
     alpha_init: str = "best-mse"  # DyT/Derf: how each swap's alpha and gain start (trainable.swap.ALPHA_INITS)
     budget: str | None = None  # --budget: what sizes an unset gap and heal (DEFAULT_BUDGET when None)
-    finetune: FinetuneOptions = field(default_factory=FinetuneOptions)
+    # learning rate, batch and sequence length None: sized by the model, the device and its context
+    finetune: FinetuneOptions = field(default_factory=lambda: FinetuneOptions(lr=None, batch_size=None, seq_len=None))
 
     def validate(self) -> None:
         """One clear error for a schedule no run can follow."""

@@ -1,20 +1,20 @@
-"""`normsurgery convert --to none|dyt|derf`: the trainable rewrites (calibrate, fine-tune, export), behind `convert`."""
+"""The trainable rewrites end to end, file to file (`convert --to none|dyt|derf`): open, size the schedule,
+calibrate and fine-tune, fold or swap, write, check the export. Prints nothing: the caller is told the chosen
+schedule (`on_plan`) and each step (`on_step`)."""
 
 from __future__ import annotations
 
 import copy
 import time
 from collections import Counter
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from normsurgery.engine.loading import load_model, load_tokenizer
 from normsurgery.checkpoint.writer import parse_size
-from normsurgery.commands.common import console, print_json
 from normsurgery.errors import NormSurgeryError
 from normsurgery.rewrite.remove import plan_remove_norms
 from normsurgery.source import open_model
@@ -72,13 +72,6 @@ def _open_for_training(model: str, out: Path, force: bool, max_shard_size: str, 
     return source, shard_bytes
 
 
-def _progress(label: str, disable: bool) -> Progress:
-    """The fine-tune's progress bar: steps, loss, time so far and the estimate of what is left."""
-    return Progress(TextColumn(label), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
-                    TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), TextColumn("eta"),
-                    TimeRemainingColumn(), console=console, transient=True, disable=disable)
-
-
 def _from_main(*values: float) -> list[float]:
     """The main process's values on every process (one process: the values): each process times its own step, and
     schedules sized from different timings would run different numbers of steps, whose collectives never match."""
@@ -123,22 +116,32 @@ def size_run(removal: RemovalOptions, *, parameters: int, units: int, releases: 
     return sized
 
 
-def _announce(sized: Sized, what: str, units: int, options: FinetuneOptions, parameters: int, device: str,
-              quiet: bool) -> None:
-    """Say before the fine-tune starts what it will do and roughly how long it will take."""
-    if quiet:
-        return
-    console.print(f"{sized.describe(what, units)} (lr {options.lr:.2g} for {parameters / 1e6:.3g}M parameters, "
-                  f"{options.batch_size} x {options.seq_len} tokens a step at {sized.seconds_per_step:.2g} s on {device})")
+@dataclass
+class TrainingPlan:
+    """What a trainable rewrite chose before it starts: a line saying so, warnings worth reading first, and the
+    number of fine-tune steps (for a progress bar)."""
+
+    summary: str
+    notes: list[str]
+    steps: int
+
+
+def describe_plan(sized: Sized, what: str, units: int, options: FinetuneOptions, parameters: int,
+                  device: str) -> TrainingPlan:
+    """Say what the fine-tune will do and roughly how long it will take, with warnings for a budget too small."""
+    notes = []
     if sized.per_freeze > 1:
-        console.print(f"[yellow]note: the budget allows fewer steps than there are {what}, so {sized.per_freeze} "
-                      "change at each event; expect a worse result than a larger --budget gives.[/yellow]")
+        notes.append(f"the budget allows fewer steps than there are {what}, so {sized.per_freeze} change at each "
+                     "event; expect a worse result than a larger --budget gives.")
     given, meant = steps_per_unit(sized, options), cap_gap(parameters)
     if given < meant / 10:
-        console.print(f"[yellow]note: at this budget each of the {units} {what} gets {given:.2g} step(s) of 1k tokens "
-                      f"before the next change; a model of this size is meant to get about {meant} (gpt2-shakespeare, "
-                      "1.35M parameters, needed 30). Expect the result to be far from the original, or the fine-tune to diverge: give it a larger --budget, "
-                      "or run it on a GPU.[/yellow]")
+        notes.append(f"at this budget each of the {units} {what} gets {given:.2g} step(s) of 1k tokens before the "
+                     f"next change; a model of this size is meant to get about {meant} (gpt2-shakespeare, 1.35M "
+                     "parameters, needed 30). Expect the result to be far from the original, or the fine-tune to "
+                     "diverge: give it a larger --budget, or run it on a GPU.")
+    summary = (f"{sized.describe(what, units)} (lr {options.lr:.2g} for {parameters / 1e6:.3g}M parameters, "
+               f"{options.batch_size} x {options.seq_len} tokens a step at {sized.seconds_per_step:.2g} s on {device})")
+    return TrainingPlan(summary, notes, sized.steps)
 
 
 def steps_per_unit(sized: Sized, options: FinetuneOptions) -> float:
@@ -152,10 +155,17 @@ def _options_report(options: FinetuneOptions, **schedule: float) -> dict[str, An
     return {**schedule, **{k: str(v) if isinstance(v, Path) else v for k, v in asdict(options).items()}}
 
 
-def run_remove(model: str, out: Path, *, force: bool, max_shard_size: str, removal: RemovalOptions, json_output: bool,
-               allow_pickle: bool, trust_remote_code: bool, quiet: bool = False,
-               runtime: Runtime | None = None) -> dict[str, Any]:
-    """LN removal end to end: check it applies, fine-tune with the freeze schedule, fold, write, check, report."""
+OnPlan = Callable[[TrainingPlan], None]
+OnStep = Callable[[int, float], None]
+
+
+def run_remove(model: str, out: Path, *, force: bool = False, max_shard_size: str = "5GB",
+               removal: RemovalOptions | None = None, allow_pickle: bool = False, trust_remote_code: bool = False,
+               runtime: Runtime | None = None, on_plan: OnPlan | None = None,
+               on_step: OnStep | None = None) -> dict[str, Any]:
+    """LN removal end to end: check it applies, fine-tune with the freeze schedule, fold, write, check; the report
+    (empty on a process other than the main one of a distributed run, which writes and reports)."""
+    removal = removal or RemovalOptions()
     removal.validate()
     source, shard_bytes = _open_for_training(model, out, force, max_shard_size, removal, allow_pickle, trust_remote_code,
                                              runtime, "convert --to none")
@@ -169,15 +179,13 @@ def run_remove(model: str, out: Path, *, force: bool, max_shard_size: str, remov
                                                                                        ramp=r)), ramps=True,
                          calibration_batches=removal.calibration_batches)
         main = process_state().is_main_process
-        _announce(sized, "norm paths to freeze", len(units), removal.finetune, source.parameter_count,
-                  str(student.device), json_output or quiet or not main)
+        if on_plan and main:
+            on_plan(describe_plan(sized, "norm paths to freeze", len(units), removal.finetune, source.parameter_count,
+                                  str(student.device)))
         start = time.perf_counter()
-        with _progress("removing norms", json_output or quiet or not main) as progress:
-            task = progress.add_task("remove", total=sized.steps, loss=float("nan"))
-            scales, events, result, before = remove_norms(
-                student, tokenizer, source.arch, removal, teacher=teacher, special_ids=special_token_ids(tokenizer),
-                on_step=lambda step, loss: progress.update(task, completed=step + 1, loss=loss),
-            )
+        scales, events, result, before = remove_norms(
+            student, tokenizer, source.arch, removal, teacher=teacher, special_ids=special_token_ids(tokenizer),
+            on_step=on_step if main else None)
         seconds = time.perf_counter() - start
         heldout = heldout_batches(tokenizer, removal.finetune.seq_len)
         after = cross_entropy(student, heldout)
@@ -205,36 +213,14 @@ def run_remove(model: str, out: Path, *, force: bool, max_shard_size: str, remov
         source.close()
     if report["export_check"] is None:  # another process wrote and reports
         return {}
-    summary = {"operation": "none", "output": str(out), "removed": len(scales), **report}
-    if quiet:
-        return summary
-    if json_output:
-        print_json(summary)
-    else:
-        frozen = sum(e.scale is not None for e in events)
-        console.print(f"[bold green]wrote[/bold green] {out} (no normalization left: {len(scales)} norms frozen, "
-                      f"{frozen} reader paths apart, and folded; its own modeling code, trust_remote_code=True)")
-        console.print(f"held-out cross-entropy {before:.4f} -> {after:.4f} nats/token ({after - before:+.4f}); "
-                      f"fine-tune {len(result.losses)} steps in {seconds:.0f} s")
-        console.print(f"export check: {report['export_check']['rel_logit_diff']:.3g} of the logit scale")
-        _note_if_far(before, after)
-    return summary
+    frozen = sum(e.scale is not None for e in events)
+    return {"operation": "none", "output": str(out), "removed": len(scales), "frozen_paths": frozen, **report}
 
 
-FAR = 0.1  # nats/token of held-out cross-entropy above the original worth telling the user about
-
-
-def _note_if_far(before: float, after: float) -> None:
-    """Say plainly when the rewritten model is clearly worse than the original, and what to try."""
-    if after - before > FAR:
-        console.print(f"[yellow]note: the output is {after - before:.2f} nats/token worse than the original on held-out "
-                      "text. Heal longer (--heal), try another --lr, or measure it with `normsurgery eval OUT --compare "
-                      "MODEL` before using it.[/yellow]")
-
-
-def removal_options(*, gap: int | None, heal: int | None, aux_weight: float, lr: float | None, batch_size: int | None,
-                    seq_len: int | None, text: str | None, seed: int, loss: str, gradient_checkpointing: bool,
-                    checkpoint_dir: Path | None, checkpoint_every: int, device: str = "auto",
+def removal_options(*, gap: int | None = None, heal: int | None = None, aux_weight: float = 0.0,
+                    lr: float | None = None, batch_size: int | None = None, seq_len: int | None = None,
+                    text: str | None = None, seed: int = 0, loss: str = "kl", gradient_checkpointing: bool = False,
+                    checkpoint_dir: Path | None = None, checkpoint_every: int = 0, device: str = "auto",
                     budget: str | None = None, ramp: int | None = None,
                     mixed_precision: str = "auto", alpha_init: str = "best-mse") -> RemovalOptions:
     """The CLI's options as a RemovalOptions (None: sized by the model, the device and the budget)."""
@@ -245,11 +231,13 @@ def removal_options(*, gap: int | None, heal: int | None, aux_weight: float, lr:
         device=device, mixed_precision=mixed_precision))  # type: ignore[arg-type]
 
 
-def run_swap(model: str, target: str, out: Path, *, force: bool, max_shard_size: str, removal: RemovalOptions,
-             json_output: bool, allow_pickle: bool, trust_remote_code: bool, quiet: bool = False,
-             runtime: Runtime | None = None) -> dict[str, Any]:
+def run_swap(model: str, target: str, out: Path, *, force: bool = False, max_shard_size: str = "5GB",
+             removal: RemovalOptions | None = None, allow_pickle: bool = False, trust_remote_code: bool = False,
+             runtime: Runtime | None = None, on_plan: OnPlan | None = None,
+             on_step: OnStep | None = None) -> dict[str, Any]:
     """DyT/Derf end to end: centre (LayerNorm models), swap progressively with calibrated alphas while distilling,
-    heal, write."""
+    heal, write; the report (empty on a process other than the main one)."""
+    removal = removal or RemovalOptions()
     from normsurgery.rewrite.plan import Plan
     from normsurgery.trainable.swap import (
         SWAP_CALIBRATION_BATCHES,
@@ -283,17 +271,15 @@ def run_swap(model: str, target: str, out: Path, *, force: bool, max_shard_size:
                                                                                         ramp=r), releases=()))
         removal.heal = max(1, removal.heal)
         main = process_state().is_main_process
-        _announce(sized, f"norms to swap for {target}", len(order), removal.finetune, source.parameter_count,
-                  str(student.device), json_output or quiet or not main)
+        if on_plan and main:
+            on_plan(describe_plan(sized, f"norms to swap for {target}", len(order), removal.finetune,
+                                  source.parameter_count, str(student.device)))
         seq_len = removal.finetune.seq_len
         heldout = heldout_batches(tokenizer, seq_len)
         before = cross_entropy(student, heldout)
         start = time.perf_counter()
-        with _progress(f"swapping norms for {target}", json_output or quiet or not main) as progress:
-            task = progress.add_task("swap", total=sized.steps, loss=float("nan"))
-            inits, events, result = swap_norms(
-                student, tokenizer, norms, target, order, removal, teacher=teacher,
-                on_step=lambda step, loss: progress.update(task, completed=step + 1, loss=loss))
+        inits, events, result = swap_norms(student, tokenizer, norms, target, order, removal, teacher=teacher,
+                                           on_step=on_step if main else None)
         seconds = time.perf_counter() - start
         after = cross_entropy(student, heldout)
         report = {
@@ -326,17 +312,6 @@ def run_swap(model: str, target: str, out: Path, *, force: bool, max_shard_size:
         source.close()
     if report["export_check"] is None:
         return {}
-    summary = {"operation": target, "output": str(out), "swapped": len(norms), **report}
-    if quiet:
-        return summary
-    if json_output:
-        print_json(summary)
-    else:
-        methods = Counter(i.method for i in inits.values())
-        console.print(f"[bold green]wrote[/bold green] {out} ({len(norms)} norms swapped for {target}; alpha "
-                      f"initialised by {', '.join(f'{m} for {k}' for m, k in methods.items())}; its own modeling "
-                      "code, trust_remote_code=True)")
-        console.print(f"held-out cross-entropy {before:.4f} -> {after:.4f} nats/token ({after - before:+.4f}); "
-                      f"fine-tune {len(result.losses)} steps in {seconds:.0f} s")
-        _note_if_far(before, after)
-    return summary
+    methods = Counter(i.method for i in inits.values())
+    return {"operation": target, "output": str(out), "swapped": len(norms),
+            "alpha_methods": dict(methods), **report}

@@ -19,8 +19,8 @@ from typing import Any, Callable
 import torch
 
 from normsurgery.errors import NormSurgeryError
-from normsurgery.evaluate import stats
-from normsurgery.evaluate.tasks import OFFLINE_TASKS, TASKS_DIR
+from normsurgery.evaluation import stats
+from normsurgery.evaluation.tasks import OFFLINE_TASKS, TASKS_DIR
 
 DEFAULT_TASKS = OFFLINE_TASKS
 

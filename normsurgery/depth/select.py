@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from normsurgery.errors import NormSurgeryError
-from normsurgery.prune.stats import LayerStats
+from normsurgery.depth.stats import LayerStats
 
 METHODS = ("auto", "bi", "angular", "angular-all", "skip-cost", "last")
 

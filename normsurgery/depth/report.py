@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from normsurgery.prune.stats import LayerStats
+from normsurgery.depth.stats import LayerStats
 
 NO_MATPLOTLIB = "not drawn: matplotlib is not installed (pip install 'normsurgery[plot]')"
 RESIDUAL_NORM = "residual_norm.png"

@@ -15,11 +15,11 @@ import torch
 
 from normsurgery.arch.facts import norm_label, placement
 from normsurgery.arch.spec import Architecture
-from normsurgery.prune.skip import skipping
-from normsurgery.prune.stats import LayerStats, NormGain
+from normsurgery.depth.skip import skipping
+from normsurgery.depth.stats import LayerStats, NormGain
 
 if TYPE_CHECKING:
-    from normsurgery.prune.select import Candidate
+    from normsurgery.depth.select import Candidate
 
 
 def calibration_ids(tokenizer: Any, text: str | None, sequences: int, seq_len: int) -> torch.Tensor:

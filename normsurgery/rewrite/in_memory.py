@@ -1,0 +1,87 @@
+"""Run a plan on a loaded model in place, instead of from file to file: the same steps, reading and writing the
+model's own parameters under their on-disk names (the family's key renames undone)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+from torch import nn
+
+from normsurgery.arch.spec import Architecture
+from normsurgery.errors import NormSurgeryError
+from normsurgery.rewrite.plan import Plan, run_step
+
+
+class ModelTensors:
+    """A loaded model's parameters and buffers as a plan's tensor source, by on-disk name; `set` writes a step's
+    output back into the model."""
+
+    def __init__(self, model: nn.Module, renames: dict[str, str]) -> None:
+        self.model = model
+        self.renames = renames
+        self._named = {**dict(model.named_parameters(remove_duplicate=False)),
+                       **dict(model.named_buffers(remove_duplicate=False))}
+
+    def loaded_name(self, name: str) -> str:
+        """The in-memory name of an on-disk tensor name."""
+        for pattern, replacement in self.renames.items():
+            name = re.sub(pattern, replacement, name)
+        return name
+
+    def names(self) -> list[str]:
+        return list(self._named)
+
+    def prefetch(self, names: list[str]) -> None:
+        """Nothing to read ahead: the tensors are in memory."""
+
+    def get(self, name: str) -> torch.Tensor:
+        loaded = self.loaded_name(name)
+        if loaded not in self._named:
+            raise NormSurgeryError(f"the loaded model has no tensor {loaded} (from {name}); is it the model its "
+                                   "config says it is?")
+        return self._named[loaded].detach()
+
+    @torch.no_grad()
+    def set(self, name: str, value: torch.Tensor) -> None:
+        """Write `value` into the tensor `name` in place (its shape, dtype and device kept)."""
+        target = self.get(name)
+        if target.shape != value.shape:
+            raise NormSurgeryError(f"{name} would change shape {tuple(target.shape)} -> {tuple(value.shape)}, which a "
+                                   "rewrite in memory cannot do to a loaded module; write it to a folder instead.")
+        target.copy_(value.to(device=target.device, dtype=target.dtype))
+
+
+def untie_unembedding(model: nn.Module) -> None:
+    """Give a tied unembedding its own copy of the embedding, so that the two can be rewritten apart."""
+    output, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    if output is not None and output.weight is embedding.weight:
+        output.weight = nn.Parameter(embedding.weight.detach().clone())
+    for config in {id(c): c for c in _configs(model.config)}.values():
+        config.tie_word_embeddings = False
+
+
+def _configs(config: Any) -> list[Any]:
+    """The config and its text config (multimodal wrappers keep the LM's settings there)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return [config, text]
+
+
+def apply_in_memory(model: nn.Module, plan: Plan, arch: Architecture) -> nn.Module:
+    """Run every step of `plan` on `model` in place, each output formed at least in its tensor's precision (float64
+    inside the steps, as from file to file), and apply the plan's config changes. Only plans that keep every
+    tensor's shape and drop nothing run here (fold; the exact conversions' weights)."""
+    if plan.dropped or plan.renames:
+        raise NormSurgeryError(f"{plan.operation} drops or renames tensors, which a loaded model cannot follow; "
+                               "write it to a folder instead.")
+    if plan.config_updates.get("tie_word_embeddings") is False:
+        untie_unembedding(model)
+    tensors = ModelTensors(model, arch.key_renames)
+    for step in plan.steps:
+        for name, value in run_step(step, tensors, lambda n: tensors.get(n).dtype).items():
+            tensors.set(name, value)
+    for key, value in plan.all_config_updates(model.config).items():
+        for config in {id(c): c for c in _configs(model.config)}.values():
+            setattr(config, key, value)
+    return model

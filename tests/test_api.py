@@ -1,0 +1,112 @@
+"""The Python API: each call returns what the command prints with --json, raises the command's errors as
+exceptions, prints nothing, creates missing parent folders; the in-memory fold equals the original and saves as
+a stock model; the README's examples run."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+README = Path(__file__).parent.parent / "README.md"
+
+
+def test_import_loads_neither_torch_nor_transformers():
+    code = ("import sys, normsurgery as ns; ns.fold; ns.NormSurgeryError; "
+            "print([m for m in ('torch', 'transformers') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_fold_writes_verifies_and_returns_the_result_quietly(tiny_model, tmp_path, capsys):
+    import normsurgery as ns
+
+    seen, llama = [], str(tiny_model("llama"))
+    capsys.readouterr()  # building the fixture may print
+    result = ns.fold(llama, tmp_path / "new" / "parents" / "out",
+                     progress=lambda what, done, total: seen.append(what))
+    assert result.check.passed and result.check.rel_logit_diff <= 1e-5 and result.folded
+    assert (tmp_path / "new" / "parents" / "out" / "config.json").is_file()
+    assert json.loads((tmp_path / "new" / "parents" / "out" / "normsurgery.json").read_text())["check"]["passed"]
+    assert {"writing", "verifying"} <= set(seen)
+    assert capsys.readouterr() == ("", "")  # printing is the CLI's
+
+
+def test_convert_check_and_prune(tiny_model, tmp_path, capsys):
+    import normsurgery as ns
+
+    gpt2, llama = str(tiny_model("gpt2")), str(tiny_model("llama"))
+    capsys.readouterr()
+    converted = ns.convert(gpt2, tmp_path / "rms", to="rmsnorm")
+    assert converted.remote_code and converted.check.passed
+    report = ns.check(gpt2, str(tmp_path / "rms"))
+    assert report.passed and report.rel_logit_diff <= 1e-5 and report.as_dict()["passed"]
+    pruned = ns.prune(llama, tmp_path / "pruned", layers=[1])
+    assert pruned["selection"]["blocks"] == [1] and pruned["check"]["passed"]
+    assert capsys.readouterr() == ("", "")
+
+
+def test_bad_input_raises_the_commands_error(tiny_model, tmp_path, cli):
+    import normsurgery as ns
+
+    gpt2 = str(tiny_model("gpt2"))
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(ns.NormSurgeryError) as raised:
+        ns.fold(gpt2, tmp_path / "taken")
+    code, _, err = cli("fold", gpt2, "-o", tmp_path / "taken")
+    assert code == 2 and " ".join(str(raised.value).split()) in " ".join(err.split())
+    with pytest.raises(ns.NormSurgeryError, match="--dtype 'float8' is not one of"):
+        ns.fold(gpt2, tmp_path / "x", dtype="float8")
+    with pytest.raises(ns.NormSurgeryError, match="has no option colour"):
+        ns.convert(gpt2, tmp_path / "y", to="dyt", colour="red")
+    with pytest.raises(ns.NormSurgeryError, match="to must be"):
+        ns.convert(gpt2, tmp_path / "z", to="layernorm")  # type: ignore[arg-type]
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gpt2_untied", "llama", "llama_bias_tied", "gemma", "gpt_neox", "phi",
+                                    "opt"])
+def test_fold_model_in_memory_is_exact_and_saves_as_a_stock_model(family, tiny_model, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    import normsurgery as ns
+
+    folder = tiny_model(family)
+    original = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    assert ns.fold_model(model) is model
+    ids = torch.randint(3, model.config.get_text_config().vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = original(ids).logits.double(), model(ids).logits.double()
+    assert ((want - got).abs().max() / want.abs().max()).item() <= 1e-5
+    model.save_pretrained(tmp_path / "saved")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, model(ids).logits)
+
+
+def _readme_python_api_blocks() -> list[str]:
+    """The code blocks of the README's 'Python API' section."""
+    text = README.read_text(encoding="utf-8")
+    section = text.split("## Python API", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", section, re.S)
+
+
+def test_the_readmes_python_examples_run(tiny_model, tmp_path, monkeypatch):
+    """Every example of the README's Python API section, with the reference models stood in for by tiny fixtures
+    of their kind (gpt2-shakespeare: gpt2; smollm2-135m: the 4-block smollm3) and run from an empty folder."""
+    blocks = _readme_python_api_blocks()
+    assert blocks
+    monkeypatch.chdir(tmp_path)
+    stand_ins = {"gpt2-shakespeare": str(tiny_model("gpt2")), "smollm2-135m": str(tiny_model("smollm3")),
+                 "HuggingFaceTB/SmolLM2-135M": str(tiny_model("smollm3"))}
+    for block in blocks:
+        for name, folder in stand_ins.items():
+            block = block.replace(f'"{name}"', repr(folder))
+        block = block.replace('budget="30min"', 'budget="2k", seq_len=32')  # seconds, not the real budget
+        exec(compile(block, "README.md", "exec"), {})
