@@ -11,7 +11,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-_API = ("fold", "convert", "check", "diagnose", "prune", "evaluate", "run_recipe", "fold_model")
+_API = ("fold", "convert", "check", "diagnose", "prune", "evaluate", "run_recipe", "fold_model", "convert_model")
 _ERRORS = ("NormSurgeryError", "CheckFailed")
 __all__ = ["__version__", *_API, *_ERRORS]
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Literal, Optional, Union
 
+from normsurgery.depth.pipeline import HEAL_BATCH_SIZE, HEAL_LR, PruneSelection
 from normsurgery.errors import NormSurgeryError
 from normsurgery.thresholds import DEFAULT_MAX_KL, DEFAULT_MAX_REL_LOGIT_DIFF, DEFAULT_MIN_TOP1, DEFAULT_NUM_SEQS, \
     DEFAULT_SEQ_LEN, Thresholds
@@ -169,7 +170,7 @@ def check(original: str, candidate: str, *, text: PathLike | None = None, seq_le
                      on_batch=on_batch, labels=(original, candidate), runtime=runtime)
 
 
-def diagnose(model: str, *, samples: int = 16, seq_len: int = 128, text: str | None = None, skip_cost: bool = True,
+def diagnose(model: str, *, samples: int = PruneSelection.samples, seq_len: int = PruneSelection.seq_len, text: str | None = None, skip_cost: bool = True,
              allow_pickle: bool = False, trust_remote_code: bool = False, device: str = "auto",
              max_memory: str | None = None) -> LayerStats:
     """Per-block statistics on calibration text (`text`: a .txt/.jsonl file; default the Shakespeare calibration
@@ -183,14 +184,15 @@ def diagnose(model: str, *, samples: int = 16, seq_len: int = 128, text: str | N
 
 
 def prune(model: str, output: PathLike | None = None, *, remove: int | None = None, layers: list[int] | None = None,
-          by: str = "auto", keep_first: int = 1, keep_last: int = 1, remeasure: int = 3, skip_cost: bool = False,
-          samples: int = 16, seq_len: int = 128, text: str | None = None, heal_steps: int = 0, lr: float = 1e-4,
-          batch_size: int = 8, mixed_precision: str = "auto", dry_run: bool = False, force: bool = False,
+          by: str = PruneSelection.by, keep_first: int = PruneSelection.keep_first,
+          keep_last: int = PruneSelection.keep_last, remeasure: int = PruneSelection.remeasure, skip_cost: bool = False,
+          samples: int = PruneSelection.samples, seq_len: int = PruneSelection.seq_len, text: str | None = None,
+          heal_steps: int = 0, lr: float = HEAL_LR, batch_size: int = HEAL_BATCH_SIZE, mixed_precision: str = "auto", dry_run: bool = False, force: bool = False,
           verify: bool = True, max_shard_size: str = "5GB", allow_pickle: bool = False,
           trust_remote_code: bool = False, device: str = "auto", max_memory: str | None = None) -> dict[str, Any]:
     """Remove `remove` blocks chosen on calibration text (or exactly `layers`, 0-based), write the pruned stock model
     to `output` verified against the original with those blocks skipped, optionally heal it; the report."""
-    from normsurgery.depth.pipeline import PruneSelection, run_prune
+    from normsurgery.depth.pipeline import run_prune
 
     if heal_steps < 0:
         raise NormSurgeryError(f"heal_steps cannot be negative (got {heal_steps}).")
@@ -256,3 +258,18 @@ def fold_model(model: nn.Module) -> nn.Module:
 
     arch = architecture_of(model.config)
     return apply_in_memory(model, plan_fold(arch), arch)
+
+
+def convert_model(model: nn.Module, *, to: Literal["rmsnorm", "crmsnorm"]) -> nn.Module:
+    """Convert a loaded Pre-LN LayerNorm model to Pre-RMSNorm or Pre-CRMSNorm in place, exactly, with the plan
+    `convert` writes; its `save_pretrained` writes a folder that loads as the CLI's output does (its own modeling
+    code, trust_remote_code=True). Returns the model."""
+    from normsurgery.arch import architecture_of
+    from normsurgery.rewrite.center import plan_center_swap
+    from normsurgery.rewrite.in_memory import apply_in_memory
+
+    if to not in ("rmsnorm", "crmsnorm"):
+        raise NormSurgeryError(f"convert_model does the exact conversions, to='rmsnorm' or 'crmsnorm' (got {to!r}); "
+                               "the trainable ones (none, dyt, derf) run from a folder: convert(MODEL, OUT, to=...).")
+    arch = architecture_of(model.config)
+    return apply_in_memory(model, plan_center_swap(arch, to), arch)

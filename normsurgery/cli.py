@@ -1,4 +1,5 @@
-"""The `normsurgery` command line: one Typer app, one module per command under `normsurgery.commands`."""
+"""The `normsurgery` command line: one Typer app; the commands, one module each under `normsurgery.commands`, are
+registered here."""
 
 from __future__ import annotations
 
@@ -40,8 +41,18 @@ INTERRUPTED = 130  # the shell's exit status for Ctrl-C
 
 
 def _register() -> None:
-    """Import the command modules; each adds its commands to `app`."""
-    from normsurgery.commands import check, evaluate, inspect, models, prune, rewrite, run  # noqa: F401
+    """Add the commands to `app`, once, in the order `--help` lists them. The command modules do not know the app:
+    nothing below the CLI imports it."""
+    if app.registered_commands:
+        return
+    from normsurgery.commands import check, evaluate, inspect, models, prune, rewrite, run
+
+    app.command()(check.check)
+    app.command("eval")(evaluate.eval_command)
+    app.command()(inspect.inspect)
+    app.add_typer(models.models_app, name="models")
+    for command in (prune.prune, prune.diagnose, rewrite.fold, rewrite.convert, run.run):
+        app.command()(command)
 
 
 def main() -> None:

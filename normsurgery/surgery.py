@@ -167,7 +167,7 @@ def apply_plan(
             raise
         source.confirm()
         result.tensors_written = len(written)
-        resized = (plan.surgery or {}).get("resized", [])
+        resized = plan.surgery.resized if plan.surgery else []
         result.config_updates = plan.all_config_updates(source.settings)
         config = rewritten_config(
             source.reader.config,

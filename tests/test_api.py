@@ -104,9 +104,63 @@ def test_the_readmes_python_examples_run(tiny_model, tmp_path, monkeypatch):
     assert blocks
     monkeypatch.chdir(tmp_path)
     stand_ins = {"gpt2-shakespeare": str(tiny_model("gpt2")), "smollm2-135m": str(tiny_model("smollm3")),
-                 "HuggingFaceTB/SmolLM2-135M": str(tiny_model("smollm3"))}
+                 "HuggingFaceTB/SmolLM2-135M": str(tiny_model("smollm3")),
+                 "openai-community/gpt2": str(tiny_model("gpt2"))}
     for block in blocks:
         for name, folder in stand_ins.items():
             block = block.replace(f'"{name}"', repr(folder))
         block = block.replace('budget="30min"', 'budget="2k", seq_len=32')  # seconds, not the real budget
         exec(compile(block, "README.md", "exec"), {})
+
+
+@pytest.mark.parametrize("family, to", [("gpt2", "rmsnorm"), ("gpt2", "crmsnorm"), ("gpt2_untied", "crmsnorm"),
+                                        ("opt", "rmsnorm"), ("bloom", "crmsnorm"), ("gpt_neox", "rmsnorm"),
+                                        ("phi", "crmsnorm"), ("falcon", "rmsnorm")])
+def test_convert_model_in_memory_is_exact_and_saves_like_the_clis_output(family, to, tiny_model, tmp_path,
+                                                                          clean_python):
+    from transformers import AutoModelForCausalLM
+
+    import normsurgery as ns
+
+    folder = tiny_model(family)
+    original = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    model = ns.convert_model(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval(), to=to)
+    assert not any(isinstance(m, torch.nn.LayerNorm) for m in model.modules())
+    ids = torch.randint(3, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = original(ids).logits.double(), model(ids).logits.double()
+    assert ((want - got).abs().max() / want.abs().max()).item() <= 1e-5
+    model.save_pretrained(tmp_path / "saved")
+    saved = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert saved["model_type"] == "normsurgery" and (tmp_path / "saved" / "modeling_normsurgery.py").is_file()
+    loaded = clean_python("compare", folder, tmp_path / "saved")  # stock transformers, normsurgery not importable
+    assert loaded["rel"] <= 1e-5 and loaded["same_generation"] and loaded["layernorms_left"] == 0
+
+
+def test_convert_model_refuses_what_it_cannot_do(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    import normsurgery as ns
+
+    llama = AutoModelForCausalLM.from_pretrained(tiny_model("llama"), dtype=torch.float32)
+    with pytest.raises(ns.NormSurgeryError, match="does not apply"):
+        ns.convert_model(llama, to="rmsnorm")  # already RMSNorm
+    with pytest.raises(ns.NormSurgeryError, match="run from a folder"):
+        ns.convert_model(llama, to="dyt")  # type: ignore[arg-type]
+
+
+def test_a_loaded_output_saved_again_loads_the_same_way(tiny_model, tmp_path, clean_python):
+    """An output with its own modeling code, loaded and saved with save_pretrained, keeps that code and its
+    surgery (the CRMSNorm shapes included)."""
+    from transformers import AutoModelForCausalLM
+
+    import normsurgery as ns
+
+    folder = tiny_model("gpt2")
+    ns.convert(str(folder), tmp_path / "crms", to="crmsnorm")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "crms", dtype=torch.float32, trust_remote_code=True)
+    loaded.save_pretrained(tmp_path / "again")
+    first, again = (json.loads((tmp_path / f / "config.json").read_text()) for f in ("crms", "again"))
+    assert again["surgery"] == first["surgery"] and again["auto_map"] == first["auto_map"]
+    result = clean_python("compare", folder, tmp_path / "again")
+    assert result["rel"] <= 1e-5 and result["same_generation"]

@@ -115,9 +115,15 @@ def applicability(arch: Architecture) -> list[Applicability]:
         out.append(Applicability("rmsnorm", True, "Pre-LN LayerNorm: exact after centering the writers"))
         out.append(Applicability("crmsnorm", True, "Pre-LN LayerNorm: exact with the residual stored in d-1 dimensions"))
 
+    residual_others = [n.name for n in arch.all_norms() if n.role not in ("input", "final", "qk")]
     if arch.post_ln:
         out.append(Applicability("dyt", False, "Post-LN norms act on the residual itself; DyT/Derf swaps need Pre-LN"))
         out.append(Applicability("none", False, "Post-LN norms cannot be frozen to a fixed scale without changing the function"))
+    elif residual_others:  # what trainable.stand_ins.removable_norms refuses
+        why = (f"{residual_others[0]} is not a Pre-LN input norm or the final norm (a sandwich, Peri-LN or embedding "
+               "norm), which {} cannot handle")
+        out.append(Applicability("dyt", False, why.format("a DyT/Derf swap")))
+        out.append(Applicability("none", False, why.format("LN removal")))
     else:
         out.append(Applicability("dyt", True, f"element-wise swap of {norm_label(arch)} for DyT/Derf, then a short heal"))
         if pre_ln:

@@ -16,7 +16,6 @@ from normsurgery.thresholds import (
     DEFAULT_NUM_SEQS,
     DEFAULT_SEQ_LEN,
 )
-from normsurgery.cli import app
 from normsurgery.commands.common import (
     AllowPickle,
     Device,
@@ -91,7 +90,6 @@ def print_report(report: CheckReport) -> None:
         console.print(f"[bold red]FAILED[/bold red]: {failure}")
 
 
-@app.command()
 def check(
     original: Annotated[str, typer.Argument(help="The reference model: folder, reference name or hub id.")],
     candidate: Annotated[str, typer.Argument(help="The model to compare with it.")],

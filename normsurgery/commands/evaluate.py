@@ -11,7 +11,6 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from normsurgery.cli import app
 from normsurgery.commands.common import JsonOutput, MaxMemory, TrustRemoteCode, console, print_json, torch_dtype
 from normsurgery.errors import CheckFailed, NormSurgeryError
 
@@ -56,7 +55,6 @@ def _record(folder: Path, text: str, data: dict) -> None:
         os.replace(tmp, path)
 
 
-@app.command("eval")
 def eval_command(
     model: Annotated[str, typer.Argument(help="Model folder, reference model name or hub id.")],
     tasks: Annotated[Optional[str], typer.Option(help="Comma-separated tasks (default: the offline Shakespeare suite).")] = None,

@@ -10,7 +10,6 @@ from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
 
 from normsurgery.arch.facts import applicability, has_qk_norm, norm_label, placement
-from normsurgery.cli import app
 from normsurgery.commands.common import AllowPickle, JsonOutput, TrustRemoteCode, console, print_json
 
 if TYPE_CHECKING:
@@ -47,7 +46,6 @@ def describe(source: ModelSource) -> dict[str, Any]:
     }
 
 
-@app.command()
 def inspect(
     model: Annotated[str, typer.Argument(help="A model folder, a reference model name, or a hub id.")],
     json_output: JsonOutput = False,

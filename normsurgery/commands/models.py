@@ -8,7 +8,6 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from normsurgery.cli import app
 from normsurgery.commands.common import JsonOutput, console, print_json
 from normsurgery.errors import NormSurgeryError
 from normsurgery.reference import REFERENCE_MODELS, build_reference, describe_reference, is_built
@@ -16,7 +15,6 @@ from normsurgery.reference.registry import reference_dir
 
 models_app = typer.Typer(help="Reference models normsurgery builds offline (list them, build one).",
                          invoke_without_command=True, no_args_is_help=False)
-app.add_typer(models_app, name="models")
 
 
 @models_app.callback()

@@ -9,7 +9,6 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.table import Table
 
-from normsurgery.cli import app
 from normsurgery.commands.common import (
     AllowPickle,
     Device,
@@ -21,6 +20,7 @@ from normsurgery.commands.common import (
     print_json,
 )
 from normsurgery.errors import NormSurgeryError
+from normsurgery.depth.pipeline import HEAL_BATCH_SIZE, HEAL_LR, PruneSelection
 from normsurgery.depth.select import METHODS
 from normsurgery.depth.stats import LayerStats
 
@@ -36,25 +36,24 @@ def _parse_layers(layers: str) -> list[int]:
         raise NormSurgeryError(f"--layers takes 0-based block indices separated by commas, e.g. 10,11,12 (got {layers!r}).") from None
 
 
-@app.command()
 def prune(
     model: Annotated[str, typer.Argument(help="A model folder, a reference model name, or a hub id.")],
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output folder (must not exist unless --force); not needed with --dry-run.")] = None,
     remove: Annotated[Optional[int], typer.Option("--remove", "-k", help="How many blocks to remove.")] = None,
     layers: Annotated[Optional[str], typer.Option(help="Remove exactly these 0-based blocks, e.g. 10,11,12 (no measuring).")] = None,
-    by: Annotated[str, typer.Option(help=f"How to choose: {', '.join(METHODS)}.")] = "auto",
-    keep_first: Annotated[int, typer.Option(help="Never remove the first N blocks.")] = 1,
-    keep_last: Annotated[int, typer.Option(help="Never remove the last N blocks.")] = 1,
-    candidates_to_remeasure: Annotated[int, typer.Option("--remeasure", help="Re-measure the top N candidates by calibration loss and keep the best; 0 trusts the metric.")] = 3,
+    by: Annotated[str, typer.Option(help=f"How to choose: {', '.join(METHODS)}.")] = PruneSelection.by,
+    keep_first: Annotated[int, typer.Option(help="Never remove the first N blocks.")] = PruneSelection.keep_first,
+    keep_last: Annotated[int, typer.Option(help="Never remove the last N blocks.")] = PruneSelection.keep_last,
+    candidates_to_remeasure: Annotated[int, typer.Option("--remeasure", help="Re-measure the top N candidates by calibration loss and keep the best; 0 trusts the metric.")] = PruneSelection.remeasure,
     skip_cost: Annotated[bool, typer.Option("--skip-cost", help="Also measure each block's skip cost (one pass per block).")] = False,
-    samples: Samples = 16,
-    seq_len: SeqLen = 128,
+    samples: Samples = PruneSelection.samples,
+    seq_len: SeqLen = PruneSelection.seq_len,
     text: Text = None,
     device: Device = "auto",
     max_memory: MaxMemory = None,
     heal_steps: Annotated[int, typer.Option(help="Distil the pruned model to the original for N steps (0: no heal).", rich_help_panel="Heal")] = 0,
-    lr: Annotated[float, typer.Option(help="Heal learning rate.", rich_help_panel="Heal")] = 1e-4,
-    batch_size: Annotated[int, typer.Option(help="Heal sequences per step.", rich_help_panel="Heal")] = 8,
+    lr: Annotated[float, typer.Option(help="Heal learning rate.", rich_help_panel="Heal")] = HEAL_LR,
+    batch_size: Annotated[int, typer.Option(help="Heal sequences per step.", rich_help_panel="Heal")] = HEAL_BATCH_SIZE,
     mixed_precision: MixedPrecision = "auto",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Choose and report the blocks; write nothing.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
@@ -75,7 +74,7 @@ def prune(
 
       normsurgery prune smollm2-135m --layers 20,21 -o smollm2-28l --heal-steps 100
     """
-    from normsurgery.depth.pipeline import PruneSelection, run_prune
+    from normsurgery.depth.pipeline import run_prune
 
     if heal_steps < 0:
         raise NormSurgeryError(f"--heal-steps cannot be negative (got {heal_steps}).")
@@ -136,14 +135,13 @@ def _print_prune(report: dict[str, Any], json_output: bool) -> None:
                       f"{h['heldout_ce_unhealed']:.4f} pruned -> {h['heldout_ce_after']:.4f} healed")
 
 
-@app.command()
 def diagnose(
     model: Annotated[str, typer.Argument(help="A model folder, a reference model name, or a hub id.")],
     html: Annotated[Optional[Path], typer.Option("--html", help="Write a self-contained HTML report here.")] = None,
     png: Annotated[Optional[Path], typer.Option("--png", help="Write the plots as PNG files into this folder.")] = None,
     skip_cost: Annotated[bool, typer.Option("--skip-cost/--no-skip-cost", help="Measure each block's skip cost (one pass per block).")] = True,
-    samples: Samples = 16,
-    seq_len: SeqLen = 128,
+    samples: Samples = PruneSelection.samples,
+    seq_len: SeqLen = PruneSelection.seq_len,
     text: Text = None,
     device: Device = "auto",
     max_memory: MaxMemory = None,

@@ -10,7 +10,6 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from normsurgery.arch.facts import applicability
-from normsurgery.cli import app
 from normsurgery.commands.common import (
     AllowPickle,
     Device,
@@ -149,7 +148,6 @@ def _note_if_far(before: float, after: float) -> None:
                       "MODEL` before using it.[/yellow]")
 
 
-@app.command()
 def fold(
     model: Annotated[str, typer.Argument(help="A model folder, a reference model name, or a hub id.")],
     output: Out,
@@ -180,7 +178,6 @@ def fold(
          allow_pickle, trust_remote_code, max_logit_diff, device, max_memory)
 
 
-@app.command()
 def convert(
     model: Annotated[str, typer.Argument(help="A model folder, a reference model name, or a hub id.")],
     to: Annotated[Target, typer.Option("--to", help="rmsnorm or crmsnorm (exact, Pre-LN LayerNorm models); none (remove every norm), dyt or derf (swap every norm): calibrate, fine-tune, export.")],

@@ -9,7 +9,6 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from normsurgery.cli import app
 from normsurgery.commands.common import Device, JsonOutput, MaxMemory, TrustRemoteCode, console, print_json
 from normsurgery.errors import NormSurgeryError
 from normsurgery.recipe import report as reports
@@ -41,7 +40,6 @@ def _write(path: Path | None, text: str, what: str) -> None:
         raise NormSurgeryError(f"cannot write {what} {path}: {err.strerror or err}.") from None
 
 
-@app.command()
 def run(
     recipe: Annotated[Path, typer.Argument(help="The recipe file (YAML).")],
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate and print what each step reads and writes; touch nothing.")] = False,

@@ -21,6 +21,26 @@ if TYPE_CHECKING:
     from normsurgery.source import ModelSource
 
 
+HEAL_LR = 1e-4  # a pruned model's heal (distillation to the original): learning rate and sequences per step
+HEAL_BATCH_SIZE = 8
+
+
+@dataclass
+class PruneSelection:
+    """How `prune` chooses its blocks: `remove` K by a method, or exactly `layers`; and the calibration text."""
+
+    remove: int | None = None
+    layers: list[int] | None = None
+    by: str = "auto"
+    keep_first: int = 1
+    keep_last: int = 1
+    remeasure: int = 3
+    skip_cost: bool = False
+    samples: int = 16
+    seq_len: int = 128
+    text: str | None = None
+
+
 def _stats(source: ModelSource, opened: OpenModel, tokenizer: Any, *, samples: int, seq_len: int,
            text: str | None, skip_cost: bool) -> tuple[LayerStats, torch.Tensor]:
     """Measure the per-block statistics of an opened model on its calibration text."""
@@ -58,8 +78,8 @@ def _load(source: ModelSource, runtime: Runtime, allow_pickle: bool, trust_remot
     return opened, tokenizer
 
 
-def diagnose_model(model: str, *, samples: int = 16, seq_len: int = 128, text: str | None = None,
-                   skip_cost: bool = True, allow_pickle: bool = False, trust_remote_code: bool = False,
+def diagnose_model(model: str, *, samples: int = PruneSelection.samples, seq_len: int = PruneSelection.seq_len,
+                   text: str | None = None, skip_cost: bool = True, allow_pickle: bool = False, trust_remote_code: bool = False,
                    runtime: Runtime | None = None) -> LayerStats:
     """Per-block statistics of `model` on calibration text (`text`: a .txt/.jsonl file, or the Shakespeare
     calibration split), with where it ran and the peak memory in `.memory`."""
@@ -77,22 +97,6 @@ def diagnose_model(model: str, *, samples: int = 16, seq_len: int = 128, text: s
     finally:
         source.close()
     return stats
-
-
-@dataclass
-class PruneSelection:
-    """How `prune` chooses its blocks: `remove` K by a method, or exactly `layers`; and the calibration text."""
-
-    remove: int | None = None
-    layers: list[int] | None = None
-    by: str = "auto"
-    keep_first: int = 1
-    keep_last: int = 1
-    remeasure: int = 3
-    skip_cost: bool = False
-    samples: int = 16
-    seq_len: int = 128
-    text: str | None = None
 
 
 def run_prune(model: str, output: Path | None, selection: PruneSelection, *, heal: Any = None, dry_run: bool = False,

@@ -8,11 +8,35 @@ coordinates). Load it with `AutoModelForCausalLM.from_pretrained(folder, trust_r
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+
+AUTO_MAP = {
+    "AutoConfig": "modeling_normsurgery.NormSurgeryConfig",
+    "AutoModelForCausalLM": "modeling_normsurgery.NormSurgeryForCausalLM",
+}
+# Copied to the wrapper's top level so tools that read a config without loading the model see them.
+SHARED_KEYS = (
+    "vocab_size", "hidden_size", "num_hidden_layers", "max_position_embeddings", "n_positions",
+    "bos_token_id", "eos_token_id", "pad_token_id", "torch_dtype", "dtype", "transformers_version",
+)  # fmt: skip
+
+
+def wrap_config(base: dict, surgery: dict) -> dict:
+    """config.json of a rewritten model: the stock config `base` and its `surgery`, loaded through this file."""
+    base = {k: v for k, v in base.items() if k not in ("auto_map", "normsurgery")}
+    wrapper = {k: base[k] for k in SHARED_KEYS if k in base}
+    wrapper.update({"model_type": "normsurgery", "architectures": ["NormSurgeryForCausalLM"],
+                    "auto_map": dict(AUTO_MAP), "base_config": base, "surgery": surgery})
+    return wrapper
 
 
 class NormSurgeryConfig(PretrainedConfig):
@@ -133,15 +157,27 @@ def apply_surgery(model: nn.Module, surgery: dict) -> None:
             module.embedding_dim = shape[1]
 
 
-def _patched(base_class: type) -> type:
-    """A subclass of the stock class that applies the surgery right after building its modules."""
+def patched(base_class: type) -> type:
+    """A subclass of the stock class that applies the surgery right after building its modules, and whose
+    `save_pretrained` writes a folder that loads the same way (the wrapped config and this file beside it)."""
 
     def __init__(self, config, *args, **kwargs):
         base_class.__init__(self, config, *args, **kwargs)
         apply_surgery(self, getattr(config, "normsurgery", {}))
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        base_class.save_pretrained(self, save_directory, *args, **kwargs)
+        path = os.path.join(save_directory, "config.json")
+        with open(path, encoding="utf-8") as f:
+            base = json.load(f)
+        surgery = base.get("normsurgery") or getattr(self.config, "normsurgery", {})
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(wrap_config(base, surgery), f, indent=2)
+            f.write("\n")
+        shutil.copyfile(__file__, os.path.join(save_directory, "modeling_normsurgery.py"))
+
     # same class name: transformers looks up checkpoint key renamings (e.g. GPT-NeoX embed_out) by it
-    return type(base_class.__name__, (base_class,), {"__init__": __init__})
+    return type(base_class.__name__, (base_class,), {"__init__": __init__, "save_pretrained": save_pretrained})
 
 
 class NormSurgeryForCausalLM(PreTrainedModel):
@@ -155,7 +191,7 @@ class NormSurgeryForCausalLM(PreTrainedModel):
         if not isinstance(config, NormSurgeryConfig):
             config = NormSurgeryConfig.from_pretrained(pretrained_model_name_or_path)
         base = config.to_base()
-        model_class = _patched(MODEL_FOR_CAUSAL_LM_MAPPING[type(base)])
+        model_class = patched(MODEL_FOR_CAUSAL_LM_MAPPING[type(base)])
         if config.surgery.get("key_mapping"):  # stock renamings are not applied to custom code
             kwargs.setdefault("key_mapping", config.surgery["key_mapping"])
         return model_class.from_pretrained(pretrained_model_name_or_path, *model_args, config=base, **kwargs)
@@ -163,4 +199,4 @@ class NormSurgeryForCausalLM(PreTrainedModel):
     @classmethod
     def _from_config(cls, config, **kwargs):
         base = config.to_base()
-        return _patched(MODEL_FOR_CAUSAL_LM_MAPPING[type(base)])(base)
+        return patched(MODEL_FOR_CAUSAL_LM_MAPPING[type(base)])(base)

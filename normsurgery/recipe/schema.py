@@ -21,8 +21,15 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from normsurgery.depth.pipeline import HEAL_BATCH_SIZE, HEAL_LR, PruneSelection
 from normsurgery.errors import NormSurgeryError
-from normsurgery.thresholds import DEFAULT_NUM_SEQS, DEFAULT_SEQ_LEN
+from normsurgery.thresholds import (
+    DEFAULT_MAX_KL,
+    DEFAULT_MAX_REL_LOGIT_DIFF,
+    DEFAULT_MIN_TOP1,
+    DEFAULT_NUM_SEQS,
+    DEFAULT_SEQ_LEN,
+)
 
 VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -36,7 +43,7 @@ class FoldStep(_Options):
     """Fold every norm's gain/bias into its readers (exact)."""
 
     kind: Literal["fold"] = "fold"
-    max_logit_diff: float = 2e-5
+    max_logit_diff: float = DEFAULT_MAX_REL_LOGIT_DIFF
 
 
 class ConvertStep(_Options):
@@ -44,7 +51,7 @@ class ConvertStep(_Options):
 
     kind: Literal["convert"] = "convert"
     to: Literal["rmsnorm", "crmsnorm", "none", "dyt", "derf"]
-    max_logit_diff: float = 2e-5
+    max_logit_diff: float = DEFAULT_MAX_REL_LOGIT_DIFF
     budget: str | None = None  # a time (30min) or a token count (20M); sizes what is left unset (default 30min)
     gap: int | None = Field(None, ge=0)  # None: sized by the budget
     heal: int | None = Field(None, ge=0)
@@ -66,12 +73,12 @@ class PruneStep(_Options):
     kind: Literal["prune"] = "prune"
     remove: int | None = Field(None, ge=1)
     layers: list[int] | None = None
-    by: Literal["auto", "bi", "angular", "angular-all", "skip-cost", "last"] = "auto"
-    keep_first: int = Field(1, ge=0)
-    keep_last: int = Field(1, ge=0)
-    remeasure: int = Field(3, ge=0)
-    samples: int = Field(16, ge=1)
-    seq_len: int = Field(128, ge=2)
+    by: Literal["auto", "bi", "angular", "angular-all", "skip-cost", "last"] = PruneSelection.by  # type: ignore[assignment]
+    keep_first: int = Field(PruneSelection.keep_first, ge=0)
+    keep_last: int = Field(PruneSelection.keep_last, ge=0)
+    remeasure: int = Field(PruneSelection.remeasure, ge=0)
+    samples: int = Field(PruneSelection.samples, ge=1)
+    seq_len: int = Field(PruneSelection.seq_len, ge=2)
     text: str | None = None
 
     @model_validator(mode="after")
@@ -86,9 +93,9 @@ class HealStep(_Options):
 
     kind: Literal["heal"] = "heal"
     steps: int = Field(ge=1)
-    lr: float = Field(1e-4, gt=0)
-    batch_size: int = Field(8, ge=1)
-    seq_len: int = Field(128, ge=2)
+    lr: float = Field(HEAL_LR, gt=0)
+    batch_size: int = Field(HEAL_BATCH_SIZE, ge=1)
+    seq_len: int = Field(PruneSelection.seq_len, ge=2)
     text: str | None = None
     seed: int = 0
     mixed_precision: Literal["auto", "no", "bf16"] = "auto"
@@ -99,9 +106,9 @@ class CheckStep(_Options):
 
     kind: Literal["check"] = "check"
     against: str = "original"
-    max_logit_diff: float | None = 2e-5
-    min_top1: float | None = 1.0
-    max_kl: float | None = 1e-6
+    max_logit_diff: float | None = DEFAULT_MAX_REL_LOGIT_DIFF
+    min_top1: float | None = DEFAULT_MIN_TOP1
+    max_kl: float | None = DEFAULT_MAX_KL
     num_seqs: int = Field(DEFAULT_NUM_SEQS, ge=1)
     seq_len: int = Field(DEFAULT_SEQ_LEN, ge=2)
 

@@ -22,7 +22,7 @@ from normsurgery.rewrite.maths import (
     effective_gain,
     fold_into_reader,
 )
-from normsurgery.rewrite.plan import Plan, Step
+from normsurgery.rewrite.plan import Plan, Step, Surgery, module_path
 
 Tensor = torch.Tensor
 Target = Literal["rmsnorm", "crmsnorm"]
@@ -31,11 +31,6 @@ Target = Literal["rmsnorm", "crmsnorm"]
 def bias_name(linear: Linear) -> str:
     """The bias tensor name of a linear, existing or about to be added."""
     return linear.bias or linear.weight[: -len("weight")] + "bias"
-
-
-def module_path(tensor: str) -> str:
-    """The module that owns a tensor."""
-    return tensor.rsplit(".", 1)[0]
 
 
 def reader_source(reader: Linear, arch: Architecture, untie_from: str | None) -> str:
@@ -142,14 +137,7 @@ def plan_center_swap(arch: Architecture, target: Target) -> Plan:
                 add_bias.append(module_path(r.weight))
     if arch.tied:
         plan.config_updates["tie_word_embeddings"] = False
-    plan.surgery = {
-        "operation": target,
-        "norms": norms,
-        "add_bias": add_bias,
-        "resized": crms_resized(arch) if target == "crmsnorm" else [],
-        "unembed": module_path(arch.unembed.weight),
-        "key_mapping": arch.key_renames,
-    }
+    plan.surgery = Surgery.of(target, arch, norms, add_bias, crms_resized(arch) if target == "crmsnorm" else [])
     return plan
 
 

@@ -30,6 +30,13 @@ class ModelTensors:
             name = re.sub(pattern, replacement, name)
         return name
 
+    def __contains__(self, name: str) -> bool:
+        return self.loaded_name(name) in self._named
+
+    def storages(self) -> set[int]:
+        """The data pointers of the model's tensors (to tell a computed output from one of them)."""
+        return {t.data_ptr() for t in self._named.values()}
+
     def names(self) -> list[str]:
         return list(self._named)
 
@@ -70,18 +77,46 @@ def _configs(config: Any) -> list[Any]:
 
 def apply_in_memory(model: nn.Module, plan: Plan, arch: Architecture) -> nn.Module:
     """Run every step of `plan` on `model` in place, each output formed at least in its tensor's precision (float64
-    inside the steps, as from file to file), and apply the plan's config changes. Only plans that keep every
-    tensor's shape and drop nothing run here (fold; the exact conversions' weights)."""
-    if plan.dropped or plan.renames:
-        raise NormSurgeryError(f"{plan.operation} drops or renames tensors, which a loaded model cannot follow; "
+    inside the steps, as from file to file), then make the module changes of the plan's surgery the way the
+    exported modeling code makes them at load (the model becomes that code's subclass of its stock class, whose
+    `save_pretrained` writes a folder that loads as the CLI's output does), and apply its config changes."""
+    if plan.renames or (plan.dropped and plan.surgery is None):
+        raise NormSurgeryError(f"{plan.operation} drops or renames blocks' tensors, which a loaded model cannot follow; "
                                "write it to a folder instead.")
     if plan.config_updates.get("tie_word_embeddings") is False:
         untie_unembedding(model)
     tensors = ModelTensors(model, arch.key_renames)
-    for step in plan.steps:
-        for name, value in run_step(step, tensors, lambda n: tensors.get(n).dtype).items():
-            tensors.set(name, value)
+    stored = next(model.parameters()).dtype
+
+    def dtype_for(name: str) -> torch.dtype:
+        return tensors.get(name).dtype if name in tensors else stored  # an added bias: the model's dtype
+
+    held = tensors.storages()
+    outputs = {}
+    for step in plan.steps:  # every output is computed from the original tensors before any is written
+        for name, value in run_step(step, tensors, dtype_for).items():
+            # an output that is an input unchanged (a reader weight a step passes through) would see the writes
+            outputs[name] = value.clone() if value.data_ptr() in held else value
+    if plan.surgery is not None:
+        _operate(model, plan, outputs)
+        tensors = ModelTensors(model, arch.key_renames)
+    for name, value in outputs.items():
+        tensors.set(name, value)
     for key, value in plan.all_config_updates(model.config).items():
         for config in {id(c): c for c in _configs(model.config)}.values():
             setattr(config, key, value)
     return model
+
+
+def _operate(model: nn.Module, plan: Plan, outputs: dict[str, torch.Tensor]) -> None:
+    """Make the surgery's module changes (norms swapped, biases added, tensors resized) on a loaded model."""
+    from normsurgery.export.modeling_normsurgery import apply_surgery, patched
+
+    assert plan.surgery is not None
+    surgery = plan.surgery.exported({name: list(outputs[name].shape) for name in plan.surgery.resized})
+    reference = next(model.parameters())
+    model.__class__ = patched(type(model))
+    model.config.normsurgery = surgery
+    apply_surgery(model, surgery)
+    for path in surgery["norms"]:
+        model.get_submodule(path).to(device=reference.device, dtype=reference.dtype)

@@ -40,6 +40,38 @@ class Step:
     compute: Compute
 
 
+def module_path(tensor: str) -> str:
+    """The module that owns a tensor."""
+    return tensor.rsplit(".", 1)[0]
+
+
+@dataclass
+class Surgery:
+    """The module changes that the exported modeling code (export/modeling_normsurgery.py) makes to the stock
+    class when it loads a rewritten model: norms swapped (`norms`: module path -> its new kind and arguments),
+    biases added to readers (`add_bias`), tensors whose residual width shrinks (`resized`, their shapes recorded
+    when written)."""
+
+    operation: str
+    unembed: str  # the unembedding's module path (the exported code finds it through the output embeddings)
+    key_mapping: dict[str, str]  # the family's on-disk -> in-memory key renames
+    norms: dict[str, dict[str, Any]] = field(default_factory=dict)
+    add_bias: list[str] = field(default_factory=list)
+    resized: list[str] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, operation: str, arch: Any, norms: dict[str, dict[str, Any]], add_bias: list[str] | None = None,
+           resized: list[str] | None = None) -> "Surgery":
+        """The surgery of `operation` on a model of architecture `arch`."""
+        return cls(operation, module_path(arch.unembed.weight), dict(arch.key_renames), norms, list(add_bias or []),
+                   list(resized or []))
+
+    def exported(self, shapes: dict[str, list[int]]) -> dict[str, Any]:
+        """What the exported code reads from the config: the changes, with the written shapes of `resized`."""
+        return {"operation": self.operation, "norms": self.norms, "add_bias": self.add_bias, "unembed": self.unembed,
+                "key_mapping": self.key_mapping, "shapes": {name: shapes[name] for name in sorted(shapes)}}
+
+
 @dataclass
 class Plan:
     """An operation's steps, the tensors it drops, and what changes in the config and the exported code."""
@@ -51,7 +83,7 @@ class Plan:
     # config changes that need the transformers config (its defaults expanded); computed once it is built, so that
     # streaming can start while transformers is still importing
     config_updates_from: Callable[[Any], dict[str, Any]] | None = None
-    surgery: dict[str, Any] | None = None  # module changes the exported modeling code applies; None: stock class
+    surgery: Surgery | None = None  # module changes the exported modeling code applies; None: stock class
     folded: list[str] = field(default_factory=list)
     kept: list[str] = field(default_factory=list)  # norms left in place, with the reason
     renames: dict[str, str] = field(default_factory=dict)  # source name -> output name of copied tensors

@@ -16,12 +16,11 @@ from normsurgery.rewrite.center import (
     center_embedding_step,
     center_position_step,
     center_writer_step,
-    module_path,
     norm_step_inputs,
     reader_source,
 )
 from normsurgery.rewrite.maths import effective_gain, fold_into_reader
-from normsurgery.rewrite.plan import Plan, Step
+from normsurgery.rewrite.plan import Plan, Step, Surgery, module_path
 
 Tensor = torch.Tensor
 
@@ -80,12 +79,5 @@ def plan_remove_norms(arch: Architecture, scales: dict[str, dict[str, float]]) -
         add_bias += [module_path(r.weight) for r in norm.readers if r.bias is None and norm.bias]
     if arch.tied:
         plan.config_updates["tie_word_embeddings"] = False
-    plan.surgery = {
-        "operation": "none",
-        "norms": norms,
-        "add_bias": add_bias,
-        "resized": [],
-        "unembed": module_path(arch.unembed.weight),
-        "key_mapping": arch.key_renames,
-    }
+    plan.surgery = Surgery.of("none", arch, norms, add_bias)
     return plan

@@ -30,7 +30,8 @@ from torch import nn
 from normsurgery.arch.spec import Architecture, Norm
 from normsurgery.train.engine import FinetuneResult, finetune
 from normsurgery.export.modeling_normsurgery import DynamicErf, DynamicTanh
-from normsurgery.rewrite.center import center_embedding_step, center_position_step, center_writer_step, module_path
+from normsurgery.rewrite.center import center_embedding_step, center_position_step, center_writer_step
+from normsurgery.rewrite.plan import Surgery
 from normsurgery.trainable.remove_ln import CALIBRATION_SEQ_LEN, CALIBRATION_SEQUENCES
 
 SWAPS = {"dyt": DynamicTanh, "derf": DynamicErf}
@@ -307,13 +308,7 @@ def swapped_tensor_names(norms: list[Norm], target: str) -> list[str]:
     return [f"{n.name}.{p}" for n in norms for p in extra] + [f"{n.name}.weight" for n in norms if not n.weight]
 
 
-def plan_surgery(arch: Architecture, norms: list[Norm], target: str) -> dict[str, Any]:
+def plan_surgery(arch: Architecture, norms: list[Norm], target: str) -> Surgery:
     """The exported code's view: which norms became DyT/Derf (and with a bias or not)."""
-    return {
-        "operation": target,
-        "norms": {n.name: {"kind": target, "dim": arch.hidden_size, "bias": n.bias is not None} for n in norms},
-        "add_bias": [],
-        "resized": [],
-        "unembed": module_path(arch.unembed.weight),
-        "key_mapping": arch.key_renames,
-    }
+    return Surgery.of(target, arch, {n.name: {"kind": target, "dim": arch.hidden_size, "bias": n.bias is not None}
+                                     for n in norms})
