@@ -27,7 +27,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 def heldout_ids(tokenizer, sequences: int, seq_len: int) -> torch.Tensor:
     from normsurgery.reference.text import shakespeare_text
-    from normsurgery.train.text import tokenize
+    from normsurgery.finetune.text import tokenize
 
     ids = tokenize(tokenizer, shakespeare_text("heldout"), seq_len)
     return ids[: sequences * seq_len].view(sequences, seq_len)
@@ -91,7 +91,7 @@ def main() -> None:
     from normsurgery.depth.select import candidates
     from normsurgery.depth.skip import skipping
     from normsurgery.source import open_model
-    from normsurgery.train.engine import FinetuneOptions, finetune
+    from normsurgery.finetune.engine import FinetuneOptions, finetune
 
     torch.manual_seed(0)
     random.seed(0)

@@ -105,7 +105,7 @@ def main() -> None:
 
     from normsurgery.engine.loading import load_model, load_tokenizer
     from normsurgery.source import open_model
-    from normsurgery.trainable.remove_ln import cross_entropy
+    from normsurgery.engine.forward import cross_entropy
     from normsurgery.trainable.stand_ins import removable_norms
 
     import trainable_budget

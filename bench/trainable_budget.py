@@ -33,7 +33,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 def samples(tokenizer, seq_len: int, tokens: int) -> dict[str, list[torch.Tensor]]:
     """Fixed batches of 4 x seq_len tokens, about `tokens` of each held-out text."""
     from normsurgery.reference.text import python_docs_text, shakespeare_text
-    from normsurgery.train.text import tokenize, windows
+    from normsurgery.finetune.text import tokenize, windows
 
     out = {}
     for name, text in (("shakespeare", shakespeare_text("heldout")), ("python-docs", python_docs_text())):
@@ -80,8 +80,8 @@ def main() -> None:
     from normsurgery.engine.loading import load_model, load_tokenizer
     from normsurgery.errors import NormSurgeryError
     from normsurgery.source import open_model
-    from normsurgery.train.engine import FinetuneOptions, finetune
-    from normsurgery.trainable.remove_ln import cross_entropy
+    from normsurgery.finetune.engine import FinetuneOptions, finetune
+    from normsurgery.engine.forward import cross_entropy
 
     source = open_model(args.model, scan_finite=False)
     path = source.path

@@ -29,7 +29,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 def heldout(tokenizer, seq_len: int, count: int) -> list[torch.Tensor]:
     """`count` fixed batches of 8 x seq_len tokens from the held-out plays."""
     from normsurgery.reference.text import shakespeare_text
-    from normsurgery.train.text import tokenize, windows
+    from normsurgery.finetune.text import tokenize, windows
 
     stream = windows(tokenize(tokenizer, shakespeare_text("heldout"), seq_len), seq_len, 8, seed=3)
     return [next(stream) for _ in range(count)]
@@ -69,8 +69,8 @@ def main() -> None:
 
     from normsurgery.engine.loading import load_model, load_tokenizer
     from normsurgery.source import open_model
-    from normsurgery.train.engine import FinetuneOptions, finetune
-    from normsurgery.trainable.remove_ln import cross_entropy
+    from normsurgery.finetune.engine import FinetuneOptions, finetune
+    from normsurgery.engine.forward import cross_entropy
     from normsurgery.trainable.stand_ins import removable_norms
 
     source = open_model(args.model, scan_finite=False)

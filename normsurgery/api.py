@@ -205,7 +205,7 @@ def prune(model: str, output: PathLike | None = None, *, remove: int | None = No
 
         runtime = resolve_runtime(device, max_memory)
     if heal_steps:
-        from normsurgery.train.engine import FinetuneOptions
+        from normsurgery.finetune.engine import FinetuneOptions
 
         heal = FinetuneOptions(steps=heal_steps, lr=lr, batch_size=batch_size, seq_len=seq_len, text=text,
                                device=device, mixed_precision=mixed_precision)  # type: ignore[arg-type]

@@ -12,8 +12,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from normsurgery.errors import NormSurgeryError
 from normsurgery.reference.text import shakespeare_text
-from normsurgery.train.engine import FinetuneOptions, finetune, refuse_sharded
-from normsurgery.train.text import load_text
+from normsurgery.finetune.engine import FinetuneOptions, finetune, refuse_sharded
+from normsurgery.finetune.text import load_text
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +104,7 @@ def test_deepspeed_and_megatron_are_refused_before_any_step(kind):
 
 
 def test_fsdp_version_1_and_checkpoints_under_fsdp_are_refused(monkeypatch, tmp_path):
-    from normsurgery.train.sharding import fsdp_wanted
+    from normsurgery.finetune.sharding import fsdp_wanted
 
     assert not fsdp_wanted()
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
@@ -118,7 +118,7 @@ def test_fsdp_version_1_and_checkpoints_under_fsdp_are_refused(monkeypatch, tmp_
 
 
 def test_mixed_precision_is_bf16_on_gpus_that_have_it_and_float32_on_the_cpu():
-    from normsurgery.train.engine import bf16_autocast
+    from normsurgery.finetune.engine import bf16_autocast
 
     cpu = torch.device("cpu")
     assert not bf16_autocast(FinetuneOptions(mixed_precision="auto"), cpu)
@@ -153,7 +153,7 @@ def test_unset_sequence_length_covers_the_models_context(context, given, expecte
     1024), and an unset --batch-size keeps about 1024 tokens per step."""
     from types import SimpleNamespace
 
-    from normsurgery.train.engine import FinetuneOptions
+    from normsurgery.finetune.engine import FinetuneOptions
 
     options = FinetuneOptions(seq_len=given[0], batch_size=given[1])
     options.validate()
@@ -162,7 +162,7 @@ def test_unset_sequence_length_covers_the_models_context(context, given, expecte
 
 
 def test_fsdp_splits_the_training_state_but_not_the_timed_step():
-    from normsurgery.train.engine import training_bytes
+    from normsurgery.finetune.engine import training_bytes
 
     kl = FinetuneOptions(loss="kl")
     assert training_bytes(1000, kl) == 20_000  # weights, gradients, AdamW's two moments, the teacher

@@ -160,7 +160,7 @@ def test_convert_says_what_it_chose_before_it_starts(tiny_model, cli, tmp_path):
 def test_a_budget_far_below_what_the_model_needs_is_pointed_out_before_it_starts():
     """smollm2-135m at 30 CPU minutes gets 1 step per path where about 300 are meant: the command says so up front;
     the budget our 1.35M-parameter model gets by default is not flagged."""
-    from normsurgery.train.engine import FinetuneOptions
+    from normsurgery.finetune.engine import FinetuneOptions
     from normsurgery.trainable.budget import Sized
     from normsurgery.trainable.pipeline import describe_plan
 
@@ -181,7 +181,7 @@ def test_a_fine_tune_whose_loss_explodes_stops_with_the_clear_error(tiny_model):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from normsurgery.errors import NormSurgeryError
-    from normsurgery.train.engine import FinetuneOptions, finetune
+    from normsurgery.finetune.engine import FinetuneOptions, finetune
 
     folder = tiny_model("gpt2")
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)

@@ -134,7 +134,7 @@ def test_auxiliary_loss_narrows_the_final_norms_scale_spread(tiny_model, tmp_pat
 
     from normsurgery.reference.text import shakespeare_text
     from normsurgery.source import open_model
-    from normsurgery.train.engine import FinetuneOptions
+    from normsurgery.finetune.engine import FinetuneOptions
     from normsurgery.trainable.remove_ln import RemovalOptions, calibration_batches, remove_norms
     from normsurgery.trainable.stand_ins import scale_spread
 

@@ -88,7 +88,7 @@ def prune(
 
         runtime = resolve_runtime(device, max_memory)
     if heal_steps:
-        from normsurgery.train.engine import FinetuneOptions
+        from normsurgery.finetune.engine import FinetuneOptions
 
         heal = FinetuneOptions(steps=heal_steps, lr=lr, batch_size=batch_size, seq_len=seq_len, text=text,
                                device=device, mixed_precision=mixed_precision)
@@ -98,7 +98,7 @@ def prune(
                            max_shard_size=max_shard_size, verify=not no_verify, allow_pickle=allow_pickle,
                            trust_remote_code=trust_remote_code, runtime=runtime)
     if heal is not None:
-        from normsurgery.train.engine import process_state
+        from normsurgery.finetune.engine import process_state
 
         if not process_state().is_main_process:  # a heal on several processes: the main one reports
             return

@@ -17,6 +17,8 @@ from normsurgery.arch.facts import norm_label, placement
 from normsurgery.arch.spec import Architecture
 from normsurgery.depth.skip import skipping
 from normsurgery.depth.stats import LayerStats, NormGain
+from normsurgery.engine.forward import cross_entropy as mean_ce
+from normsurgery.engine.forward import next_token_nll
 
 if TYPE_CHECKING:
     from normsurgery.depth.select import Candidate
@@ -26,7 +28,7 @@ def calibration_ids(tokenizer: Any, text: str | None, sequences: int, seq_len: i
     """[sequences, seq_len] token ids from `text` (a .txt/.jsonl file; default the Shakespeare calibration split),
     consecutive windows from its start, so that every run measures the same tokens."""
     from normsurgery.errors import NormSurgeryError
-    from normsurgery.train.text import load_text, tokenize
+    from normsurgery.finetune.text import load_text, tokenize
 
     if text is None:
         from normsurgery.reference.text import shakespeare_text
@@ -41,16 +43,9 @@ def calibration_ids(tokenizer: Any, text: str | None, sequences: int, seq_len: i
     return ids[: sequences * seq_len].view(sequences, seq_len)
 
 
-@torch.no_grad()
 def cross_entropy(model: torch.nn.Module, ids: torch.Tensor, batch_size: int = 4) -> float:
-    """Mean next-token cross-entropy (nats/token) of `model` on `ids`."""
-    total, count = 0.0, 0
-    for batch in ids.split(batch_size):
-        logits = model(input_ids=batch, use_cache=False).logits.double()
-        total += float(torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten(),
-                                                         reduction="sum"))
-        count += batch[:, 1:].numel()
-    return total / count
+    """Mean next-token cross-entropy (nats/token) of `model` on `ids`, `batch_size` sequences a forward."""
+    return mean_ce(model, ids.split(batch_size))
 
 
 class _Residuals:
@@ -153,8 +148,7 @@ def measure(model: torch.nn.Module, arch: Architecture, ids: torch.Tensor, *, la
     try:
         for batch in ids.split(batch_size):
             logits = model(input_ids=batch, use_cache=False).logits.double()
-            total += float(torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten(),
-                                                             reduction="sum"))
+            total += float(next_token_nll(logits, batch))
             count += batch[:, 1:].numel()
             acc.add([s for s in hooks.states])  # type: ignore[misc]
             if on_batch:

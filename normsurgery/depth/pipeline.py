@@ -173,8 +173,8 @@ def _write_and_heal(source: ModelSource, plan: Any, out: Path, force: bool, shar
     """Write the exact pruned model to a staging folder beside OUT, distil it to the original, write it to OUT. On
     several processes (`accelerate launch`) the main one writes both and reports; the others get no report."""
     from normsurgery.surgery import apply_plan
-    from normsurgery.train.engine import process_state
-    from normsurgery.trainable.heal import heal_folder
+    from normsurgery.finetune.engine import process_state
+    from normsurgery.finetune.heal import heal_folder
 
     options.validate()
     staging = out.parent / f".{out.name}.unhealed"

@@ -4,9 +4,10 @@ is read once per chunk, and the output of chosen blocks kept (to name the first 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
+import torch.nn.functional as F
 
 from normsurgery.engine.lazy_model import LazyModel
 
@@ -45,3 +46,29 @@ def chunks(lazy: LazyModel, tokens: torch.Tensor) -> list[torch.Tensor]:
     """`tokens` split into as few forwards as the budget allows."""
     per = lazy.tokens_per_pass(int(tokens.shape[1]))
     return list(tokens.split(per))
+
+
+def next_token_nll(logits: torch.Tensor, ids: torch.Tensor, *, reduction: str = "sum",
+                   dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Next-token negative log-likelihood (nats) of `ids` [batch, seq] under `logits` [batch, seq, vocab], summed
+    (or averaged) over the predicted tokens, computed in `dtype`: the one cross-entropy of every measurement and
+    of the fine-tunes' language-model loss."""
+    return F.cross_entropy(logits[:, :-1].to(dtype).reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                           reduction=reduction)
+
+
+@torch.no_grad()
+def cross_entropy(model: torch.nn.Module, batches: Iterable[torch.Tensor]) -> float:
+    """Mean next-token cross-entropy (nats/token) of `model` on `batches`, in eval mode (its mode restored)."""
+    training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    try:
+        for batch in batches:
+            batch = batch if device.type == "meta" else batch.to(device)  # a streamed model places its own inputs
+            total += float(next_token_nll(model(input_ids=batch, use_cache=False).logits, batch))
+            count += batch[:, 1:].numel()
+    finally:
+        model.train(training)
+    return total / count

@@ -221,8 +221,8 @@ class RecipeRun:
         self._advance(step, out)
 
     def _heal(self, step: HealStep, result: StepResult) -> None:
-        from normsurgery.train.engine import FinetuneOptions
-        from normsurgery.trainable.heal import heal_folder
+        from normsurgery.finetune.engine import FinetuneOptions
+        from normsurgery.finetune.heal import heal_folder
 
         options = FinetuneOptions(steps=step.steps, lr=step.lr, batch_size=step.batch_size, seq_len=step.seq_len,
                                   text=step.text, seed=step.seed, device=self.device,

@@ -51,8 +51,8 @@ def export_on_main(model: torch.nn.Module, check_ids: torch.Tensor, export: Expo
     """Gather the trained model's whole state and its logits on `check_ids` (on every process: under FSDP both are
     collectives), then `export(state, logits)` on the main process only, the others waiting until the output is in
     place; returns the export's check, None on the other processes."""
-    from normsurgery.train.engine import process_state
-    from normsurgery.train.sharding import full_state
+    from normsurgery.finetune.engine import process_state
+    from normsurgery.finetune.sharding import full_state
 
     logits = reference_logits(model, check_ids)
     state = full_state(model)

@@ -13,13 +13,14 @@ from typing import Any, Callable
 
 import torch
 
+from normsurgery.engine.forward import cross_entropy
 from normsurgery.engine.loading import load_model, load_tokenizer
 from normsurgery.checkpoint.writer import parse_size
 from normsurgery.errors import NormSurgeryError
 from normsurgery.rewrite.remove import plan_remove_norms
 from normsurgery.source import open_model
 from normsurgery.engine.resources import Runtime, resolve_runtime
-from normsurgery.train.engine import FinetuneOptions, check_fits, process_state, time_step
+from normsurgery.finetune.engine import FinetuneOptions, check_fits, process_state, time_step
 from normsurgery.trainable.budget import DEFAULT_BUDGET, Sized, cap_gap, parse_budget, size_schedule, sized_lr, tokens_per_step
 from normsurgery.trainable.export import export_on_main, export_trained
 from normsurgery.trainable.remove_ln import (
@@ -30,7 +31,6 @@ from normsurgery.trainable.remove_ln import (
     RemovalOptions,
     calibration_batches,
     total_steps,
-    cross_entropy,
     heldout_batches,
     remove_norms,
     removal_units,
@@ -54,7 +54,7 @@ def _open_for_training(model: str, out: Path, force: bool, max_shard_size: str, 
     """Refuse an existing OUT, open and scan the model, refuse a fine-tune that cannot fit the memory budget (of
     one device, the training state split over the processes under FSDP), fit the sequence length to its context;
     the shard size."""
-    from normsurgery.train.sharding import fsdp_wanted
+    from normsurgery.finetune.sharding import fsdp_wanted
 
     shard_bytes = parse_size(max_shard_size)
     if out.exists() and not force:

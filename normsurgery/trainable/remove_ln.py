@@ -21,9 +21,10 @@ from typing import Any, Callable
 import torch
 
 from normsurgery.arch.spec import Architecture, Norm
+from normsurgery.engine.forward import cross_entropy
 from normsurgery.errors import NormSurgeryError
-from normsurgery.train.engine import FinetuneOptions, FinetuneResult, finetune
-from normsurgery.train.text import tokenize, windows
+from normsurgery.finetune.engine import FinetuneOptions, FinetuneResult, finetune
+from normsurgery.finetune.text import tokenize, windows
 from normsurgery.trainable.stand_ins import ScaleGroup, Unit, install, reader_groups, removable_norms, scale_spread
 
 CALIBRATION_SEQUENCES = 8  # sequences per scale measurement (position 0 is measured on each of them)
@@ -125,23 +126,6 @@ def heldout_batches(tokenizer: Any, seq_len: int, batch_size: int = 8) -> list[t
 
     stream = windows(tokenize(tokenizer, shakespeare_text("heldout"), seq_len), seq_len, batch_size, seed=2)
     return [next(stream) for _ in range(max(1, HELDOUT_TOKENS // (batch_size * seq_len)))]
-
-
-@torch.no_grad()
-def cross_entropy(model: torch.nn.Module, batches: list[torch.Tensor]) -> float:
-    """Mean next-token cross-entropy (nats) of `model` on `batches`."""
-    training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for batch in batches:
-        batch = batch.to(device)
-        logits = model(input_ids=batch).logits.float()
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
-                                                 reduction="sum")
-        total, count = total + float(loss), count + batch[:, 1:].numel()
-    model.train(training)
-    return total / count
 
 
 @torch.no_grad()

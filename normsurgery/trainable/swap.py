@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from normsurgery.arch.spec import Architecture, Norm
-from normsurgery.train.engine import FinetuneResult, finetune
+from normsurgery.finetune.engine import FinetuneResult, finetune
 from normsurgery.export.modeling_normsurgery import DynamicErf, DynamicTanh
 from normsurgery.rewrite.center import center_embedding_step, center_position_step, center_writer_step
 from normsurgery.rewrite.plan import Surgery

@@ -12,9 +12,10 @@ from normsurgery.engine.loading import load_model, load_tokenizer
 from normsurgery.rewrite.plan import Plan
 from normsurgery.source import open_model
 from normsurgery.engine.resources import Runtime, resolve_runtime
-from normsurgery.train.engine import FinetuneOptions, check_fits, finetune, process_state
+from normsurgery.finetune.engine import FinetuneOptions, check_fits, finetune, process_state
 from normsurgery.trainable.export import export_on_main, export_trained
-from normsurgery.trainable.remove_ln import calibration_batches, cross_entropy, heldout_batches
+from normsurgery.engine.forward import cross_entropy
+from normsurgery.trainable.remove_ln import calibration_batches, heldout_batches
 
 
 def heal_folder(current: Path, teacher_folder: Path, out: Path, options: FinetuneOptions, *, operation: str,
@@ -23,7 +24,7 @@ def heal_folder(current: Path, teacher_folder: Path, out: Path, options: Finetun
     """Fine-tune the model in `current` towards `teacher_folder`'s logits and write it to `out` (checked to compute
     what the trained model computes; on several processes the main one writes); returns the held-out
     cross-entropies, losses and the export check (None on the other processes)."""
-    from normsurgery.train.sharding import fsdp_wanted
+    from normsurgery.finetune.sharding import fsdp_wanted
 
     options.validate()
     runtime = runtime or resolve_runtime(options.device)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from normsurgery.errors import NormSurgeryError
-from normsurgery.train.text import load_text, tokenize, windows
+from normsurgery.finetune.text import load_text, tokenize, windows
 
 Loss = Literal["kl", "lm", "kl+lm"]
 MixedPrecision = Literal["auto", "no", "bf16"]
@@ -68,7 +68,7 @@ class FinetuneOptions:
 
     def validate(self) -> None:
         """One clear error for an option no fine-tune can run with (here or under this launch's FSDP)."""
-        from normsurgery.train.sharding import fsdp_wanted
+        from normsurgery.finetune.sharding import fsdp_wanted
 
         for name in ("steps", "batch_size", "seq_len"):  # None: set from the model by fit_context
             if getattr(self, name) is not None and getattr(self, name) < 1:
@@ -199,7 +199,9 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 
 def lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Next-token cross-entropy."""
-    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    from normsurgery.engine.forward import next_token_nll
+
+    return next_token_nll(logits, ids, reduction="mean", dtype=torch.float32)
 
 
 def finetune(
@@ -216,7 +218,7 @@ def finetune(
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, DistributedType, parse_flag_from_env, set_seed
 
-    from normsurgery.train.sharding import fsdp_wanted
+    from normsurgery.finetune.sharding import fsdp_wanted
 
     options.validate()
     if "kl" in options.loss and teacher is None:
@@ -296,7 +298,7 @@ def _place(accelerator: Any, student: torch.nn.Module, teacher: torch.nn.Module 
            sharded: bool) -> torch.nn.Module | None:
     """Shard the student and the frozen teacher over the processes (FSDP), or put the frozen teacher on this
     process's device (accelerate's prepare puts the student there); returns the teacher."""
-    from normsurgery.train.sharding import shard
+    from normsurgery.finetune.sharding import shard
 
     if sharded:
         shard(student, accelerator.device)
