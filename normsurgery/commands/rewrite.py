@@ -21,7 +21,9 @@ from normsurgery.commands.common import (
     console,
     print_json,
 )
+from normsurgery.finetune.options import FinetuneOptions
 from normsurgery.thresholds import DEFAULT_MAX_REL_LOGIT_DIFF
+from normsurgery.trainable.options import RemovalOptions
 
 if TYPE_CHECKING:
     from normsurgery.surgery import SurgeryResult
@@ -196,18 +198,18 @@ def convert(
     gap: Annotated[Optional[int], typer.Option(help="Fine-tune steps between two freezes (--to none) or swaps (--to dyt/derf). [default: sized by --budget]", rich_help_panel="Fine-tune")] = None,
     heal: Annotated[Optional[int], typer.Option(help="Fine-tune steps after the last freeze or swap. [default: sized by --budget]", rich_help_panel="Fine-tune")] = None,
     ramp: Annotated[Optional[int], typer.Option(help="Steps over which each freeze (--to none: live scale to constant) or swap (--to dyt/derf: norm to DyT/Derf) blends in (1: at once). [default: 4 gaps with a sized schedule, else 1]", rich_help_panel="Fine-tune")] = None,
-    aux_weight: Annotated[float, typer.Option(help="[--to none] Weight of Baroni et al.'s auxiliary loss (spread of the final norm's per-token scale); 0 turns it off.", rich_help_panel="Fine-tune")] = 0.0,
-    alpha_init: Annotated[str, typer.Option(help="[--to dyt/derf] How each swap starts: linear (alpha 0.1/scale, gain x10: the frozen-scale map, saturating only 10x beyond the typical scale), scale (alpha 1/scale), least-squares, or best-mse (the better fit of those two; the default).", rich_help_panel="Fine-tune")] = "best-mse",
+    aux_weight: Annotated[float, typer.Option(help="[--to none] Weight of Baroni et al.'s auxiliary loss (spread of the final norm's per-token scale); 0 turns it off.", rich_help_panel="Fine-tune")] = RemovalOptions.aux_weight,
+    alpha_init: Annotated[str, typer.Option(help="[--to dyt/derf] How each swap starts: linear (alpha 0.1/scale, gain x10: the frozen-scale map, saturating only 10x beyond the typical scale), scale (alpha 1/scale), least-squares, or best-mse (the better fit of those two; the default).", rich_help_panel="Fine-tune")] = RemovalOptions.alpha_init,
     lr: Annotated[Optional[float], typer.Option(help="Peak learning rate (AdamW, warmup then cosine). [default: sized by the parameter count, 3e-3 at 1M to 1e-4 at 10B]", rich_help_panel="Fine-tune")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Sequences per step (default: about 1k tokens per step on a CPU, 8k on a GPU).", rich_help_panel="Fine-tune")] = None,
     seq_len: Annotated[Optional[int], typer.Option(help="Tokens per sequence (default: the model's context length, at most 1024, so that every position is trained).", rich_help_panel="Fine-tune")] = None,
     text: Annotated[Optional[str], typer.Option(help="Training text: .txt/.jsonl file or hub dataset (default: Shakespeare training split).", rich_help_panel="Fine-tune")] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the batches and the initialisation.", rich_help_panel="Fine-tune")] = 0,
-    loss: Annotated[str, typer.Option(help="kl (distil to the original), lm, or kl+lm.", rich_help_panel="Fine-tune")] = "kl",
+    seed: Annotated[int, typer.Option(help="Seed of the batches and the initialisation.", rich_help_panel="Fine-tune")] = FinetuneOptions.seed,
+    loss: Annotated[str, typer.Option(help="kl (distil to the original), lm, or kl+lm.", rich_help_panel="Fine-tune")] = FinetuneOptions.loss,
     gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing", help="Trade compute for memory.", rich_help_panel="Fine-tune")] = False,
     checkpoint_dir: Annotated[Optional[Path], typer.Option(help="Resume from / save the fine-tune state here.", rich_help_panel="Fine-tune")] = None,
-    checkpoint_every: Annotated[int, typer.Option(help="Save the state every N steps (with --checkpoint-dir).", rich_help_panel="Fine-tune")] = 0,
-    mixed_precision: MixedPrecision = "auto",
+    checkpoint_every: Annotated[int, typer.Option(help="Save the state every N steps (with --checkpoint-dir).", rich_help_panel="Fine-tune")] = FinetuneOptions.checkpoint_every,
+    mixed_precision: MixedPrecision = FinetuneOptions.mixed_precision,
 ) -> None:
     """Convert a Pre-LN LayerNorm model to Pre-RMSNorm or Pre-CRMSNorm exactly, or remove its norms (--to none).
 

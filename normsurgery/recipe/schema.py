@@ -23,6 +23,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from normsurgery.depth.pipeline import HEAL_BATCH_SIZE, HEAL_LR, PruneSelection
 from normsurgery.errors import NormSurgeryError
+from normsurgery.finetune.options import FinetuneOptions
+from normsurgery.trainable.options import RemovalOptions
 from normsurgery.thresholds import (
     DEFAULT_MAX_KL,
     DEFAULT_MAX_REL_LOGIT_DIFF,
@@ -56,15 +58,15 @@ class ConvertStep(_Options):
     gap: int | None = Field(None, ge=0)  # None: sized by the budget
     heal: int | None = Field(None, ge=0)
     ramp: int | None = Field(None, ge=1)  # None: 4 gaps with a sized schedule, else 1
-    aux_weight: float = Field(0.0, ge=0)
-    alpha_init: Literal["linear", "scale", "least-squares", "best-mse"] = "best-mse"  # dyt/derf: how a swap starts
+    aux_weight: float = Field(RemovalOptions.aux_weight, ge=0)
+    alpha_init: Literal["linear", "scale", "least-squares", "best-mse"] = RemovalOptions.alpha_init  # type: ignore[assignment]  # dyt/derf: how a swap starts
     lr: float | None = Field(None, gt=0)  # None: sized by the parameter count
     batch_size: int | None = Field(None, ge=1)  # None: about 1k tokens per step on a CPU, 8k on a GPU
     seq_len: int | None = Field(None, ge=2)  # None: the model's context, at most 1024
     text: str | None = None
-    seed: int = 0
-    loss: Literal["kl", "lm", "kl+lm"] = "kl"
-    mixed_precision: Literal["auto", "no", "bf16"] = "auto"  # bf16 autocast: auto on a GPU that supports it
+    seed: int = FinetuneOptions.seed
+    loss: Literal["kl", "lm", "kl+lm"] = FinetuneOptions.loss
+    mixed_precision: Literal["auto", "no", "bf16"] = FinetuneOptions.mixed_precision  # bf16 autocast: auto on a GPU that supports it
 
 
 class PruneStep(_Options):
@@ -97,8 +99,8 @@ class HealStep(_Options):
     batch_size: int = Field(HEAL_BATCH_SIZE, ge=1)
     seq_len: int = Field(PruneSelection.seq_len, ge=2)
     text: str | None = None
-    seed: int = 0
-    mixed_precision: Literal["auto", "no", "bf16"] = "auto"
+    seed: int = FinetuneOptions.seed
+    mixed_precision: Literal["auto", "no", "bf16"] = FinetuneOptions.mixed_precision
 
 
 class CheckStep(_Options):

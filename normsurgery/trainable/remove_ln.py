@@ -15,7 +15,7 @@ replaces them fits every token better.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -23,7 +23,8 @@ import torch
 from normsurgery.arch.spec import Architecture, Norm
 from normsurgery.engine.forward import cross_entropy
 from normsurgery.errors import NormSurgeryError
-from normsurgery.finetune.engine import FinetuneOptions, FinetuneResult, finetune
+from normsurgery.finetune.engine import FinetuneResult, finetune
+from normsurgery.trainable.options import RemovalOptions
 from normsurgery.finetune.text import tokenize, windows
 from normsurgery.trainable.stand_ins import ScaleGroup, Unit, install, reader_groups, removable_norms, scale_spread
 
@@ -31,37 +32,6 @@ CALIBRATION_SEQUENCES = 8  # sequences per scale measurement (position 0 is meas
 CALIBRATION_SEQ_LEN = 256  # at most this many tokens each
 HELDOUT_TOKENS = 8192  # the command's own held-out sample (bench/ measures on more)
 RELEASES = ("outliers", "special", "first")  # released after the last freeze, in this order
-
-
-@dataclass
-class RemovalOptions:
-    """The schedule: fine-tune steps between two freezes and after the last event, and how many units (reader
-    paths) each freeze takes (more than one when the budget has fewer gaps than the model has paths)."""
-
-    gap: int | None = None  # None (with heal): sized by the budget (budget.py)
-    heal: int | None = None
-    per_freeze: int = 1
-    ramp: int | None = None  # steps over which a freeze or a release goes from live to fixed (1: at once; None: sized)
-    calibration_batches: int = 1  # batches of CALIBRATION_SEQUENCES sequences per measurement
-    aux_weight: float = 0.0  # weight of the spread of the final norm's per-token scale (Baroni et al.'s aux loss)
-    alpha_init: str = "best-mse"  # DyT/Derf: how each swap's alpha and gain start (trainable.swap.ALPHA_INITS)
-    budget: str | None = None  # --budget: what sizes an unset gap and heal (DEFAULT_BUDGET when None)
-    # learning rate, batch and sequence length None: sized by the model, the device and its context
-    finetune: FinetuneOptions = field(default_factory=lambda: FinetuneOptions(lr=None, batch_size=None, seq_len=None))
-
-    def validate(self) -> None:
-        """One clear error for a schedule no run can follow."""
-        self.finetune.validate()
-        if (self.gap or 0) < 0 or (self.heal or 0) < 0 or self.aux_weight < 0:
-            raise NormSurgeryError("--gap, --heal and --aux-weight cannot be negative.")
-        if self.alpha_init not in ("linear", "scale", "least-squares", "best-mse"):
-            raise NormSurgeryError(f"--alpha-init must be linear, scale, least-squares or best-mse (got {self.alpha_init!r}).")
-        if self.ramp is not None and self.ramp < 1:
-            raise NormSurgeryError(f"--ramp must be at least 1 step (got {self.ramp}).")
-        if self.budget is not None:
-            from normsurgery.trainable.budget import parse_budget
-
-            parse_budget(self.budget)
 
 
 @dataclass

@@ -3,7 +3,7 @@
 LayerNorm models are centred first (exact: the writers' outputs made zero-mean, see center.py), because
 DyT/Derf do not subtract the mean. Each swap keeps the norm's gain (Gemma's 1 + w included) and bias, and
 gets its alpha (and Derf's shift) from calibration statistics: the norm's inputs on calibration text and
-its normalised outputs x / sqrt(mean square + eps). `--alpha-init` chooses how (ALPHA_INITS):
+its normalised outputs x / sqrt(mean square + eps). `--alpha-init` chooses how (trainable.options.ALPHA_INITS):
 - `best-mse` (the default): the better, by that fit's error, of the two below;
 - `scale`: alpha = 1/s (s the typical scale) with the gain unchanged (tanh(a x) ~ a x near 0; erf(a x) ~
   2 a x / sqrt(pi));
@@ -38,7 +38,6 @@ SWAPS = {"dyt": DynamicTanh, "derf": DynamicErf}
 CALIBRATION_TOKENS = 4096  # token vectors kept per norm for the alpha fit
 ALPHA_GRID = torch.logspace(-2, 2, 41, dtype=torch.float64)  # times the typical-scale alpha; then refined
 REFINE_POINTS = 21  # a finer grid between the best coarse point's neighbours
-ALPHA_INITS = ("linear", "scale", "least-squares", "best-mse")
 LINEAR_FRACTION = 0.1  # `linear`: alpha as a fraction of the typical-scale alpha (the gain grows by its inverse)
 SWAP_CALIBRATION_BATCHES = max(1, CALIBRATION_TOKENS // (CALIBRATION_SEQUENCES * CALIBRATION_SEQ_LEN))
 
@@ -110,7 +109,7 @@ def norm_inputs(model: nn.Module, norms: list[Norm], batches: list[torch.Tensor]
 
 def fit_alpha(x: torch.Tensor, norm: Norm, target: str, init: str = "best-mse") -> AlphaInit:
     """Alpha (shift 0) and gain factor for one norm from its calibration inputs `x`, by the rule `init`
-    (ALPHA_INITS); the report carries the fit errors of the typical-scale and least-squares alphas either way."""
+    (trainable.options.ALPHA_INITS); the report carries the fit errors of the typical-scale and least-squares alphas either way."""
     if norm.kind == "layernorm":
         x = x - x.mean(dim=-1, keepdim=True)  # already ~0 after centring; exact for the fit
     z = x / torch.sqrt(x.pow(2).mean(dim=-1, keepdim=True) + norm.eps)
