@@ -26,11 +26,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
 def heldout_ids(tokenizer, sequences: int, seq_len: int) -> torch.Tensor:
-    from normsurgery.reference.text import shakespeare_text
-    from normsurgery.finetune.text import tokenize
+    from normsurgery.engine.text import sample
 
-    ids = tokenize(tokenizer, shakespeare_text("heldout"), seq_len)
-    return ids[: sequences * seq_len].view(sequences, seq_len)
+    return sample(tokenizer, seq_len=seq_len, sequences=sequences, split="heldout")[0]
 
 
 def sharing_blocks(model: torch.nn.Module, layers_path: str, remove: list[int]) -> torch.nn.Module:
@@ -86,7 +84,8 @@ def main() -> None:
 
     from normsurgery.arch import family_for
     from normsurgery.engine.loading import load_model, load_tokenizer
-    from normsurgery.depth.measure import calibration_ids, cross_entropy, measure
+    from normsurgery.depth.measure import cross_entropy, measure
+    from normsurgery.engine.text import sample
     from normsurgery.depth.measure import remeasure
     from normsurgery.depth.select import candidates
     from normsurgery.depth.skip import skipping
@@ -103,7 +102,7 @@ def main() -> None:
     model = load_model(path, torch.float32).eval()
     base = None
     if not args.time_only:
-        calib = calibration_ids(tokenizer, None, args.samples, args.seq_len)
+        calib, _ = sample(tokenizer, seq_len=args.seq_len, sequences=args.samples)
         held = heldout_ids(tokenizer, args.samples, args.seq_len)
         start = time.perf_counter()
         stats = measure(model, arch, calib, label=args.model, skip_cost=True)

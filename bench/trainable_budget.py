@@ -32,14 +32,12 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 def samples(tokenizer, seq_len: int, tokens: int) -> dict[str, list[torch.Tensor]]:
     """Fixed batches of 4 x seq_len tokens, about `tokens` of each held-out text."""
+    from normsurgery.engine.text import sample
     from normsurgery.reference.text import python_docs_text, shakespeare_text
-    from normsurgery.finetune.text import tokenize, windows
 
-    out = {}
-    for name, text in (("shakespeare", shakespeare_text("heldout")), ("python-docs", python_docs_text())):
-        stream = windows(tokenize(tokenizer, text, seq_len), seq_len, 4, seed=3)
-        out[name] = [next(stream) for _ in range(max(1, tokens // (4 * seq_len)))]
-    return out
+    count = max(1, tokens // (4 * seq_len))
+    return {name: list(sample(tokenizer, seq_len=seq_len, sequences=4 * count, text=text, seed=3)[0].split(4))
+            for name, text in (("shakespeare", shakespeare_text("heldout")), ("python-docs", python_docs_text()))}
 
 
 def run(model: str, target: str, budget: str, variant: dict[str, str], out: Path) -> dict:

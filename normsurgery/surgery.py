@@ -238,8 +238,9 @@ def _verify(
     """
     import torch
 
-    from normsurgery.comparison import Pairing, Run, compare_runs, sample_tokens
+    from normsurgery.comparison import Pairing, Run, compare_runs
     from normsurgery.engine.loading import OpenModel
+    from normsurgery.engine.text import check_sample
     from normsurgery.engine.weights import CheckpointWeights
 
     f32 = torch.float32
@@ -247,7 +248,7 @@ def _verify(
     label = (source.spec, str(out))
     with OpenModel(source.path, runtime, weights=CheckpointWeights(source.reader)) as original, \
             OpenModel(staged, runtime) as stored:
-        tokens, tokens_label = sample_tokens(source.path, original.model, text=None, seq_len=DEFAULT_SEQ_LEN,
+        tokens, tokens_label = check_sample(source.path, original.model, text=None, seq_len=DEFAULT_SEQ_LEN,
                                              num_seqs=DEFAULT_NUM_SEQS)
         common = dict(tokens_label=tokens_label, dtype=f32, on_batch=on_verify)
         if plan.skipped_blocks:

@@ -10,9 +10,10 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
 
 from normsurgery.arch import architecture_of
-from normsurgery.comparison import check_tokens
+from normsurgery.engine.text import check_sample
 from normsurgery.engine.lazy_model import model_config
 from normsurgery.thresholds import DEFAULT_NUM_SEQS, DEFAULT_SEQ_LEN
 
@@ -23,7 +24,9 @@ def _tensor_of_kind(folder, kind: str) -> tuple[str, tuple[int, ...] | None]:
     arch = architecture_of(config)
     block = arch.blocks[1]
     norm = next(n for n in block.norms if n.readers)
-    tokens, _ = check_tokens(folder, config.vocab_size, text=None, seq_len=DEFAULT_SEQ_LEN, num_seqs=DEFAULT_NUM_SEQS)
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(config)
+    tokens, _ = check_sample(folder, meta, text=None, seq_len=DEFAULT_SEQ_LEN, num_seqs=DEFAULT_NUM_SEQS)
     return {
         "reader": (norm.readers[0].weight, None),
         "writer": (block.writers[0].weight, None),

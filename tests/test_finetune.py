@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from normsurgery.errors import NormSurgeryError
 from normsurgery.reference.text import shakespeare_text
 from normsurgery.finetune.engine import FinetuneOptions, finetune, refuse_sharded
-from normsurgery.finetune.text import load_text
+from normsurgery.engine.text import load_text
 
 
 @pytest.fixture(scope="module")

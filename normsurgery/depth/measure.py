@@ -24,25 +24,6 @@ if TYPE_CHECKING:
     from normsurgery.depth.select import Candidate
 
 
-def calibration_ids(tokenizer: Any, text: str | None, sequences: int, seq_len: int) -> torch.Tensor:
-    """[sequences, seq_len] token ids from `text` (a .txt/.jsonl file; default the Shakespeare calibration split),
-    consecutive windows from its start, so that every run measures the same tokens."""
-    from normsurgery.errors import NormSurgeryError
-    from normsurgery.finetune.text import load_text, tokenize
-
-    if text is None:
-        from normsurgery.reference.text import shakespeare_text
-
-        body = shakespeare_text("calibration")
-    else:
-        body, _ = load_text(text)
-    ids = tokenize(tokenizer, body, seq_len)
-    if ids.numel() < sequences * seq_len:
-        raise NormSurgeryError(f"the calibration text has {ids.numel()} tokens, fewer than --samples x --seq-len = "
-                               f"{sequences * seq_len}; give a longer text or ask for fewer samples.")
-    return ids[: sequences * seq_len].view(sequences, seq_len)
-
-
 def cross_entropy(model: torch.nn.Module, ids: torch.Tensor, batch_size: int = 4) -> float:
     """Mean next-token cross-entropy (nats/token) of `model` on `ids`, `batch_size` sequences a forward."""
     return mean_ce(model, ids.split(batch_size))

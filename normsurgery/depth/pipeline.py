@@ -44,13 +44,13 @@ class PruneSelection:
 def _stats(source: ModelSource, opened: OpenModel, tokenizer: Any, *, samples: int, seq_len: int,
            text: str | None, skip_cost: bool) -> tuple[LayerStats, torch.Tensor]:
     """Measure the per-block statistics of an opened model on its calibration text."""
-    from normsurgery.comparison import context_length
-    from normsurgery.depth.measure import calibration_ids, measure
+    from normsurgery.depth.measure import measure
+    from normsurgery.engine.text import context_length, load_text, sample
 
     if samples < 1 or seq_len < 2:
         raise NormSurgeryError("--samples must be at least 1 and --seq-len at least 2.")
     seq_len = min(seq_len, context_length(source.config) or seq_len)
-    ids = calibration_ids(tokenizer, text, samples, seq_len)
+    ids, _ = sample(tokenizer, seq_len=seq_len, sequences=samples, text=load_text(text)[0] if text else None)
     stats = measure(opened.model, source.arch, ids, label=source.spec, skip_cost=skip_cost,
                     weight=source.reader.get, batch_size=measure_batch(opened, source, seq_len))
     return stats, ids

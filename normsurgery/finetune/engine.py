@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from normsurgery.errors import NormSurgeryError
 from normsurgery.finetune.options import FinetuneOptions
-from normsurgery.finetune.text import load_text, tokenize, windows
+from normsurgery.engine.text import load_text, tokenize, windows
 
 STATE_FILE = "normsurgery_finetune.json"
 DIVERGED_LOSS = 100.0  # nats/token: no model comes back from this (guessing uniformly over 256k tokens is 12.5)

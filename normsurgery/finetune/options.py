@@ -42,7 +42,7 @@ class FinetuneOptions:
         the later positions (measured: DyT on gpt2-shakespeare healed at 128 of its 256 positions, +0.0005 nats
         before position 128 and +0.29 after); a longer one is shortened to the context; an unset `batch_size`
         keeps about `tokens_per_step` tokens per step."""
-        from normsurgery.comparison import context_length
+        from normsurgery.engine.text import context_length
 
         limit = context_length(config)
         if self.seq_len is None:

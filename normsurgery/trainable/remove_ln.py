@@ -23,9 +23,9 @@ import torch
 from normsurgery.arch.spec import Architecture, Norm
 from normsurgery.engine.forward import cross_entropy
 from normsurgery.errors import NormSurgeryError
+from normsurgery.engine.text import sample
 from normsurgery.finetune.engine import FinetuneResult, finetune
 from normsurgery.trainable.options import RemovalOptions
-from normsurgery.finetune.text import tokenize, windows
 from normsurgery.trainable.stand_ins import ScaleGroup, Unit, install, reader_groups, removable_norms, scale_spread
 
 CALIBRATION_SEQUENCES = 8  # sequences per scale measurement (position 0 is measured on each of them)
@@ -83,19 +83,15 @@ def ramp_fraction(steps_since_start: int, ramp: int) -> float:
 
 
 def calibration_batches(tokenizer: Any, seq_len: int, batch_size: int, count: int) -> list[torch.Tensor]:
-    """Fixed batches of the Shakespeare calibration split for the scale statistics."""
-    from normsurgery.reference.text import shakespeare_text
-
-    stream = windows(tokenize(tokenizer, shakespeare_text("calibration"), seq_len), seq_len, batch_size, seed=1)
-    return [next(stream) for _ in range(count)]
+    """Fixed batches of the Shakespeare calibration split for the scale statistics (seeded random windows)."""
+    return list(sample(tokenizer, seq_len=seq_len, sequences=batch_size * count, seed=1)[0].split(batch_size))
 
 
 def heldout_batches(tokenizer: Any, seq_len: int, batch_size: int = 8) -> list[torch.Tensor]:
     """A fixed held-out sample of about HELDOUT_TOKENS tokens for the report's cross-entropy (evaluation only)."""
-    from normsurgery.reference.text import shakespeare_text
-
-    stream = windows(tokenize(tokenizer, shakespeare_text("heldout"), seq_len), seq_len, batch_size, seed=2)
-    return [next(stream) for _ in range(max(1, HELDOUT_TOKENS // (batch_size * seq_len)))]
+    count = max(1, HELDOUT_TOKENS // (batch_size * seq_len))
+    return list(sample(tokenizer, seq_len=seq_len, sequences=batch_size * count, split="heldout", seed=2)[0]
+                .split(batch_size))
 
 
 @torch.no_grad()
