@@ -24,7 +24,9 @@ def compare(original: str, candidate: str) -> dict:
     return {
         "rel": ((la - lb).abs().max() / la.abs().max()).item(),
         "same_generation": ga.tolist() == gb.tolist(),
-        "layernorms_left": sum(isinstance(m, torch.nn.LayerNorm) for m in b.modules()),
+        # LayerNorm modules (stock classes, or families' own, e.g. CohereLayerNorm) by path
+        "layernorms_left": sorted(n for n, m in b.named_modules()
+                                  if isinstance(m, torch.nn.LayerNorm) or type(m).__name__.endswith("LayerNorm")),
         "normsurgery_importable": "normsurgery" in sys.modules and sys.modules["normsurgery"] is not None,
     }
 
@@ -52,7 +54,7 @@ def pruned(original: str, candidate: str, skipped: str) -> dict:
     b = AutoModelForCausalLM.from_pretrained(candidate, dtype=torch.float32).eval()
     depth = a.config.get_text_config().num_hidden_layers
     blocks = next(m for n, m in a.named_modules()
-                  if isinstance(m, torch.nn.ModuleList) and len(m) == depth and n.split(".")[-1] in ("layers", "h"))
+                  if isinstance(m, torch.nn.ModuleList) and len(m) == depth and n.split(".")[-1] in ("layers", "h", "blocks"))
 
     def through(module, args, kwargs, output):
         hidden = args[0] if args else kwargs["hidden_states"]

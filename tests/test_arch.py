@@ -61,16 +61,31 @@ def test_config_view_takes_legacy_keys_and_defaults_like_transformers():
     assert view._loaded is not None
 
 
+def _declared_norm(norm, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """What the declared facts (kind, eps, gain offset, weight, bias) say a norm computes on x, over its last axis."""
+    x = x.double()
+    if norm.kind == "layernorm":
+        x = x - x.mean(-1, keepdim=True)
+    y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps)
+    if norm.weight:
+        y = y * (params[norm.weight].double() + norm.gain_offset)
+    return y + params[norm.bias].double() if norm.bias else y
+
+
 @pytest.mark.parametrize("name", ALL_FIXTURES)
 def test_adapter_facts_match_the_modules(name):
-    """Kind, eps, orientation and reader widths agree with what stock transformers builds."""
+    """Every norm computes what its declaration says (kind, eps, (1 + w) gain, bias, or none), on inputs small enough
+    for eps to show; orientation and reader widths agree with what stock transformers builds."""
     from transformers import AutoModelForCausalLM
     from transformers.pytorch_utils import Conv1D
 
+    from fixtures import perturb_
+
     config = config_for(name)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+    model = AutoModelForCausalLM.from_config(config)
+    perturb_(model, 0)
     modules = dict(model.named_modules())
+    params = dict(model.named_parameters())
     arch = architecture_of(config)
 
     def module(tensor: str):
@@ -78,17 +93,22 @@ def test_adapter_facts_match_the_modules(name):
         return modules.get(path) or modules["lm_head"]  # on-disk `embed_out` is `lm_head` in memory
 
     d = arch.hidden_size
+    gen = torch.Generator().manual_seed(0)
     for norm in arch.all_norms():
-        m = module(norm.weight)
-        eps = getattr(m, "eps", getattr(m, "variance_epsilon", None))
-        assert eps == pytest.approx(norm.eps), norm.name
-        is_ln = isinstance(m, torch.nn.LayerNorm)
-        assert is_ln == (norm.kind == "layernorm"), norm.name
+        shape = tuple(params[norm.weight].shape) if norm.weight else (d,)
+        scales = torch.tensor([1.0, 1e-2, 1e-3, 1e-4, 1e-6]).view(-1, *[1] * len(shape))
+        x = (torch.randn((5, *shape), generator=gen) + 2.0) * scales
+        with torch.no_grad():
+            got = modules[norm.name](x).double()
+        expected = _declared_norm(norm, params, x)
+        assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item()), norm.name
         for reader in norm.readers:
             lin = module(reader.weight)
             assert isinstance(lin, Conv1D) == reader.conv1d, reader.weight
             in_features = lin.weight.shape[0] if reader.conv1d else lin.weight.shape[1]
             assert in_features == d, reader.weight
+            out_features = lin.weight.shape[1] if reader.conv1d else lin.weight.shape[0]
+            assert sum(s.stop - s.start for _, s in reader.group_slices(out_features)) == out_features, reader.weight
     for block in arch.blocks:
         for writer in block.writers:
             lin = module(writer.weight)
@@ -117,3 +137,36 @@ def test_per_layer_filled_names_exactly_what_the_config_class_fills_in(model_typ
     full = load_config(raw)
     filled = {key for key in family.per_layer if getattr(full, key, None) is not None}
     assert filled == set(family.per_layer_filled), (model_type, filled)
+
+
+FUSED = [n for n in ALL_FIXTURES if any(len(set(r.groups)) > 1 for norm in architecture_of(config_for(n)).all_norms()
+                                        for r in norm.readers)]
+
+
+@pytest.mark.parametrize("name", FUSED)
+def test_fused_readers_name_their_value_slices(name):
+    """A fused q/k/v reader's declared "v" slices are the values: zeroed, attention outputs zero (a slice named
+    wrongly, e.g. in CodeGen's (q, v, k) chunks or a multi-query c_attn, would leave it non-zero)."""
+    from transformers import AutoModelForCausalLM
+
+    from fixtures import perturb_
+
+    config = config_for(name)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    perturb_(model, 0)
+    arch = architecture_of(config)
+    modules = dict(model.named_modules())
+    seen: list[torch.Tensor] = []
+    with torch.no_grad():
+        for block in arch.blocks:
+            for reader in (r for n in block.norms for r in n.readers if len(set(r.groups)) > 1):
+                lin = modules[reader.weight.rsplit(".", 1)[0]]
+                for group, part in reader.group_slices(lin.weight.shape[1] if reader.conv1d else lin.weight.shape[0]):
+                    if group == "v":
+                        (lin.weight[:, part] if reader.conv1d else lin.weight[part]).zero_()
+                        if lin.bias is not None:
+                            lin.bias[part].zero_()
+            attention_out = modules[block.writers[0].weight.rsplit(".", 1)[0]]
+            attention_out.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+        model(torch.randint(3, config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(0)))
+    assert len(seen) == arch.num_layers and all(float(x.abs().max()) == 0.0 for x in seen)

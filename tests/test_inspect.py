@@ -7,6 +7,7 @@ import json
 import pytest
 
 from conftest import ALL_FIXTURES
+from normsurgery.arch import raw_key
 
 EXPECTED_PLACEMENT = {
     "gpt2": "Pre-LN",
@@ -31,14 +32,14 @@ def test_inspect_json_every_family(name, tiny_model, cli):
     facts = json.loads(out)
     config = json.loads((tiny_model(name) / "config.json").read_text())
     assert facts["model_type"] == config["model_type"]
-    assert facts["layers"] == config.get("num_hidden_layers", config.get("n_layer", config.get("num_layers")))
+    assert facts["layers"] == config[raw_key(config, "num_hidden_layers")]
     assert facts["parameters"] > 0 and facts["dtype"] == "float32" and facts["weights_finite"]
     ops = {o["operation"]: o for o in facts["operations"]}
     assert set(ops) == {"fold", "rmsnorm", "crmsnorm", "dyt", "none", "prune"}
     assert all(o["reason"] for o in ops.values())
     if name in EXPECTED_PLACEMENT:
         assert facts["placement"] == EXPECTED_PLACEMENT[name]
-    layernorm = facts["norm"] == "LayerNorm"
+    layernorm = facts["norm"].startswith("LayerNorm")  # "LayerNorm (1 + w)" for Nemotron
     pre_ln = facts["placement"].startswith("Pre-LN")
     assert ops["rmsnorm"]["applies"] == (layernorm and pre_ln)
     assert ops["crmsnorm"]["applies"] == (layernorm and pre_ln)

@@ -42,10 +42,12 @@ class LinearSlot:
     bias: Flag = False
     conv1d: bool = False  # HF Conv1D (GPT-2) stores the weight as (in, out)
     when: Flag = True  # whether the layer exists in this config
-    # for a norm's reader: the path each equal slice of its output serves, ("qk",) for q_proj, ("v",) for v_proj,
-    # ("qk", "qk", "v") for GPT-2's fused c_attn; () when the reader has one path (LN removal freezes each path
-    # of an input norm on its own schedule, Baroni et al.)
+    # for a norm's reader: the path each slice (equal unless `widths`) of its output serves, ("qk",) for q_proj,
+    # ("v",) for v_proj, ("qk", "qk", "v") for GPT-2's fused c_attn; () when the reader has one path (LN removal
+    # freezes each path of an input norm on its own schedule, Baroni et al.)
     groups: tuple[str, ...] = ()
+    # the `groups` slices' relative output widths where they differ, e.g. in heads (H, KV, KV) for Phi-3's GQA qkv_proj
+    widths: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,7 @@ class NormSlot:
     readers: tuple[LinearSlot, ...] = ()
     when: Flag = True
     has_bias: Flag | None = None  # None: LayerNorms have a bias, RMSNorms do not
+    has_weight: Flag = True  # False for a norm without a gain (OLMo's non-parametric LayerNorm)
 
 
 @dataclass(frozen=True)
@@ -115,7 +118,8 @@ class Family:
             if not flag(slot.when, config):
                 return None
             base = f"{prefix}{slot.path}"
-            return Linear(f"{base}.weight", f"{base}.bias" if flag(slot.bias, config) else None, slot.conv1d, slot.groups)
+            bias = f"{base}.bias" if flag(slot.bias, config) else None
+            return Linear(f"{base}.weight", bias, slot.conv1d, slot.groups, slot.widths)
 
         def linears(slots: tuple[LinearSlot, ...], prefix: str) -> tuple[Linear, ...]:
             return tuple(x for x in (linear(s, prefix) for s in slots) if x is not None)
@@ -127,7 +131,7 @@ class Family:
             has_bias = self.norm_kind == "layernorm" if slot.has_bias is None else flag(slot.has_bias, config)
             return Norm(
                 name=base,
-                weight=f"{base}.weight",
+                weight=f"{base}.weight" if flag(slot.has_weight, config) else None,
                 bias=f"{base}.bias" if has_bias else None,
                 kind=self.norm_kind,
                 eps=eps,
@@ -187,11 +191,22 @@ class Linear:
     weight: str
     bias: str | None
     conv1d: bool = False
-    groups: tuple[str, ...] = ()  # the path each equal slice of the output serves (see LinearSlot)
+    groups: tuple[str, ...] = ()  # the path each slice of the output serves (see LinearSlot)
+    widths: tuple[int, ...] = ()  # the slices' relative widths where they differ; () for equal slices
 
     def tensors(self) -> tuple[str, ...]:
         """The tensor names this layer owns."""
         return (self.weight,) + ((self.bias,) if self.bias else ())
+
+    def group_slices(self, out_features: int) -> list[tuple[str, slice]]:
+        """Each output slice and the group it serves (one DEFAULT_GROUP slice for a reader that declares none)."""
+        groups = self.groups or (DEFAULT_GROUP,)
+        widths = self.widths or (1,) * len(groups)
+        unit, rest = divmod(out_features, sum(widths))
+        if len(widths) != len(groups) or rest:
+            raise ValueError(f"{self.weight}: relative widths {widths} do not split {out_features} outputs")
+        starts = [unit * sum(widths[:i]) for i in range(len(widths))]
+        return [(g, slice(s, s + unit * w)) for g, s, w in zip(groups, starts, widths)]
 
 
 @dataclass(frozen=True)

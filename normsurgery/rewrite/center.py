@@ -97,8 +97,8 @@ def _norm_step(norm: Norm, arch: Architecture, target: Target, untie_from: str |
             out[r.weight] = w
             if c is not None:
                 out[bias_name(r)] = c
-        if target == "rmsnorm" and norm.weight:
-            out[norm.weight] = t[norm.weight]
+        if target == "rmsnorm" and norm.weight:  # the RMSNorm's plain gain: (1 + w) for a (1 + w) norm (Nemotron)
+            out[norm.weight] = effective_gain(t[norm.weight], norm.gain_offset, arch.hidden_size)
         return out
 
     return Step(f"{target} {norm.name}", norm_step_inputs(norm, arch, untie_from), compute)
@@ -131,7 +131,7 @@ def plan_center_swap(arch: Architecture, target: Target) -> Plan:
         plan.dropped.update([norm.bias] if norm.bias else [])
         if target == "crmsnorm" and norm.weight:
             plan.dropped.add(norm.weight)
-        norms[norm.name] = {"kind": target, "eps": norm.eps, "dim": d, "affine": target == "rmsnorm"}
+        norms[norm.name] = {"kind": target, "eps": norm.eps, "dim": d, "affine": target == "rmsnorm" and norm.weight is not None}
         for r in norm.readers:
             if r.bias is None and norm.bias:
                 add_bias.append(module_path(r.weight))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from normsurgery.arch.spec import DEFAULT_GROUP, Architecture, Norm
+from normsurgery.arch.spec import Architecture, Norm
 from normsurgery.rewrite.center import (
     bias_name,
     center_embedding_step,
@@ -27,7 +27,7 @@ Tensor = torch.Tensor
 
 def _frozen_norm_step(norm: Norm, arch: Architecture, scales: dict[str, float], untie_from: str | None) -> Step:
     """Fold a frozen norm's (g / s) and b into its readers, each output slice of a reader with the scale `s` of
-    the group it serves (`Linear.groups`; DEFAULT_GROUP for a reader that declares none)."""
+    the group it serves (`Linear.group_slices`)."""
     def compute(t: dict[str, Tensor]) -> dict[str, Tensor]:
         gain = effective_gain(t.get(norm.weight) if norm.weight else None, norm.gain_offset, arch.hidden_size)
         gain = gain.to(torch.float64)
@@ -35,11 +35,8 @@ def _frozen_norm_step(norm: Norm, arch: Architecture, scales: dict[str, float], 
         out: dict[str, Tensor] = {}
         for r in norm.readers:
             weight = t[reader_source(r, arch, untie_from)]
-            groups = r.groups or (DEFAULT_GROUP,)
-            width = weight.shape[1 if r.conv1d else 0] // len(groups)
             parts = []
-            for i, group in enumerate(groups):  # each output slice with the scale of the group it serves
-                part = slice(i * width, (i + 1) * width)
+            for group, part in r.group_slices(weight.shape[1 if r.conv1d else 0]):  # each slice with its group's scale
                 parts.append(fold_into_reader(weight[:, part] if r.conv1d else weight[part],
                                               t[r.bias][part] if r.bias else None, gain / scales[group], bias,
                                               conv1d=r.conv1d))

@@ -225,12 +225,11 @@ def _bind_reader(module: nn.Module, reader: Linear, groups: dict[str, ScaleGroup
         group = groups[names[0]]
         module.register_forward_pre_hook(lambda _m, args: (group(args[0]),) + tuple(args[1:]))
         return
-    width = (module.weight.shape[1] if reader.conv1d else module.weight.shape[0]) // len(names)
+    slices = reader.group_slices(module.weight.shape[1] if reader.conv1d else module.weight.shape[0])
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         outputs = []
-        for i, name in enumerate(names):
-            part = slice(i * width, (i + 1) * width)
+        for name, part in slices:
             weight = module.weight[:, part].t() if reader.conv1d else module.weight[part]
             bias = module.bias[part] if module.bias is not None else None
             outputs.append(F.linear(groups[name](x), weight, bias))
