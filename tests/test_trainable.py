@@ -18,7 +18,7 @@ def fast(tmp_path_factory) -> tuple[str, ...]:
     return ("--gap", "1", "--heal", "2", "--batch-size", "2", "--seq-len", "32", "--text", str(text))
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama", "gpt_neox", "phi"])
+@pytest.mark.parametrize("name", ["gpt2", "llama", "gpt_neox", "phi", "phi3", "nemotron", "olmo"])
 def test_removal_exports_a_norm_free_model_equal_to_the_trained_one(name, tiny_model, cli, clean_python, tmp_path, fast):
     out = tmp_path / "none"
     code, stdout, err = cli("convert", tiny_model(name), "--to", "none", "-o", out, *fast, "--json")

@@ -8,6 +8,7 @@ or predicates, never guessed from shapes.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 from normsurgery.arch.spec import BlockLayout, Config, Family, LinearSlot as Lin, NormSlot as NormAt
 
@@ -133,6 +134,195 @@ BLOOM = Family(
     notes="ALiBi positions; a LayerNorm on the token embeddings",
 )
 
+STARCODER2 = Family(
+    name="starcoder2",
+    model_types=("starcoder2",),
+    layers="model.layers",
+    norm_kind="layernorm",
+    eps=_attr("norm_epsilon"),
+    token_embedding="model.embed_tokens",
+    block=BlockLayout(
+        norms=(
+            NormAt("input_layernorm", readers=_qkv("self_attn.{p}_proj", bias="use_bias")),
+            NormAt("post_attention_layernorm", readers=(Lin("mlp.c_fc", bias="use_bias"),)),
+        ),
+        writers=(Lin("self_attn.o_proj", bias="use_bias"), Lin("mlp.c_proj", bias="use_bias")),
+    ),
+    final_norm=NormAt("model.norm", role="final"),
+    unembed=Lin("lm_head"),
+    notes="rotary positions; optional sliding window",
+)
+
+
+def _stablelm_block(c: Config) -> BlockLayout:
+    """StableLM: sequential (two norms) or, with `use_parallel_residual`, one norm read by attention and MLP; with
+    `qk_layernorm`, one LayerNorm per query and key head, on the attention path (left alone by every rewrite)."""
+    qkv = _qkv("self_attn.{p}_proj", bias="use_qkv_bias")
+    mlp = (Lin("mlp.gate_proj"), Lin("mlp.up_proj"))
+    if c.use_parallel_residual:
+        norms = (NormAt("input_layernorm", readers=qkv + mlp),)
+    else:
+        norms = (NormAt("input_layernorm", readers=qkv), NormAt("post_attention_layernorm", readers=mlp))
+    if c.qk_layernorm:
+        heads = (("q", c.num_attention_heads), ("k", c.num_key_value_heads))
+        norms += tuple(NormAt(f"self_attn.{p}_layernorm.norms.{h}", role="qk", has_bias=False)
+                       for p, n in heads for h in range(n))
+    return BlockLayout(norms=norms, writers=(Lin("self_attn.o_proj"), Lin("mlp.down_proj")),
+                       parallel=bool(c.use_parallel_residual))
+
+
+STABLELM = Family(
+    name="stablelm",
+    model_types=("stablelm",),
+    layers="model.layers",
+    norm_kind="layernorm",
+    eps=_attr("layer_norm_eps"),
+    token_embedding="model.embed_tokens",
+    block=_stablelm_block,
+    final_norm=NormAt("model.norm", role="final"),
+    unembed=Lin("lm_head"),
+    notes="partial rotary; optional parallel residual; optional per-head QK LayerNorms (qk role, left alone)",
+)
+
+
+def _persimmon_block(c: Config) -> BlockLayout:
+    """Persimmon: sequential; the fused query_key_value holds (q, k, v) per head; optional QK LayerNorm."""
+    qkv = Lin("self_attn.query_key_value", bias=True, groups=("qk", "qk", "v") * c.num_attention_heads)
+    norms = (
+        NormAt("input_layernorm", readers=(qkv,)),
+        NormAt("post_attention_layernorm", readers=(Lin("mlp.dense_h_to_4h", bias=True),)),
+    )
+    if c.qk_layernorm:
+        norms += (NormAt("self_attn.q_layernorm", role="qk"), NormAt("self_attn.k_layernorm", role="qk"))
+    return BlockLayout(norms=norms, writers=(Lin("self_attn.dense", bias=True), Lin("mlp.dense_4h_to_h", bias=True)))
+
+
+PERSIMMON = Family(
+    name="persimmon",
+    model_types=("persimmon",),
+    layers="model.layers",
+    norm_kind="layernorm",
+    eps=_attr("layer_norm_eps"),
+    token_embedding="model.embed_tokens",
+    block=_persimmon_block,
+    final_norm=NormAt("model.final_layernorm", role="final"),
+    unembed=Lin("lm_head"),
+    notes="partial rotary; optional QK LayerNorm (qk role, left alone)",
+)
+
+NEMOTRON = Family(
+    name="nemotron",
+    model_types=("nemotron",),
+    layers="model.layers",
+    norm_kind="layernorm",
+    eps=_attr("norm_eps"),
+    token_embedding="model.embed_tokens",
+    block=BlockLayout(
+        norms=(
+            NormAt("input_layernorm", readers=_qkv("self_attn.{p}_proj", bias="attention_bias")),
+            NormAt("post_attention_layernorm", readers=(Lin("mlp.up_proj", bias="mlp_bias"),)),
+        ),
+        writers=(Lin("self_attn.o_proj", bias="attention_bias"), Lin("mlp.down_proj", bias="mlp_bias")),
+    ),
+    final_norm=NormAt("model.norm", role="final"),
+    unembed=Lin("lm_head"),
+    gain_offset=1.0,
+    notes="LayerNorm with (1 + w) gains (LayerNorm1P); partial rotary; squared-ReLU MLP without a gate",
+)
+
+OLMO = Family(
+    name="olmo",
+    model_types=("olmo",),
+    layers="model.layers",
+    norm_kind="layernorm",
+    eps=lambda c: 1e-5,  # OlmoLayerNorm fixes eps; the config has no eps field
+    token_embedding="model.embed_tokens",
+    block=BlockLayout(
+        norms=(
+            NormAt("input_layernorm", readers=_qkv("self_attn.{p}_proj", bias="attention_bias"), has_weight=False,
+                   has_bias=False),
+            NormAt("post_attention_layernorm", readers=(Lin("mlp.gate_proj"), Lin("mlp.up_proj")), has_weight=False,
+                   has_bias=False),
+        ),
+        writers=(Lin("self_attn.o_proj", bias="attention_bias"), Lin("mlp.down_proj")),
+    ),
+    final_norm=NormAt("model.norm", role="final", has_weight=False, has_bias=False),
+    unembed=Lin("lm_head"),
+    notes="non-parametric LayerNorm (no gain, no bias): fold has nothing to move; optional clip_qkv after q, k, v",
+)
+
+MPT = Family(
+    name="mpt",
+    model_types=("mpt",),
+    config_keys=(("hidden_size", ("d_model",)), ("num_hidden_layers", ("n_layers",))),
+    layers="transformer.blocks",
+    norm_kind="layernorm",
+    eps=_attr("layer_norm_epsilon"),
+    token_embedding="transformer.wte",
+    block=BlockLayout(
+        norms=(
+            NormAt("norm_1", readers=(Lin("attn.Wqkv", groups=("qk", "qk", "v")),), has_bias=False),
+            NormAt("norm_2", readers=(Lin("ffn.up_proj"),), has_bias=False),
+        ),
+        writers=(Lin("attn.out_proj"), Lin("ffn.down_proj")),
+    ),
+    final_norm=NormAt("transformer.norm_f", role="final", has_bias=False),
+    unembed=Lin("lm_head"),
+    notes="ALiBi positions; LayerNorms without bias; optional clip_qkv after the fused Wqkv",
+)
+
+BIOGPT = Family(
+    name="biogpt",
+    model_types=("biogpt",),
+    layers="biogpt.layers",
+    norm_kind="layernorm",
+    eps=lambda c: 1e-5,  # BioGPT builds nn.LayerNorm with its default eps, not the config's layer_norm_eps
+    token_embedding="biogpt.embed_tokens",
+    position_embedding="biogpt.embed_positions",
+    position_offset=2,
+    embed_scale=lambda c: math.sqrt(c.hidden_size) if c.scale_embedding else 1.0,
+    block=BlockLayout(
+        norms=(
+            NormAt("self_attn_layer_norm", readers=_qkv("self_attn.{p}_proj", bias=True)),
+            NormAt("final_layer_norm", readers=(Lin("fc1", bias=True),)),
+        ),
+        writers=(Lin("self_attn.out_proj", bias=True), Lin("fc2", bias=True)),
+    ),
+    final_norm=NormAt("biogpt.layer_norm", role="final"),
+    unembed=Lin("output_projection"),
+    notes="learned positions stored with an offset of 2 rows; embeddings scaled by sqrt(d) with scale_embedding",
+)
+
+
+def _bigcode_block(c: Config) -> BlockLayout:
+    """GPT-BigCode: GPT-2's block with nn.Linear layers; a multi-query c_attn holds q (d wide), then one key and
+    one value head; otherwise (q, k, v) per head."""
+    if c.multi_query:  # widths in heads
+        c_attn = Lin("attn.c_attn", bias=True, groups=("qk", "qk", "v"), widths=(c.num_attention_heads, 1, 1))
+    else:
+        c_attn = Lin("attn.c_attn", bias=True, groups=("qk", "qk", "v") * c.num_attention_heads)
+    return BlockLayout(
+        norms=(NormAt("ln_1", readers=(c_attn,)), NormAt("ln_2", readers=(Lin("mlp.c_fc", bias=True),))),
+        writers=(Lin("attn.c_proj", bias=True), Lin("mlp.c_proj", bias=True)),
+    )
+
+
+GPT_BIGCODE = Family(
+    name="gpt_bigcode",
+    model_types=("gpt_bigcode",),
+    config_keys=(("hidden_size", ("n_embd",)), ("num_hidden_layers", ("n_layer",)),
+                 ("num_attention_heads", ("n_head",))),
+    layers="transformer.h",
+    norm_kind="layernorm",
+    eps=_attr("layer_norm_epsilon"),
+    token_embedding="transformer.wte",
+    position_embedding="transformer.wpe",
+    block=_bigcode_block,
+    final_norm=NormAt("transformer.ln_f", role="final"),
+    unembed=Lin("lm_head"),
+    notes="multi-query attention: the fused c_attn's q, k and v slices differ in width",
+)
+
 # ------------------------------------------------------------------ LayerNorm, parallel attention + MLP
 
 
@@ -237,6 +427,56 @@ PHI = Family(
     notes="one norm shared by attention and MLP; partial rotary",
 )
 
+CODEGEN = Family(
+    name="codegen",
+    model_types=("codegen",),
+    config_keys=(("hidden_size", ("n_embd",)), ("num_hidden_layers", ("n_layer",))),
+    layers="transformer.h",
+    norm_kind="layernorm",
+    eps=_attr("layer_norm_epsilon"),
+    token_embedding="transformer.wte",
+    block=BlockLayout(
+        # qkv_proj's output is 4 (mp_num) chunks, each (q, v, k) of d/4
+        norms=(NormAt("ln_1", readers=(Lin("attn.qkv_proj", groups=("qk", "v", "qk") * 4),
+                                       Lin("mlp.fc_in", bias=True))),),
+        writers=(Lin("attn.out_proj"), Lin("mlp.fc_out", bias=True)),
+        parallel=True,
+    ),
+    final_norm=NormAt("transformer.ln_f", role="final"),
+    unembed=Lin("lm_head", bias=True),
+    notes="GPT-J's parallel block with a fused qkv_proj in 4 chunks of (q, v, k); rotary positions",
+)
+
+
+def _cohere(name: str, qk_norm: bool, per_layer_filled: tuple[str, ...], notes: str) -> Family:
+    """Cohere / Cohere2: one bias-free LayerNorm read by attention and MLP in parallel; logits times logit_scale
+    (a config value, kept by every rewrite)."""
+    norms = (NormAt("input_layernorm", readers=_qkv("self_attn.{p}_proj", bias="attention_bias")
+                    + (Lin("mlp.gate_proj"), Lin("mlp.up_proj")), has_bias=False),)
+    if qk_norm:
+        norms += (NormAt("self_attn.q_norm", role="qk", when="use_qk_norm", has_bias=False),
+                  NormAt("self_attn.k_norm", role="qk", when="use_qk_norm", has_bias=False))
+    return Family(
+        name=name,
+        model_types=(name,),
+        layers="model.layers",
+        norm_kind="layernorm",
+        eps=_attr("layer_norm_eps"),
+        token_embedding="model.embed_tokens",
+        block=BlockLayout(norms=norms, writers=(Lin("self_attn.o_proj", bias="attention_bias"), Lin("mlp.down_proj")),
+                          parallel=True),
+        final_norm=NormAt("model.norm", role="final", has_bias=False),
+        unembed=Lin("lm_head"),
+        per_layer_filled=per_layer_filled,
+        notes=notes,
+    )
+
+
+COHERE = _cohere("cohere", True, (), "bias-free LayerNorm; parallel attention+MLP; logit_scale; optional QK-norm "
+                 "(qk role, left alone)")
+COHERE2 = _cohere("cohere2", False, ("layer_types",), "bias-free LayerNorm; parallel attention+MLP; logit_scale; "
+                  "sliding-window layers")
+
 # ------------------------------------------------------------------ RMSNorm, Llama layout
 
 
@@ -253,7 +493,7 @@ def _llama_block(
     return BlockLayout(norms=norms, writers=(Lin("self_attn.o_proj", bias=o_bias), Lin("mlp.down_proj", bias=mlp_bias)))
 
 
-def _llama_like(name: str, block: BlockLayout, *, per_layer: tuple[str, ...] = ("layer_types",),
+def _llama_like(name: str, block: BlockLayout | Callable[[Config], BlockLayout], *, per_layer: tuple[str, ...] = ("layer_types",),
                 per_layer_filled: tuple[str, ...] = (), notes: str = "") -> Family:
     return Family(
         name=name,
@@ -279,6 +519,21 @@ QWEN3 = _llama_like("qwen3", _llama_block(mlp_bias=False, qk_norm=True), per_lay
                     per_layer_filled=_SLIDING_FROM, notes="per-head QK-norm")
 SMOLLM3 = _llama_like("smollm3", _llama_block(), per_layer=("layer_types", "no_rope_layers"),
                       per_layer_filled=("layer_types", "no_rope_layers"), notes="some layers without rotary positions")
+
+
+def _phi3_block(c: Config) -> BlockLayout:
+    """Phi-3: the Llama block with fused projections: qkv_proj (q, k, v slices, unequal under GQA), gate_up_proj."""
+    heads = (c.num_attention_heads, c.num_key_value_heads, c.num_key_value_heads)
+    return BlockLayout(
+        norms=(
+            NormAt("input_layernorm", readers=(Lin("self_attn.qkv_proj", groups=("qk", "qk", "v"), widths=heads),)),
+            NormAt("post_attention_layernorm", readers=(Lin("mlp.gate_up_proj"),)),
+        ),
+        writers=(Lin("self_attn.o_proj"), Lin("mlp.down_proj")),
+    )
+
+
+PHI3 = _llama_like("phi3", _phi3_block, notes="fused qkv_proj (GQA: unequal q, k, v slices) and gate_up_proj")
 
 # ------------------------------------------------------------------ RMSNorm with (1 + w) gains: Gemma
 
@@ -349,4 +604,5 @@ OLMO2 = Family(
 FAMILIES: tuple[Family, ...] = (
     GPT2, GPT_NEO, GPT_NEOX, GPTJ, OPT, BLOOM, FALCON, PHI,
     LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, OLMO2, SMOLLM3,
+    STARCODER2, STABLELM, PERSIMMON, NEMOTRON, OLMO, MPT, BIOGPT, GPT_BIGCODE, CODEGEN, COHERE, COHERE2, PHI3,
 )  # fmt: skip
