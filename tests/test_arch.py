@@ -27,7 +27,7 @@ def _checkpoint_names(folder) -> set[str]:
 def test_every_listed_family_is_covered_by_a_fixture():
     covered = {config_for(n).model_type for n in ALL_FIXTURES}
     assert covered == set(SUPPORTED_MODEL_TYPES)
-    assert len(FAMILIES) == 26
+    assert len(FAMILIES) == 28
 
 
 @pytest.mark.parametrize("name", ALL_FIXTURES)

@@ -316,6 +316,24 @@ def _glm_block(sandwich: bool) -> BlockLayout:
 GLM = _llama_like("glm", _glm_block(False), notes="fused gate_up_proj; partial rotary")
 GLM4 = _llama_like("glm4", _glm_block(True), notes="sandwich norms on attention and MLP outputs; fused gate_up_proj")
 
+_XIELU = ("mlp.act_fn.alpha_p", "mlp.act_fn.alpha_n", "mlp.act_fn.beta", "mlp.act_fn.eps")
+
+
+def _apertus_block(c: Config) -> BlockLayout:
+    """Apertus: Llama-like with its own norm names, an ungated MLP (up_proj only) and per-head QK-norm; the xIELU
+    activation holds parameters of its own."""
+    return BlockLayout(
+        norms=(
+            NormAt("attention_layernorm", readers=_qkv("self_attn.{p}_proj", bias="attention_bias")),
+            NormAt("feedforward_layernorm", readers=(Lin("mlp.up_proj"),)),
+        ) + tuple(NormAt(path, role="qk") for path in _QK_NORMS),
+        writers=(Lin("self_attn.o_proj", bias="attention_bias"), Lin("mlp.down_proj")),
+        others=_XIELU if c.hidden_act == "xielu" else (),
+    )
+
+
+APERTUS = _llama_like("apertus", _apertus_block, notes="per-head QK-norm; xIELU activation parameters left alone")
+
 # ------------------------------------------------------------------ RMSNorm with (1 + w) gains: Gemma
 
 
@@ -359,31 +377,31 @@ GEMMA2 = _gemma("gemma2", ("gemma2",), _gemma_block(True, False), "sandwich norm
 GEMMA3 = _gemma("gemma3", ("gemma3_text",), _gemma_block(True, True), "sandwich norms; (1 + w) gains; QK-norm",
                 ("layer_types",))
 
-OLMO2 = Family(
-    name="olmo2",
-    model_types=("olmo2",),
-    layers="model.layers",
-    norm_kind="rmsnorm",
-    eps=_attr("rms_norm_eps"),
-    token_embedding="model.embed_tokens",
-    block=BlockLayout(
+# ------------------------------------------------------------------ RMSNorm on sublayer outputs only: OLMo2, EXAONE 4
+
+
+def _output_norm_block(bias: object) -> BlockLayout:
+    """No norm before a sublayer: q, k, v, gate and up read the residual directly, each sublayer's output is
+    normalised before the add (left alone), and q and k are normalised inside attention."""
+    return BlockLayout(
         norms=(
             NormAt("post_attention_layernorm", role="output"),
             NormAt("post_feedforward_layernorm", role="output"),
-            NormAt("self_attn.q_norm", role="qk"),
-            NormAt("self_attn.k_norm", role="qk"),
-        ),
-        writers=(Lin("self_attn.o_proj", bias="attention_bias"), Lin("mlp.down_proj")),
-        direct_readers=tuple(Lin(f"self_attn.{p}_proj", bias="attention_bias") for p in "qkv")
+        ) + tuple(NormAt(path, role="qk") for path in _QK_NORMS),
+        writers=(Lin("self_attn.o_proj", bias=bias), Lin("mlp.down_proj")),
+        direct_readers=tuple(Lin(f"self_attn.{p}_proj", bias=bias) for p in "qkv")
         + (Lin("mlp.gate_proj"), Lin("mlp.up_proj")),
-    ),
-    final_norm=NormAt("model.norm", role="final"),
-    unembed=Lin("lm_head"),
-    notes="norms on sublayer outputs only; QK-norm over all heads",
-)
+    )
+
+
+OLMO2 = _llama_like("olmo2", _output_norm_block("attention_bias"),
+                    notes="norms on sublayer outputs only; QK-norm over all heads")
+EXAONE4 = _llama_like("exaone4", _output_norm_block(False), per_layer_filled=("layer_types",),
+                      notes="norms on sublayer outputs only; per-head QK-norm; global layers without rotary positions "
+                            "when sliding_window is set")
 
 FAMILIES: tuple[Family, ...] = (
     GPT2, GPT_NEO, GPT_NEOX, GPTJ, OPT, BLOOM, FALCON, PHI,
     LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, OLMO2, SMOLLM3,
-    GRANITE, GLM, GLM4, HELIUM, ERNIE4_5, SEED_OSS, MINISTRAL, HUNYUAN_V1_DENSE, INTERNLM3,
+    GRANITE, GLM, GLM4, EXAONE4, HELIUM, ERNIE4_5, SEED_OSS, APERTUS, MINISTRAL, HUNYUAN_V1_DENSE, INTERNLM3,
 )  # fmt: skip
