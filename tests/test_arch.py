@@ -27,7 +27,7 @@ def _checkpoint_names(folder) -> set[str]:
 def test_every_listed_family_is_covered_by_a_fixture():
     covered = {config_for(n).model_type for n in ALL_FIXTURES}
     assert covered == set(SUPPORTED_MODEL_TYPES)
-    assert len(FAMILIES) == 29
+    assert len(FAMILIES) == 40
 
 
 @pytest.mark.parametrize("name", ALL_FIXTURES)
@@ -59,6 +59,17 @@ def test_config_view_takes_legacy_keys_and_defaults_like_transformers():
     assert view._loaded is None
     assert view.layer_norm_epsilon == full.layer_norm_epsilon
     assert view._loaded is not None
+
+
+def test_config_view_reads_internlm3_bias_keys_as_transformers_does():
+    """InternLM3's original config.json names the biases qkv_bias and bias (its attribute_map); those win over
+    attention_bias / mlp_bias, as in InternLM3Config."""
+    raw = {k: v for k, v in config_for("internlm3").to_dict().items() if k not in ("attention_bias", "mlp_bias")}
+    raw.update(qkv_bias=False, bias=False, attention_bias=True, mlp_bias=True)
+    view = config_view(raw)
+    full = load_config(raw)
+    assert (view.attention_bias, view.mlp_bias) == (full.attention_bias, full.mlp_bias) == (False, False)
+    assert architecture_of(view) == architecture_of(full) and view._loaded is None
 
 
 def _declared_norm(norm, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:

@@ -31,6 +31,8 @@ def test_pruned_model_equals_the_original_with_that_block_skipped(name, tiny_mod
     ("smollm3", "1,3", {"no_rope_layers": [1, 1], "layer_types": ["full_attention"] * 2}),
     ("gpt_neo", "0", {"attention_layers": ["local"], "attention_types": [[["local"], 1]]}),
     ("qwen2", "1", {"max_window_layers": 1, "layer_types": ["full_attention"]}),
+    ("exaone4", "1,2", {"layer_types": ["sliding_attention", "full_attention"]}),
+    ("ministral", "0", {"layer_types": ["full_attention", "sliding_attention", "full_attention"]}),
 ])
 def test_per_layer_config_lists_follow_their_blocks(name, layers, expected, tiny_model, cli, tmp_path):
     out = tmp_path / "pruned"

@@ -92,6 +92,25 @@ def test_swaps_export_dyt_or_derf_with_calibrated_alpha(target, name, init, tiny
     assert loaded["swaps"] == ["DynamicErf" if target == "derf" else "DynamicTanh"]
 
 
+GRANITE_SCALES = ("embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling")
+
+
+def test_granite_scales_survive_fold_prune_and_the_exported_code(tiny_model, cli, clean_python, tmp_path, fast):
+    """Granite's multipliers and logit scaling live in config.json only: the folded and pruned stock configs keep
+    them, and so does the base config of a trained rewrite's exported code, whose loaded model computes with them."""
+    from family_configs import FAMILY_CONFIGS
+
+    want = {k: FAMILY_CONFIGS["granite"][1][k] for k in GRANITE_SCALES}
+    assert all(v != 1.0 for v in want.values())  # a dropped value would show
+    outputs = {"fold": ("fold",), "prune": ("prune", "--layers", "0"), "none": ("convert", "--to", "none", *fast)}
+    for operation, (command, *args) in outputs.items():
+        code, _, err = cli(command, tiny_model("granite"), *args, "-o", tmp_path / operation)
+        assert code == 0, err
+        config = json.loads((tmp_path / operation / "config.json").read_text())
+        assert {k: config.get("base_config", config)[k] for k in GRANITE_SCALES} == want, operation
+    assert clean_python("norm_free", tmp_path / "none")["norm_modules"] == []
+
+
 def test_alpha_fit_keeps_the_better_initialisation():
     import torch
 

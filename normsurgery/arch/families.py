@@ -480,24 +480,30 @@ COHERE2 = _cohere("cohere2", False, ("layer_types",), "bias-free LayerNorm; para
 # ------------------------------------------------------------------ RMSNorm, Llama layout
 
 
+_QK_NORMS = ("self_attn.q_norm", "self_attn.k_norm")
+
+
 def _llama_block(
-    qkv_bias: object = "attention_bias", o_bias: object = "attention_bias", mlp_bias: object = "mlp_bias", qk_norm: bool = False
+    qkv_bias: object = "attention_bias", o_bias: object = "attention_bias", mlp_bias: object = "mlp_bias",
+    qk_norm: tuple[str, ...] = (),
 ) -> BlockLayout:
-    """The Llama block: input norm -> q, k, v; post-attention norm -> gate, up; writers o and down."""
+    """The Llama block: input norm -> q, k, v; post-attention norm -> gate, up; writers o and down; `qk_norm`: the
+    per-head norms of q and k inside attention (left alone)."""
     norms = (
         NormAt("input_layernorm", readers=_qkv("self_attn.{p}_proj", bias=qkv_bias)),
         NormAt("post_attention_layernorm", readers=(Lin("mlp.gate_proj", bias=mlp_bias), Lin("mlp.up_proj", bias=mlp_bias))),
-    )
-    if qk_norm:
-        norms += (NormAt("self_attn.q_norm", role="qk"), NormAt("self_attn.k_norm", role="qk"))
+    ) + tuple(NormAt(path, role="qk") for path in qk_norm)
     return BlockLayout(norms=norms, writers=(Lin("self_attn.o_proj", bias=o_bias), Lin("mlp.down_proj", bias=mlp_bias)))
 
 
-def _llama_like(name: str, block: BlockLayout | Callable[[Config], BlockLayout], *, per_layer: tuple[str, ...] = ("layer_types",),
-                per_layer_filled: tuple[str, ...] = (), notes: str = "") -> Family:
+def _llama_like(name: str, block: BlockLayout | Callable[[Config], BlockLayout], *,
+                per_layer: tuple[str, ...] = ("layer_types",), per_layer_filled: tuple[str, ...] = (),
+                config_keys: tuple[tuple[str, tuple[str, ...]], ...] = (), notes: str = "") -> Family:
+    """A family with Llama's module names outside the blocks: model.embed_tokens, model.layers, model.norm, lm_head."""
     return Family(
         name=name,
         model_types=(name,),
+        config_keys=config_keys,
         layers="model.layers",
         norm_kind="rmsnorm",
         eps=_attr("rms_norm_eps"),
@@ -515,10 +521,57 @@ LLAMA = _llama_like("llama", _llama_block())
 MISTRAL = _llama_like("mistral", _llama_block(False, False, False))
 _SLIDING_FROM = ("layer_types", "max_window_layers")  # layer_types expanded from max_window_layers (default 28)
 QWEN2 = _llama_like("qwen2", _llama_block(True, False, False), per_layer=_SLIDING_FROM, per_layer_filled=_SLIDING_FROM)
-QWEN3 = _llama_like("qwen3", _llama_block(mlp_bias=False, qk_norm=True), per_layer=_SLIDING_FROM,
+QWEN3 = _llama_like("qwen3", _llama_block(mlp_bias=False, qk_norm=_QK_NORMS), per_layer=_SLIDING_FROM,
                     per_layer_filled=_SLIDING_FROM, notes="per-head QK-norm")
 SMOLLM3 = _llama_like("smollm3", _llama_block(), per_layer=("layer_types", "no_rope_layers"),
                       per_layer_filled=("layer_types", "no_rope_layers"), notes="some layers without rotary positions")
+GRANITE = _llama_like("granite", _llama_block(),
+                      notes="embedding, residual and attention multipliers and logit scaling: config values the stock "
+                            "class applies outside the norms, kept by every rewrite")
+MINISTRAL = _llama_like("ministral", _llama_block(False, False, False), per_layer_filled=("layer_types",),
+                        notes="sliding-window layers listed in layer_types")
+HELIUM = _llama_like("helium", _llama_block(o_bias=False))
+ERNIE4_5 = _llama_like("ernie4_5", _llama_block("use_bias", "use_bias", "use_bias"))
+SEED_OSS = _llama_like("seed_oss", _llama_block(o_bias="attention_out_bias"))
+HUNYUAN_V1_DENSE = _llama_like("hunyuan_v1_dense", _llama_block(mlp_bias=False, qk_norm=(
+    "self_attn.query_layernorm", "self_attn.key_layernorm")), notes="per-head QK-norm, after the rotary embedding")
+# the Llama implementation under InternLM3's config, whose original config.json names the biases qkv_bias and bias
+INTERNLM3 = _llama_like("internlm3", _llama_block(), config_keys=(
+    ("attention_bias", ("qkv_bias", "attention_bias")), ("mlp_bias", ("bias", "mlp_bias"))))
+
+
+def _glm_block(sandwich: bool) -> BlockLayout:
+    """GLM: the Llama block with one fused gate_up_proj reader and no o_proj bias; GLM-4 adds sandwich norms on the
+    attention and MLP outputs (post_self_attn_layernorm, post_mlp_layernorm)."""
+    norms = (
+        NormAt("input_layernorm", readers=_qkv("self_attn.{p}_proj", bias="attention_bias")),
+        NormAt("post_attention_layernorm", readers=(Lin("mlp.gate_up_proj"),)),
+    )
+    if sandwich:
+        norms += (NormAt("post_self_attn_layernorm", role="output"), NormAt("post_mlp_layernorm", role="output"))
+    return BlockLayout(norms=norms, writers=(Lin("self_attn.o_proj"), Lin("mlp.down_proj")))
+
+
+GLM = _llama_like("glm", _glm_block(False), notes="fused gate_up_proj; partial rotary")
+GLM4 = _llama_like("glm4", _glm_block(True), notes="sandwich norms on attention and MLP outputs; fused gate_up_proj")
+
+_XIELU = ("mlp.act_fn.alpha_p", "mlp.act_fn.alpha_n", "mlp.act_fn.beta", "mlp.act_fn.eps")
+
+
+def _apertus_block(c: Config) -> BlockLayout:
+    """Apertus: Llama-like with its own norm names, an ungated MLP (up_proj only) and per-head QK-norm; the xIELU
+    activation holds parameters of its own."""
+    return BlockLayout(
+        norms=(
+            NormAt("attention_layernorm", readers=_qkv("self_attn.{p}_proj", bias="attention_bias")),
+            NormAt("feedforward_layernorm", readers=(Lin("mlp.up_proj"),)),
+        ) + tuple(NormAt(path, role="qk") for path in _QK_NORMS),
+        writers=(Lin("self_attn.o_proj", bias="attention_bias"), Lin("mlp.down_proj")),
+        others=_XIELU if c.hidden_act == "xielu" else (),
+    )
+
+
+APERTUS = _llama_like("apertus", _apertus_block, notes="per-head QK-norm; xIELU activation parameters left alone")
 
 
 def _phi3_block(c: Config) -> BlockLayout:
@@ -578,31 +631,32 @@ GEMMA2 = _gemma("gemma2", ("gemma2",), _gemma_block(True, False), "sandwich norm
 GEMMA3 = _gemma("gemma3", ("gemma3_text",), _gemma_block(True, True), "sandwich norms; (1 + w) gains; QK-norm",
                 ("layer_types",))
 
-OLMO2 = Family(
-    name="olmo2",
-    model_types=("olmo2",),
-    layers="model.layers",
-    norm_kind="rmsnorm",
-    eps=_attr("rms_norm_eps"),
-    token_embedding="model.embed_tokens",
-    block=BlockLayout(
+# ------------------------------------------------------------------ RMSNorm on sublayer outputs only: OLMo2, EXAONE 4
+
+
+def _output_norm_block(bias: object) -> BlockLayout:
+    """No norm before a sublayer: q, k, v, gate and up read the residual directly, each sublayer's output is
+    normalised before the add (left alone), and q and k are normalised inside attention."""
+    return BlockLayout(
         norms=(
             NormAt("post_attention_layernorm", role="output"),
             NormAt("post_feedforward_layernorm", role="output"),
-            NormAt("self_attn.q_norm", role="qk"),
-            NormAt("self_attn.k_norm", role="qk"),
-        ),
-        writers=(Lin("self_attn.o_proj", bias="attention_bias"), Lin("mlp.down_proj")),
-        direct_readers=tuple(Lin(f"self_attn.{p}_proj", bias="attention_bias") for p in "qkv")
+        ) + tuple(NormAt(path, role="qk") for path in _QK_NORMS),
+        writers=(Lin("self_attn.o_proj", bias=bias), Lin("mlp.down_proj")),
+        direct_readers=tuple(Lin(f"self_attn.{p}_proj", bias=bias) for p in "qkv")
         + (Lin("mlp.gate_proj"), Lin("mlp.up_proj")),
-    ),
-    final_norm=NormAt("model.norm", role="final"),
-    unembed=Lin("lm_head"),
-    notes="norms on sublayer outputs only; QK-norm over all heads",
-)
+    )
+
+
+OLMO2 = _llama_like("olmo2", _output_norm_block("attention_bias"),
+                    notes="norms on sublayer outputs only; QK-norm over all heads")
+EXAONE4 = _llama_like("exaone4", _output_norm_block(False), per_layer_filled=("layer_types",),
+                      notes="norms on sublayer outputs only; per-head QK-norm; global layers without rotary positions "
+                            "when sliding_window is set")
 
 FAMILIES: tuple[Family, ...] = (
     GPT2, GPT_NEO, GPT_NEOX, GPTJ, OPT, BLOOM, FALCON, PHI,
     LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, OLMO2, SMOLLM3,
     STARCODER2, STABLELM, PERSIMMON, NEMOTRON, OLMO, MPT, BIOGPT, GPT_BIGCODE, CODEGEN, COHERE, COHERE2, PHI3,
+    GRANITE, GLM, GLM4, EXAONE4, HELIUM, ERNIE4_5, SEED_OSS, APERTUS, MINISTRAL, HUNYUAN_V1_DENSE, INTERNLM3,
 )  # fmt: skip

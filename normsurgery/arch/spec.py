@@ -70,6 +70,9 @@ class BlockLayout:
     writers: tuple[LinearSlot, ...]
     parallel: bool = False
     direct_readers: tuple[LinearSlot, ...] = ()  # linears reading the residual without a norm (OLMo2)
+    # other tensors of a block (names relative to it), neither norms nor linears, which every rewrite leaves alone
+    # and prune renumbers with their block: e.g. Apertus's xIELU activation parameters
+    others: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -152,6 +155,7 @@ class Family:
                     writers=linears(layout.writers, prefix),
                     direct_readers=linears(layout.direct_readers, prefix),
                     parallel=layout.parallel,
+                    others=tuple(f"{prefix}{t}" for t in layout.others),
                 )
             )
         tied = bool(getattr(config, "tie_word_embeddings", False))
@@ -237,6 +241,7 @@ class Block:
     writers: tuple[Linear, ...]
     direct_readers: tuple[Linear, ...] = ()
     parallel: bool = False
+    others: tuple[str, ...] = ()  # tensor names (see BlockLayout.others)
 
     def norms_with_role(self, role: NormRole) -> tuple[Norm, ...]:
         """This block's norms of one role."""
@@ -297,6 +302,8 @@ class Architecture:
             for r in b.direct_readers:
                 for t in r.tensors():
                     roles[t] = "direct_reader"
+            for t in b.others:
+                roles[t] = "block_other"
         for x in self.extra:
             for t in x.tensors():
                 roles[t] = "projection"
