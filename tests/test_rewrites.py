@@ -92,6 +92,35 @@ def test_fold_keeps_every_routing_choice(name, tiny_model, cli, tmp_path):
     assert chosen >= len(before)  # every router's chosen experts were compared
 
 
+STORED_OTHERWISE = [n for n in MOE if architecture_of(config_for(n)).as_loaded() != architecture_of(config_for(n))]
+
+
+@pytest.mark.parametrize("name", STORED_OTHERWISE)
+def test_fold_and_prune_take_experts_stored_as_loaded(name, tiny_model, cli, clean_python, tmp_path):
+    """A checkpoint saved from a loaded model's state dict holds the experts stacked (and the routers renamed) as
+    transformers holds them in memory; transformers loads it, and so do fold and prune, writing that layout."""
+    from safetensors import safe_open
+
+    from fixtures import save_as_loaded
+
+    stacked = save_as_loaded(tiny_model(name), tmp_path / "stacked")
+    with safe_open(stacked / "model.safetensors", "pt") as f:
+        names = set(f.keys())
+    arch = architecture_of(config_for(name))
+    assert set(arch.as_loaded().roles()) == names and not set(arch.roles()) <= names
+    for command, extra in (("fold", ()), ("prune", ("--layers", "0"))):
+        out = tmp_path / command
+        code, stdout, err = cli(command, stacked, *extra, "-o", out, "--json")
+        assert code == 0, err
+        check = json.loads(stdout)["check"]
+        assert check["top1_agreement"] == 1.0 and check["rel_logit_diff"] <= REL_TOLERANCE
+        with safe_open(out / "model.safetensors", "pt") as f:
+            written = set(f.keys())
+        assert written == names if command == "fold" else not any(".experts.0." in n for n in written)
+    loaded = clean_python("compare", stacked, tmp_path / "fold")
+    assert loaded["rel"] <= REL_TOLERANCE and loaded["same_generation"]
+
+
 @pytest.mark.parametrize("name", ["llama", "gemma3"])
 def test_rmsnorm_on_rmsnorm_model_does_nothing(name, tiny_model, cli, tmp_path):
     code, out, _ = cli("convert", tiny_model(name), "--to", "rmsnorm", "-o", tmp_path / "out")

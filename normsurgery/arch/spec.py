@@ -8,7 +8,8 @@ that names every tensor of a concrete checkpoint; the rewrites only ever see an 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Literal, Union
 
 NormKind = Literal["layernorm", "rmsnorm"]
@@ -332,6 +333,43 @@ class Architecture:
         if self.final_norm:
             out.append(self.final_norm)
         return out
+
+    def as_loaded(self) -> "Architecture":
+        """This model with its tensors named and shaped as stock transformers holds them in memory (`key_renames`
+        applied, per-expert tensors stacked as `fused` says): the layout of a checkpoint saved from a loaded model's
+        state dict, which transformers loads as it is."""
+        def name(tensor: str) -> str:
+            for pattern, replacement in self.key_renames.items():
+                tensor = re.sub(pattern, replacement, tensor)
+            return tensor
+
+        owner = {part: stacked for stacked, experts in self.fused.items() for parts in experts for part in parts}
+
+        def linears(group: tuple[Linear, ...]) -> tuple[Linear, ...]:
+            out: list[Linear] = []
+            for lin in group:
+                stacked = owner.get(lin.weight)
+                if stacked is None:
+                    out.append(replace(lin, weight=name(lin.weight), bias=name(lin.bias) if lin.bias else None))
+                elif all(x.weight != stacked for x in out):
+                    out.append(Linear(stacked, None, experts=len(self.fused[stacked])))
+            return tuple(out)
+
+        def norm(n: Norm | None, readers: tuple[Linear, ...] | None = None) -> Norm | None:
+            if n is None:
+                return None
+            return replace(n, name=name(n.name + ".").rstrip("."), weight=name(n.weight) if n.weight else None,
+                           bias=name(n.bias) if n.bias else None, readers=linears(n.readers) if readers is None else readers)
+
+        blocks = tuple(replace(b, norms=tuple(norm(n) for n in b.norms), writers=linears(b.writers),
+                               direct_readers=linears(b.direct_readers), others=tuple(map(name, b.others)))
+                       for b in self.blocks)
+        unembed, = linears((self.unembed,))
+        return replace(self, token_embedding=name(self.token_embedding),
+                       position_embedding=name(self.position_embedding) if self.position_embedding else None,
+                       embedding_norm=norm(self.embedding_norm), blocks=blocks,
+                       final_norm=norm(self.final_norm, (unembed,)), unembed=unembed, extra=linears(self.extra),
+                       key_renames={}, fused={}, _roles={})
 
     def roles(self) -> dict[str, str]:
         """Map every tensor name this model's checkpoint should hold to its role in the residual picture."""
