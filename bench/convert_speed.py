@@ -5,7 +5,7 @@ times `cp -r SRC DST && sync` and each normsurgery operation (run as a fresh pro
 that is timed separately) in interleaved rounds, and records every process's peak RSS with wait4. Prints a
 Markdown table.
 
-    python bench/convert_speed.py [--workdir /tmp/normsurgery-bench] [--suite main|rss|prune|all] [--repeat N]
+    python bench/convert_speed.py [--workdir /tmp/normsurgery-bench] [--suite main|rss|prune|moe|all] [--repeat N]
                                   [--mergekit PATH/TO/mergekit-yaml]
 
 With --mergekit, the prune suite also times mergekit's passthrough merge of the same kept blocks in each round
@@ -94,7 +94,7 @@ def bench_model(src: Path, ops: list[tuple[str, list[str]]], work: Path, verify:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/normsurgery-bench"))
-    parser.add_argument("--suite", choices=["main", "rss", "prune", "all"], default="all")
+    parser.add_argument("--suite", choices=["main", "rss", "prune", "moe", "all"], default="all")
     parser.add_argument("--verify", action="store_true", help="also time each operation with its automatic check")
     parser.add_argument("--repeat", type=int, default=3, help="rounds of copy and operations")
     parser.add_argument("--mergekit", help="a mergekit-yaml executable: also time mergekit's prune (prune suite)")
@@ -116,6 +116,10 @@ def main() -> None:
         for layers in (8, 24, 52):
             src = build(args.workdir / f"llama-{layers}l-bf16", llama_of_layers(layers), torch.bfloat16)
             rows += bench_model(src, [("fold", ["fold"])], args.workdir, False, args.repeat)
+    if args.suite in ("moe", "all"):
+        mixtral = build(args.workdir / "mixtral-8e-bf16", SHAPES["mixtral-8e"], torch.bfloat16)
+        rows += bench_model(mixtral, [("fold", ["fold"]), ("prune 2 blocks", ["prune", "--layers", "3,4"])],
+                            args.workdir, args.verify, args.repeat)
     print(f"\ntorch {torch.__version__}, {os.cpu_count()} CPUs; output shards 1GB; verification off unless noted; "
           f"{args.repeat} interleaved rounds of copy and operations; seconds: the fastest run\n")
     print("| model | size GB | operation | seconds | copy seconds | ratio of fastest | median ratio per round | peak RSS GB |"

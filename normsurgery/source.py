@@ -115,10 +115,10 @@ def open_model(
         arch = None
         if shapes != "now":
             view = config_view(reader.config, where)
-            arch = _quick_architecture(view)
+            arch = _quick_architecture(view, reader.names())
         if arch is None:
             config = load_config(reader.config, where=where)
-            arch = architecture_of(config)
+            arch = architecture_of(config, reader.names())
         validate_names(reader, arch, path)
         if shapes == "now":
             validate_shapes(reader, config, path)
@@ -131,7 +131,7 @@ def open_model(
         def validate() -> None:
             try:
                 full = config if config is not None else load_config(reader.config, where=where)
-                if architecture_of(full) != arch:
+                if architecture_of(full, reader.names()) != arch:
                     raise NormSurgeryError(
                         f"normsurgery read {where} differently from transformers (a bug in normsurgery's config "
                         "reading); nothing was written. Please report it with the config file."
@@ -146,11 +146,11 @@ def open_model(
     return source
 
 
-def _quick_architecture(view: Any) -> Architecture | None:
-    """The architecture read from config.json alone (`view`), or None when a value needs transformers to make sense
-    of."""
+def _quick_architecture(view: Any, stored: list[str]) -> Architecture | None:
+    """The architecture of a checkpoint holding `stored` read from config.json alone (`view`), or None when a value
+    needs transformers to make sense of."""
     try:
-        return architecture_of(view)
+        return architecture_of(view, stored)
     except NormSurgeryError:
         raise
     except Exception:  # a malformed value: the full config says what is wrong

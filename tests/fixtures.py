@@ -90,3 +90,21 @@ def build_fixture(name: str, out: Path, *, dtype: torch.dtype = torch.float32, s
     model.save_pretrained(out)
     tokenizer().save_pretrained(out)
     return out
+
+
+def save_as_loaded(folder: Path, out: Path) -> Path:
+    """A copy of a fixture whose weights are stored as stock transformers holds them in memory (its state dict:
+    experts stacked, on-disk renames undone), a layout transformers also loads."""
+    import shutil
+
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    out.mkdir()
+    for f in folder.iterdir():
+        if f.suffix != ".safetensors":
+            shutil.copy(f, out)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    save_file({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}, out / "model.safetensors",
+              metadata={"format": "pt"})
+    return out

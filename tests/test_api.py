@@ -70,7 +70,7 @@ def test_bad_input_raises_the_commands_error(tiny_model, tmp_path, cli):
 
 
 @pytest.mark.parametrize("family", ["gpt2", "gpt2_untied", "llama", "llama_bias_tied", "gemma", "gpt_neox", "phi",
-                                    "opt"])
+                                    "opt", "mixtral", "phimoe", "gpt_oss", "deepseek_v2"])
 def test_fold_model_in_memory_is_exact_and_saves_as_a_stock_model(family, tiny_model, tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -27,7 +27,7 @@ def _checkpoint_names(folder) -> set[str]:
 def test_every_listed_family_is_covered_by_a_fixture():
     covered = {config_for(n).model_type for n in ALL_FIXTURES}
     assert covered == set(SUPPORTED_MODEL_TYPES)
-    assert len(FAMILIES) == 40
+    assert len(FAMILIES) == 49
 
 
 @pytest.mark.parametrize("name", ALL_FIXTURES)
@@ -86,11 +86,13 @@ def _declared_norm(norm, params: dict[str, torch.Tensor], x: torch.Tensor) -> to
 @pytest.mark.parametrize("name", ALL_FIXTURES)
 def test_adapter_facts_match_the_modules(name):
     """Every norm computes what its declaration says (kind, eps, (1 + w) gain, bias, or none), on inputs small enough
-    for eps to show; orientation and reader widths agree with what stock transformers builds."""
+    for eps to show; orientation and reader widths agree with what stock transformers builds (experts included,
+    read through the stacked parameters transformers builds from them)."""
     from transformers import AutoModelForCausalLM
     from transformers.pytorch_utils import Conv1D
 
     from fixtures import perturb_
+    from normsurgery.rewrite.in_memory import ModelTensors
 
     config = config_for(name)
     model = AutoModelForCausalLM.from_config(config)
@@ -98,10 +100,19 @@ def test_adapter_facts_match_the_modules(name):
     modules = dict(model.named_modules())
     params = dict(model.named_parameters())
     arch = architecture_of(config)
+    tensors = ModelTensors(model, arch.key_renames, arch.fused)
 
-    def module(tensor: str):
-        path = tensor.rsplit(".", 1)[0]
-        return modules.get(path) or modules["lm_head"]  # on-disk `embed_out` is `lm_head` in memory
+    def features(linear) -> tuple[int, int]:
+        """(in, out) of a linear by its declared orientation (each expert's, for stacked experts); a module of its
+        own (not experts that transformers stacks) is a Conv1D exactly when declared so."""
+        lin = modules.get(tensors.loaded_name(linear.weight).rsplit(".", 1)[0])
+        if isinstance(lin, (torch.nn.Linear, Conv1D)):
+            assert isinstance(lin, Conv1D) == linear.conv1d, linear.weight
+        weight = tensors.get(linear.weight)
+        if linear.experts:
+            assert weight.ndim == 3 and weight.shape[0] == linear.experts, linear.weight
+            weight = weight[0]
+        return tuple(weight.shape) if linear.conv1d else tuple(weight.shape[::-1])
 
     d = arch.hidden_size
     gen = torch.Generator().manual_seed(0)
@@ -113,18 +124,14 @@ def test_adapter_facts_match_the_modules(name):
             got = modules[norm.name](x).double()
         expected = _declared_norm(norm, params, x)
         assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item()), norm.name
+        assert norm.role in ("latent", "qk") or shape == (d,), norm.name  # latent norms: their latent's width
         for reader in norm.readers:
-            lin = module(reader.weight)
-            assert isinstance(lin, Conv1D) == reader.conv1d, reader.weight
-            in_features = lin.weight.shape[0] if reader.conv1d else lin.weight.shape[1]
-            assert in_features == d, reader.weight
-            out_features = lin.weight.shape[1] if reader.conv1d else lin.weight.shape[0]
+            in_features, out_features = features(reader)
+            assert in_features == shape[-1], reader.weight
             assert sum(s.stop - s.start for _, s in reader.group_slices(out_features)) == out_features, reader.weight
     for block in arch.blocks:
         for writer in block.writers:
-            lin = module(writer.weight)
-            out_features = lin.weight.shape[1] if writer.conv1d else lin.weight.shape[0]
-            assert out_features == d, writer.weight
+            assert features(writer)[1] == d, writer.weight
     assert arch.tied == bool(config.tie_word_embeddings)
 
 

@@ -7,7 +7,10 @@ import json
 import pytest
 
 from conftest import ALL_FIXTURES
+from family_configs import FAMILY_CONFIGS
 from normsurgery.arch import raw_key
+
+EXPERT_COUNTS = ("num_local_experts", "num_experts", "n_routed_experts")  # the fixture configs' expert counts
 
 EXPECTED_PLACEMENT = {
     "gpt2": "Pre-LN",
@@ -45,8 +48,10 @@ def test_inspect_json_every_family(name, tiny_model, cli):
         assert facts["placement"] == EXPECTED_PLACEMENT[name]
     layernorm = facts["norm"].startswith("LayerNorm")  # "LayerNorm (1 + w)" for Nemotron
     pre_ln = facts["placement"].startswith("Pre-LN")
-    assert ops["rmsnorm"]["applies"] == (layernorm and pre_ln)
-    assert ops["crmsnorm"]["applies"] == (layernorm and pre_ln)
+    experts = FAMILY_CONFIGS[name][1]
+    assert facts["experts"] == next((v for k, v in experts.items() if k in EXPERT_COUNTS), 0)
+    assert ops["rmsnorm"]["applies"] == (layernorm and pre_ln and not facts["experts"])
+    assert ops["crmsnorm"]["applies"] == (layernorm and pre_ln and not facts["experts"])
     if not layernorm:
         assert "already RMSNorm" in ops["rmsnorm"]["reason"]
 

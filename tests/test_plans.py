@@ -50,7 +50,7 @@ def test_every_plan_reads_and_writes_tensors_the_model_has(name):
     for operation, plan in plans.items():
         if plan.config_updates.get("tie_word_embeddings") is False:
             untie_unembedding(model)
-        tensors = ModelTensors(model, arch.key_renames)
+        tensors = ModelTensors(model, arch.key_renames, arch.fused)
         surgery = plan.surgery
         added = {f"{path}.bias" for path in surgery.add_bias} if surgery else set()
         resized = set(surgery.resized) if surgery else set()

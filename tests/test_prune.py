@@ -33,6 +33,13 @@ def test_pruned_model_equals_the_original_with_that_block_skipped(name, tiny_mod
     ("qwen2", "1", {"max_window_layers": 1, "layer_types": ["full_attention"]}),
     ("exaone4", "1,2", {"layer_types": ["sliding_attention", "full_attention"]}),
     ("ministral", "0", {"layer_types": ["full_attention", "sliding_attention", "full_attention"]}),
+    ("gpt_oss", "0", {"layer_types": ["full_attention"]}),
+    # blocks 0, 2 sparse, 1 dense (mlp_only_layers); qwen3_moe: sparse every 2nd block (1, 3); the pattern is listed
+    ("qwen2_moe", "0", {"mlp_only_layers": [0], "decoder_sparse_step": 1, "max_window_layers": 2}),
+    ("qwen3_moe", "0", {"mlp_only_layers": [1], "decoder_sparse_step": 1}),
+    ("qwen3_moe", "1,3", {"mlp_only_layers": [0, 1], "decoder_sparse_step": 1}),
+    ("deepseek_v2", "1", {"first_k_dense_replace": 1}),  # block 0 dense, 1 and 2 sparse
+    ("deepseek_v3", "0", {"first_k_dense_replace": 0}),
 ])
 def test_per_layer_config_lists_follow_their_blocks(name, layers, expected, tiny_model, cli, tmp_path):
     out = tmp_path / "pruned"

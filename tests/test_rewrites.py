@@ -11,7 +11,7 @@ import torch
 from conftest import ALL_FIXTURES
 from fixtures import config_for
 from normsurgery.arch import architecture_of
-from normsurgery.arch.facts import applicability
+from normsurgery.arch.facts import applicability, has_experts
 
 REL_TOLERANCE = 2e-5  # max |logit diff| / max |logit| in float32 (the issue's bound; we land near 4e-7)
 
@@ -48,6 +48,79 @@ def test_exact_rewrite(name, op, tiny_model, cli, clean_python, tmp_path):
         assert "auto_map" not in json.loads((out / "config.json").read_text())  # a stock model
 
 
+MOE = [n for n in ALL_FIXTURES if has_experts(architecture_of(config_for(n)))]
+
+
+def _routing(folder) -> tuple[list[torch.Tensor], list[tuple[torch.Tensor, ...]]]:
+    """Every router's weight and its outputs (logits, scores, chosen experts) on fixed tokens, from stock transformers."""
+    from transformers import AutoModelForCausalLM
+
+    from normsurgery.rewrite.in_memory import ModelTensors
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    arch = architecture_of(model.config)
+    tensors = ModelTensors(model, arch.key_renames, arch.fused)
+    routers = [r for b in arch.blocks for n in b.norms for r in n.readers if r.router]
+    outputs: list[tuple[torch.Tensor, ...]] = []
+    for router in routers:
+        module = model.get_submodule(tensors.loaded_name(router.weight).rsplit(".", 1)[0])
+        module.register_forward_hook(lambda _m, _a, out: outputs.append(out if isinstance(out, tuple) else (out,)))
+    with torch.no_grad():
+        model(torch.randint(3, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0)))
+    return [tensors.get(r.weight).clone() for r in routers], outputs
+
+
+@pytest.mark.parametrize("name", MOE)
+def test_fold_keeps_every_routing_choice(name, tiny_model, cli, tmp_path):
+    """The router reads the post-attention norm like the experts: the fold rescales its columns, and it then computes
+    the same logits and sends every token to the same experts."""
+    original = tiny_model(name)
+    code, _, err = cli("fold", original, "-o", tmp_path / "out")
+    assert code == 0, err
+    weights, before = _routing(original)
+    folded_weights, after = _routing(tmp_path / "out")
+    assert weights and not any(torch.equal(a, b) for a, b in zip(weights, folded_weights))
+    assert len(before) == len(after) >= 1
+    chosen = 0
+    for old, new in zip(before, after):
+        for a, b in zip(old, new):
+            if a.dtype.is_floating_point:
+                assert torch.allclose(a, b, rtol=1e-5, atol=1e-5 * a.abs().max().item())
+            else:
+                assert torch.equal(a, b)
+                chosen += 1
+    assert chosen >= len(before)  # every router's chosen experts were compared
+
+
+STORED_OTHERWISE = [n for n in MOE if architecture_of(config_for(n)).as_loaded() != architecture_of(config_for(n))]
+
+
+@pytest.mark.parametrize("name", STORED_OTHERWISE)
+def test_fold_and_prune_take_experts_stored_as_loaded(name, tiny_model, cli, clean_python, tmp_path):
+    """A checkpoint saved from a loaded model's state dict holds the experts stacked (and the routers renamed) as
+    transformers holds them in memory; transformers loads it, and so do fold and prune, writing that layout."""
+    from safetensors import safe_open
+
+    from fixtures import save_as_loaded
+
+    stacked = save_as_loaded(tiny_model(name), tmp_path / "stacked")
+    with safe_open(stacked / "model.safetensors", "pt") as f:
+        names = set(f.keys())
+    arch = architecture_of(config_for(name))
+    assert set(arch.as_loaded().roles()) == names and not set(arch.roles()) <= names
+    for command, extra in (("fold", ()), ("prune", ("--layers", "0"))):
+        out = tmp_path / command
+        code, stdout, err = cli(command, stacked, *extra, "-o", out, "--json")
+        assert code == 0, err
+        check = json.loads(stdout)["check"]
+        assert check["top1_agreement"] == 1.0 and check["rel_logit_diff"] <= REL_TOLERANCE
+        with safe_open(out / "model.safetensors", "pt") as f:
+            written = set(f.keys())
+        assert written == names if command == "fold" else not any(".experts.0." in n for n in written)
+    loaded = clean_python("compare", stacked, tmp_path / "fold")
+    assert loaded["rel"] <= REL_TOLERANCE and loaded["same_generation"]
+
+
 @pytest.mark.parametrize("name", ["llama", "gemma3"])
 def test_rmsnorm_on_rmsnorm_model_does_nothing(name, tiny_model, cli, tmp_path):
     code, out, _ = cli("convert", tiny_model(name), "--to", "rmsnorm", "-o", tmp_path / "out")
@@ -60,6 +133,8 @@ def test_rmsnorm_on_rmsnorm_model_does_nothing(name, tiny_model, cli, tmp_path):
     ("opt_postln", "rmsnorm", "Post-LN"),
     ("opt_postln", "crmsnorm", "Post-LN"),
     ("opt_postln", "fold", "nothing to fold"),
+    ("phimoe", "rmsnorm", "mixture-of-experts"),
+    ("phimoe", "crmsnorm", "mixture-of-experts"),
 ])
 def test_refusals(name, op, why, tiny_model, cli, tmp_path):
     args = ("fold", tiny_model(name)) if op == "fold" else ("convert", tiny_model(name), "--to", op)

@@ -50,6 +50,7 @@ def test_same_seed_gives_byte_identical_shards(tiny_model, cli, tmp_path, fast):
 @pytest.mark.parametrize("name, args, message", [
     ("opt_postln", (), "Post-LN"),
     ("gemma3", (), "sandwich, Peri-LN or embedding norms"),
+    ("mixtral", (), "mixture-of-experts"),
     ("gpt2", ("--gap", "-1"), "--gap, --heal and --aux-weight cannot be negative"),
     ("gpt2", ("--aux-weight", "-0.1"), "--gap, --heal and --aux-weight cannot be negative"),
     ("gpt2", ("--lr", "0"), "--lr must be a positive number"),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Collection
 
 from normsurgery.arch.config_view import ConfigView
 from normsurgery.arch.families import FAMILIES
@@ -59,9 +59,16 @@ def config_view(raw: dict[str, Any], where: str = "config.json") -> ConfigView:
                       absent_is_none=frozenset(family.per_layer) - frozenset(family.per_layer_filled))
 
 
-def architecture_of(config: Any) -> Architecture:
-    """The residual-stream picture of a model with this (supported) config."""
-    return family_for(config.model_type).resolve(config)
+def architecture_of(config: Any, stored: Collection[str] | None = None) -> Architecture:
+    """The residual-stream picture of a model with this (supported) config; with the checkpoint's `stored` tensor
+    names, in the layout they are stored in: the hub's (the family's declaration, e.g. one tensor per expert), or
+    the one stock transformers holds in memory (experts stacked, key renames applied: a saved state dict)."""
+    arch = family_for(config.model_type).resolve(config)
+    if stored is None or not (arch.fused or arch.key_renames):
+        return arch
+    loaded = arch.as_loaded()
+    names = set(stored)
+    return loaded if set(loaded.roles()) <= names and not set(arch.roles()) <= names else arch
 
 
 def raw_key(raw: dict[str, Any], attribute: str) -> str:

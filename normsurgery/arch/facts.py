@@ -50,6 +50,16 @@ def has_qk_norm(arch: Architecture) -> bool:
     return any(b.norms_with_role("qk") for b in arch.blocks)
 
 
+def has_experts(arch: Architecture) -> bool:
+    """Whether some block routes tokens to experts (a mixture-of-experts MLP)."""
+    return any(b.experts for b in arch.blocks)
+
+
+# why the rewrites that change modules (not only tensors) refuse a mixture-of-experts model
+EXPERTS_FUSED = ("its routed experts are stacked parameters inside one experts module in transformers, which the exported "
+                 "code cannot give biases, resize or bind reader by reader")
+
+
 def is_parallel(arch: Architecture) -> bool:
     """Whether attention and MLP read the same residual (GPT-J, NeoX, Falcon, Phi)."""
     return any(b.parallel for b in arch.blocks)
@@ -75,7 +85,7 @@ def is_pre_ln(arch: Architecture) -> bool:
 
 def foldable_norms(arch: Architecture) -> list[str]:
     """Norms whose output feeds only linear layers, so their gain and bias fold into those layers."""
-    return [n.name for n in arch.all_norms() if n.readers and n.role in ("input", "final")]
+    return [n.name for n in arch.all_norms() if n.readers and n.role in ("input", "final", "latent")]
 
 
 def applicability(arch: Architecture) -> list[Applicability]:
@@ -111,12 +121,18 @@ def applicability(arch: Architecture) -> list[Applicability]:
     elif not pre_ln:
         out.append(Applicability("rmsnorm", False, not_pre_ln))
         out.append(Applicability("crmsnorm", False, not_pre_ln))
+    elif has_experts(arch):
+        out.append(Applicability("rmsnorm", False, f"a mixture-of-experts model: {EXPERTS_FUSED}"))
+        out.append(Applicability("crmsnorm", False, f"a mixture-of-experts model: {EXPERTS_FUSED}"))
     else:
         out.append(Applicability("rmsnorm", True, "Pre-LN LayerNorm: exact after centering the writers"))
         out.append(Applicability("crmsnorm", True, "Pre-LN LayerNorm: exact with the residual stored in d-1 dimensions"))
 
     residual_others = [n.name for n in arch.all_norms() if n.role not in ("input", "final", "qk")]
-    if arch.post_ln:
+    if has_experts(arch):
+        out.append(Applicability("dyt", False, f"a mixture-of-experts model: {EXPERTS_FUSED}"))
+        out.append(Applicability("none", False, f"a mixture-of-experts model: {EXPERTS_FUSED}"))
+    elif arch.post_ln:
         out.append(Applicability("dyt", False, "Post-LN norms act on the residual itself; DyT/Derf swaps need Pre-LN"))
         out.append(Applicability("none", False, "Post-LN norms cannot be frozen to a fixed scale without changing the function"))
     elif residual_others:  # what trainable.stand_ins.removable_norms refuses

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Callable
 
-from normsurgery.arch.spec import BlockLayout, Config, Family, LinearSlot as Lin, NormSlot as NormAt
+from normsurgery.arch.spec import BlockLayout, Config, Count, Family, LinearSlot as Lin, NormKind, NormSlot as NormAt
 
 
 def _qkv(path: str, bias: object = False) -> tuple[Lin, ...]:
@@ -654,9 +654,192 @@ EXAONE4 = _llama_like("exaone4", _output_norm_block(False), per_layer_filled=("l
                       notes="norms on sublayer outputs only; per-head QK-norm; global layers without rotary positions "
                             "when sliding_window is set")
 
+# ------------------------------------------------------------------ mixture of experts
+#
+# The router reads the post-attention norm's output like the experts, so it is one of the norm's readers (a fold
+# scales its columns too, and the same experts are chosen). Experts are declared as stored on disk: one tensor per
+# expert ("{e}" in the path, expanded from the config's expert count; transformers stacks them into one parameter
+# at load, `loaded`), or one stacked (E, ., .) tensor (granitemoe, gpt-oss).
+
+
+def _routed(path: str, experts: Count, gate: str, up: str, down: str, loaded: str) -> tuple[tuple[Lin, ...], Lin]:
+    """Gated expert MLPs stored one tensor per expert (`path` with {e}): the readers gate and up, which transformers
+    fuses at load into `{loaded}.gate_up_proj` (gate first), and the writer down, into `{loaded}.down_proj`."""
+    readers = tuple(Lin(f"{path}.{name}", experts=experts, loaded=f"{loaded}.gate_up_proj") for name in (gate, up))
+    return readers, Lin(f"{path}.{down}", experts=experts, loaded=f"{loaded}.down_proj")
+
+
+def _moe_block(attention: tuple[Lin, ...], mlp_readers: tuple[Lin, ...], writers: tuple[Lin, ...], *,
+               qk_norm: tuple[str, ...] = (), others: tuple[str, ...] = ()) -> BlockLayout:
+    """A Llama-layout block: input norm -> `attention`, post-attention norm -> `mlp_readers` (router, experts, a
+    shared expert and its gate), writers o_proj and the MLP's down projections."""
+    return BlockLayout(
+        norms=(NormAt("input_layernorm", readers=attention), NormAt("post_attention_layernorm", readers=mlp_readers))
+        + tuple(NormAt(path, role="qk") for path in qk_norm),
+        writers=writers,
+        others=others,
+    )
+
+
+def _moe(name: str, block: BlockLayout | Callable[[Config], BlockLayout | tuple[BlockLayout, ...]], *,
+         norm_kind: NormKind = "rmsnorm", unembed_bias: object = False, key_renames: tuple[tuple[str, str], ...] = (),
+         per_layer: tuple[str, ...] = ("layer_types",), per_layer_filled: tuple[str, ...] = (),
+         config_keys: tuple[tuple[str, tuple[str, ...]], ...] = (), notes: str = "") -> Family:
+    """A mixture-of-experts family with Llama's module names outside the blocks."""
+    return Family(
+        name=name,
+        model_types=(name,),
+        config_keys=config_keys,
+        layers="model.layers",
+        norm_kind=norm_kind,
+        eps=_attr("rms_norm_eps"),  # also the eps of Phi-MoE's LayerNorms
+        token_embedding="model.embed_tokens",
+        block=block,
+        final_norm=NormAt("model.norm", role="final"),
+        unembed=Lin("lm_head", bias=unembed_bias),
+        key_renames=key_renames,
+        per_layer=per_layer,
+        per_layer_filled=per_layer_filled,
+        notes=notes,
+    )
+
+
+def _mixtral_block(bias: object) -> BlockLayout:
+    """Mixtral / Phi-MoE: a router (block_sparse_moe.gate) and per-expert w1 (gate), w3 (up), w2 (down)."""
+    readers, down = _routed("block_sparse_moe.experts.{e}", "num_local_experts", "w1", "w3", "w2", "mlp.experts")
+    return _moe_block(_qkv("self_attn.{p}_proj", bias=bias), (Lin("block_sparse_moe.gate", router=True),) + readers,
+                      (Lin("self_attn.o_proj", bias=bias), down))
+
+
+MIXTRAL = _moe("mixtral", _mixtral_block(False), key_renames=((r"\.block_sparse_moe\.gate\.", ".mlp.gate."),),
+               notes="routed experts (per-expert tensors on disk, stacked by transformers at load); the router folds "
+                     "with the experts")
+PHIMOE = _moe("phimoe", _mixtral_block("attention_bias"), norm_kind="layernorm", unembed_bias="lm_head_bias",
+              key_renames=((r"\.block_sparse_moe\.gate\.", ".mlp.router."),),
+              notes="LayerNorm with routed experts: fold only (the stock fused experts module has no biases to take a "
+                    "norm bias, and the exported code cannot resize it)")
+
+
+def _qwen_moe_block(c: Config, qkv_bias: object, o_bias: object, qk_norm: tuple[str, ...],
+                    shared: bool) -> tuple[BlockLayout, ...]:
+    """Qwen2-MoE / Qwen3-MoE: sparse blocks (router, experts, Qwen2's shared expert and its sigmoid gate) on the
+    decoder_sparse_step pattern, and dense ones (a Llama MLP) listed in mlp_only_layers."""
+    attention = _qkv("self_attn.{p}_proj", bias=qkv_bias)
+    o_proj = Lin("self_attn.o_proj", bias=o_bias)
+    readers, down = _routed("mlp.experts.{e}", "num_experts", "gate_proj", "up_proj", "down_proj", "mlp.experts")
+    sparse_readers, sparse_writers = (Lin("mlp.gate", router=True),) + readers, (down,)
+    if shared:
+        sparse_readers += (Lin("mlp.shared_expert.gate_proj"), Lin("mlp.shared_expert.up_proj"),
+                           Lin("mlp.shared_expert_gate"))
+        sparse_writers += (Lin("mlp.shared_expert.down_proj"),)
+    dense = _moe_block(attention, (Lin("mlp.gate_proj"), Lin("mlp.up_proj")), (o_proj, Lin("mlp.down_proj")),
+                       qk_norm=qk_norm)
+    sparse = _moe_block(attention, sparse_readers, (o_proj,) + sparse_writers, qk_norm=qk_norm)
+    return tuple(sparse if i not in c.mlp_only_layers and c.num_experts > 0 and (i + 1) % c.decoder_sparse_step == 0
+                 else dense for i in range(int(c.num_hidden_layers)))
+
+
+_QWEN_MOE_LAYERS = _SLIDING_FROM + ("mlp_only_layers",)
+QWEN2_MOE = _moe("qwen2_moe", lambda c: _qwen_moe_block(c, "qkv_bias", False, (), True), per_layer=_QWEN_MOE_LAYERS,
+                 per_layer_filled=_QWEN_MOE_LAYERS,
+                 notes="routed experts with a shared expert and its gate (all read the post-attention norm); dense "
+                       "blocks in mlp_only_layers")
+QWEN3_MOE = _moe("qwen3_moe", lambda c: _qwen_moe_block(c, "attention_bias", "attention_bias", _QK_NORMS, False),
+                 per_layer=("mlp_only_layers",), per_layer_filled=("mlp_only_layers",),
+                 config_keys=(("num_experts", ("num_local_experts", "num_experts")),),  # its attribute_map
+                 notes="routed experts; per-head QK-norm; dense blocks in mlp_only_layers")
+
+
+def _olmoe_block() -> BlockLayout:
+    """OLMoE: Llama attention with QK-norm over all heads (q_norm, k_norm: full width), routed experts."""
+    readers, down = _routed("mlp.experts.{e}", "num_experts", "gate_proj", "up_proj", "down_proj", "mlp.experts")
+    return _moe_block(_qkv("self_attn.{p}_proj", bias="attention_bias"), (Lin("mlp.gate", router=True),) + readers,
+                      (Lin("self_attn.o_proj", bias="attention_bias"), down), qk_norm=_QK_NORMS)
+
+
+OLMOE = _moe("olmoe", _olmoe_block(), per_layer=(), notes="routed experts; QK-norm over all heads; optional clip_qkv")
+
+
+def _granitemoe_block() -> BlockLayout:
+    """GraniteMoE: experts stored stacked, input_linear (E, 2I, d) holding gate and up, output_linear (E, d, I)."""
+    experts = "num_local_experts"
+    return _moe_block(
+        _qkv("self_attn.{p}_proj", bias="attention_bias"),
+        (Lin("block_sparse_moe.router.layer", router=True), Lin("block_sparse_moe.input_linear", experts=experts)),
+        (Lin("self_attn.o_proj", bias="attention_bias"), Lin("block_sparse_moe.output_linear", experts=experts)),
+    )
+
+
+GRANITEMOE = _moe("granitemoe", _granitemoe_block(), per_layer=(), key_renames=(
+    (r"\.block_sparse_moe\.input_linear\.weight$", ".block_sparse_moe.experts.gate_up_proj"),
+    (r"\.block_sparse_moe\.output_linear\.weight$", ".block_sparse_moe.experts.down_proj"),
+    (r"\.block_sparse_moe\.router\.layer\.", ".block_sparse_moe.router."),
+), notes="stacked experts; embedding, residual and attention multipliers and logit scaling (config values, kept)")
+
+
+def _gpt_oss_block() -> BlockLayout:
+    """gpt-oss: biased attention with a learnt sink logit per head (self_attn.sinks, left alone); experts stored
+    stacked as (E, in, out) with biases, gate and up interleaved in gate_up_proj; a router with a bias."""
+    experts = "num_local_experts"
+    return _moe_block(
+        _qkv("self_attn.{p}_proj", bias="attention_bias"),
+        (Lin("mlp.router", bias=True, router=True),
+         Lin("mlp.experts", bias=True, conv1d=True, experts=experts, names=("gate_up_proj", "gate_up_proj_bias"))),
+        (Lin("self_attn.o_proj", bias="attention_bias"),
+         Lin("mlp.experts", bias=True, conv1d=True, experts=experts, names=("down_proj", "down_proj_bias"))),
+        others=("self_attn.sinks",),
+    )
+
+
+GPT_OSS = _moe("gpt_oss", _gpt_oss_block(), per_layer_filled=("layer_types",),
+               notes="stacked experts with biases; attention sinks (left alone); sliding and full layers")
+
+
+def _shared(c: Config) -> bool:
+    """Whether DeepSeek's sparse blocks have shared experts."""
+    return bool(c.n_shared_experts)
+
+
+def _deepseek_block(c: Config, mlp_bias: object, others: tuple[str, ...]) -> tuple[BlockLayout, ...]:
+    """DeepSeek V2/V3: multi-head latent attention, whose latent norms (q_a_layernorm, kv_a_layernorm: eps 1e-6) fold
+    into q_b_proj and kv_b_proj; only the first kv_lora_rank outputs of kv_a_proj_with_mqa pass kv_a_layernorm, its
+    rotary part goes to the keys as it is. Blocks below first_k_dense_replace have a dense MLP, the others a router,
+    routed experts and shared experts."""
+    bias = "attention_bias"
+    if c.q_lora_rank is None:
+        queries: tuple[Lin, ...] = (Lin("self_attn.q_proj", groups=("qk",)),)
+        latent: tuple[NormAt, ...] = ()
+    else:
+        queries = (Lin("self_attn.q_a_proj", bias=bias, groups=("qk",)),)
+        latent = (NormAt("self_attn.q_a_layernorm", role="latent", readers=(Lin("self_attn.q_b_proj"),), eps=1e-6),)
+    latent += (NormAt("self_attn.kv_a_layernorm", role="latent", readers=(Lin("self_attn.kv_b_proj"),), eps=1e-6),)
+    attention = queries + (Lin("self_attn.kv_a_proj_with_mqa", bias=bias),)
+    o_proj = Lin("self_attn.o_proj", bias=bias)
+    readers, down = _routed("mlp.experts.{e}", "n_routed_experts", "gate_proj", "up_proj", "down_proj", "mlp.experts")
+    sparse = _moe_block(
+        attention,
+        (Lin("mlp.gate", router=True),) + readers + tuple(Lin(f"mlp.shared_experts.{p}", bias=mlp_bias, when=_shared)
+                                                           for p in ("gate_proj", "up_proj")),
+        (o_proj, down, Lin("mlp.shared_experts.down_proj", bias=mlp_bias, when=_shared)), others=others)
+    dense = _moe_block(attention, (Lin("mlp.gate_proj", bias=mlp_bias), Lin("mlp.up_proj", bias=mlp_bias)),
+                       (o_proj, Lin("mlp.down_proj", bias=mlp_bias)))
+    return tuple(BlockLayout(norms=b.norms + latent, writers=b.writers, others=b.others)
+                 for b in (dense if i < c.first_k_dense_replace else sparse for i in range(int(c.num_hidden_layers))))
+
+
+_DENSE_FIRST = ("first_k_dense_replace",)
+DEEPSEEK_V2 = _moe("deepseek_v2", lambda c: _deepseek_block(c, "mlp_bias", ()), per_layer=_DENSE_FIRST,
+                   per_layer_filled=_DENSE_FIRST, notes="multi-head latent attention (latent norms fold into q_b_proj, "
+                   "kv_b_proj); routed and shared experts; dense first blocks")
+DEEPSEEK_V3 = _moe("deepseek_v3", lambda c: _deepseek_block(c, False, ("mlp.gate.e_score_correction_bias",)),
+                   per_layer=_DENSE_FIRST, per_layer_filled=_DENSE_FIRST,
+                   notes="multi-head latent attention (latent norms fold into q_b_proj, kv_b_proj); routed and shared "
+                         "experts, the router's selection bias left alone; dense first blocks")
+
 FAMILIES: tuple[Family, ...] = (
     GPT2, GPT_NEO, GPT_NEOX, GPTJ, OPT, BLOOM, FALCON, PHI,
     LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, OLMO2, SMOLLM3,
     STARCODER2, STABLELM, PERSIMMON, NEMOTRON, OLMO, MPT, BIOGPT, GPT_BIGCODE, CODEGEN, COHERE, COHERE2, PHI3,
     GRANITE, GLM, GLM4, EXAONE4, HELIUM, ERNIE4_5, SEED_OSS, APERTUS, MINISTRAL, HUNYUAN_V1_DENSE, INTERNLM3,
+    MIXTRAL, QWEN2_MOE, QWEN3_MOE, OLMOE, GRANITEMOE, PHIMOE, GPT_OSS, DEEPSEEK_V2, DEEPSEEK_V3,
 )  # fmt: skip

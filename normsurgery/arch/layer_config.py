@@ -28,6 +28,21 @@ REINDEX: dict[str, Callable[[Any, list[int]], Any]] = {
     "no_rope_layers": _per_block,
     "attention_layers": _per_block,
     "max_window_layers": _count_below,
+    "first_k_dense_replace": _count_below,  # DeepSeek: the blocks below it have a dense MLP (kept blocks stay in order)
+}
+
+
+def _dense_blocks(config: Any, keep: list[int]) -> dict[str, Any]:
+    """Qwen-MoE's dense blocks: those in mlp_only_layers or off the decoder_sparse_step pattern. A pattern does not
+    survive renumbering, so the kept dense blocks are listed and every other block is sparse."""
+    step = int(config.decoder_sparse_step)
+    dense = [new for new, old in enumerate(keep) if old in config.mlp_only_layers or (old + 1) % step]
+    return {"mlp_only_layers": dense, "decoder_sparse_step": 1}
+
+
+# keys re-indexed together with others they depend on: key -> (config, keep) -> every update
+REINDEX_WITH_CONFIG: dict[str, Callable[[Any, list[int]], dict[str, Any]]] = {
+    "mlp_only_layers": _dense_blocks,
 }
 
 
@@ -62,6 +77,9 @@ def pruned_config_updates(config: Any, keys: tuple[str, ...], num_layers_key: st
     for key in keys:
         value = getattr(config, key, None)
         if value is None:
+            continue
+        if key in REINDEX_WITH_CONFIG:
+            updates.update(REINDEX_WITH_CONFIG[key](config, keep))
             continue
         if isinstance(value, (list, tuple)) and len(value) != num_layers:
             raise NormSurgeryError(f"config {key} has {len(value)} entries for {num_layers} blocks; fix config.json "

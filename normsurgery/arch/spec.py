@@ -8,17 +8,21 @@ that names every tensor of a concrete checkpoint; the rewrites only ever see an 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Literal, Union
 
 NormKind = Literal["layernorm", "rmsnorm"]
 # input: Pre-LN norm read by a sublayer; output: sandwich/Peri-LN norm on a sublayer's output before the add;
 # residual: Post-LN norm applied to the residual stream after the add; embedding: norm on the embeddings;
 # final: the norm before the unembedding; qk: per-head norm inside attention (not on the residual).
-NormRole = Literal["input", "output", "residual", "embedding", "final", "qk"]
+# latent: a norm inside attention on a low-rank latent (DeepSeek's q_a_layernorm, kv_a_layernorm), read by linears
+# but not on the residual: it folds into its readers and is left alone by centering
+NormRole = Literal["input", "output", "residual", "embedding", "final", "qk", "latent"]
 
 Config = Any  # a transformers PretrainedConfig
 Flag = Union[bool, str, Callable[[Config], bool]]  # constant, config attribute name, or predicate
+Count = Union[str, Callable[[Config], int]]  # config attribute name, or a function of the config
 DEFAULT_GROUP = "all"  # the reader group of a reader that declares none (LinearSlot.groups)
 
 
@@ -29,6 +33,11 @@ def flag(value: Flag, config: Config) -> bool:
     if isinstance(value, str):
         return bool(getattr(config, value, False))
     return bool(value(config))
+
+
+def count(value: Count, config: Config) -> int:
+    """Evaluate a declared count (e.g. of experts) against a config."""
+    return int(getattr(config, value) if isinstance(value, str) else value(config))
 
 
 # ---------------------------------------------------------------- templates (declared per family)
@@ -48,6 +57,16 @@ class LinearSlot:
     groups: tuple[str, ...] = ()
     # the `groups` slices' relative output widths where they differ, e.g. in heads (H, KV, KV) for Phi-3's GQA qkv_proj
     widths: tuple[int, ...] = ()
+    # routed experts: the number of experts. With "{e}" in `path`, one 2D linear per expert (the hub's per-expert
+    # tensors); without, one stacked tensor of all experts, weight (E, out, in) or (E, in, out) with `conv1d`
+    experts: Count | None = None
+    # the stored tensor names below `path`: ("weight", "bias") for a module, or gpt-oss's stacked experts'
+    # ("gate_up_proj", "gate_up_proj_bias") on the experts module
+    names: tuple[str, str] = ("weight", "bias")
+    # per-expert linears that transformers fuses at load into one stacked parameter (its name relative to the block):
+    # each expert's linears sharing it concatenated along their outputs in declaration order, the experts stacked
+    loaded: str | None = None
+    router: bool = False  # a router: its output chooses the experts (read by a norm like the experts themselves)
 
 
 @dataclass(frozen=True)
@@ -60,6 +79,7 @@ class NormSlot:
     when: Flag = True
     has_bias: Flag | None = None  # None: LayerNorms have a bias, RMSNorms do not
     has_weight: Flag = True  # False for a norm without a gain (OLMo's non-parametric LayerNorm)
+    eps: float | None = None  # this norm's eps where it is not the family's (DeepSeek's latent norms keep 1e-6)
 
 
 @dataclass(frozen=True)
@@ -85,7 +105,9 @@ class Family:
     norm_kind: NormKind
     eps: Callable[[Config], float]
     token_embedding: str
-    block: BlockLayout | Callable[[Config], BlockLayout]
+    # one layout for every block, or a function of the config giving it, or one layout per block (MoE models whose
+    # first blocks, or listed blocks, have a dense MLP)
+    block: BlockLayout | Callable[[Config], BlockLayout | tuple[BlockLayout, ...]]
     final_norm: NormSlot | None
     unembed: LinearSlot
     position_embedding: str | None = None
@@ -114,18 +136,37 @@ class Family:
 
     def resolve(self, config: Config) -> "Architecture":
         """Name every tensor of a model with this config."""
-        layout = self.block(config) if callable(self.block) else self.block
+        layouts = self.block(config) if callable(self.block) else self.block
+        num_layers = int(config.num_hidden_layers)
+        if isinstance(layouts, BlockLayout):
+            layouts = (layouts,) * num_layers
         eps = float(self.eps(config))
+        fused: dict[str, list[list[str]]] = {}
 
-        def linear(slot: LinearSlot, prefix: str) -> Linear | None:
+        def linear(slot: LinearSlot, prefix: str) -> tuple[Linear, ...]:
             if not flag(slot.when, config):
-                return None
-            base = f"{prefix}{slot.path}"
-            bias = f"{base}.bias" if flag(slot.bias, config) else None
-            return Linear(f"{base}.weight", bias, slot.conv1d, slot.groups, slot.widths)
+                return ()
+            weight, bias = slot.names
+            has_bias = flag(slot.bias, config)
+
+            def made(base: str, experts: int = 0) -> Linear:
+                return Linear(f"{base}.{weight}", f"{base}.{bias}" if has_bias else None, slot.conv1d, slot.groups,
+                              slot.widths, experts, slot.router)
+
+            if slot.experts is None:
+                return (made(f"{prefix}{slot.path}"),)
+            experts = count(slot.experts, config)
+            if "{e}" not in slot.path:
+                return (made(f"{prefix}{slot.path}", experts),)
+            per_expert = tuple(made(f"{prefix}{slot.path.format(e=e)}") for e in range(experts))
+            if slot.loaded:
+                parts = fused.setdefault(f"{prefix}{slot.loaded}", [[] for _ in range(experts)])
+                for e, lin in enumerate(per_expert):
+                    parts[e].append(lin.weight)
+            return per_expert
 
         def linears(slots: tuple[LinearSlot, ...], prefix: str) -> tuple[Linear, ...]:
-            return tuple(x for x in (linear(s, prefix) for s in slots) if x is not None)
+            return tuple(x for s in slots for x in linear(s, prefix))
 
         def norm(slot: NormSlot | None, prefix: str, readers: tuple[Linear, ...] | None = None) -> Norm | None:
             if slot is None or not flag(slot.when, config):
@@ -137,16 +178,20 @@ class Family:
                 weight=f"{base}.weight" if flag(slot.has_weight, config) else None,
                 bias=f"{base}.bias" if has_bias else None,
                 kind=self.norm_kind,
-                eps=eps,
+                eps=eps if slot.eps is None else slot.eps,
                 gain_offset=self.gain_offset,
                 role=slot.role,
                 readers=linears(slot.readers, prefix) if readers is None else readers,
             )
 
+        if len(layouts) != num_layers:
+            raise ValueError(f"{self.name}: {len(layouts)} block layouts for {num_layers} blocks")
         blocks = []
-        for i in range(int(config.num_hidden_layers)):
+        for i, layout in enumerate(layouts):
             prefix = f"{self.layers}.{i}."
             norms = tuple(n for n in (norm(s, prefix) for s in layout.norms) if n is not None)
+            slots = layout.writers + tuple(r for n in layout.norms for r in n.readers)
+            experts = max((count(x.experts, config) for x in slots if x.experts and flag(x.when, config)), default=0)
             blocks.append(
                 Block(
                     index=i,
@@ -156,17 +201,17 @@ class Family:
                     direct_readers=linears(layout.direct_readers, prefix),
                     parallel=layout.parallel,
                     others=tuple(f"{prefix}{t}" for t in layout.others),
+                    experts=experts,
                 )
             )
         tied = bool(getattr(config, "tie_word_embeddings", False))
-        unembed = linear(self.unembed, "")
-        assert unembed is not None
+        unembed, = linear(self.unembed, "")
         final = norm(self.final_norm, "", readers=(unembed,)) if self.final_norm else None
         return Architecture(
             family=self.name,
             model_type=str(config.model_type),
             hidden_size=int(config.hidden_size),
-            num_layers=int(config.num_hidden_layers),
+            num_layers=num_layers,
             vocab_size=int(config.vocab_size),
             token_embedding=f"{self.token_embedding}.weight",
             position_embedding=f"{self.position_embedding}.weight" if self.position_embedding else None,
@@ -180,6 +225,7 @@ class Family:
             extra=linears(self.extra, ""),
             post_ln=flag(self.post_ln, config),
             key_renames=dict(self.key_renames),
+            fused={name: tuple(map(tuple, parts)) for name, parts in fused.items()},
             per_layer=self.per_layer,
             depth_dependent=tuple(k for k in self.depth_dependent if flag(k, config)),
         )
@@ -197,6 +243,8 @@ class Linear:
     conv1d: bool = False
     groups: tuple[str, ...] = ()  # the path each slice of the output serves (see LinearSlot)
     widths: tuple[int, ...] = ()  # the slices' relative widths where they differ; () for equal slices
+    experts: int = 0  # a stacked tensor of this many experts: weight (E, out, in), or (E, in, out) when `conv1d`
+    router: bool = False  # see LinearSlot.router
 
     def tensors(self) -> tuple[str, ...]:
         """The tensor names this layer owns."""
@@ -242,6 +290,7 @@ class Block:
     direct_readers: tuple[Linear, ...] = ()
     parallel: bool = False
     others: tuple[str, ...] = ()  # tensor names (see BlockLayout.others)
+    experts: int = 0  # routed experts of a mixture-of-experts block; 0 for a dense one
 
     def norms_with_role(self, role: NormRole) -> tuple[Norm, ...]:
         """This block's norms of one role."""
@@ -269,6 +318,9 @@ class Architecture:
     extra: tuple[Linear, ...] = ()
     post_ln: bool = False
     key_renames: dict[str, str] = field(default_factory=dict)
+    # in-memory stacked expert parameters transformers builds at load -> for each expert, the stored tensors
+    # concatenated along their outputs (LinearSlot.loaded)
+    fused: dict[str, tuple[tuple[str, ...], ...]] = field(default_factory=dict)
     per_layer: tuple[str, ...] = ()
     depth_dependent: tuple[str, ...] = ()  # the family's index-dependent flags that are on in this config
     _roles: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
@@ -281,6 +333,43 @@ class Architecture:
         if self.final_norm:
             out.append(self.final_norm)
         return out
+
+    def as_loaded(self) -> "Architecture":
+        """This model with its tensors named and shaped as stock transformers holds them in memory (`key_renames`
+        applied, per-expert tensors stacked as `fused` says): the layout of a checkpoint saved from a loaded model's
+        state dict, which transformers loads as it is."""
+        def name(tensor: str) -> str:
+            for pattern, replacement in self.key_renames.items():
+                tensor = re.sub(pattern, replacement, tensor)
+            return tensor
+
+        owner = {part: stacked for stacked, experts in self.fused.items() for parts in experts for part in parts}
+
+        def linears(group: tuple[Linear, ...]) -> tuple[Linear, ...]:
+            out: list[Linear] = []
+            for lin in group:
+                stacked = owner.get(lin.weight)
+                if stacked is None:
+                    out.append(replace(lin, weight=name(lin.weight), bias=name(lin.bias) if lin.bias else None))
+                elif all(x.weight != stacked for x in out):
+                    out.append(Linear(stacked, None, experts=len(self.fused[stacked])))
+            return tuple(out)
+
+        def norm(n: Norm | None, readers: tuple[Linear, ...] | None = None) -> Norm | None:
+            if n is None:
+                return None
+            return replace(n, name=name(n.name + ".").rstrip("."), weight=name(n.weight) if n.weight else None,
+                           bias=name(n.bias) if n.bias else None, readers=linears(n.readers) if readers is None else readers)
+
+        blocks = tuple(replace(b, norms=tuple(norm(n) for n in b.norms), writers=linears(b.writers),
+                               direct_readers=linears(b.direct_readers), others=tuple(map(name, b.others)))
+                       for b in self.blocks)
+        unembed, = linears((self.unembed,))
+        return replace(self, token_embedding=name(self.token_embedding),
+                       position_embedding=name(self.position_embedding) if self.position_embedding else None,
+                       embedding_norm=norm(self.embedding_norm), blocks=blocks,
+                       final_norm=norm(self.final_norm, (unembed,)), unembed=unembed, extra=linears(self.extra),
+                       key_renames={}, fused={}, _roles={})
 
     def roles(self) -> dict[str, str]:
         """Map every tensor name this model's checkpoint should hold to its role in the residual picture."""

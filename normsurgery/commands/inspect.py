@@ -39,6 +39,8 @@ def describe(source: ModelSource) -> dict[str, Any]:
         "placement": placement(arch),
         "tied_embeddings": arch.tied,
         "qk_norm": has_qk_norm(arch),
+        "experts": max((b.experts for b in arch.blocks), default=0),
+        "sparse_blocks": sum(1 for b in arch.blocks if b.experts),
         "position_embedding": arch.position_embedding is not None,
         "embedding_norm": arch.embedding_norm is not None,
         "weights_finite": True,
@@ -80,7 +82,7 @@ def inspect(
     table.add_column(style="bold")
     table.add_column()
     for key in ("path", "family", "parameters", "dtype", "layers", "hidden_size", "vocab_size", "norm", "norm_eps",
-                "placement", "tied_embeddings", "qk_norm", "embedding_norm", "weights_finite"):
+                "placement", "tied_embeddings", "qk_norm", "experts", "sparse_blocks", "embedding_norm", "weights_finite"):
         value = facts[key]
         table.add_row(key.replace("_", " "), f"{value:,}" if key == "parameters" else str(value))
     console.print(table)

@@ -15,7 +15,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Union
 
 import torch
 from accelerate.hooks import AlignDevicesHook
@@ -69,20 +69,39 @@ class LazyModel:
                 "streamed_bytes": self.streamed_bytes, **({"notes": self.notes} if self.notes else {})}
 
 
+# where a parameter's value is stored: one tensor's name, or (stacked experts) each expert's tensors to concatenate
+Source = Union[str, tuple[tuple[str, ...], ...]]
+
+
+def read_source(weights: WeightMap, source: Source) -> torch.Tensor:
+    """A parameter's value: the stored tensor, or the stored experts' tensors fused as transformers fuses them at
+    load (each expert's parts concatenated along their outputs, the experts stacked)."""
+    if isinstance(source, str):
+        return weights.get(source)
+    return torch.stack([torch.cat([weights.get(part) for part in parts]) for parts in source])
+
+
+def source_nbytes(weights: WeightMap, source: Source, dtype: torch.dtype) -> int:
+    """The bytes of a parameter's value at `dtype`."""
+    if isinstance(source, str):
+        return weights.nbytes(source, dtype)
+    return sum(weights.nbytes(part, dtype) for parts in source for part in parts)
+
+
 class _ModelNames(Mapping):
     """The weight map seen under the model's own parameter names, each tensor read only when asked for.
 
     On a GPU the stored tensor travels as stored (bf16: half the bytes) and is widened there.
     """
 
-    def __init__(self, weights: WeightMap, names: dict[str, str], device: torch.device) -> None:
+    def __init__(self, weights: WeightMap, names: dict[str, Source], device: torch.device) -> None:
         self.weights, self.names, self.device = weights, names, device
 
     def __getitem__(self, key: str) -> torch.Tensor:
         source = self.names.get(key)
         if source is None:
             raise KeyError(key)
-        tensor = self.weights.get(source)
+        tensor = read_source(self.weights, source)
         return tensor if self.device.type == "cpu" else tensor.to(self.device)
 
     def __iter__(self) -> Iterator[str]:
@@ -116,12 +135,14 @@ def skeleton(config: Any, dtype: torch.dtype, *, trust_remote_code: bool = False
     return model.eval()
 
 
-def parameter_sources(model: torch.nn.Module, available: set[str], key_mapping: dict[str, str] | None = None) -> dict[str, str]:
+def parameter_sources(model: torch.nn.Module, available: set[str], key_mapping: dict[str, str] | None = None,
+                      fused: dict[str, tuple[tuple[str, ...], ...]] | None = None) -> dict[str, Source]:
     """For every parameter name of `model` (tied aliases included), the weight-map name that holds its value.
 
     Tried in turn: the same name; a checkpoint name that `key_mapping` (checkpoint regex -> model name, as
     transformers' `key_mapping`) turns into it; the name without or with the base model's prefix; another
-    name of the same tied parameter.
+    name of the same tied parameter; the per-expert tensors that `fused` (the family's, Architecture.fused) says
+    transformers stacks into it.
     """
     renamed: dict[str, str] = {}
     for stored in available:
@@ -136,9 +157,12 @@ def parameter_sources(model: torch.nn.Module, available: set[str], key_mapping: 
     ties = dict(getattr(model, "all_tied_weights_keys", None) or {})  # tied parameter -> the one it shares
     ties.update({source: target for target, source in list(ties.items())})
 
-    def lookup(name: str) -> str | None:
+    def lookup(name: str) -> Source | None:
         if name in available:
             return name
+        parts = (fused or {}).get(name)
+        if parts and all(part in available for expert in parts for part in expert):
+            return parts
         if name in renamed:
             return renamed[name]
         if prefix and name.startswith(prefix + ".") and name[len(prefix) + 1:] in available:
@@ -147,7 +171,7 @@ def parameter_sources(model: torch.nn.Module, available: set[str], key_mapping: 
             return f"{prefix}.{name}"
         return None
 
-    sources: dict[str, str] = {}
+    sources: dict[str, Source] = {}
     missing = []
     for names in groups.values():
         names = names + [ties[n] for n in names if n in ties]
@@ -173,7 +197,8 @@ def _leaf_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module, li
 
 
 def lazy_model(config: Any, weights: WeightMap, runtime: Runtime, *, dtype: torch.dtype = torch.float32,
-               passes: int = 1, trust_remote_code: bool = False, key_mapping: dict[str, str] | None = None) -> LazyModel:
+               passes: int = 1, trust_remote_code: bool = False, key_mapping: dict[str, str] | None = None,
+               fused: dict[str, tuple[tuple[str, ...], ...]] | None = None) -> LazyModel:
     """Build `config`'s model over `weights` on `runtime`: held in memory when the caller runs several `passes`
     and the whole model fits the budget (weights read once), else streamed module by module at every pass (a
     model larger than the budget, or a single pass, where holding it would only cost memory).
@@ -185,10 +210,10 @@ def lazy_model(config: Any, weights: WeightMap, runtime: Runtime, *, dtype: torc
     from accelerate.utils import set_module_tensor_to_device
 
     model = skeleton(config, dtype, trust_remote_code=trust_remote_code)
-    sources = parameter_sources(model, set(weights.names()), key_mapping)
+    sources = parameter_sources(model, set(weights.names()), key_mapping, fused)
     view = _ModelNames(weights, sources, runtime.device)
     leaves = _leaf_modules(model)
-    sizes = {path: sum(weights.nbytes(sources[f"{path}.{n}" if path else n], dtype) for n in own)
+    sizes = {path: sum(source_nbytes(weights, sources[f"{path}.{n}" if path else n], dtype) for n in own)
              for path, _, own in leaves}
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     hidden = int(getattr(text, "hidden_size", 0) or getattr(text, "n_embd", 0) or 1)

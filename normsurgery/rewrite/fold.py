@@ -27,8 +27,8 @@ def _fold_step(norm: Norm, arch: Architecture, untie_from: str | None) -> Step:
     bias_to_readers = norm.bias is None or all(r.bias is not None for r in norm.readers)
 
     def compute(t: dict[str, Tensor]) -> dict[str, Tensor]:
-        d = arch.hidden_size
-        gain = effective_gain(t.get(norm.weight) if norm.weight else None, norm.gain_offset, d)
+        gain = effective_gain(t.get(norm.weight) if norm.weight else None, norm.gain_offset, arch.hidden_size)
+        d = gain.shape[0]  # the residual width, or a latent's (DeepSeek's q_a_layernorm)
         bias = t.get(norm.bias) if norm.bias else None
         out: dict[str, Tensor] = {}
         for r in norm.readers:

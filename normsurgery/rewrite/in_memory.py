@@ -16,13 +16,18 @@ from normsurgery.rewrite.plan import Plan, run_step
 
 class ModelTensors:
     """A loaded model's parameters and buffers as a plan's tensor source, by on-disk name; `set` writes a step's
-    output back into the model."""
+    output back into the model. A per-expert on-disk tensor that transformers stacked at load (`fused`, see
+    Architecture.fused) is the view of its rows in the stacked parameter."""
 
-    def __init__(self, model: nn.Module, renames: dict[str, str]) -> None:
+    def __init__(self, model: nn.Module, renames: dict[str, str],
+                 fused: dict[str, tuple[tuple[str, ...], ...]] | None = None) -> None:
         self.model = model
         self.renames = renames
         self._named = {**dict(model.named_parameters(remove_duplicate=False)),
                        **dict(model.named_buffers(remove_duplicate=False))}
+        # on-disk name -> (stacked parameter, expert, position among the expert's parts, number of parts)
+        self._parts = {part: (stacked, e, k, len(parts)) for stacked, experts in (fused or {}).items()
+                       if stacked in self._named for e, parts in enumerate(experts) for k, part in enumerate(parts)}
 
     def loaded_name(self, name: str) -> str:
         """The in-memory name of an on-disk tensor name."""
@@ -31,11 +36,11 @@ class ModelTensors:
         return name
 
     def __contains__(self, name: str) -> bool:
-        return self.loaded_name(name) in self._named
+        return name in self._parts or self.loaded_name(name) in self._named
 
     def storages(self) -> set[int]:
         """The data pointers of the model's tensors (to tell a computed output from one of them)."""
-        return {t.data_ptr() for t in self._named.values()}
+        return {t.untyped_storage().data_ptr() for t in self._named.values()}
 
     def names(self) -> list[str]:
         return list(self._named)
@@ -44,6 +49,10 @@ class ModelTensors:
         """Nothing to read ahead: the tensors are in memory."""
 
     def get(self, name: str) -> torch.Tensor:
+        if name in self._parts:
+            stacked, expert, k, parts = self._parts[name]
+            rows = self._named[stacked].shape[1] // parts
+            return self._named[stacked].detach()[expert, k * rows:(k + 1) * rows]
         loaded = self.loaded_name(name)
         if loaded not in self._named:
             raise NormSurgeryError(f"the loaded model has no tensor {loaded} (from {name}); is it the model its "
@@ -85,7 +94,7 @@ def apply_in_memory(model: nn.Module, plan: Plan, arch: Architecture) -> nn.Modu
                                "write it to a folder instead.")
     if plan.config_updates.get("tie_word_embeddings") is False:
         untie_unembedding(model)
-    tensors = ModelTensors(model, arch.key_renames)
+    tensors = ModelTensors(model, arch.key_renames, arch.fused)
     stored = next(model.parameters()).dtype
 
     def dtype_for(name: str) -> torch.dtype:
@@ -96,10 +105,10 @@ def apply_in_memory(model: nn.Module, plan: Plan, arch: Architecture) -> nn.Modu
     for step in plan.steps:  # every output is computed from the original tensors before any is written
         for name, value in run_step(step, tensors, dtype_for).items():
             # an output that is an input unchanged (a reader weight a step passes through) would see the writes
-            outputs[name] = value.clone() if value.data_ptr() in held else value
+            outputs[name] = value.clone() if value.untyped_storage().data_ptr() in held else value
     if plan.surgery is not None:
         _operate(model, plan, outputs)
-        tensors = ModelTensors(model, arch.key_renames)
+        tensors = ModelTensors(model, arch.key_renames, arch.fused)
     for name, value in outputs.items():
         tensors.set(name, value)
     for key, value in plan.all_config_updates(model.config).items():

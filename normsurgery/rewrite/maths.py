@@ -10,7 +10,8 @@ the stored dtype where that is bit-identical (see there): it is the bulk of a fo
 
 from __future__ import annotations
 
-from typing import Callable
+from functools import wraps
+from typing import Callable, TypeVar
 
 import torch
 
@@ -46,6 +47,24 @@ def _matvec(weight: Tensor, conv1d: bool, vec: Tensor) -> Tensor:
 
 
 FLOAT32_EXACT = (torch.float32, torch.bfloat16, torch.float16)
+Rewrite = TypeVar("Rewrite", bound=Callable)
+
+
+def per_expert(fn: Rewrite) -> Rewrite:
+    """Let a rewrite of one matrix (and its bias) take the stacked experts of a mixture-of-experts layer too: a weight
+    (E, out, in) (or (E, in, out) for `conv1d`) with bias (E, out) is rewritten one expert at a time, each with the
+    same other arguments, and the results stacked again."""
+
+    @wraps(fn)
+    def wrapper(weight: Tensor, bias: Tensor | None = None, *args, **kwargs):
+        if weight.ndim != 3:
+            return fn(weight, bias, *args, **kwargs)
+        outs = [fn(weight[e], None if bias is None else bias[e], *args, **kwargs) for e in range(weight.shape[0])]
+        if isinstance(outs[0], Tensor):
+            return torch.stack(outs)
+        return tuple(None if part[0] is None else torch.stack(list(part)) for part in zip(*outs))
+
+    return wrapper  # type: ignore[return-value]
 
 
 def effective_gain(weight: Tensor | None, offset: float, size: int) -> Tensor:
@@ -60,6 +79,7 @@ def effective_gain(weight: Tensor | None, offset: float, size: int) -> Tensor:
     return weight.to(torch.float64) + offset
 
 
+@per_expert
 def fold_into_reader(
     weight: Tensor, bias: Tensor | None, gain: Tensor | None, norm_bias: Tensor | None, *, conv1d: bool
 ) -> tuple[Tensor, Tensor | None]:
@@ -84,6 +104,7 @@ def fold_into_reader(
     return _map_rows(weight, lambda rows, sl: rows * g), new_bias
 
 
+@per_expert
 def center_writer(
     weight: Tensor, bias: Tensor | None, *, conv1d: bool, drop_last: bool = False
 ) -> tuple[Tensor, Tensor | None]:
@@ -131,7 +152,9 @@ def center_rows(
 
 def compress_reader(weight: Tensor, gain: Tensor | None, *, conv1d: bool) -> Tensor:
     """CRMS reader of a norm with gain g: W' = (W diag g)[:, :d-1] - (W diag g)[:, d-1] 1^T, since
-    x_d = -sum(x_1..x_{d-1}) on a zero-mean residual (rounded to the stored dtype)."""
+    x_d = -sum(x_1..x_{d-1}) on a zero-mean residual (rounded to the stored dtype). Stacked experts: each one's."""
+    if weight.ndim == 3:
+        return torch.stack([compress_reader(w, gain, conv1d=conv1d) for w in weight])
     d = weight.shape[0] if conv1d else weight.shape[1]
     g = torch.ones(d, dtype=torch.float64) if gain is None else gain.to(torch.float64)
     if conv1d:  # stored (in=d, out): row j becomes g_j W_j - g_d W_d

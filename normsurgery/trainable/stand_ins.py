@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from normsurgery.arch.facts import EXPERTS_FUSED, has_experts
 from normsurgery.arch.spec import DEFAULT_GROUP, Architecture, Linear, Norm
 from normsurgery.errors import NormSurgeryError
 
@@ -295,6 +296,9 @@ def removable_norms(arch: Architecture) -> list[Norm]:
     Refuses models whose other norms would stay in the residual path (Post-LN, sandwich/Peri-LN output norms,
     an embedding norm); per-head QK-norms are left as they are (they do not normalise the residual).
     """
+    if has_experts(arch):
+        raise NormSurgeryError(f"--to none, dyt and derf do not take mixture-of-experts models yet: {EXPERTS_FUSED}. "
+                               "No output was written.")
     if arch.post_ln:
         raise NormSurgeryError("--to none applies to Pre-LN models; this one is Post-LN (its norms sit on the "
                                "residual stream, which a fixed scale cannot replace). No output was written.")
