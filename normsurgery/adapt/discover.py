@@ -1,0 +1,528 @@
+"""Find a model type's residual stream by tracing a tiny random instance: its norms and what each computes, the
+linears that read each norm (and which output slices serve queries, keys or values), the linears that write into
+the residual stream, the embeddings, the final norm and the unembedding. The result is a `Draft`."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from normsurgery.adapt.draft import Draft, LinDraft, NormDraft, Width
+from normsurgery.adapt.tiny import VOCAB, perturb, tiny_config, tiny_model
+from normsurgery.adapt.trace import Key, Node, Trace, record, walk
+
+SEQ = 6
+ADD = frozenset({"add", "__add__", "__radd__", "add_", "__iadd__"})
+CAST = frozenset({"to", "float", "type", "type_as", "contiguous", "dropout", "clone", "detach", "double", "half",
+                  "bfloat16"})
+RESIDUAL_PASS = CAST | {"view", "reshape"}  # ops that keep the residual stream the residual stream
+# ops between a norm and its readers that move no value across features or tokens
+PASS = CAST | {"view", "reshape", "__getitem__", "flatten", "unsqueeze", "squeeze"}
+
+
+def is_norm(module: nn.Module) -> bool:
+    """A norm module: nn.LayerNorm, or a class named like one (RMSNorm, LayerNorm1P, ...)."""
+    return isinstance(module, nn.LayerNorm) or "norm" in type(module).__name__.lower()
+
+
+def is_linear(module: nn.Module) -> bool:
+    """nn.Linear or HF's Conv1D."""
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def _modules(model: nn.Module) -> tuple[dict[str, nn.Module], dict[str, nn.Module], dict[str, nn.Module]]:
+    """The innermost norm modules, the linears and the embeddings, by path."""
+    named = dict(model.named_modules())
+    norms = {p: m for p, m in named.items() if p and is_norm(m)
+             and not any(is_norm(c) for c in m.modules() if c is not m)}
+    linears = {p: m for p, m in named.items() if is_linear(m)}
+    embeddings = {p: m for p, m in named.items() if isinstance(m, nn.Embedding)}
+    return norms, linears, embeddings
+
+
+@torch.no_grad()
+def norm_facts(module: nn.Module, d: int) -> tuple[str, float, float]:
+    """(kind, eps, gain offset) of a norm, from what it computes in float64 on probes: a LayerNorm ignores a shift
+    of its input; a zero weight leaves a (1 + w) gain's output non-zero; eps from inputs small enough to show it."""
+    m = copy.deepcopy(module).double()
+    weight = getattr(m, "weight", None)
+    bias = getattr(m, "bias", None)
+    shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else (d,)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn((4, *shape), generator=gen, dtype=torch.float64) + 2.0
+    if isinstance(bias, torch.Tensor):
+        bias.zero_()
+    offset = 0.0
+    if isinstance(weight, torch.Tensor):
+        weight.zero_()
+        offset = 0.0 if float(m(x).abs().max()) < 1e-9 else 1.0
+        weight.fill_(1.0 - offset)
+    kind = "layernorm" if torch.allclose(m(x), m(x + 3.0), atol=1e-5) else "rmsnorm"
+    small = torch.randn((64, *shape), generator=gen, dtype=torch.float64) * 1e-3
+    centred = small - small.mean(-1, keepdim=True) if kind == "layernorm" else small
+    y = m(small).double()
+    ms = centred.pow(2).mean(-1, keepdim=True)
+    keep = y.abs() > 1e-12
+    eps = float(((centred / torch.where(keep, y, torch.ones_like(y))).pow(2) - ms)[keep].median())
+    return kind, max(eps, 0.0), offset
+
+
+def _eps_attr(config: Any, eps: float) -> str | None:
+    """The config attribute that holds eps (names with 'eps' first), when one does."""
+    raw = config.to_dict()
+    hits = [k for k, v in raw.items() if isinstance(v, float) and v > 0 and abs(v - eps) <= 2e-3 * v]
+    hits.sort(key=lambda k: ("eps" not in k, k))
+    return hits[0] if hits else None
+
+
+def _nice(eps: float) -> float:
+    """eps rounded to two significant digits (the probe measures it to about 1e-4 relative)."""
+    return float(f"{eps:.1e}") if eps > 0 else 0.0
+
+
+def _block_list(model: nn.Module, n: int) -> tuple[str, list[nn.Module]]:
+    """The ModuleList of decoder blocks: the first with one entry per layer."""
+    for path, m in model.named_modules():
+        if isinstance(m, nn.ModuleList) and len(m) == n and n > 0:
+            return path, list(m)
+    raise ValueError("no list of decoder blocks with one entry per layer")
+
+
+def _disk_names(model: nn.Module) -> tuple[dict[str, str], set[str]]:
+    """In-memory tensor name -> its name in the saved checkpoint (transformers may rename on save), and the saved
+    names."""
+    from safetensors.torch import load_file
+
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        saved: dict[str, torch.Tensor] = {}
+        for f in Path(tmp).glob("*.safetensors"):
+            saved.update(load_file(f))
+    state = model.state_dict()
+    mem_to_disk: dict[str, str] = {}
+    for disk, t in saved.items():
+        if disk in state and torch.equal(state[disk], t):
+            mem_to_disk[disk] = disk
+            continue
+        for mem, s in state.items():
+            if mem not in mem_to_disk and s.shape == t.shape and torch.equal(s, t):
+                mem_to_disk[mem] = disk
+                break
+    return mem_to_disk, set(saved)
+
+
+def _renames(mem_to_disk: dict[str, str]) -> tuple[tuple[str, str], ...]:
+    """On-disk -> in-memory prefix renames (regex, replacement) that explain every renamed tensor."""
+    found: dict[str, str] = {}
+    for mem, disk in mem_to_disk.items():
+        if mem == disk:
+            continue
+        m, d = mem.split("."), disk.split(".")
+        while m and d and m[-1] == d[-1]:
+            m.pop(), d.pop()
+        found[f"^{re.escape('.'.join(d))}\\."] = ".".join(m) + "."
+    return tuple(sorted(found.items()))
+
+
+class _Finder:
+    """Reads the residual stream off one trace."""
+
+    def __init__(self, trace: Trace, norms: dict[str, nn.Module], linears: dict[str, nn.Module],
+                 embeddings: dict[str, nn.Module]) -> None:
+        self.trace = trace
+        self.norms, self.linears, self.embeddings = norms, linears, embeddings
+        self.problems: list[str] = []
+
+    def kind(self, node: Node) -> str:
+        """'linear', 'norm', 'embedding' or 'op'."""
+        if node.kind == "module":
+            return "linear" if node.name in self.linears else "norm" if node.name in self.norms else "embedding"
+        return "op"
+
+    def residual(self, start: Key, end: Key) -> tuple[set[Key], list[Node]]:
+        """The residual tensors from `start` to `end` (through adds and casts, and through norms only where the
+        stream cannot reach `end` without them: Post-LN), and the adds on the way."""
+        for through_norms in (False, True):
+            stream, steps = {start}, []
+            for node in self.trace.nodes:
+                if any(t in stream for t in node.inputs) and (
+                        (node.kind == "op" and node.name in ADD | RESIDUAL_PASS)
+                        or (through_norms and self.kind(node) == "norm")):
+                    stream.update(node.outputs)
+                    steps.append(node)
+            if end in stream:
+                break
+        else:
+            raise ValueError("the block's output is not its input plus sublayer outputs")
+        chain = walk([end], lambda t: [i for n in steps if t in n.outputs for i in n.inputs if i in stream])
+        return chain, [n for n in steps if any(t in chain for t in n.outputs)]
+
+    def forward_to_linears(self, tensor: Key, what: str) -> list[str]:
+        """The linears that read `tensor` through ops that move nothing across features (a norm's readers)."""
+        found: list[str] = []
+
+        def step(t: Key) -> list[Key]:
+            out: list[Key] = []
+            for node in self.trace.readers(t):
+                kind = self.kind(node)
+                if kind == "linear":
+                    found.append(node.name)
+                elif kind == "op" and node.name in PASS:
+                    out.extend(node.outputs)
+                else:
+                    self.problems.append(f"{what} is read by {node.name!r}, which is not a linear layer")
+            return out
+
+        walk([tensor], step)
+        return list(dict.fromkeys(found))
+
+    def back_to_linears(self, tensor: Key, stop: set[Key], what: str,
+                        embeddings: list[str] | None = None) -> tuple[list[str], list[str]]:
+        """The linears whose outputs make `tensor` (a sublayer's contribution to the residual), and the norms on the
+        way (output norms); the embeddings met are added to `embeddings`, or are a problem when it is None."""
+        linears: list[str] = []
+        norms: list[str] = []
+
+        def step(t: Key) -> list[Key]:
+            if t in stop:
+                self.problems.append(f"{what} depends on the residual stream without a linear layer in between")
+                return []
+            node = self.trace.producer.get(t)
+            if node is None:
+                return []
+            kind = self.kind(node)
+            if kind == "linear":
+                linears.append(node.name)
+                return []
+            if kind == "norm":
+                norms.append(node.name)
+            elif kind == "embedding":
+                if embeddings is None:
+                    self.problems.append(f"{what} comes from embedding {node.name}")
+                else:
+                    embeddings.append(node.name)
+                return []
+            return list(node.inputs)
+
+        walk([tensor], step)
+        return list(dict.fromkeys(linears)), list(dict.fromkeys(norms))
+
+    def module_nodes(self, path: str) -> list[Node]:
+        """The calls of one module."""
+        return [n for n in self.trace.nodes if n.kind == "module" and n.name == path]
+
+
+def _attention_labels(model: nn.Module, blocks: list[nn.Module], readers: list[list[str]], writers: list[list[str]],
+                      ids: torch.Tensor) -> dict[str, list[str]]:
+    """Per reader, each output channel's part in attention: 'q' (moves the scores of its own token), 'k' (moves the
+    scores other tokens give it), 'v' (moves later tokens' attention output, not the scores) or '-' (moves only its
+    own token: an MLP). Found from gradients, block by block."""
+    from torch.overrides import TorchFunctionMode
+
+    current = [-1]
+    scores: dict[int, list[torch.Tensor]] = {}
+
+    class Softmax(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", "") in ("softmax", "_softmax") and args and isinstance(args[0], torch.Tensor):
+                x = args[0]
+                if x.ndim >= 3 and x.shape[-1] == x.shape[-2] == ids.shape[1] and current[0] >= 0:
+                    scores.setdefault(current[0], []).append(x)
+            return func(*args, **(kwargs or {}))
+
+    modules = dict(model.named_modules())
+    outputs: dict[str, torch.Tensor] = {}
+    inputs: dict[str, torch.Tensor] = {}
+    handles = [b.register_forward_pre_hook(lambda _m, _a, i=i: current.__setitem__(0, i)) for i, b in enumerate(blocks)]
+    for path in {p for r in readers for p in r}:
+        handles.append(modules[path].register_forward_hook(lambda _m, _a, out, p=path: outputs.__setitem__(p, out)))
+    for path in {p for w in writers for p in w}:
+        handles.append(modules[path].register_forward_pre_hook(lambda _m, a, p=path: inputs.__setitem__(p, a[0])))
+    try:
+        with torch.enable_grad(), Softmax():
+            model(ids)
+    finally:
+        for h in handles:
+            h.remove()
+    gen = torch.Generator().manual_seed(1)
+    labels: dict[str, list[str]] = {}
+    for b, paths in enumerate(readers):
+        if not paths:
+            continue
+        outs = [outputs[p] for p in paths]
+        s_loss = sum((s[..., 1:, 0] * torch.randn(s[..., 1:, 0].shape, generator=gen)).sum() for s in scores.get(b, []))
+        o_loss = sum((inputs[w][..., -1, :] * torch.randn(inputs[w][..., -1, :].shape, generator=gen)).sum()
+                     for w in writers[b])
+        zero = [torch.zeros_like(o) for o in outs]
+        gs = torch.autograd.grad(s_loss, outs, allow_unused=True, retain_graph=True) if scores.get(b) else zero
+        go = torch.autograd.grad(o_loss, outs, allow_unused=True, retain_graph=True)
+        for p, o, g1, g2 in zip(paths, outs, gs, go):
+            g1 = (torch.zeros_like(o) if g1 is None else g1).abs().reshape(-1, SEQ, o.shape[-1]).sum(0)
+            g2 = (torch.zeros_like(o) if g2 is None else g2).abs().reshape(-1, SEQ, o.shape[-1]).sum(0)
+            labels[p] = ["q" if g1[1:, j].any() else "k" if g1[0, j].any() else "v" if g2[:-1, j].any() else "-"
+                         for j in range(o.shape[-1])]
+    return labels
+
+
+def _groups(labels: list[str], config: Any) -> tuple[tuple[str, ...], tuple[Width, ...], Width] | None:
+    """A reader's (groups, widths, repeat) from its channels' labels; None when it mixes attention and MLP."""
+    if set(labels) == {"-"}:
+        return (), (), 1
+    if "-" in labels:
+        return None
+    runs: list[list[Any]] = []
+    for label in labels:
+        if runs and runs[-1][0] == label:
+            runs[-1][1] += 1
+        else:
+            runs.append([label, 1])
+    period = next(p for p in range(1, len(runs) + 1) if len(runs) % p == 0 and runs == runs[:p] * (len(runs) // p))
+    repeat, base = len(runs) // period, runs[:period]
+    groups = tuple("v" if label == "v" else "qk" for label, _ in base)
+    lengths = [n for _, n in base]
+    heads = int(getattr(config, "num_attention_heads", 0) or 0)
+    kv = int(getattr(config, "num_key_value_heads", 0) or 0)
+    head_dim = int(getattr(config, "head_dim", 0) or (config.hidden_size // heads if heads else 0))
+    widths: tuple[Width, ...] = ()
+    if len(set(lengths)) > 1:
+        if head_dim and all(n % head_dim == 0 for n in lengths):
+            widths = tuple("num_attention_heads" if n == heads * head_dim else
+                           "num_key_value_heads" if kv and n == kv * head_dim else n // head_dim for n in lengths)
+        else:
+            unit = math.gcd(*lengths)
+            widths = tuple(n // unit for n in lengths)
+    rep: Width = "num_attention_heads" if repeat > 1 and repeat == heads else repeat
+    return groups, widths, rep
+
+
+def _bias_switches(model_type: str, layers: int, overrides: dict[str, Any] | None, base: dict[str, bool],
+                   config: Any) -> tuple[dict[str, str], list[str]]:
+    """Which config flag switches each linear's bias (a flag named like '*bias*' flipped, the model rebuilt), and
+    the other boolean flags that change the modules (the draft covers the tiny config's setting only)."""
+    from transformers import AutoModelForCausalLM
+
+    skip = {"use_cache", "return_dict", "output_attentions", "output_hidden_states", "tie_word_embeddings",
+            "is_encoder_decoder", "is_decoder", "add_cross_attention", "tie_encoder_decoder", "torchscript",
+            "use_return_dict", "chunk_size_feed_forward", "tie_word_embedding"}
+    names = set(dict(tiny_model(config).named_modules()))
+    switches: dict[str, str] = {}
+    layout_flags: list[str] = []
+    for key, value in sorted(config.to_dict().items()):
+        if not isinstance(value, bool) or key in skip or key.startswith("_"):
+            continue
+        try:
+            flipped = tiny_config(model_type, layers, {**(overrides or {}), key: not value})
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(flipped, attn_implementation="eager")
+        except Exception:  # a flag that the config or model refuses to flip
+            continue
+        linears = {p: m.bias is not None for p, m in model.named_modules() if is_linear(m)}
+        changed = [p for p, has in base.items() if p in linears and linears[p] != has]
+        if "bias" in key:
+            for p in changed:
+                switches.setdefault(p, key)
+        if set(dict(model.named_modules())) != names:
+            layout_flags.append(f"{key}={not value}")
+    return switches, layout_flags
+
+
+def draft_family(model_type: str, *, layers: int = 2, overrides: dict[str, Any] | None = None) -> Draft:
+    """Trace a tiny random `model_type` and draft its declaration; the Draft's `problems` say what tracing could
+    not express (then the declaration needs a hand edit)."""
+    config = tiny_config(model_type, layers, overrides)
+    model = tiny_model(config)
+    draft = Draft(model_type=model_type, config=config)
+    d = int(config.hidden_size)
+    norms, linears, embeddings = _modules(model)
+    try:
+        draft.layers, blocks = _block_list(model, layers)
+    except ValueError as err:
+        draft.problems.append(str(err))
+        return draft
+    facts = {p: norm_facts(m, d) for p, m in norms.items()}
+    params = dict(model.named_parameters(remove_duplicate=False))
+    gains = {f"{p}.weight": facts[p][2] for p in norms if f"{p}.weight" in params}
+    biases = {f"{p}.bias" for p in norms if f"{p}.bias" in params}
+    perturb(model, gains, biases, {f"{p}.weight" for p in embeddings})
+    ids = torch.randint(3, VOCAB, (1, SEQ), generator=torch.Generator().manual_seed(0))
+    atomic = {m: p for group in (norms, linears, embeddings) for p, m in group.items()}
+    trace, ends = record(model, atomic, {b: i for i, b in enumerate(blocks)}, ids)
+    find = _Finder(trace, norms, linears, embeddings)
+    mem_to_disk, saved = _disk_names(model)
+    draft.key_renames = _renames(mem_to_disk)
+
+    def disk(path: str) -> str:
+        key = mem_to_disk.get(f"{path}.weight", f"{path}.weight")
+        return key[: -len(".weight")]
+
+    # ---- blocks
+    per_block = []
+    readers_by_block: list[list[str]] = []
+    writers_by_block: list[list[str]] = []
+    for i, (start, end) in sorted(ends.items()):
+        prefix = f"{draft.layers}.{i}."
+        try:
+            chain, adds = find.residual(start, end)
+        except ValueError as err:
+            draft.problems.append(f"block {i}: {err}")
+            return draft
+        stream = walk(list(chain), lambda t: [o for n in trace.readers(t) if n.kind == "op" and n.name in RESIDUAL_PASS
+                                               for o in n.outputs])
+        found: dict[str, tuple[str, list[str]]] = {}
+        writers: list[str] = []
+        for node in adds:
+            kind = find.kind(node)
+            if kind == "norm":
+                found[node.name] = ("residual", [])
+                continue
+            for operand in node.inputs:
+                if operand in chain or operand in stream:
+                    continue
+                lin, out_norms = find.back_to_linears(operand, stream, f"block {i}'s residual add")
+                writers += lin
+                found.update({n: ("output", []) for n in out_norms})
+        direct: list[str] = []
+        for t in stream:
+            for node in trace.readers(t):
+                if node.kind == "module" and not node.name.startswith(prefix):
+                    continue  # the next block's or the final norm
+                kind = find.kind(node)
+                if kind == "norm" and node.name not in found:
+                    found[node.name] = ("input", find.forward_to_linears(node.outputs[0], node.name))
+                elif kind == "linear":
+                    direct.append(node.name)
+        for path in norms:
+            if path.startswith(prefix) and path not in found and find.module_nodes(path):
+                found[path] = ("qk", [])
+        unused = [p for p in norms if p.startswith(prefix) and not find.module_nodes(p)]
+        if unused:
+            draft.problems.append(f"norms never called in a forward pass: {', '.join(unused)}")
+        input_norms = [p for p, (role, _) in found.items() if role == "input"]
+        parallel = len(writers) > 1 and all(trace.nodes[0] is not None and n.inputs[0] == start
+                                            for p in input_norms for n in find.module_nodes(p))
+        writers = sorted(dict.fromkeys(writers), key=lambda p: find.module_nodes(p)[0].index)
+        readers_by_block.append([r for p in input_norms for r in found[p][1]])
+        writers_by_block.append(writers)
+        per_block.append((prefix, found, writers, list(dict.fromkeys(direct)), parallel))
+    labels = _attention_labels(model, blocks, readers_by_block, writers_by_block, ids)
+    biased = {p: m.bias is not None for p, m in linears.items()}
+    switches, layout_flags = _bias_switches(model_type, layers, overrides, biased, config)
+    if layout_flags:
+        draft.notes.append("config flags that change the modules (the draft covers the tiny config's setting, not "
+                           f"these): {', '.join(layout_flags)}")
+
+    def lin(path: str, prefix: str) -> LinDraft:
+        module = linears[path]
+        bias: bool | str = switches.get(path, module.bias is not None)
+        groups, widths, repeat = (), (), 1
+        if path in labels:
+            shape = _groups(labels[path], config)
+            if shape is None:
+                draft.problems.append(f"{path} serves both attention and the MLP")
+            else:
+                groups, widths, repeat = shape
+        return LinDraft(disk(path)[len(prefix):], bias=bias, conv1d=type(module).__name__ == "Conv1D",
+                        groups=groups, widths=widths, repeat=repeat)
+
+    layouts = []
+    for prefix, found, writers, direct, parallel in per_block:
+        ordered = sorted(found, key=lambda p: find.module_nodes(p)[0].index)
+        norm_drafts = tuple(NormDraft(disk(p)[len(prefix):], found[p][0], tuple(lin(r, prefix) for r in found[p][1]),
+                                      has_weight=getattr(norms[p], "weight", None) is not None,
+                                      has_bias=getattr(norms[p], "bias", None) is not None) for p in ordered)
+        layouts.append((norm_drafts, tuple(lin(w, prefix) for w in writers), tuple(lin(r, prefix) for r in direct),
+                        parallel))
+    for i, layout in enumerate(layouts[1:], 1):
+        if layout != layouts[0]:
+            draft.problems.append(f"block {i} differs from block 0 (a per-block layout needs a hand-written function)")
+    draft.norms, draft.writers, draft.direct_readers, draft.parallel = layouts[0]
+    draft.post_ln = any(n.role == "residual" for n in draft.norms)
+
+    # ---- norm facts shared by the family
+    residual_norms = [p for p in norms if p in {q for _, f, *_ in per_block for q, (r, _) in f.items() if r != "qk"}]
+    kinds = {facts[p][0] for p in residual_norms}
+    offsets = {facts[p][2] for p in residual_norms}
+    if len(kinds) > 1 or len(offsets) > 1:
+        draft.problems.append("the norms differ in kind or (1 + w) gain; a family declares one of each")
+    some = residual_norms[0] if residual_norms else next(iter(norms), None)
+    if some is not None:
+        draft.norm_kind, eps, draft.gain_offset = facts[some]  # type: ignore[assignment]
+        draft.eps_attr = _eps_attr(config, eps)
+        draft.eps = getattr(config, draft.eps_attr) if draft.eps_attr else _nice(eps)
+
+    # ---- model level: embeddings, final norm, unembedding
+    first = ends[0][0]
+    met: list[str] = []
+    embeds, before = find.back_to_linears(first, set(), "block 0's input", met)
+    found_embeddings = [n for n in trace.nodes if find.kind(n) == "embedding" and n.name in met]
+    token_module = model.get_input_embeddings()
+    token = [n for n in found_embeddings if embeddings[n.name] is token_module]
+    if embeds:
+        draft.problems.append(f"linear layers between the embeddings and block 0: {', '.join(embeds)}")
+    if not token:
+        draft.problems.append("no embedding reads the input ids")
+        return draft
+    draft.token_embedding = disk(token[0].name)
+    positions = [n for n in found_embeddings if n is not token[0]]
+    if len(positions) > 1:
+        draft.problems.append(f"several position embeddings: {', '.join(n.name for n in positions)}")
+    if positions:
+        draft.position_embedding = disk(positions[0].name)
+        table = embeddings[positions[0].name].weight.detach()  # position 0's row: an offset shows (OPT's 2)
+        first_row = trace.tensors[positions[0].outputs[0]].reshape(-1, table.shape[1])[0]
+        draft.position_offset = int((table - first_row).abs().sum(1).argmin())
+    if before:
+        draft.embedding_norm = NormDraft(disk(before[0]), "embedding", has_weight=hasattr(norms[before[0]], "weight"),
+                                         has_bias=getattr(norms[before[0]], "bias", None) is not None)
+    else:
+        e = token_module.weight.detach()[ids].double()  # rows, not the module's output: some embeddings scale inside
+        h = trace.tensors[first].double() - (trace.tensors[positions[0].outputs[0]].double() if positions else 0)
+        scale = float((h * e).sum() / (e * e).sum())
+        draft.embed_sqrt_d = abs(scale - math.sqrt(d)) < 1e-3 * math.sqrt(d)
+        if not draft.embed_sqrt_d and abs(scale - 1.0) > 1e-4:
+            draft.notes.append(f"embeddings are multiplied by {scale:.4g} (a config multiplier the stock class applies, "
+                               "kept by every rewrite)")
+    unembed_module = model.get_output_embeddings()
+    unembed = next(p for p, m in linears.items() if m is unembed_module)
+    last = ends[max(ends)][1]
+    finals = [n for n in trace.nodes if find.kind(n) == "norm" and n.inputs and n.inputs[0] in
+              walk([last], lambda t: [o for n in trace.readers(t) if n.kind == "op" and n.name in PASS for o in n.outputs])]
+    if finals:
+        draft.final_norm = NormDraft(disk(finals[0].name), "final", has_weight=hasattr(norms[finals[0].name], "weight"),
+                                     has_bias=getattr(norms[finals[0].name], "bias", None) is not None)
+        readers = find.forward_to_linears(finals[0].outputs[0], finals[0].name)
+        if readers != [unembed]:
+            draft.problems.append(f"the final norm is read by {', '.join(readers)}, not only by the unembedding")
+    draft.unembed = lin(unembed, "")
+    extra = [p for p in linears if not p.startswith(f"{draft.layers}.") and p != unembed]
+    if extra:
+        draft.problems.append(f"model-level linear layers besides the unembedding: {', '.join(extra)}")
+    draft.problems.extend(dict.fromkeys(find.problems))
+
+    # ---- block tensors that are neither norms nor linears, which rewrites leave alone
+    arch = draft.family().resolve(config)
+    unknown = sorted(saved - set(arch.roles()) - ({arch.unembed.weight} if arch.tied else set()))
+    prefix0 = f"{draft.layers}.0."
+    others = tuple(n[len(prefix0):] for n in unknown if n.startswith(prefix0))
+    if all(f"{draft.layers}.{i}.{o}" in unknown for i in range(layers) for o in others):
+        draft.others = others
+    rest = [n for n in unknown if not any(n == f"{draft.layers}.{i}.{o}" for i in range(layers) for o in draft.others)]
+    if rest:
+        draft.problems.append(f"tensors the draft does not place: {', '.join(rest[:6])}")
+    return draft
+
+
+def describe(draft: Draft) -> str:
+    """One line per finding, for debugging a draft."""
+    return json.dumps({"layers": draft.layers, "norms": [n.path for n in draft.norms]})
