@@ -196,7 +196,9 @@ class _Finder:
 
         def step(t: Key) -> list[Key]:
             if t in stop:
-                self.problems.append(f"{what} depends on the residual stream without a linear layer in between")
+                self.problems.append(f"{what} takes a sublayer output made from the residual stream by something "
+                                     "other than linear layers (e.g. MoE experts held as fused parameters, which a "
+                                     "family cannot declare yet)")
                 return []
             node = self.trace.producer.get(t)
             if node is None:
@@ -350,14 +352,22 @@ def draft_family(model_type: str, *, layers: int = 2, overrides: dict[str, Any] 
     except ValueError as err:
         draft.problems.append(str(err))
         return draft
-    facts = {p: norm_facts(m, d) for p, m in norms.items()}
+    try:
+        facts = {p: norm_facts(m, d) for p, m in norms.items()}
+    except Exception as err:  # a norm module that does not take one hidden vector (a group norm inside attention)
+        draft.problems.append(f"a norm module could not be probed on its own ({type(err).__name__}: {err})")
+        return draft
     params = dict(model.named_parameters(remove_duplicate=False))
     gains = {f"{p}.weight": facts[p][2] for p in norms if f"{p}.weight" in params}
     biases = {f"{p}.bias" for p in norms if f"{p}.bias" in params}
     perturb(model, gains, biases, {f"{p}.weight" for p in embeddings})
     ids = torch.randint(3, VOCAB, (1, SEQ), generator=torch.Generator().manual_seed(0))
     atomic = {m: p for group in (norms, linears, embeddings) for p, m in group.items()}
-    trace, ends = record(model, atomic, {b: i for i, b in enumerate(blocks)}, ids)
+    try:
+        trace, ends = record(model, atomic, {b: i for i, b in enumerate(blocks)}, ids)
+    except Exception as err:  # the model's own forward fails on the tiny config
+        draft.problems.append(f"the tiny model's forward pass failed ({type(err).__name__}: {err})")
+        return draft
     find = _Finder(trace, norms, linears, embeddings)
     mem_to_disk, saved = _disk_names(model)
     draft.key_renames = _renames(mem_to_disk)
@@ -409,12 +419,14 @@ def draft_family(model_type: str, *, layers: int = 2, overrides: dict[str, Any] 
         if unused:
             draft.problems.append(f"norms never called in a forward pass: {', '.join(unused)}")
         input_norms = [p for p, (role, _) in found.items() if role == "input"]
-        parallel = len(writers) > 1 and all(trace.nodes[0] is not None and n.inputs[0] == start
-                                            for p in input_norms for n in find.module_nodes(p))
+        read = {n.inputs[0] for p in input_norms for n in find.module_nodes(p)}
+        read |= {n.inputs[0] for t in stream for n in trace.readers(t) if n.name in direct}
+        parallel = len(writers) > 1 and read == {start}  # attention and MLP read the same residual
         writers = sorted(dict.fromkeys(writers), key=lambda p: find.module_nodes(p)[0].index)
         readers_by_block.append([r for p in input_norms for r in found[p][1]])
         writers_by_block.append(writers)
-        per_block.append((prefix, found, writers, list(dict.fromkeys(direct)), parallel))
+        direct = sorted(set(direct), key=lambda p: find.module_nodes(p)[0].index)
+        per_block.append((prefix, found, writers, direct, parallel))
     labels = _attention_labels(model, blocks, readers_by_block, writers_by_block, ids)
     biased = {p: m.bias is not None for p, m in linears.items()}
     switches, layout_flags = _bias_switches(model_type, layers, overrides, biased, config)

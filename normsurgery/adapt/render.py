@@ -58,9 +58,9 @@ def _block(draft: Draft, indent: str) -> str:
     lines = [f"BlockLayout(", f"{i2}norms=("]
     lines += [f"{i3}{_norm(n, draft.norm_kind, i3)}," for n in draft.norms]
     lines.append(f"{i2}),")
-    lines.append(f"{i2}writers=({', '.join(_lin(w) for w in draft.writers)}),")
-    if draft.direct_readers:
-        lines.append(f"{i2}direct_readers=({', '.join(_lin(r) for r in draft.direct_readers)}),")
+    for name, linears in (("writers", draft.writers), ("direct_readers", draft.direct_readers)):
+        if linears or name == "writers":
+            lines += [f"{i2}{name}=(", *(f"{i3}{_lin(x)}," for x in linears), f"{i2}),"]
     if draft.parallel:
         lines.append(f"{i2}parallel=True,")
     if draft.others:

@@ -37,9 +37,22 @@ def config_class(model_type: str) -> Any:
     return CONFIG_MAPPING[model_type]
 
 
+def _covering(lists: list[list[Any]], layers: int) -> list[int]:
+    """Block indices to keep: the first block of each kind in every per-block list (so that every kind of block is
+    traced), then the first others, `layers` at least."""
+    keep = {next(i for i, x in enumerate(values) if x == v) for values in lists for v in values}
+    rest = (i for i in range(max((len(v) for v in lists), default=layers)) if i not in keep)
+    while len(keep) < layers:
+        keep.add(next(rest, len(keep)))
+    return sorted(keep)
+
+
 def tiny_config(model_type: str, layers: int = 2, overrides: dict[str, Any] | None = None) -> Any:
     """The model type's default config shrunk to a tiny size: known sizes set under the class's own key names,
     and every other integer that equalled the default hidden size, intermediate size or depth following it."""
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()  # warnings about the tiny sizes themselves
     cls = config_class(model_type)
     default = cls()
     raw = default.to_dict()
@@ -50,8 +63,15 @@ def tiny_config(model_type: str, layers: int = 2, overrides: dict[str, Any] | No
         native = names.get(canonical, canonical)
         if native in raw:
             kwargs[native] = value
+    depth = int(default.num_hidden_layers)
+    lists = {k: v for k, v in raw.items() if isinstance(v, list) and len(v) == depth and k != "architectures"
+             and all(isinstance(x, (str, bool)) for x in v)}  # a kind per block (not a list of block indices)
+    keep = _covering(list(lists.values()), layers)
+    if lists:
+        kwargs[names.get("num_hidden_layers", "num_hidden_layers")] = len(keep)
+        kwargs.update({k: [v[i] for i in keep] for k, v in lists.items()})
     follows = {"hidden_size": wanted["hidden_size"], "intermediate_size": wanted["intermediate_size"],
-               "num_hidden_layers": layers}
+               "num_hidden_layers": len(keep)}
     for canonical, value in follows.items():
         old = getattr(default, canonical, None)
         if not isinstance(old, int) or isinstance(old, bool):
@@ -59,14 +79,13 @@ def tiny_config(model_type: str, layers: int = 2, overrides: dict[str, Any] | No
         for key, v in raw.items():
             if key not in kwargs and type(v) is int and v == old:
                 kwargs[key] = value
-            elif isinstance(v, list) and len(v) == old and canonical == "num_hidden_layers":
-                kwargs[key] = None  # a per-layer list: the class recomputes it for the new depth
     kwargs.update(overrides or {})
     try:
         config = cls(**kwargs)
     except Exception as err:  # config classes validate their values with many exception types
         raise NormSurgeryError(f"could not build a tiny {model_type} config ({err}); pass --set KEY=VALUE to give the "
                                "values it needs.") from None
+    wanted["num_hidden_layers"] = len(keep)
     for canonical in ("hidden_size", "num_hidden_layers"):
         if getattr(config, canonical, None) != wanted[canonical]:
             raise NormSurgeryError(f"could not shrink {model_type}'s {canonical} (still {getattr(config, canonical, None)});"

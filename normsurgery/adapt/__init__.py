@@ -1,0 +1,93 @@
+"""`normsurgery adapt MODEL_TYPE`: draft a family declaration by tracing a tiny random model, then prove it.
+
+The draft is trusted only when tracing found nothing it cannot express and every proof check passes; a model type
+that already has a family is also compared with it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from normsurgery.adapt.draft import Draft
+from normsurgery.adapt.prove import Check
+from normsurgery.arch.spec import Architecture
+
+__all__ = ["Adapted", "adapt", "differences"]
+
+
+@dataclass
+class Adapted:
+    """A drafted declaration, its source text, and the proof."""
+
+    draft: Draft
+    source: str
+    checks: list[Check] = field(default_factory=list)
+    declared_as: str | None = None  # the existing family of this model type, if any
+    differs_from_declared: list[str] = field(default_factory=list)
+
+    @property
+    def proven(self) -> bool:
+        """Whether the draft can be trusted: nothing left unexpressed and every check passed."""
+        return not self.draft.problems and bool(self.checks) and all(c.passed for c in self.checks)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain data for --json."""
+        return {"model_type": self.draft.model_type, "proven": self.proven, "declaration": self.source,
+                "problems": self.draft.problems, "notes": self.draft.notes,
+                "checks": [c.as_dict() for c in self.checks], "declared_as": self.declared_as,
+                "differs_from_declared": self.differs_from_declared}
+
+
+def _tensor_sets(arch: Architecture) -> dict[str, set[str]]:
+    """The tensor names an architecture gives each part of the residual picture."""
+    norms = arch.all_norms()
+    return {
+        "norms": {f"{n.name} ({n.role})" for n in norms},
+        "readers": {f"{n.name} -> {r.weight}" for n in norms for r in n.readers},
+        "writers": {w.weight for b in arch.blocks for w in b.writers},
+        "direct readers": {r.weight for b in arch.blocks for r in b.direct_readers},
+        "embeddings": {t for t in (arch.token_embedding, arch.position_embedding) if t},
+        "unembedding": set(arch.unembed.tensors()),
+        "biases": {t for n in norms for t in n.tensors() if t.endswith("bias")}
+        | {t for b in arch.blocks for w in b.writers for t in w.tensors()[1:]},
+    }
+
+
+def differences(drafted: Architecture, declared: Architecture) -> list[str]:
+    """Where two architectures of the same model name different tensors (compared as sets), or differ in facts."""
+    out = []
+    a, b = _tensor_sets(drafted), _tensor_sets(declared)
+    for part in a:
+        extra, missing = sorted(a[part] - b[part]), sorted(b[part] - a[part])
+        if extra or missing:
+            out.append(f"{part}: drafted only {extra[:3]}, declared only {missing[:3]}")
+    for fact in ("tied", "post_ln", "position_offset", "key_renames"):
+        if getattr(drafted, fact) != getattr(declared, fact):
+            out.append(f"{fact}: drafted {getattr(drafted, fact)!r}, declared {getattr(declared, fact)!r}")
+    facts = [(n.kind, n.eps, n.gain_offset) for n in drafted.all_norms() if n.role != "qk"][:1]
+    if facts != [(n.kind, n.eps, n.gain_offset) for n in declared.all_norms() if n.role != "qk"][:1]:
+        out.append("norm kind, eps or gain offset differ")
+    if any(x.parallel for x in drafted.blocks) != any(x.parallel for x in declared.blocks):
+        out.append("parallel attention+MLP differs")
+    return out
+
+
+def adapt(model_type: str, *, layers: int = 2, overrides: dict[str, Any] | None = None) -> Adapted:
+    """Draft `model_type`'s declaration, render it, and prove it unless tracing already found a problem."""
+    from normsurgery.adapt.discover import draft_family
+    from normsurgery.adapt.prove import prove
+    from normsurgery.adapt.render import render
+    from normsurgery.arch import FAMILY_BY_MODEL_TYPE
+
+    draft = draft_family(model_type, layers=layers, overrides=overrides)
+    result = Adapted(draft, render(draft) if not draft.problems else "")
+    if draft.problems:
+        return result
+    family = draft.family()
+    result.checks = prove(family, draft.config)
+    existing = FAMILY_BY_MODEL_TYPE.get(model_type)
+    if existing is not None:
+        result.declared_as = existing.name
+        result.differs_from_declared = differences(family.resolve(draft.config), existing.resolve(draft.config))
+    return result
