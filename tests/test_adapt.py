@@ -42,6 +42,12 @@ def test_a_family_not_yet_declared_is_drafted_and_proven(cli):
     assert "FAIL" not in out
 
 
+def test_flags_that_change_the_layout_are_noted():
+    """The draft covers the tiny config's setting; a flag that selects another layout says what it changes."""
+    notes = adapt("gpt_neox").draft.notes
+    assert any(n.startswith("with use_parallel_residual=False") and "parallel" in n for n in notes)
+
+
 def test_json_output_holds_the_declaration_and_checks(cli):
     code, out, _ = cli("adapt", "gpt2", "--json")
     result = json.loads(out)

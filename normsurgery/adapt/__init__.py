@@ -73,8 +73,51 @@ def differences(drafted: Architecture, declared: Architecture) -> list[str]:
     return out
 
 
+def _layout(draft: Draft) -> dict[str, set[str]]:
+    """What a flag may change in a draft: its norms and their roles, readers, writers, and block facts."""
+    return {
+        "norms": {f"{n.path} ({n.role})" for n in draft.norms},
+        "readers": {f"{n.path} -> {r.path}" for n in draft.norms for r in n.readers},
+        "writers": {w.path for w in draft.writers},
+        "direct readers": {r.path for r in draft.direct_readers},
+        "block": ({"parallel attention+MLP"} if draft.parallel else set()) | ({"Post-LN"} if draft.post_ln else set()),
+    }
+
+
+def _variants(draft: Draft, layers: int, overrides: dict[str, Any] | None) -> list[str]:
+    """For each boolean config flag that changes the layout when flipped, what it changes (the draft covers the
+    tiny config's setting only; a family declares both with `when=` flags or a block function)."""
+    from normsurgery.adapt.discover import draft_family, flags
+    from normsurgery.errors import NormSurgeryError
+
+    base = _layout(draft)
+    notes = []
+    for key, value in flags(draft.config).items():
+        if "bias" in key:  # linked to the biases they switch
+            continue
+        try:
+            other = draft_family(draft.model_type, layers=layers, overrides={**(overrides or {}), key: not value},
+                                 explore=False)
+        except NormSurgeryError:  # a flag the config or the model refuses to flip
+            continue
+        if other.problems:
+            notes.append(f"with {key}={not value}: the drafter cannot express it ({other.problems[0]})")
+            continue
+        changes = []
+        for part, now in _layout(other).items():
+            added, removed = sorted(now - base[part]), sorted(base[part] - now)
+            for sign, names in (("+", added), ("-", removed)):
+                if names:
+                    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+                    changes.append(f"{sign}{part} {shown}")
+        if changes:
+            notes.append(f"with {key}={not value}: {'; '.join(changes)}")
+    return notes
+
+
 def adapt(model_type: str, *, layers: int = 2, overrides: dict[str, Any] | None = None) -> Adapted:
-    """Draft `model_type`'s declaration, render it, and prove it unless tracing already found a problem."""
+    """Draft `model_type`'s declaration, render it, note the layout variants its config flags select, and prove
+    it unless tracing already found a problem."""
     from normsurgery.adapt.discover import draft_family
     from normsurgery.adapt.prove import prove
     from normsurgery.adapt.render import render
@@ -82,6 +125,8 @@ def adapt(model_type: str, *, layers: int = 2, overrides: dict[str, Any] | None 
 
     draft = draft_family(model_type, layers=layers, overrides=overrides)
     result = Adapted(draft, render(draft) if not draft.problems else "")
+    if not draft.problems:
+        draft.notes.extend(_variants(draft, layers, overrides))
     if draft.problems:
         return result
     family = draft.family()

@@ -5,7 +5,6 @@ the residual stream, the embeddings, the final norm and the unembedding. The res
 from __future__ import annotations
 
 import copy
-import json
 import math
 import re
 import tempfile
@@ -308,20 +307,27 @@ def _groups(labels: list[str], config: Any) -> tuple[tuple[str, ...], tuple[Widt
     return groups, widths, rep
 
 
+# boolean config attributes that say nothing about the architecture
+NOT_LAYOUT = frozenset({"use_cache", "return_dict", "output_attentions", "output_hidden_states", "tie_word_embeddings",
+                        "is_encoder_decoder", "is_decoder", "add_cross_attention", "tie_encoder_decoder", "torchscript",
+                        "use_return_dict"})
+
+
+def flags(config: Any) -> dict[str, bool]:
+    """The config's boolean attributes that may change the architecture."""
+    return {k: v for k, v in sorted(config.to_dict().items())
+            if isinstance(v, bool) and k not in NOT_LAYOUT and not k.startswith("_")}
+
+
 def _bias_switches(model_type: str, layers: int, overrides: dict[str, Any] | None, base: dict[str, bool],
-                   config: Any) -> tuple[dict[str, str], list[str]]:
-    """Which config flag switches each linear's bias (a flag named like '*bias*' flipped, the model rebuilt), and
-    the other boolean flags that change the modules (the draft covers the tiny config's setting only)."""
+                   config: Any) -> dict[str, str]:
+    """Which config flag switches each linear's bias: each flag named like '*bias*' flipped, the model rebuilt
+    (on the meta device) and its linears' biases compared."""
     from transformers import AutoModelForCausalLM
 
-    skip = {"use_cache", "return_dict", "output_attentions", "output_hidden_states", "tie_word_embeddings",
-            "is_encoder_decoder", "is_decoder", "add_cross_attention", "tie_encoder_decoder", "torchscript",
-            "use_return_dict", "chunk_size_feed_forward", "tie_word_embedding"}
-    names = set(dict(tiny_model(config).named_modules()))
     switches: dict[str, str] = {}
-    layout_flags: list[str] = []
-    for key, value in sorted(config.to_dict().items()):
-        if not isinstance(value, bool) or key in skip or key.startswith("_"):
+    for key, value in flags(config).items():
+        if "bias" not in key:
             continue
         try:
             flipped = tiny_config(model_type, layers, {**(overrides or {}), key: not value})
@@ -330,18 +336,16 @@ def _bias_switches(model_type: str, layers: int, overrides: dict[str, Any] | Non
         except Exception:  # a flag that the config or model refuses to flip
             continue
         linears = {p: m.bias is not None for p, m in model.named_modules() if is_linear(m)}
-        changed = [p for p, has in base.items() if p in linears and linears[p] != has]
-        if "bias" in key:
-            for p in changed:
+        for p, has in base.items():
+            if p in linears and linears[p] != has:
                 switches.setdefault(p, key)
-        if set(dict(model.named_modules())) != names:
-            layout_flags.append(f"{key}={not value}")
-    return switches, layout_flags
+    return switches
 
 
-def draft_family(model_type: str, *, layers: int = 2, overrides: dict[str, Any] | None = None) -> Draft:
+def draft_family(model_type: str, *, layers: int = 2, overrides: dict[str, Any] | None = None,
+                 explore: bool = True) -> Draft:
     """Trace a tiny random `model_type` and draft its declaration; the Draft's `problems` say what tracing could
-    not express (then the declaration needs a hand edit)."""
+    not express (then the declaration needs a hand edit). `explore`: find the config flags that switch biases."""
     config = tiny_config(model_type, layers, overrides)
     model = tiny_model(config)
     draft = Draft(model_type=model_type, config=config)
@@ -429,10 +433,7 @@ def draft_family(model_type: str, *, layers: int = 2, overrides: dict[str, Any] 
         per_block.append((prefix, found, writers, direct, parallel))
     labels = _attention_labels(model, blocks, readers_by_block, writers_by_block, ids)
     biased = {p: m.bias is not None for p, m in linears.items()}
-    switches, layout_flags = _bias_switches(model_type, layers, overrides, biased, config)
-    if layout_flags:
-        draft.notes.append("config flags that change the modules (the draft covers the tiny config's setting, not "
-                           f"these): {', '.join(layout_flags)}")
+    switches = _bias_switches(model_type, layers, overrides, biased, config) if explore else {}
 
     def lin(path: str, prefix: str) -> LinDraft:
         module = linears[path]
@@ -534,7 +535,3 @@ def draft_family(model_type: str, *, layers: int = 2, overrides: dict[str, Any] 
         draft.problems.append(f"tensors the draft does not place: {', '.join(rest[:6])}")
     return draft
 
-
-def describe(draft: Draft) -> str:
-    """One line per finding, for debugging a draft."""
-    return json.dumps({"layers": draft.layers, "norms": [n.path for n in draft.norms]})
