@@ -8,8 +8,9 @@ import copy
 import math
 import re
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -17,6 +18,7 @@ from torch import nn
 from normsurgery.adapt.draft import Draft, LinDraft, NormDraft, Width
 from normsurgery.adapt.tiny import VOCAB, perturb, tiny_config, tiny_model
 from normsurgery.adapt.trace import Key, Node, Trace, record, walk
+from normsurgery.arch.spec import NormRole
 
 SEQ = 6
 ADD = frozenset({"add", "__add__", "__radd__", "add_", "__iadd__"})
@@ -342,6 +344,61 @@ def _bias_switches(model_type: str, layers: int, overrides: dict[str, Any] | Non
     return switches
 
 
+@dataclass
+class _Block:
+    """What one block's trace shows: each norm's role and readers (in-memory paths), writers, direct readers."""
+
+    prefix: str
+    norms: dict[str, tuple[str, list[str]]]
+    writers: list[str]
+    direct: list[str]
+    parallel: bool
+
+
+def _block(find: _Finder, start: Key, end: Key, prefix: str) -> _Block:
+    """Follow one block's residual stream from `start` to `end`: the adds on it, what each add takes (writers,
+    through output norms), and what reads it (input norms and their readers, direct readers, the rest: QK-norms)."""
+    trace = find.trace
+    chain, adds = find.residual(start, end)
+    stream = walk(list(chain), lambda t: [o for n in trace.readers(t) if n.kind == "op" and n.name in RESIDUAL_PASS
+                                           for o in n.outputs])
+    found: dict[str, tuple[str, list[str]]] = {}
+    writers: list[str] = []
+    for node in adds:
+        if find.kind(node) == "norm":
+            found[node.name] = ("residual", [])
+            continue
+        for operand in node.inputs:
+            if operand not in chain and operand not in stream:
+                linears, output_norms = find.back_to_linears(operand, stream, f"{prefix[:-1]}'s residual add")
+                writers += linears
+                found.update({n: ("output", []) for n in output_norms})
+    direct: list[Node] = []
+    for t in stream:
+        for node in trace.readers(t):
+            if node.kind != "module" or not node.name.startswith(prefix):
+                continue  # ops, and the next block's or the final norm
+            if find.kind(node) == "norm" and node.name not in found:
+                found[node.name] = ("input", find.forward_to_linears(node.outputs[0], node.name))
+            elif find.kind(node) == "linear":
+                direct.append(node)
+    for path in find.norms:  # called, but neither on nor reading the stream: inside a sublayer (QK-norms)
+        if path.startswith(prefix) and path not in found and find.module_nodes(path):
+            found[path] = ("qk", [])
+    read = {n.inputs[0] for p, (role, _) in found.items() if role == "input" for n in find.module_nodes(p)}
+    read |= {n.inputs[0] for n in direct}
+    first_call = {p: find.module_nodes(p)[0].index for p in [*writers, *(n.name for n in direct)]}
+    return _Block(prefix, found, sorted(set(writers), key=first_call.__getitem__),
+                  sorted({n.name for n in direct}, key=first_call.__getitem__),
+                  parallel=len(set(writers)) > 1 and read == {start})  # attention and MLP read the same residual
+
+
+def _norm_draft(path: str, module: nn.Module, role: NormRole, readers: tuple[LinDraft, ...] = ()) -> NormDraft:
+    """A norm's draft: its role, readers, and whether it holds a gain and a bias."""
+    return NormDraft(path, role, readers, has_weight=getattr(module, "weight", None) is not None,
+                     has_bias=getattr(module, "bias", None) is not None)
+
+
 def draft_family(model_type: str, *, layers: int = 2, overrides: dict[str, Any] | None = None,
                  explore: bool = True) -> Draft:
     """Trace a tiny random `model_type` and draft its declaration; the Draft's `problems` say what tracing could
@@ -349,22 +406,20 @@ def draft_family(model_type: str, *, layers: int = 2, overrides: dict[str, Any] 
     config = tiny_config(model_type, layers, overrides)
     model = tiny_model(config)
     draft = Draft(model_type=model_type, config=config)
-    d = int(config.hidden_size)
+    n_layers = int(config.num_hidden_layers)
     norms, linears, embeddings = _modules(model)
     try:
-        draft.layers, blocks = _block_list(model, layers)
+        draft.layers, blocks = _block_list(model, n_layers)
+        facts = {p: norm_facts(m, int(config.hidden_size)) for p, m in norms.items()}
     except ValueError as err:
         draft.problems.append(str(err))
         return draft
-    try:
-        facts = {p: norm_facts(m, d) for p, m in norms.items()}
     except Exception as err:  # a norm module that does not take one hidden vector (a group norm inside attention)
         draft.problems.append(f"a norm module could not be probed on its own ({type(err).__name__}: {err})")
         return draft
     params = dict(model.named_parameters(remove_duplicate=False))
-    gains = {f"{p}.weight": facts[p][2] for p in norms if f"{p}.weight" in params}
-    biases = {f"{p}.bias" for p in norms if f"{p}.bias" in params}
-    perturb(model, gains, biases, {f"{p}.weight" for p in embeddings})
+    perturb(model, {f"{p}.weight": facts[p][2] for p in norms if f"{p}.weight" in params},
+            {f"{p}.bias" for p in norms if f"{p}.bias" in params}, {f"{p}.weight" for p in embeddings})
     ids = torch.randint(3, VOCAB, (1, SEQ), generator=torch.Generator().manual_seed(0))
     atomic = {m: p for group in (norms, linears, embeddings) for p, m in group.items()}
     try:
@@ -377,67 +432,20 @@ def draft_family(model_type: str, *, layers: int = 2, overrides: dict[str, Any] 
     draft.key_renames = _renames(mem_to_disk)
 
     def disk(path: str) -> str:
-        key = mem_to_disk.get(f"{path}.weight", f"{path}.weight")
-        return key[: -len(".weight")]
+        return mem_to_disk.get(f"{path}.weight", f"{path}.weight")[: -len(".weight")]
 
-    # ---- blocks
-    per_block = []
-    readers_by_block: list[list[str]] = []
-    writers_by_block: list[list[str]] = []
-    for i, (start, end) in sorted(ends.items()):
-        prefix = f"{draft.layers}.{i}."
-        try:
-            chain, adds = find.residual(start, end)
-        except ValueError as err:
-            draft.problems.append(f"block {i}: {err}")
-            return draft
-        stream = walk(list(chain), lambda t: [o for n in trace.readers(t) if n.kind == "op" and n.name in RESIDUAL_PASS
-                                               for o in n.outputs])
-        found: dict[str, tuple[str, list[str]]] = {}
-        writers: list[str] = []
-        for node in adds:
-            kind = find.kind(node)
-            if kind == "norm":
-                found[node.name] = ("residual", [])
-                continue
-            for operand in node.inputs:
-                if operand in chain or operand in stream:
-                    continue
-                lin, out_norms = find.back_to_linears(operand, stream, f"block {i}'s residual add")
-                writers += lin
-                found.update({n: ("output", []) for n in out_norms})
-        direct: list[str] = []
-        for t in stream:
-            for node in trace.readers(t):
-                if node.kind == "module" and not node.name.startswith(prefix):
-                    continue  # the next block's or the final norm
-                kind = find.kind(node)
-                if kind == "norm" and node.name not in found:
-                    found[node.name] = ("input", find.forward_to_linears(node.outputs[0], node.name))
-                elif kind == "linear":
-                    direct.append(node.name)
-        for path in norms:
-            if path.startswith(prefix) and path not in found and find.module_nodes(path):
-                found[path] = ("qk", [])
-        unused = [p for p in norms if p.startswith(prefix) and not find.module_nodes(p)]
-        if unused:
-            draft.problems.append(f"norms never called in a forward pass: {', '.join(unused)}")
-        input_norms = [p for p, (role, _) in found.items() if role == "input"]
-        read = {n.inputs[0] for p in input_norms for n in find.module_nodes(p)}
-        read |= {n.inputs[0] for t in stream for n in trace.readers(t) if n.name in direct}
-        parallel = len(writers) > 1 and read == {start}  # attention and MLP read the same residual
-        writers = sorted(dict.fromkeys(writers), key=lambda p: find.module_nodes(p)[0].index)
-        readers_by_block.append([r for p in input_norms for r in found[p][1]])
-        writers_by_block.append(writers)
-        direct = sorted(set(direct), key=lambda p: find.module_nodes(p)[0].index)
-        per_block.append((prefix, found, writers, direct, parallel))
-    labels = _attention_labels(model, blocks, readers_by_block, writers_by_block, ids)
-    biased = {p: m.bias is not None for p, m in linears.items()}
-    switches = _bias_switches(model_type, layers, overrides, biased, config) if explore else {}
+    try:
+        found = [_block(find, start, end, f"{draft.layers}.{i}.") for i, (start, end) in sorted(ends.items())]
+    except ValueError as err:
+        draft.problems.append(str(err))
+        return draft
+    readers = [[r for role, rs in b.norms.values() if role == "input" for r in rs] for b in found]
+    labels = _attention_labels(model, blocks, readers, [b.writers for b in found], ids)
+    switches = _bias_switches(model_type, layers, overrides, {p: m.bias is not None for p, m in linears.items()},
+                              config) if explore else {}
 
     def lin(path: str, prefix: str) -> LinDraft:
         module = linears[path]
-        bias: bool | str = switches.get(path, module.bias is not None)
         groups, widths, repeat = (), (), 1
         if path in labels:
             shape = _groups(labels[path], config)
@@ -445,93 +453,107 @@ def draft_family(model_type: str, *, layers: int = 2, overrides: dict[str, Any] 
                 draft.problems.append(f"{path} serves both attention and the MLP")
             else:
                 groups, widths, repeat = shape
-        return LinDraft(disk(path)[len(prefix):], bias=bias, conv1d=type(module).__name__ == "Conv1D",
-                        groups=groups, widths=widths, repeat=repeat)
+        return LinDraft(disk(path)[len(prefix):], bias=switches.get(path, module.bias is not None),
+                        conv1d=type(module).__name__ == "Conv1D", groups=groups, widths=widths, repeat=repeat)
 
     layouts = []
-    for prefix, found, writers, direct, parallel in per_block:
-        ordered = sorted(found, key=lambda p: find.module_nodes(p)[0].index)
-        norm_drafts = tuple(NormDraft(disk(p)[len(prefix):], found[p][0], tuple(lin(r, prefix) for r in found[p][1]),
-                                      has_weight=getattr(norms[p], "weight", None) is not None,
-                                      has_bias=getattr(norms[p], "bias", None) is not None) for p in ordered)
-        layouts.append((norm_drafts, tuple(lin(w, prefix) for w in writers), tuple(lin(r, prefix) for r in direct),
-                        parallel))
+    for b in found:
+        ordered = sorted(b.norms, key=lambda p: find.module_nodes(p)[0].index)
+        layouts.append((
+            tuple(_norm_draft(disk(p)[len(b.prefix):], norms[p], b.norms[p][0],  # type: ignore[arg-type]
+                              tuple(lin(r, b.prefix) for r in b.norms[p][1])) for p in ordered),
+            tuple(lin(w, b.prefix) for w in b.writers), tuple(lin(r, b.prefix) for r in b.direct), b.parallel))
     for i, layout in enumerate(layouts[1:], 1):
         if layout != layouts[0]:
             draft.problems.append(f"block {i} differs from block 0 (a per-block layout needs a hand-written function)")
     draft.norms, draft.writers, draft.direct_readers, draft.parallel = layouts[0]
     draft.post_ln = any(n.role == "residual" for n in draft.norms)
+    _shared_facts(draft, {p: facts[p] for b in found for p, (role, _) in b.norms.items() if role != "qk"})
+    _model_level(draft, find, model, ends, ids, disk)
+    draft.problems.extend(dict.fromkeys(find.problems))
+    if not draft.problems:
+        draft.unembed = lin(_unembedding(model, linears), "")
+        _others(draft, saved)
+    return draft
 
-    # ---- norm facts shared by the family
-    residual_norms = [p for p in norms if p in {q for _, f, *_ in per_block for q, (r, _) in f.items() if r != "qk"}]
-    kinds = {facts[p][0] for p in residual_norms}
-    offsets = {facts[p][2] for p in residual_norms}
-    if len(kinds) > 1 or len(offsets) > 1:
+
+def _shared_facts(draft: Draft, facts: dict[str, tuple[str, float, float]]) -> None:
+    """The family's norm kind, eps (and the config attribute holding it) and gain offset, which every norm on the
+    residual stream must share."""
+    if len({(kind, offset) for kind, _, offset in facts.values()}) > 1:
         draft.problems.append("the norms differ in kind or (1 + w) gain; a family declares one of each")
-    some = residual_norms[0] if residual_norms else next(iter(norms), None)
-    if some is not None:
-        draft.norm_kind, eps, draft.gain_offset = facts[some]  # type: ignore[assignment]
-        draft.eps_attr = _eps_attr(config, eps)
-        draft.eps = getattr(config, draft.eps_attr) if draft.eps_attr else _nice(eps)
+    if facts:
+        kind, eps, draft.gain_offset = next(iter(facts.values()))
+        draft.norm_kind = kind  # type: ignore[assignment]
+        draft.eps_attr = _eps_attr(draft.config, eps)
+        draft.eps = getattr(draft.config, draft.eps_attr) if draft.eps_attr else _nice(eps)
 
-    # ---- model level: embeddings, final norm, unembedding
+
+def _unembedding(model: nn.Module, linears: dict[str, nn.Module]) -> str:
+    """The path of the output embedding."""
+    output = model.get_output_embeddings()
+    return next(p for p, m in linears.items() if m is output)
+
+
+def _model_level(draft: Draft, find: _Finder, model: nn.Module, ends: dict[int, tuple[Key, Key]],
+                 ids: torch.Tensor, disk: Callable[[str], str]) -> None:
+    """Embeddings (token, position and its offset, an embedding norm, a sqrt(d) scale), the final norm and what
+    reads it."""
+    trace = find.trace
     first = ends[0][0]
     met: list[str] = []
-    embeds, before = find.back_to_linears(first, set(), "block 0's input", met)
-    found_embeddings = [n for n in trace.nodes if find.kind(n) == "embedding" and n.name in met]
+    linears, before = find.back_to_linears(first, set(), "block 0's input", met)
+    if linears:
+        draft.problems.append(f"linear layers between the embeddings and block 0: {', '.join(linears)}")
     token_module = model.get_input_embeddings()
-    token = [n for n in found_embeddings if embeddings[n.name] is token_module]
-    if embeds:
-        draft.problems.append(f"linear layers between the embeddings and block 0: {', '.join(embeds)}")
+    nodes = [n for n in trace.nodes if find.kind(n) == "embedding" and n.name in met]
+    token = [n for n in nodes if find.embeddings[n.name] is token_module]
     if not token:
         draft.problems.append("no embedding reads the input ids")
-        return draft
+        return
     draft.token_embedding = disk(token[0].name)
-    positions = [n for n in found_embeddings if n is not token[0]]
+    positions = [n for n in nodes if n is not token[0]]
     if len(positions) > 1:
         draft.problems.append(f"several position embeddings: {', '.join(n.name for n in positions)}")
     if positions:
         draft.position_embedding = disk(positions[0].name)
-        table = embeddings[positions[0].name].weight.detach()  # position 0's row: an offset shows (OPT's 2)
+        table = find.embeddings[positions[0].name].weight.detach()  # position 0's row: an offset shows (OPT's 2)
         first_row = trace.tensors[positions[0].outputs[0]].reshape(-1, table.shape[1])[0]
         draft.position_offset = int((table - first_row).abs().sum(1).argmin())
     if before:
-        draft.embedding_norm = NormDraft(disk(before[0]), "embedding", has_weight=hasattr(norms[before[0]], "weight"),
-                                         has_bias=getattr(norms[before[0]], "bias", None) is not None)
+        draft.embedding_norm = _norm_draft(disk(before[0]), find.norms[before[0]], "embedding")
     else:
-        e = token_module.weight.detach()[ids].double()  # rows, not the module's output: some embeddings scale inside
+        rows = token_module.weight.detach()[ids].double()  # rows, not the module's output: some embeddings scale
         h = trace.tensors[first].double() - (trace.tensors[positions[0].outputs[0]].double() if positions else 0)
-        scale = float((h * e).sum() / (e * e).sum())
+        scale = float((h * rows).sum() / (rows * rows).sum())
+        d = int(draft.config.hidden_size)
         draft.embed_sqrt_d = abs(scale - math.sqrt(d)) < 1e-3 * math.sqrt(d)
         if not draft.embed_sqrt_d and abs(scale - 1.0) > 1e-4:
             draft.notes.append(f"embeddings are multiplied by {scale:.4g} (a config multiplier the stock class applies, "
                                "kept by every rewrite)")
-    unembed_module = model.get_output_embeddings()
-    unembed = next(p for p, m in linears.items() if m is unembed_module)
-    last = ends[max(ends)][1]
-    finals = [n for n in trace.nodes if find.kind(n) == "norm" and n.inputs and n.inputs[0] in
-              walk([last], lambda t: [o for n in trace.readers(t) if n.kind == "op" and n.name in PASS for o in n.outputs])]
+    unembed = _unembedding(model, find.linears)
+    after_last = walk([ends[max(ends)][1]], lambda t: [o for n in trace.readers(t) if n.kind == "op" and n.name in PASS
+                                                        for o in n.outputs])
+    finals = [n for n in trace.nodes if find.kind(n) == "norm" and n.inputs and n.inputs[0] in after_last]
     if finals:
-        draft.final_norm = NormDraft(disk(finals[0].name), "final", has_weight=hasattr(norms[finals[0].name], "weight"),
-                                     has_bias=getattr(norms[finals[0].name], "bias", None) is not None)
+        draft.final_norm = _norm_draft(disk(finals[0].name), find.norms[finals[0].name], "final")
         readers = find.forward_to_linears(finals[0].outputs[0], finals[0].name)
         if readers != [unembed]:
             draft.problems.append(f"the final norm is read by {', '.join(readers)}, not only by the unembedding")
-    draft.unembed = lin(unembed, "")
-    extra = [p for p in linears if not p.startswith(f"{draft.layers}.") and p != unembed]
+    extra = [p for p in find.linears if not p.startswith(f"{draft.layers}.") and p != unembed]
     if extra:
         draft.problems.append(f"model-level linear layers besides the unembedding: {', '.join(extra)}")
-    draft.problems.extend(dict.fromkeys(find.problems))
 
-    # ---- block tensors that are neither norms nor linears, which rewrites leave alone
-    arch = draft.family().resolve(config)
-    unknown = sorted(saved - set(arch.roles()) - ({arch.unembed.weight} if arch.tied else set()))
-    prefix0 = f"{draft.layers}.0."
-    others = tuple(n[len(prefix0):] for n in unknown if n.startswith(prefix0))
-    if all(f"{draft.layers}.{i}.{o}" in unknown for i in range(layers) for o in others):
+
+def _others(draft: Draft, saved: set[str]) -> None:
+    """Block tensors that are neither norms nor linears (e.g. activation parameters), which rewrites leave alone;
+    any other saved tensor the draft does not name is a problem."""
+    arch = draft.family().resolve(draft.config)
+    unknown = set(saved) - set(arch.roles()) - ({arch.unembed.weight} if arch.tied else set())
+    n, prefix0 = arch.num_layers, f"{draft.layers}.0."
+    others = tuple(sorted(t[len(prefix0):] for t in unknown if t.startswith(prefix0)))
+    if all(f"{draft.layers}.{i}.{o}" in unknown for i in range(n) for o in others):
         draft.others = others
-    rest = [n for n in unknown if not any(n == f"{draft.layers}.{i}.{o}" for i in range(layers) for o in draft.others)]
+    rest = sorted(unknown - {f"{draft.layers}.{i}.{o}" for i in range(n) for o in draft.others})
     if rest:
         draft.problems.append(f"tensors the draft does not place: {', '.join(rest[:6])}")
-    return draft
-

@@ -55,7 +55,7 @@ def _norm(norm: NormDraft, kind: str, indent: str) -> str:
 def _block(draft: Draft, indent: str) -> str:
     """A `BlockLayout(...)` expression."""
     i2, i3 = indent + "    ", indent + "        "
-    lines = [f"BlockLayout(", f"{i2}norms=("]
+    lines = ["BlockLayout(", f"{i2}norms=("]
     lines += [f"{i3}{_norm(n, draft.norm_kind, i3)}," for n in draft.norms]
     lines.append(f"{i2}),")
     for name, linears in (("writers", draft.writers), ("direct_readers", draft.direct_readers)):

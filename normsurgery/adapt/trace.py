@@ -128,7 +128,7 @@ def record(model: nn.Module, atomic: dict[nn.Module, str], blocks: dict[nn.Modul
         handles.append(module.register_forward_hook(block_out, with_kwargs=True))
     try:
         with torch.no_grad(), recorder:
-            out = model(*inputs, **kwargs)
+            model(*inputs, **kwargs)
     finally:
         for h in handles:
             h.remove()
