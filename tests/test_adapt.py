@@ -29,7 +29,7 @@ def test_draft_of_a_declared_family_is_proven_and_names_the_same_tensors(model_t
     assert result.differs_from_declared == []
     if model_type in SAME_LAYOUT:  # the declaration, not just the traced instance: resolved on the test fixture
         config = config_for(SAME_LAYOUT[model_type])
-        assert differences(result.draft.family().resolve(config), family_for(model_type).resolve(config)) == []
+        assert differences(result.family.resolve(config), family_for(model_type).resolve(config)) == []
 
 
 def test_a_family_not_yet_declared_is_drafted_and_proven(cli):

@@ -11,7 +11,7 @@ from typing import Any
 
 from normsurgery.adapt.draft import Draft
 from normsurgery.adapt.prove import Check
-from normsurgery.arch.spec import Architecture
+from normsurgery.arch.spec import Architecture, Family
 
 __all__ = ["Adapted", "adapt", "differences"]
 
@@ -22,6 +22,7 @@ class Adapted:
 
     draft: Draft
     source: str
+    family: Family | None = None  # the rendered declaration, evaluated (what the proof ran on)
     checks: list[Check] = field(default_factory=list)
     declared_as: str | None = None  # the existing family of this model type, if any
     differs_from_declared: list[str] = field(default_factory=list)
@@ -120,7 +121,7 @@ def adapt(model_type: str, *, layers: int = 2, overrides: dict[str, Any] | None 
     it unless tracing already found a problem."""
     from normsurgery.adapt.discover import draft_family
     from normsurgery.adapt.prove import prove
-    from normsurgery.adapt.render import render
+    from normsurgery.adapt.render import evaluate, render
     from normsurgery.arch import FAMILY_BY_MODEL_TYPE
 
     draft = draft_family(model_type, layers=layers, overrides=overrides)
@@ -129,7 +130,11 @@ def adapt(model_type: str, *, layers: int = 2, overrides: dict[str, Any] | None 
         draft.notes.extend(_variants(draft, layers, overrides))
     if draft.problems:
         return result
-    family = draft.family()
+    try:
+        family = result.family = evaluate(result.source, model_type)  # the proof runs on the text to paste
+    except Exception as err:  # a renderer bug: the text to paste must not be trusted
+        result.checks = [Check("declaration text", False, f"{type(err).__name__}: {err}")]
+        return result
     result.checks = prove(family, draft.config)
     existing = FAMILY_BY_MODEL_TYPE.get(model_type)
     if existing is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from normsurgery.adapt.draft import Draft, LinDraft, NormDraft, Width
+from normsurgery.arch.spec import Family
 
 
 def _py(value: object) -> str:
@@ -69,16 +70,21 @@ def _block(draft: Draft, indent: str) -> str:
     return "\n".join(lines)
 
 
+def constant_name(model_type: str) -> str:
+    """The module-level name a declaration is assigned to, e.g. GPT_NEOX."""
+    return model_type.upper().replace("-", "_")
+
+
 def render(draft: Draft) -> str:
     """The drafted declaration: a `Family(...)` assignment (and a block function when widths follow the config)."""
-    const = draft.model_type.upper().replace("-", "_")
+    const = constant_name(draft.model_type)
     out: list[str] = []
     needs_config = any(r.depends_on_config() for n in draft.norms for r in n.readers)
     if needs_config:
         out += [f"def _{draft.model_type}_block(c: Config) -> BlockLayout:",
                 f'    """{draft.model_type}: fused projections whose slices follow the head counts."""',
                 f"    return {_block(draft, '    ')}", "", ""]
-    eps = f"_attr({_py(draft.eps_attr)})" if draft.eps_attr else f"lambda c: {draft.eps!r}  # not in the config"
+    eps = f"_attr({_py(draft.eps_attr)})" if draft.eps_attr else f"lambda c: {draft.eps!r}"
     fields = [
         f"name={_py(draft.model_type)}",
         f"model_types={_py((draft.model_type,))}",
@@ -109,6 +115,17 @@ def render(draft: Draft) -> str:
         renames = ", ".join(f'(r"{pattern}", {_py(to)})' for pattern, to in draft.key_renames)
         fields.append(f"key_renames=({renames},)")
     out.append(f"{const} = Family(")
-    out += [f"    {f}," for f in fields]
+    out += [f"    {f},{'  # the modules fix eps; the config has no field for it' if f.startswith('eps=lambda') else ''}"
+            for f in fields]
     out.append(")")
     return "\n".join(out)
+
+
+def evaluate(source: str, model_type: str) -> Family:
+    """The Family a rendered declaration defines, evaluated where families.py would evaluate it (so that the proof
+    runs on exactly the text that is pasted)."""
+    from normsurgery.arch import families
+
+    namespace = dict(vars(families))
+    exec(compile(source, "<drafted declaration>", "exec"), namespace)  # our own rendered text
+    return namespace[constant_name(model_type)]
