@@ -53,7 +53,8 @@ def test_json_output_holds_the_declaration_and_checks(cli):
     result = json.loads(out)
     assert code == 0 and result["proven"] and result["declared_as"] == "gpt2"
     assert 'conv1d=True, groups=("qk", "qk", "v")' in result["declaration"]
-    assert {c["name"] for c in result["checks"]} >= {"tensor names", "norm facts", "fold, in memory",
+    assert 'config_keys=(("hidden_size", ("n_embd",)), ("num_hidden_layers", ("n_layer",)))' in result["declaration"]
+    assert {c["name"] for c in result["checks"]} >= {"tensor names", "config.json alone", "norm facts", "fold, in memory",
                                                       "fold, file to file", "convert to rmsnorm, file to file"}
 
 

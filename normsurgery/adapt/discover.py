@@ -101,7 +101,6 @@ def _disk_names(model: nn.Module) -> tuple[dict[str, str], set[str]]:
     """In-memory tensor name -> its name in the saved checkpoint (transformers may rename on save), and the saved
     names."""
     from safetensors.torch import load_file
-
     from transformers.utils import logging
 
     logging.disable_progress_bar()
@@ -132,7 +131,7 @@ def _renames(mem_to_disk: dict[str, str]) -> tuple[tuple[str, str], ...]:
         m, d = mem.split("."), disk.split(".")
         while m and d and m[-1] == d[-1]:
             m.pop(), d.pop()
-        found[f"^{re.escape('.'.join(d))}\\."] = ".".join(m) + "."
+        found["^" + "".join(re.escape(part) + r"\." for part in d)] = "".join(part + "." for part in m)
     return tuple(sorted(found.items()))
 
 
@@ -474,7 +473,17 @@ def draft_family(model_type: str, *, layers: int = 2, overrides: dict[str, Any] 
     if not draft.problems:
         draft.unembed = lin(_unembedding(model, linears), "")
         _others(draft, saved)
+        draft.config_keys = _config_keys(draft)
     return draft
+
+
+def _config_keys(draft: Draft) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """The attributes the declaration reads that config.json holds under the class's own key (its attribute_map,
+    e.g. GPT-2's n_embd), so that normsurgery reads config.json without transformers."""
+    read = {"hidden_size", "num_hidden_layers", "vocab_size", "tie_word_embeddings"}
+    read |= {w for n in draft.norms for r in n.readers for w in (*r.widths, r.repeat) if isinstance(w, str)}
+    mapping = dict(getattr(type(draft.config), "attribute_map", {}) or {})
+    return tuple((a, (mapping[a],)) for a in sorted(read) if a in mapping)
 
 
 def _shared_facts(draft: Draft, facts: dict[str, tuple[str, float, float]]) -> None:

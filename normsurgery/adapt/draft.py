@@ -71,6 +71,7 @@ class Draft:
     unembed: LinDraft = LinDraft("lm_head")
     post_ln: bool = False
     key_renames: tuple[tuple[str, str], ...] = ()
+    config_keys: tuple[tuple[str, tuple[str, ...]], ...] = ()  # attributes config.json holds under another key
     notes: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
@@ -103,6 +104,7 @@ class Draft:
             embed_scale=(lambda c: math.sqrt(c.hidden_size)) if self.embed_sqrt_d else None,
             post_ln=self.post_ln,
             key_renames=self.key_renames,
+            config_keys=self.config_keys,
         )
 
 

@@ -1,5 +1,6 @@
 """Prove a drafted declaration the way the test suite proves a hand-written one: on a tiny random model with
-perturbed norms, every checkpoint tensor is named, every norm computes what the declaration says, and fold (and,
+perturbed norms, every checkpoint tensor is named, config.json reads without transformers, every norm computes
+what the declaration says, and fold (and,
 for a Pre-LN LayerNorm family, the conversions to RMSNorm and CRMSNorm) keep the logits, in memory and from file
 to file. Only a draft that passes every check is trusted."""
 
@@ -80,6 +81,24 @@ def _names(folder: Path, arch: Architecture) -> Check:
         return Check("tensor names", False, f"not declared: {', '.join(unknown[:5]) or '-'}; declared but not saved: "
                                             f"{', '.join(missing[:5]) or '-'}")
     return Check("tensor names", True, f"all {len(names)} saved tensors declared")
+
+
+def _config_json(folder: Path) -> Check:
+    """config.json read without transformers (the declaration's config_keys) names the same tensors as the
+    transformers config, and needs no class default."""
+    import json
+
+    from normsurgery.arch import architecture_of, config_view, load_config
+
+    raw = json.loads((folder / "config.json").read_text())
+    view = config_view(raw)
+    if architecture_of(view) != architecture_of(load_config(raw)):
+        return Check("config.json alone", False, "config.json read without transformers gives another architecture: "
+                                                 "a key is missing from config_keys")
+    if view._loaded is not None:
+        return Check("config.json alone", False, "an attribute the declaration reads is not in config.json under its "
+                                                 "name: add it to config_keys")
+    return Check("config.json alone", True, "read without transformers, as transformers reads it")
 
 
 @torch.no_grad()
@@ -183,6 +202,7 @@ def prove(family: Family, config: Any) -> list[Check]:
         model.save_pretrained(folder)
         if not attempt("tensor names", lambda: _names(folder, arch)):
             return checks
+        attempt("config.json alone", lambda: _config_json(folder))
         attempt("norm facts", lambda: _facts(model, arch))
         if applies["fold"]:
             attempt("fold, in memory", lambda: _in_memory("fold, in memory", model, arch, plan_fold, reference))

@@ -111,6 +111,8 @@ def render(draft: Draft) -> str:
         fields.append("embed_scale=lambda c: math.sqrt(c.hidden_size)")
     if draft.post_ln:
         fields.append("post_ln=True")
+    if draft.config_keys:
+        fields.append(f"config_keys={_py(draft.config_keys)}")
     if draft.key_renames:
         renames = ", ".join(f'(r"{pattern}", {_py(to)})' for pattern, to in draft.key_renames)
         fields.append(f"key_renames=({renames},)")
