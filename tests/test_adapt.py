@@ -70,6 +70,7 @@ def test_a_wrong_declaration_fails_its_proof():
     ("no_such_model", 2, "not a model type"),
     ("t5", 2, "no causal-LM class"),
     ("mixtral", 1, "MoE experts"),
+    ("xglm", 1, "position encodings computed rather than stored"),
 ])
 def test_what_cannot_be_drafted_says_why(cli, model_type, code, says):
     got, out, err = cli("adapt", model_type)

@@ -125,7 +125,7 @@ def adapt(model_type: str, *, layers: int = 2, overrides: dict[str, Any] | None 
     from normsurgery.arch import FAMILY_BY_MODEL_TYPE
 
     draft = draft_family(model_type, layers=layers, overrides=overrides)
-    result = Adapted(draft, render(draft) if not draft.problems else "")
+    result = Adapted(draft, render(draft) if draft.layers and draft.token_embedding else "")  # a start for a hand edit
     if not draft.problems:
         draft.notes.extend(_variants(draft, layers, overrides))
     if draft.problems:

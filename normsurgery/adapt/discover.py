@@ -470,8 +470,8 @@ def draft_family(model_type: str, *, layers: int = 2, overrides: dict[str, Any] 
     _shared_facts(draft, {p: facts[p] for b in found for p, (role, _) in b.norms.items() if role != "qk"})
     _model_level(draft, find, model, ends, ids, disk)
     draft.problems.extend(dict.fromkeys(find.problems))
+    draft.unembed = lin(_unembedding(model, linears), "")
     if not draft.problems:
-        draft.unembed = lin(_unembedding(model, linears), "")
         _others(draft, saved)
         draft.config_keys = _config_keys(draft)
     return draft
@@ -537,7 +537,10 @@ def _model_level(draft: Draft, find: _Finder, model: nn.Module, ends: dict[int, 
         scale = float((h * rows).sum() / (rows * rows).sum())
         d = int(draft.config.hidden_size)
         draft.embed_sqrt_d = abs(scale - math.sqrt(d)) < 1e-3 * math.sqrt(d)
-        if not draft.embed_sqrt_d and abs(scale - 1.0) > 1e-4:
+        if float((h - scale * rows).abs().max()) > 1e-5 * float(h.abs().max()):
+            draft.problems.append("block 0's input holds more than the (scaled) stored embeddings, e.g. position "
+                                  "encodings computed rather than stored (sinusoidal), which no rewrite can center")
+        elif not draft.embed_sqrt_d and abs(scale - 1.0) > 1e-4:
             draft.notes.append(f"embeddings are multiplied by {scale:.4g} (a config multiplier the stock class applies, "
                                "kept by every rewrite)")
     unembed = _unembedding(model, find.linears)

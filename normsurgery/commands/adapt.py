@@ -63,6 +63,8 @@ def _show(result) -> None:
     """The draft, its proof, and what to do next."""
     draft = result.draft
     if result.source:
+        if not result.proven:
+            console.print("# a draft to edit by hand, NOT proven", markup=False, highlight=False)
         console.print(result.source, markup=False, highlight=False, soft_wrap=True)  # as is, to paste
     for note in draft.notes:
         console.print(f"[yellow]note[/yellow]: {escape(note)}", highlight=False)
