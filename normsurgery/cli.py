@@ -45,7 +45,7 @@ def _register() -> None:
     nothing below the CLI imports it."""
     if app.registered_commands:
         return
-    from normsurgery.commands import check, evaluate, inspect, models, prune, rewrite, run
+    from normsurgery.commands import adapt, check, evaluate, inspect, models, prune, rewrite, run
 
     app.command()(check.check)
     app.command("eval")(evaluate.eval_command)
@@ -53,6 +53,7 @@ def _register() -> None:
     app.add_typer(models.models_app, name="models")
     for command in (prune.prune, prune.diagnose, rewrite.fold, rewrite.convert, run.run):
         app.command()(command)
+    app.command()(adapt.adapt)
 
 
 def main() -> None:

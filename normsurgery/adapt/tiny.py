@@ -1,0 +1,124 @@
+"""A tiny random instance of any transformers causal-LM model type, built offline from its config class."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from normsurgery.errors import NormSurgeryError
+
+VOCAB = 320
+# canonical attribute -> tiny value; hidden 64 with 8 query and 2 key/value heads keeps head counts apart from each
+# other and from common constants (CodeGen's 4 chunks), so that drafted widths can name the attribute they follow
+SMALL: dict[str, int] = {
+    "hidden_size": 64, "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 8, "intermediate_size": 128,
+    "vocab_size": VOCAB, "max_position_embeddings": 64, "rotary_dim": 4, "sliding_window": 16, "window_size": 16,
+    "num_experts": 4, "num_local_experts": 4, "n_routed_experts": 4, "num_experts_per_tok": 2,
+    "moe_intermediate_size": 32, "ffn_dim": 128, "n_inner": 128, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
+}  # fmt: skip
+
+
+def config_class(model_type: str) -> Any:
+    """The transformers config class of a causal-LM model type, or a clear error."""
+    from transformers import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if model_type not in CONFIG_MAPPING:
+        raise NormSurgeryError(
+            f"{model_type!r} is not a model type this transformers knows (no model code is downloaded or run from "
+            "a hub repository). Give the model_type of a config.json, e.g. llama, gpt2 or qwen3.")
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise NormSurgeryError(
+            f"{model_type!r} has no causal-LM class in transformers (AutoModelForCausalLM); normsurgery rewrites "
+            "decoder language models only. For a multimodal model, give its text model's type (e.g. gemma3_text).")
+    return CONFIG_MAPPING[model_type]
+
+
+def _covering(lists: list[list[Any]], layers: int) -> list[int]:
+    """Block indices to keep: the first block of each kind in every per-block list (so that every kind of block is
+    traced), then the first others, `layers` at least."""
+    keep = {next(i for i, x in enumerate(values) if x == v) for values in lists for v in values}
+    rest = (i for i in range(max((len(v) for v in lists), default=layers)) if i not in keep)
+    while len(keep) < layers:
+        keep.add(next(rest, len(keep)))
+    return sorted(keep)
+
+
+def tiny_config(model_type: str, layers: int = 2, overrides: dict[str, Any] | None = None) -> Any:
+    """The model type's default config shrunk to a tiny size: known sizes set under the class's own key names,
+    and every other integer that equalled the default hidden size, intermediate size or depth following it."""
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()  # warnings about the tiny sizes themselves
+    cls = config_class(model_type)
+    default = cls()
+    raw = default.to_dict()
+    names = dict(getattr(cls, "attribute_map", {}) or {})
+    wanted = {**SMALL, "num_hidden_layers": layers}
+    kwargs: dict[str, Any] = {}
+    for canonical, value in wanted.items():
+        native = names.get(canonical, canonical)
+        if native in raw:
+            kwargs[native] = value
+    depth = int(default.num_hidden_layers)
+    lists = {k: v for k, v in raw.items() if isinstance(v, list) and len(v) == depth and k != "architectures"
+             and all(isinstance(x, (str, bool)) for x in v)}  # a kind per block (not a list of block indices)
+    keep = _covering(list(lists.values()), layers)
+    if lists:
+        kwargs[names.get("num_hidden_layers", "num_hidden_layers")] = len(keep)
+        kwargs.update({k: [v[i] for i in keep] for k, v in lists.items()})
+    follows = {"hidden_size": wanted["hidden_size"], "intermediate_size": wanted["intermediate_size"],
+               "num_hidden_layers": len(keep)}
+    for canonical, value in follows.items():
+        old = getattr(default, canonical, None)
+        if not isinstance(old, int) or isinstance(old, bool):
+            continue
+        for key, v in raw.items():
+            if key not in kwargs and type(v) is int and v == old:
+                kwargs[key] = value
+    kwargs.update(overrides or {})
+    try:
+        config = cls(**kwargs)
+    except Exception as err:  # config classes validate their values with many exception types
+        raise NormSurgeryError(f"could not build a tiny {model_type} config ({err}); pass --set KEY=VALUE to give the "
+                               "values it needs.") from None
+    wanted["num_hidden_layers"] = len(keep)
+    for canonical in ("hidden_size", "num_hidden_layers"):
+        if getattr(config, canonical, None) != wanted[canonical]:
+            raise NormSurgeryError(f"could not shrink {model_type}'s {canonical} (still {getattr(config, canonical, None)});"
+                                   " pass --set KEY=VALUE with its config key.")
+    config._attn_implementation = "eager"  # attention scores are then a softmax the tracer sees
+    return config
+
+
+def tiny_model(config: Any, seed: int = 0) -> nn.Module:
+    """The causal-LM class of `config` with random weights (a fixed seed), in float32 eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    try:
+        return AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
+    except Exception as err:  # model constructors fail in many ways on odd configs
+        raise NormSurgeryError(f"transformers could not build a tiny {config.model_type} model ({err}); pass --set "
+                               "KEY=VALUE to change the config values it needs.") from None
+
+
+@torch.no_grad()
+def perturb(model: nn.Module, gains: dict[str, float], biases: set[str], embeddings: set[str], seed: int = 0) -> None:
+    """Re-draw every parameter as the test fixtures do: norm gains around 1 (around 0 for (1 + w) gains, `gains`
+    maps each to its offset), norm biases and other vectors non-zero, weights O(1/sqrt(fan_in))."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name in gains:
+            p.copy_(1.0 - gains[name] + 0.5 * (torch.rand(p.shape, generator=gen) * 2 - 1))
+        elif name in biases:
+            p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+        elif p.ndim == 1:
+            p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+        elif name in embeddings:
+            p.copy_(torch.randn(p.shape, generator=gen))
+        else:
+            p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(p.shape[-1]))
