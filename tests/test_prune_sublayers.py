@@ -115,7 +115,7 @@ def test_sublayer_prune_of_several_blocks_by_the_api(tiny_model, tmp_path):
     assert "the MLP of blocks 1, 3" in card
 
 
-def test_sublayer_selection_by_calibration_loss_and_diagnose_shows_sublayers(tiny_model, cli):
+def test_sublayer_selection_by_calibration_loss_and_diagnose_shows_sublayers(tiny_model, cli, tmp_path):
     folder = tiny_model("smollm3")
     code, stdout, err = cli("prune", folder, "--what", "attention", "--remove", "1", "--skip-cost", "--samples", "2",
                             "--seq-len", "16", "--dry-run", "--json")
@@ -124,8 +124,10 @@ def test_sublayer_selection_by_calibration_loss_and_diagnose_shows_sublayers(tin
     losses = {tuple(c["blocks"]): c["loss"] for c in selection["candidates"]}
     assert len(losses) >= 2 and tuple(selection["blocks"]) == min(losses, key=losses.get)
     assert all(1 <= b <= 2 for b in selection["blocks"])  # block 0 and the last are guarded
-    code, stdout, err = cli("diagnose", folder, "--samples", "2", "--seq-len", "16", "--json")
+    code, stdout, err = cli("diagnose", folder, "--samples", "2", "--seq-len", "16", "--html", tmp_path / "r.html",
+                            "--json")
     assert code == 0, err
+    assert "<th>attention BI</th>" in (tmp_path / "r.html").read_text()
     stats = json.loads(stdout)
     for key in ("attention_influence", "mlp_influence", "attention_skip_cost", "mlp_skip_cost"):
         assert len(stats[key]) == 4, key
