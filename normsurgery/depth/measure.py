@@ -21,7 +21,7 @@ from normsurgery.depth.skip import skipping, zeroing
 from normsurgery.depth.stats import LayerStats, NormGain
 from normsurgery.engine.forward import cross_entropy as mean_ce
 from normsurgery.engine.forward import next_token_nll
-from normsurgery.rewrite.sublayers import SUBLAYERS, has_sublayers, sublayers
+from normsurgery.rewrite.sublayers import SUBLAYERS, WHAT, has_sublayers, sublayers
 
 if TYPE_CHECKING:
     from normsurgery.depth.select import Candidate
@@ -141,10 +141,12 @@ def norm_gains(arch: Architecture, weight: Callable[[str], torch.Tensor]) -> lis
 
 @torch.no_grad()
 def measure(model: torch.nn.Module, arch: Architecture, ids: torch.Tensor, *, label: str, batch_size: int = 4,
-            skip_cost: bool = False, weight: Callable[[str], torch.Tensor] | None = None,
+            skip_cost: bool = False, costs_of: tuple[str, ...] = WHAT,
+            weight: Callable[[str], torch.Tensor] | None = None,
             on_batch: Callable[[], None] | None = None) -> LayerStats:
-    """Every per-block statistic of `model` on the calibration `ids` (skip costs only when asked: L more passes).
-    `weight` reads a tensor by name for the gain statistics (default: the model's own parameters)."""
+    """Every per-block statistic of `model` on the calibration `ids` (skip costs only when asked: L more passes for
+    each of `costs_of`, blocks and the sub-layers the model has). `weight` reads a tensor by name for the gain
+    statistics (default: the model's own parameters)."""
     model.eval()
     split = has_sublayers(arch)
     hooks = _Residuals(model, arch, mids=split)
@@ -182,12 +184,12 @@ def measure(model: torch.nn.Module, arch: Architecture, ids: torch.Tensor, *, la
     )
     if split:
         stats.attention_influence, stats.mlp_influence = (1 - acc.sublayer_cos / acc.tokens).tolist()
-    if skip_cost:
+    if skip_cost and "block" in costs_of:
         stats.skip_cost = _skip_costs(model, ids, batch_size, base, lambda b: skipping(model, arch, [b]), L, on_batch)
-    if skip_cost and split:
-        stats.attention_skip_cost, stats.mlp_skip_cost = (
-            _skip_costs(model, ids, batch_size, base, lambda b, k=kind: zeroing(model, arch, {k: [b]}), L, on_batch)
-            for kind in SUBLAYERS)
+    for kind in SUBLAYERS if skip_cost and split else ():
+        if kind in costs_of:
+            costs = _skip_costs(model, ids, batch_size, base, lambda b: zeroing(model, arch, {kind: [b]}), L, on_batch)
+            setattr(stats, f"{kind}_skip_cost", costs)
     return stats
 
 

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from normsurgery.errors import NormSurgeryError
 from normsurgery.depth.select import candidates
 from normsurgery.depth.stats import LayerStats
+from normsurgery.rewrite.sublayers import WHAT
 
 if TYPE_CHECKING:
     import torch
@@ -44,8 +45,9 @@ class PruneSelection:
 
 
 def _stats(source: ModelSource, opened: OpenModel, tokenizer: Any, *, samples: int, seq_len: int,
-           text: str | None, skip_cost: bool) -> tuple[LayerStats, torch.Tensor]:
-    """Measure the per-block statistics of an opened model on its calibration text."""
+           text: str | None, skip_cost: bool, costs_of: tuple[str, ...] = WHAT) -> tuple[LayerStats, torch.Tensor]:
+    """Measure the per-block statistics of an opened model on its calibration text (skip costs of `costs_of`:
+    blocks and/or sub-layers)."""
     from normsurgery.depth.measure import measure
     from normsurgery.engine.text import context_length, load_text, sample
 
@@ -53,7 +55,7 @@ def _stats(source: ModelSource, opened: OpenModel, tokenizer: Any, *, samples: i
         raise NormSurgeryError("--samples must be at least 1 and --seq-len at least 2.")
     seq_len = min(seq_len, context_length(source.config) or seq_len)
     ids, _ = sample(tokenizer, seq_len=seq_len, sequences=samples, text=load_text(text)[0] if text else None)
-    stats = measure(opened.model, source.arch, ids, label=source.spec, skip_cost=skip_cost,
+    stats = measure(opened.model, source.arch, ids, label=source.spec, skip_cost=skip_cost, costs_of=costs_of,
                     weight=source.reader.get, batch_size=measure_batch(opened, source, seq_len))
     return stats, ids
 
@@ -149,7 +151,7 @@ def run_prune(model: str, output: Path | None, selection: PruneSelection, *, hea
             opened, tokenizer = _load(source, runtime, allow_pickle, trust_remote_code)
             with opened:
                 stats, ids = _stats(source, opened, tokenizer, samples=s.samples, seq_len=s.seq_len, text=s.text,
-                                    skip_cost=s.skip_cost)
+                                    skip_cost=s.skip_cost, costs_of=(s.what,))
                 found = candidates(stats, int(s.remove or 0), s.by, keep_first=s.keep_first, keep_last=s.keep_last,
                                    top=max(1, s.remeasure), what=s.what)
                 batch = opened.lazy.tokens_per_pass(int(ids.shape[1]))
