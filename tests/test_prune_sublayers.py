@@ -196,3 +196,26 @@ def test_recipe_prune_step_takes_what(tiny_model, tmp_path):
     assert describe(step) == "prune attention of layers 1"
     with pytest.raises(ValueError):
         PruneStep(what="heads", layers=[1])
+
+
+def test_blocks_that_do_not_show_their_sublayers_are_refused(tiny_model):
+    """Layouts no family declares today, built by hand from llama's: attention linears outside an attention module,
+    one norm read by attention and MLP, two norms before attention, an output norm for only one sub-layer."""
+    from dataclasses import replace
+
+    from normsurgery.arch.spec import Linear
+    from normsurgery.errors import NormSurgeryError
+    from normsurgery.rewrite.sublayers import block_sublayers
+
+    arch = _arch(tiny_model("llama"))
+    block = arch.blocks[0]
+    first, second = block.norms_with_role("input")
+    loose = replace(block, writers=(Linear(f"{block.prefix}o_proj.weight", None), block.writers[1]))
+    shared = replace(block, norms=(replace(first, readers=first.readers + second.readers), second))
+    twice = replace(block, norms=(first, replace(second, readers=first.readers)))
+    one_output = replace(block, norms=block.norms + (replace(first, name="x", role="output", readers=()),))
+    for bad, why in ((loose, "not inside an attention module"), (shared, "is read by both attention and MLP"),
+                     (twice, "more than one input norm before its attention"),
+                     (one_output, "does not show which norms")):
+        with pytest.raises(NormSurgeryError, match=why):
+            block_sublayers(arch, bad)

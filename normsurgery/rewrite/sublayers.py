@@ -94,6 +94,8 @@ def block_sublayers(arch: Architecture, block: Block) -> dict[str, Sublayer]:
     for kind, writer in zip(SUBLAYERS, block.writers):
         parent = module_path(module_path(writer.weight))
         modules[kind] = None if parent + "." == block.prefix else parent
+    if modules["attention"] is None:
+        raise _refuse(arch, f"a {arch.family} block's attention output projection is not inside an attention module")
     readers: dict[str, list[Linear]] = {kind: [] for kind in SUBLAYERS}
     inputs: dict[str, Norm] = {}
     for norm in block.norms_with_role("input"):
@@ -101,6 +103,8 @@ def block_sublayers(arch: Architecture, block: Block) -> dict[str, Sublayer]:
         if len(owners) != 1 or None in owners:
             raise _refuse(arch, f"{norm.name} is read by both attention and MLP")
         kind = owners.pop()
+        if kind in inputs:
+            raise _refuse(arch, f"a {arch.family} block has more than one input norm before its {kind}")
         inputs[kind] = norm
         readers[kind] += norm.readers
     for reader in block.direct_readers:
