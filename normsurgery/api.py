@@ -171,14 +171,16 @@ def check(original: str, candidate: str, *, text: PathLike | None = None, seq_le
 
 
 def diagnose(model: str, *, samples: int = PruneSelection.samples, seq_len: int = PruneSelection.seq_len, text: str | None = None, skip_cost: bool = True,
-             allow_pickle: bool = False, trust_remote_code: bool = False, device: str = "auto",
+             sublayer_skip_cost: bool = False, allow_pickle: bool = False, trust_remote_code: bool = False, device: str = "auto",
              max_memory: str | None = None) -> LayerStats:
     """Per-block statistics on calibration text (`text`: a .txt/.jsonl file; default the Shakespeare calibration
-    split): Block Influence, angular distances, residual norms, norm gains, skip costs."""
+    split): Block Influence, angular distances, residual norms, norm gains, skip costs; each attention and MLP
+    sub-layer's influence, and its skip cost with `sublayer_skip_cost`."""
     from normsurgery.engine.resources import resolve_runtime
     from normsurgery.depth.pipeline import diagnose_model
 
     return diagnose_model(model, samples=samples, seq_len=seq_len, text=text, skip_cost=skip_cost,
+                          sublayer_skip_cost=sublayer_skip_cost,
                           allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
                           runtime=resolve_runtime(device, max_memory))
 

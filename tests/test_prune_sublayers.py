@@ -125,7 +125,7 @@ def test_sublayer_selection_by_calibration_loss_and_diagnose_shows_sublayers(tin
     assert len(losses) >= 2 and tuple(selection["blocks"]) == min(losses, key=losses.get)
     assert all(1 <= b <= 2 for b in selection["blocks"])  # block 0 and the last are guarded
     code, stdout, err = cli("diagnose", folder, "--samples", "2", "--seq-len", "16", "--html", tmp_path / "r.html",
-                            "--json")
+                            "--sublayer-skip-cost", "--json")
     assert code == 0, err
     assert "<th>attention BI</th>" in (tmp_path / "r.html").read_text()
     stats = json.loads(stdout)
@@ -134,6 +134,9 @@ def test_sublayer_selection_by_calibration_loss_and_diagnose_shows_sublayers(tin
     assert all(0 <= v <= 2 for v in stats["attention_influence"] + stats["mlp_influence"])
     code, stdout, _ = cli("diagnose", folder, "--samples", "2", "--seq-len", "16", "--no-skip-cost")
     assert code == 0 and "attn BI" in stdout and "attn skip" not in stdout
+    code, stdout, _ = cli("diagnose", folder, "--samples", "2", "--seq-len", "16", "--json")
+    stats = json.loads(stdout)
+    assert len(stats["skip_cost"]) == 4 and stats["attention_skip_cost"] is None  # two passes per block: asked for
     code, stdout, _ = cli("diagnose", tiny_model("gptj"), "--samples", "2", "--seq-len", "16", "--json")
     assert code == 0 and json.loads(stdout)["attention_influence"] is None
 

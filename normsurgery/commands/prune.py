@@ -158,6 +158,7 @@ def diagnose(
     html: Annotated[Optional[Path], typer.Option("--html", help="Write a self-contained HTML report here.")] = None,
     png: Annotated[Optional[Path], typer.Option("--png", help="Write the plots as PNG files into this folder.")] = None,
     skip_cost: Annotated[bool, typer.Option("--skip-cost/--no-skip-cost", help="Measure each block's skip cost (one pass per block).")] = True,
+    sublayer_skip_cost: Annotated[bool, typer.Option("--sublayer-skip-cost", help="Also measure each attention and MLP sub-layer's skip cost (two passes per block).")] = False,
     samples: Samples = PruneSelection.samples,
     seq_len: SeqLen = PruneSelection.seq_len,
     text: Text = None,
@@ -168,7 +169,8 @@ def diagnose(
     allow_pickle: AllowPickle = False,
     trust_remote_code: TrustRemoteCode = False,
 ) -> None:
-    """Per-block diagnostics: residual norm growth, norm gains, Block Influence, angular distances, skip costs.
+    """Per-block diagnostics: residual norm growth, norm gains, Block Influence, angular distances, skip costs;
+    each attention and MLP sub-layer's influence (and skip cost with --sublayer-skip-cost).
 
     Examples:
 
@@ -181,6 +183,7 @@ def diagnose(
 
     with console.status("measuring blocks on calibration text", spinner="dots") if not json_output else nullcontext():
         stats = diagnose_model(model, samples=samples, seq_len=seq_len, text=text, skip_cost=skip_cost,
+                               sublayer_skip_cost=sublayer_skip_cost,
                                allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
                                runtime=resolve_runtime(device, max_memory))
     notes: dict[str, Any] = {}

@@ -85,10 +85,14 @@ def _load(source: ModelSource, runtime: Runtime, allow_pickle: bool, trust_remot
 
 
 def diagnose_model(model: str, *, samples: int = PruneSelection.samples, seq_len: int = PruneSelection.seq_len,
-                   text: str | None = None, skip_cost: bool = True, allow_pickle: bool = False, trust_remote_code: bool = False,
+                   text: str | None = None, skip_cost: bool = True, sublayer_skip_cost: bool = False,
+                   allow_pickle: bool = False, trust_remote_code: bool = False,
                    runtime: Runtime | None = None) -> LayerStats:
     """Per-block statistics of `model` on calibration text (`text`: a .txt/.jsonl file, or the Shakespeare
-    calibration split), with where it ran and the peak memory in `.memory`."""
+    calibration split), with where it ran and the peak memory in `.memory`; skip costs of the blocks
+    (`skip_cost`) and of their attention and MLP sub-layers (`sublayer_skip_cost`: two more passes per block)."""
+    from normsurgery.rewrite.sublayers import SUBLAYERS
+
     from normsurgery.engine.resources import peak_rss, resolve_runtime
     from normsurgery.source import open_model
 
@@ -97,8 +101,9 @@ def diagnose_model(model: str, *, samples: int = PruneSelection.samples, seq_len
     try:
         opened, tokenizer = _load(source, runtime, allow_pickle, trust_remote_code)
         with opened:
+            costs_of = (("block",) if skip_cost else ()) + (SUBLAYERS if sublayer_skip_cost else ())
             stats, _ = _stats(source, opened, tokenizer, samples=samples, seq_len=seq_len, text=text,
-                              skip_cost=skip_cost)
+                              skip_cost=bool(costs_of), costs_of=costs_of)
             stats.memory = {**opened.lazy.describe(), "peak_rss_bytes": peak_rss()}
     finally:
         source.close()
