@@ -51,6 +51,15 @@ def test_sublayers_are_found_exactly_where_blocks_are_sequential(name, tiny_mode
     assert found["mlp"].module is None or "att" not in found["mlp"].module
 
 
+@pytest.mark.parametrize("name", ["llama", "opt_postln", "gptj", "gpt_neox", "falcon_sequential"])
+def test_inspect_says_whether_sublayers_can_be_pruned(name, tiny_model, cli):
+    code, out, err = cli("inspect", tiny_model(name), "--json")
+    assert code == 0, err
+    verdict = next(o for o in json.loads(out)["operations"] if o["operation"] == "prune-sublayers")
+    assert verdict["applies"] == (name not in PARALLEL)
+    assert ("in parallel from the same residual" in verdict["reason"]) == (name in PARALLEL)
+
+
 @pytest.mark.parametrize("name, what, contribution, module", [
     ("llama", "attention", "model.layers.0.self_attn.o_proj", "model.layers.0.self_attn"),
     ("gemma2", "attention", "model.layers.0.post_attention_layernorm", "model.layers.0.self_attn"),

@@ -63,14 +63,17 @@ class Sublayer:
         return modules, norms
 
 
-def _refuse(arch: Architecture, why: str) -> NormSurgeryError:
-    """The one-paragraph refusal of sub-layer pruning for this model."""
-    return NormSurgeryError(
-        f"--what attention and --what mlp need blocks whose attention and MLP are separate sub-layers, each adding "
-        f"its output to the residual in turn; {why}, so neither can be removed on its own. Remove whole blocks with "
-        f"--what block instead (parallel-block families such as gptj, phi, codegen, cohere, and gpt_neox, falcon or "
-        f"stablelm with a parallel residual are refused for this reason)."
-    )
+class SublayersRefused(NormSurgeryError):
+    """A model whose blocks have no separate attention and MLP sub-layers; `why` says what is in the way."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(
+            f"--what attention and --what mlp need blocks whose attention and MLP are separate sub-layers, each "
+            f"adding its output to the residual in turn; {why}, so neither can be removed on its own. Remove whole "
+            f"blocks with --what block instead (parallel-block families such as gptj, phi, codegen, cohere, and "
+            f"gpt_neox, falcon or stablelm with a parallel residual are refused for this reason)."
+        )
+        self.why = why
 
 
 def _owner(path: str, modules: dict[str, str | None]) -> str | None:
@@ -85,37 +88,37 @@ def _owner(path: str, modules: dict[str, str | None]) -> str | None:
 def block_sublayers(arch: Architecture, block: Block) -> dict[str, Sublayer]:
     """A sequential block's attention and MLP, or the refusal saying why this model has none."""
     if block.parallel:
-        raise _refuse(arch, f"a {arch.family} model of this config computes attention and MLP in parallel from the "
-                            "same residual")
+        raise SublayersRefused(f"a {arch.family} model of this config computes attention and MLP in parallel from the "
+                               "same residual")
     if len(block.writers) != 2:
-        raise _refuse(arch, f"a {arch.family} block has {len(block.writers)} residual writers, not one attention and "
-                            "one MLP output")
+        raise SublayersRefused(f"a {arch.family} block has {len(block.writers)} residual writers, not one attention and "
+                               "one MLP output")
     modules: dict[str, str | None] = {}
     for kind, writer in zip(SUBLAYERS, block.writers):
         parent = module_path(module_path(writer.weight))
         modules[kind] = None if parent + "." == block.prefix else parent
     if modules["attention"] is None:
-        raise _refuse(arch, f"a {arch.family} block's attention output projection is not inside an attention module")
+        raise SublayersRefused(f"a {arch.family} block's attention output projection is not inside an attention module")
     readers: dict[str, list[Linear]] = {kind: [] for kind in SUBLAYERS}
     inputs: dict[str, Norm] = {}
     for norm in block.norms_with_role("input"):
         owners = {_owner(r.weight, modules) for r in norm.readers}
         if len(owners) != 1 or None in owners:
-            raise _refuse(arch, f"{norm.name} is read by both attention and MLP")
+            raise SublayersRefused(f"{norm.name} is read by both attention and MLP")
         kind = owners.pop()
         if kind in inputs:
-            raise _refuse(arch, f"a {arch.family} block has more than one input norm before its {kind}")
+            raise SublayersRefused(f"a {arch.family} block has more than one input norm before its {kind}")
         inputs[kind] = norm
         readers[kind] += norm.readers
     for reader in block.direct_readers:
         kind = _owner(reader.weight, modules)
         if kind is None:
-            raise _refuse(arch, f"{reader.weight} belongs to neither attention nor MLP")
+            raise SublayersRefused(f"{reader.weight} belongs to neither attention nor MLP")
         readers[kind].append(reader)
     outputs = block.norms_with_role("output")
     if len(outputs) not in (0, 2) or any(not readers[kind] for kind in SUBLAYERS):
-        raise _refuse(arch, f"a {arch.family} block does not show which norms and linears are its attention's and "
-                            "its MLP's")
+        raise SublayersRefused(f"a {arch.family} block does not show which norms and linears are its attention's and "
+                               "its MLP's")
     return {kind: Sublayer(kind, block.index, modules[kind], writer, tuple(readers[kind]), inputs.get(kind),
                            outputs[i] if outputs else None)
             for i, (kind, writer) in enumerate(zip(SUBLAYERS, block.writers))}
@@ -126,13 +129,18 @@ def sublayers(arch: Architecture) -> list[dict[str, Sublayer]]:
     return [block_sublayers(arch, block) for block in arch.blocks]
 
 
-def has_sublayers(arch: Architecture) -> bool:
-    """Whether the model's blocks have separate attention and MLP sub-layers."""
+def sublayer_problem(arch: Architecture) -> str | None:
+    """Why the model's blocks have no separate attention and MLP sub-layers, or None when they have."""
     try:
         sublayers(arch)
-    except NormSurgeryError:
-        return False
-    return True
+    except SublayersRefused as refused:
+        return refused.why
+    return None
+
+
+def has_sublayers(arch: Architecture) -> bool:
+    """Whether the model's blocks have separate attention and MLP sub-layers."""
+    return sublayer_problem(arch) is None
 
 
 def check_what(what: str) -> str:
