@@ -105,7 +105,7 @@ def main() -> None:
         calib, _ = sample(tokenizer, seq_len=args.seq_len, sequences=args.samples)
         held = heldout_ids(tokenizer, args.samples, args.seq_len)
         start = time.perf_counter()
-        stats = measure(model, arch, calib, label=args.model, skip_cost=True)
+        stats = measure(model, arch, calib, label=args.model, skip_cost=True, costs_of=("block",))
         base = cross_entropy(model, held)
         print(f"{args.model}: {arch.num_layers} blocks; statistics with skip costs in {time.perf_counter() - start:.0f} s; "
               f"held-out CE {base:.4f} on {args.samples} x {args.seq_len} tokens", flush=True)

@@ -171,32 +171,36 @@ def check(original: str, candidate: str, *, text: PathLike | None = None, seq_le
 
 
 def diagnose(model: str, *, samples: int = PruneSelection.samples, seq_len: int = PruneSelection.seq_len, text: str | None = None, skip_cost: bool = True,
-             allow_pickle: bool = False, trust_remote_code: bool = False, device: str = "auto",
+             sublayer_skip_cost: bool = False, allow_pickle: bool = False, trust_remote_code: bool = False, device: str = "auto",
              max_memory: str | None = None) -> LayerStats:
     """Per-block statistics on calibration text (`text`: a .txt/.jsonl file; default the Shakespeare calibration
-    split): Block Influence, angular distances, residual norms, norm gains, skip costs."""
+    split): Block Influence, angular distances, residual norms, norm gains, skip costs; each attention and MLP
+    sub-layer's influence, and its skip cost with `sublayer_skip_cost`."""
     from normsurgery.engine.resources import resolve_runtime
     from normsurgery.depth.pipeline import diagnose_model
 
     return diagnose_model(model, samples=samples, seq_len=seq_len, text=text, skip_cost=skip_cost,
+                          sublayer_skip_cost=sublayer_skip_cost,
                           allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
                           runtime=resolve_runtime(device, max_memory))
 
 
 def prune(model: str, output: PathLike | None = None, *, remove: int | None = None, layers: list[int] | None = None,
-          by: str = PruneSelection.by, keep_first: int = PruneSelection.keep_first,
+          what: str = PruneSelection.what, by: str = PruneSelection.by, keep_first: int = PruneSelection.keep_first,
           keep_last: int = PruneSelection.keep_last, remeasure: int = PruneSelection.remeasure, skip_cost: bool = False,
           samples: int = PruneSelection.samples, seq_len: int = PruneSelection.seq_len, text: str | None = None,
           heal_steps: int = 0, lr: float = HEAL_LR, batch_size: int = HEAL_BATCH_SIZE, mixed_precision: str = "auto", dry_run: bool = False, force: bool = False,
           verify: bool = True, max_shard_size: str = "5GB", allow_pickle: bool = False,
           trust_remote_code: bool = False, device: str = "auto", max_memory: str | None = None) -> dict[str, Any]:
     """Remove `remove` blocks chosen on calibration text (or exactly `layers`, 0-based), write the pruned stock model
-    to `output` verified against the original with those blocks skipped, optionally heal it; the report."""
+    to `output` verified against the original with those blocks skipped, optionally heal it; the report. `what`:
+    "attention" or "mlp" removes only that sub-layer of the chosen blocks (the output carries its own modeling
+    code and is verified against the original with those sub-layers' outputs zeroed)."""
     from normsurgery.depth.pipeline import run_prune
 
     if heal_steps < 0:
         raise NormSurgeryError(f"heal_steps cannot be negative (got {heal_steps}).")
-    selection = PruneSelection(remove=remove, layers=list(layers) if layers is not None else None, by=by,
+    selection = PruneSelection(what=what, remove=remove, layers=list(layers) if layers is not None else None, by=by,
                                keep_first=keep_first, keep_last=keep_last, remeasure=remeasure, skip_cost=skip_cost,
                                samples=samples, seq_len=seq_len, text=text)
     runtime, heal = None, None

@@ -204,12 +204,21 @@ def _card_extra(plan: Plan, result: SurgeryResult) -> dict[str, Any] | None:
     extra: dict[str, Any] = {"kept": plan.kept} if plan.kept else {}
     if plan.skipped_blocks:
         extra["removed_blocks"] = f"0-based indices of the source: {', '.join(map(str, plan.skipped_blocks))}"
+    if plan.skipped_sublayers:
+        extra["removed_sublayers"] = f"{sublayer_label(plan.skipped_sublayers)} (0-based block indices, kept in place)"
+    if plan.skipped_blocks or plan.skipped_sublayers:
         if result.change:
             c = result.change
             extra["change_against_the_source"] = [
                 f"perplexity {c.ppl_original:.4g} -> {c.ppl_candidate:.4g} on {c.tokens}",
                 f"top-1 agreement {c.top1_agreement:.2%}, mean KL {c.mean_kl:.4g} nats"]
     return extra or None
+
+
+def sublayer_label(sublayers: dict[str, tuple[int, ...]]) -> str:
+    """E.g. "the attention of blocks 3, 5": which sub-layers a prune removed."""
+    return "; ".join(f"the {'MLP' if kind == 'mlp' else kind} of block{'s' if len(blocks) > 1 else ''} "
+                     f"{', '.join(map(str, blocks))}" for kind, blocks in sublayers.items())
 
 
 NO_LIMITS = Thresholds(max_rel_logit_diff=None, min_top1=None, max_kl=None)
@@ -229,8 +238,8 @@ def _verify(
 ) -> None:
     """Check the staged output against the source, all models streamed from their checkpoints in bounded memory.
 
-    - Pruning: the output must equal the source run with the removed blocks skipped; its change against the
-      intact source is measured and reported.
+    - Pruning: the output must equal the source run with the removed blocks skipped (or the removed sub-layers'
+      outputs zeroed); its change against the intact source is measured and reported.
     - A bf16/fp16 output cannot match its original to float32 precision, so its gate is the rewrite's float32
       twin (the maths, computed from the source tensors as the forward reaches them, never written), while
       the rounding of storing it is measured and reported.
@@ -260,6 +269,16 @@ def _verify(
             skipped = ", ".join(map(str, plan.skipped_blocks))
             report, change = compare_runs(runs, [
                 Pairing(0, 1, (f"{source.spec} with blocks {skipped} skipped", str(out)), thresholds, by_block=True),
+                Pairing(2, 1, label, NO_LIMITS)], tokens, **common)
+            result.check, result.change = report, change
+        elif plan.skipped_sublayers:
+            from normsurgery.depth.skip import zeroing
+
+            runs = [Run(original, lambda: zeroing(original.model, source.arch, plan.skipped_sublayers), blocks),
+                    Run(stored, blocks=blocks), Run(original)]
+            report, change = compare_runs(runs, [
+                Pairing(0, 1, (f"{source.spec} with {sublayer_label(plan.skipped_sublayers)} zeroed", str(out)),
+                        thresholds, by_block=True),
                 Pairing(2, 1, label, NO_LIMITS)], tokens, **common)
             result.check, result.change = report, change
         elif target not in (torch.bfloat16, torch.float16):

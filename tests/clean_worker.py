@@ -77,6 +77,38 @@ def pruned(original: str, candidate: str, skipped: str) -> dict:
     }
 
 
+def pruned_sublayers(original: str, candidate: str, zeroed: str) -> dict:
+    """A candidate without some sub-layers, loaded with its own code, against the stock original whose modules
+    `zeroed` (comma-separated paths: what each removed sub-layer adds to the residual) output zeros (hooks written
+    here): logits; greedy generation of a left-padded batch with the KV cache, against the original's and against
+    the candidate's own without the cache; a cached prefill + continuation against one full forward; and the size
+    of the candidate's cache per layer after those 12 tokens."""
+    a = AutoModelForCausalLM.from_pretrained(original, dtype=torch.float32).eval()
+    b = AutoModelForCausalLM.from_pretrained(candidate, dtype=torch.float32, trust_remote_code=True).eval()
+    for path in zeroed.split(","):
+        a.get_submodule(path).register_forward_hook(lambda module, args, output: torch.zeros_like(output))
+    ids = torch.randint(3, a.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    with torch.no_grad():
+        la, lb = a(ids).logits.double(), b(ids).logits.double()
+        kw = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+        ga, gb = a.generate(ids, use_cache=True, **kw), b.generate(ids, use_cache=True, **kw)
+        uncached = b.generate(ids, use_cache=False, **kw)
+        prefill = b(ids[:, :8], use_cache=True)
+        step = b(ids[:, 8:], past_key_values=prefill.past_key_values).logits.double()
+    cache = prefill.past_key_values
+    return {
+        "rel": ((la - lb).abs().max() / la.abs().max()).item(),
+        "same_generation": ga.tolist() == gb.tolist() == uncached.tolist(),
+        "incremental_rel": ((step - lb[:, 8:]).abs().max() / lb.abs().max()).item(),
+        "cache_numel": [layer.keys.numel() for layer in cache.layers],
+        "replaced": sorted({type(m).__name__ for m in b.modules() if type(m).__name__ in (
+            "PrunedAttention", "PrunedMLP", "Empty", "Zeros")}),
+        "normsurgery_importable": "normsurgery" in sys.modules and sys.modules["normsurgery"] is not None,
+    }
+
+
 for line in sys.stdin:
     request = json.loads(line)
     try:

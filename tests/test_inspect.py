@@ -42,7 +42,7 @@ def test_inspect_json_every_family(name, tiny_model, cli):
     assert facts["layers"] == config[raw_key(config, "num_hidden_layers")]
     assert facts["parameters"] > 0 and facts["dtype"] == "float32" and facts["weights_finite"]
     ops = {o["operation"]: o for o in facts["operations"]}
-    assert set(ops) == {"fold", "rmsnorm", "crmsnorm", "dyt", "none", "prune"}
+    assert set(ops) == {"fold", "rmsnorm", "crmsnorm", "dyt", "none", "prune", "prune-sublayers"}
     assert all(o["reason"] for o in ops.values())
     if name in EXPECTED_PLACEMENT:
         assert facts["placement"] == EXPECTED_PLACEMENT[name]

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 
 from normsurgery.arch.spec import Architecture
 
-OPERATIONS: tuple[str, ...] = ("fold", "rmsnorm", "crmsnorm", "dyt", "none", "prune")
+OPERATIONS: tuple[str, ...] = ("fold", "rmsnorm", "crmsnorm", "dyt", "none", "prune", "prune-sublayers")
 
 
 @dataclass(frozen=True)
@@ -151,4 +151,18 @@ def applicability(arch: Architecture) -> list[Applicability]:
         out.append(Applicability("prune", True, f"{arch.num_layers} blocks; up to {arch.num_layers - 1} can be removed"))
     else:
         out.append(Applicability("prune", False, "a single block cannot be pruned"))
+    out.append(_sublayer_applicability(arch))
     return out
+
+
+def _sublayer_applicability(arch: Architecture) -> Applicability:
+    """Whether `prune --what attention|mlp` applies: blocks with separate sub-layers, more than one of them."""
+    from normsurgery.rewrite.sublayers import sublayer_problem
+
+    problem = sublayer_problem(arch)
+    if problem is not None:
+        return Applicability("prune-sublayers", False, f"{problem}: prune --what attention|mlp needs sequential blocks")
+    if arch.num_layers < 2:
+        return Applicability("prune-sublayers", False, "a single block's attention or MLP cannot be pruned")
+    return Applicability("prune-sublayers", True, "prune --what attention|mlp: sequential blocks, each sub-layer "
+                                                  "removable on its own")

@@ -23,6 +23,7 @@ from normsurgery.errors import NormSurgeryError
 from normsurgery.depth.pipeline import HEAL_BATCH_SIZE, HEAL_LR, PruneSelection
 from normsurgery.depth.select import METHODS
 from normsurgery.depth.stats import LayerStats
+from normsurgery.rewrite.sublayers import WHAT
 
 Samples = Annotated[int, typer.Option(help="Calibration sequences.", rich_help_panel="Calibration")]
 SeqLen = Annotated[int, typer.Option(help="Tokens per calibration sequence.", rich_help_panel="Calibration")]
@@ -39,8 +40,9 @@ def _parse_layers(layers: str) -> list[int]:
 def prune(
     model: Annotated[str, typer.Argument(help="A model folder, a reference model name, or a hub id.")],
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output folder (must not exist unless --force); not needed with --dry-run.")] = None,
-    remove: Annotated[Optional[int], typer.Option("--remove", "-k", help="How many blocks to remove.")] = None,
-    layers: Annotated[Optional[str], typer.Option(help="Remove exactly these 0-based blocks, e.g. 10,11,12 (no measuring).")] = None,
+    remove: Annotated[Optional[int], typer.Option("--remove", "-k", help="How many blocks (or sub-layers, with --what) to remove.")] = None,
+    layers: Annotated[Optional[str], typer.Option(help="Remove exactly these 0-based blocks (or their --what sub-layer), e.g. 10,11,12 (no measuring).")] = None,
+    what: Annotated[str, typer.Option(help=f"What to remove: {', '.join(WHAT)} (the attention or the MLP of the chosen blocks, which stay in place).")] = PruneSelection.what,
     by: Annotated[str, typer.Option(help=f"How to choose: {', '.join(METHODS)}.")] = PruneSelection.by,
     keep_first: Annotated[int, typer.Option(help="Never remove the first N blocks.")] = PruneSelection.keep_first,
     keep_last: Annotated[int, typer.Option(help="Never remove the last N blocks.")] = PruneSelection.keep_last,
@@ -68,17 +70,24 @@ def prune(
     The output is a stock model (no remote code) with the blocks renumbered and the per-layer config re-indexed;
     it is checked to equal the original run with the removed blocks skipped.
 
+    With --what attention (or mlp) only that sub-layer of each chosen block goes: every block keeps its index, the
+    output carries small modeling code (trust_remote_code=True, no normsurgery needed) and stores no keys or values
+    for the removed attention, and it is checked to equal the original with those sub-layers' outputs zeroed.
+    Refused for parallel blocks (attention and MLP reading the same residual).
+
     Examples:
 
       normsurgery prune smollm2-135m --remove 4 -o smollm2-26l
 
       normsurgery prune smollm2-135m --layers 20,21 -o smollm2-28l --heal-steps 100
+
+      normsurgery prune smollm2-135m --what attention --remove 6 -o smollm2-24attn
     """
     from normsurgery.depth.pipeline import run_prune
 
     if heal_steps < 0:
         raise NormSurgeryError(f"--heal-steps cannot be negative (got {heal_steps}).")
-    selection = PruneSelection(remove=remove, layers=_parse_layers(layers) if layers is not None else None, by=by,
+    selection = PruneSelection(what=what, remove=remove, layers=_parse_layers(layers) if layers is not None else None, by=by,
                                keep_first=keep_first, keep_last=keep_last, remeasure=candidates_to_remeasure,
                                skip_cost=skip_cost, samples=samples, seq_len=seq_len, text=text)
     runs_a_model = remove is not None or not no_verify or heal_steps > 0
@@ -111,19 +120,28 @@ def _print_prune(report: dict[str, Any], json_output: bool) -> None:
         return
     selection = report["selection"]
     blocks = ", ".join(map(str, selection["blocks"]))
-    console.print(f"blocks to remove (0-based): [bold]{blocks}[/bold] ({selection['method']}); "
-                  f"{report['kept_blocks']} blocks stay")
+    if report["what"] == "block":
+        console.print(f"blocks to remove (0-based): [bold]{blocks}[/bold] ({selection['method']}); "
+                      f"{report['kept_blocks']} blocks stay")
+    else:
+        console.print(f"{report['what']} sub-layers to remove, of blocks (0-based): [bold]{blocks}[/bold] "
+                      f"({selection['method']}); all {report['kept_blocks']} blocks stay in place")
     for c in selection.get("candidates", []):
         loss = f", calibration CE {c['loss']:.4f}" if c.get("loss") is not None else ""
         console.print(f"  candidate {list(c['blocks'])} by {c['method']} (score {c['score']:.4g}{loss})")
     if report.get("dry_run"):
         console.print("dry run: nothing written")
         return
-    console.print(f"[bold green]wrote[/bold green] {report['output']} (a stock model; config re-indexed: "
-                  f"{', '.join(report['config_updates'])})")
+    if report["what"] == "block":
+        console.print(f"[bold green]wrote[/bold green] {report['output']} (a stock model; config re-indexed: "
+                      f"{', '.join(report['config_updates'])})")
+    else:
+        console.print(f"[bold green]wrote[/bold green] {report['output']} (with its own modeling code: load it with "
+                      "trust_remote_code=True)")
     if report.get("check"):
         c = report["check"]
-        console.print(f"check against the original with those blocks skipped: {c['rel_logit_diff']:.3g} of the logit "
+        removed = "blocks skipped" if report["what"] == "block" else "sub-layers zeroed"
+        console.print(f"check against the original with those {removed}: {c['rel_logit_diff']:.3g} of the logit "
                       f"scale, top-1 agreement {c['top1_agreement']:.2%}")
     if report.get("change"):
         c = report["change"]
@@ -140,6 +158,7 @@ def diagnose(
     html: Annotated[Optional[Path], typer.Option("--html", help="Write a self-contained HTML report here.")] = None,
     png: Annotated[Optional[Path], typer.Option("--png", help="Write the plots as PNG files into this folder.")] = None,
     skip_cost: Annotated[bool, typer.Option("--skip-cost/--no-skip-cost", help="Measure each block's skip cost (one pass per block).")] = True,
+    sublayer_skip_cost: Annotated[bool, typer.Option("--sublayer-skip-cost", help="Also measure each attention and MLP sub-layer's skip cost (two passes per block).")] = False,
     samples: Samples = PruneSelection.samples,
     seq_len: SeqLen = PruneSelection.seq_len,
     text: Text = None,
@@ -150,7 +169,8 @@ def diagnose(
     allow_pickle: AllowPickle = False,
     trust_remote_code: TrustRemoteCode = False,
 ) -> None:
-    """Per-block diagnostics: residual norm growth, norm gains, Block Influence, angular distances, skip costs.
+    """Per-block diagnostics: residual norm growth, norm gains, Block Influence, angular distances, skip costs;
+    each attention and MLP sub-layer's influence (and skip cost with --sublayer-skip-cost).
 
     Examples:
 
@@ -163,6 +183,7 @@ def diagnose(
 
     with console.status("measuring blocks on calibration text", spinner="dots") if not json_output else nullcontext():
         stats = diagnose_model(model, samples=samples, seq_len=seq_len, text=text, skip_cost=skip_cost,
+                               sublayer_skip_cost=sublayer_skip_cost,
                                allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
                                runtime=resolve_runtime(device, max_memory))
     notes: dict[str, Any] = {}
@@ -196,19 +217,28 @@ def _print_stats(stats: LayerStats) -> None:
     console.print(f"{stats.model}: {stats.family}, {stats.num_layers} blocks, {stats.norm_placement}; "
                   f"{stats.sequences} x {stats.tokens // max(1, stats.sequences)} calibration tokens, CE {stats.base_ce:.4f}")
     table = Table(show_edge=False)
-    for column in ("block", "BI", "angular n=1", "rel. update", "update cos", "residual RMS") + (
-            ("skip cost",) if stats.skip_cost is not None else ()):
-        table.add_column(column, justify="right")
+    columns = [("block", [str(i) for i in range(stats.num_layers)]),
+               ("BI", [f"{v:.4f}" for v in stats.block_influence]),
+               ("angular n=1", [f"{v:.4f}" for v in stats.angular_last[0]]),
+               ("rel. update", [f"{v:.4f}" for v in stats.relative_update]),
+               ("update cos", [f"{v:+.3f}" for v in stats.update_cosine]),
+               ("residual RMS", [f"{v:.4g}" for v in stats.residual_rms[:-1]])]
+    for label, values, fmt in (("skip cost", stats.skip_cost, "+.4f"), ("attn BI", stats.attention_influence, ".4f"),
+                               ("MLP BI", stats.mlp_influence, ".4f"),
+                               ("attn skip", stats.attention_skip_cost, "+.4f"),
+                               ("MLP skip", stats.mlp_skip_cost, "+.4f")):
+        if values is not None:
+            columns.append((label, [format(v, fmt) for v in values]))
+    for label, _ in columns:
+        table.add_column(label, justify="right")
     low = set(sorted(range(stats.num_layers), key=lambda i: stats.block_influence[i])[: max(1, stats.num_layers // 4)])
     for i in range(stats.num_layers):
-        row = [str(i), f"{stats.block_influence[i]:.4f}", f"{stats.angular_last[0][i]:.4f}",
-               f"{stats.relative_update[i]:.4f}", f"{stats.update_cosine[i]:+.3f}", f"{stats.residual_rms[i]:.4g}"]
-        if stats.skip_cost is not None:
-            row.append(f"{stats.skip_cost[i]:+.4f}")
-        table.add_row(*row, style="bold" if i in low else None)
+        table.add_row(*(values[i] for _, values in columns), style="bold" if i in low else None)
     console.print(table)
     console.print(f"residual RMS after the last block (before the final norm): {stats.residual_rms[-1]:.4g}. "
-                  "Bold: the quarter of blocks with the lowest Block Influence.")
+                  "Bold: the quarter of blocks with the lowest Block Influence."
+                  + (" attn BI / MLP BI: 1 - cos of the residual before and after the block's attention / MLP "
+                     "(what prune --what attention|mlp ranks by)." if stats.attention_influence is not None else ""))
 
 
 __all__ = ["prune", "diagnose"]

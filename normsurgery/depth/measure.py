@@ -1,9 +1,11 @@
 """Measure a loaded model's per-block statistics on calibration batches, in one pass with hooks.
 
 Hooks record the raw residual stream entering every block and entering the final norm (so the last block's
-output is never the post-norm `hidden_states[-1]` of transformers). All pairwise cosines between depths are
+output is never the post-norm `hidden_states[-1]` of transformers), and, where blocks have separate attention and
+MLP sub-layers, the residual between them (entering the MLP). All pairwise cosines between depths are
 one batched Gram product per token in float64, from which Block Influence (consecutive depths) and the
-angular distance of every span (l, n) follow. The skip cost reruns the batches once per block, skipped.
+angular distance of every span (l, n) follow; each sub-layer's influence is 1 - cos of the residual before and
+after it. The skip cost reruns the batches once per block skipped (and once per sub-layer zeroed).
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ import torch
 
 from normsurgery.arch.facts import norm_label, placement
 from normsurgery.arch.spec import Architecture
-from normsurgery.depth.skip import skipping
+from normsurgery.depth.skip import skipping, zeroing
 from normsurgery.depth.stats import LayerStats, NormGain
 from normsurgery.engine.forward import cross_entropy as mean_ce
 from normsurgery.engine.forward import next_token_nll
+from normsurgery.rewrite.sublayers import SUBLAYERS, WHAT, has_sublayers, sublayers
 
 if TYPE_CHECKING:
     from normsurgery.depth.select import Candidate
@@ -30,21 +33,28 @@ def cross_entropy(model: torch.nn.Module, ids: torch.Tensor, batch_size: int = 4
 
 
 class _Residuals:
-    """Forward pre-hooks that keep the residual stream entering each block and the final norm."""
+    """Forward pre-hooks that keep the residual stream entering each block and the final norm, and (`mids`) the
+    residual entering each block's MLP sub-layer when the blocks have separate sub-layers."""
 
-    def __init__(self, model: torch.nn.Module, arch: Architecture) -> None:
-        self.states: list[torch.Tensor | None] = [None] * (arch.num_layers + 1)
+    def __init__(self, model: torch.nn.Module, arch: Architecture, mids: bool) -> None:
+        L = arch.num_layers
+        self.states: list[torch.Tensor | None] = [None] * (L + 1)
+        self.mids: list[torch.Tensor | None] = [None] * L if mids else []
         modules = [model.get_submodule(b.prefix.rstrip(".")) for b in arch.blocks]
         modules.append(model.get_submodule(arch.final_norm.name) if arch.final_norm else None)
-        self.handles = [m.register_forward_pre_hook(self._keeper(i), with_kwargs=True)
+        self.handles = [m.register_forward_pre_hook(self._keeper(self.states, i), with_kwargs=True)
                         for i, m in enumerate(modules) if m is not None]
         if arch.final_norm is None:  # no final norm: the last block's output, from a forward hook
             last = modules[-2]
-            self.handles.append(last.register_forward_hook(self._output_keeper(arch.num_layers)))
+            self.handles.append(last.register_forward_hook(self._output_keeper(L)))
+        for i, found in enumerate(sublayers(arch) if mids else []):
+            entry = model.get_submodule(found["mlp"].entry)
+            self.handles.append(entry.register_forward_pre_hook(self._keeper(self.mids, i), with_kwargs=True))
 
-    def _keeper(self, index: int) -> Callable[..., None]:
+    @staticmethod
+    def _keeper(into: list[torch.Tensor | None], index: int) -> Callable[..., None]:
         def keep(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            self.states[index] = (args[0] if args else kwargs["hidden_states"]).detach()
+            into[index] = (args[0] if args else kwargs["hidden_states"]).detach()
         return keep
 
     def _output_keeper(self, index: int) -> Callable[..., None]:
@@ -64,6 +74,7 @@ class _Accumulator:
     """Running sums of the per-depth statistics over batches."""
 
     def __init__(self, depths: int) -> None:
+        self.sublayer_cos = torch.zeros(len(SUBLAYERS), depths - 1, dtype=torch.float64)
         self.angle_all = torch.zeros(depths, depths, dtype=torch.float64)
         self.angle_last = torch.zeros(depths, depths, dtype=torch.float64)
         self.cos_next = torch.zeros(depths - 1, dtype=torch.float64)
@@ -73,13 +84,25 @@ class _Accumulator:
         self.tokens = 0
         self.sequences = 0
 
-    def add(self, states: list[torch.Tensor]) -> None:
-        """Fold one batch of residual states (one [batch, positions, d] tensor per depth) into the sums, a few
-        sequences at a time so that the float64 work stays near TOKENS_AT_ONCE tokens whatever the batch."""
+    def add(self, states: list[torch.Tensor], mids: list[torch.Tensor]) -> None:
+        """Fold one batch of residual states (one [batch, positions, d] tensor per depth; `mids`: one per block
+        between its sub-layers, or none) into the sums, a few sequences at a time so that the float64 work stays
+        near TOKENS_AT_ONCE tokens whatever the batch."""
         positions = states[0].shape[1]
         step = max(1, TOKENS_AT_ONCE // positions)
         for start in range(0, states[0].shape[0], step):
             self._add([s[start:start + step] for s in states])
+            if mids:
+                self._add_sublayers([s[start:start + step] for s in states], [m[start:start + step] for m in mids])
+
+    def _add_sublayers(self, states: list[torch.Tensor], mids: list[torch.Tensor]) -> None:
+        """Sum each sub-layer's cosine between the residual before and after it: attention h_l -> mid_l, MLP
+        mid_l -> h_{l+1}."""
+        h = torch.stack([s.double() for s in states])  # [depth, batch, positions, d]
+        mid = torch.stack([m.double() for m in mids])  # [depth - 1, batch, positions, d]
+        cos = torch.nn.functional.cosine_similarity
+        self.sublayer_cos[0] += cos(h[:-1], mid, dim=-1).flatten(1).sum(1)
+        self.sublayer_cos[1] += cos(mid, h[1:], dim=-1).flatten(1).sum(1)
 
     def _add(self, states: list[torch.Tensor]) -> None:
         h = torch.stack([s.double() for s in states])  # [depth, batch, positions, d]
@@ -118,12 +141,15 @@ def norm_gains(arch: Architecture, weight: Callable[[str], torch.Tensor]) -> lis
 
 @torch.no_grad()
 def measure(model: torch.nn.Module, arch: Architecture, ids: torch.Tensor, *, label: str, batch_size: int = 4,
-            skip_cost: bool = False, weight: Callable[[str], torch.Tensor] | None = None,
+            skip_cost: bool = False, costs_of: tuple[str, ...] = WHAT,
+            weight: Callable[[str], torch.Tensor] | None = None,
             on_batch: Callable[[], None] | None = None) -> LayerStats:
-    """Every per-block statistic of `model` on the calibration `ids` (skip costs only when asked: L more passes).
-    `weight` reads a tensor by name for the gain statistics (default: the model's own parameters)."""
+    """Every per-block statistic of `model` on the calibration `ids` (skip costs only when asked: L more passes for
+    each of `costs_of`, blocks and the sub-layers the model has). `weight` reads a tensor by name for the gain
+    statistics (default: the model's own parameters)."""
     model.eval()
-    hooks = _Residuals(model, arch)
+    split = has_sublayers(arch)
+    hooks = _Residuals(model, arch, mids=split)
     acc = _Accumulator(arch.num_layers + 1)
     total, count = 0.0, 0
     try:
@@ -131,7 +157,7 @@ def measure(model: torch.nn.Module, arch: Architecture, ids: torch.Tensor, *, la
             logits = model(input_ids=batch, use_cache=False).logits.double()
             total += float(next_token_nll(logits, batch))
             count += batch[:, 1:].numel()
-            acc.add([s for s in hooks.states])  # type: ignore[misc]
+            acc.add(hooks.states, hooks.mids)  # type: ignore[arg-type]
             if on_batch:
                 on_batch()
     finally:
@@ -156,21 +182,35 @@ def measure(model: torch.nn.Module, arch: Architecture, ids: torch.Tensor, *, la
         update_cosine=(acc.update_cos / acc.tokens).tolist(),
         norm_gains=norm_gains(arch, weight or model.get_parameter),
     )
-    if skip_cost:
-        stats.skip_cost = []
-        for block in range(L):
-            with skipping(model, arch, [block]):
-                stats.skip_cost.append(cross_entropy(model, ids, batch_size) - base)
-            if on_batch:
-                on_batch()
+    if split:
+        stats.attention_influence, stats.mlp_influence = (1 - acc.sublayer_cos / acc.tokens).tolist()
+    if skip_cost and "block" in costs_of:
+        stats.skip_cost = _skip_costs(model, ids, batch_size, base, lambda b: skipping(model, arch, [b]), L, on_batch)
+    for kind in SUBLAYERS if skip_cost and split else ():
+        if kind in costs_of:
+            costs = _skip_costs(model, ids, batch_size, base, lambda b: zeroing(model, arch, {kind: [b]}), L, on_batch)
+            setattr(stats, f"{kind}_skip_cost", costs)
     return stats
+
+
+def _skip_costs(model: torch.nn.Module, ids: torch.Tensor, batch_size: int, base: float,
+                without: Callable[[int], Any], count: int, on_batch: Callable[[], None] | None) -> list[float]:
+    """Calibration cross-entropy with each of `count` parts removed (`without(i)`: the context), minus `base`."""
+    costs = []
+    for i in range(count):
+        with without(i):
+            costs.append(cross_entropy(model, ids, batch_size) - base)
+        if on_batch:
+            on_batch()
+    return costs
 
 
 @torch.no_grad()
 def remeasure(model: torch.nn.Module, arch: Architecture, ids: torch.Tensor, found: list[Candidate],
-              batch_size: int = 4) -> Candidate:
-    """Set each candidate's calibration loss (its blocks skipped) and return the lowest."""
+              batch_size: int = 4, what: str = "block") -> Candidate:
+    """Set each candidate's calibration loss (its blocks skipped, or their `what` sub-layers zeroed) and return the
+    lowest."""
     for candidate in found:
-        with skipping(model, arch, candidate.blocks):
+        with skipping(model, arch, candidate.blocks) if what == "block" else zeroing(model, arch, {what: candidate.blocks}):
             candidate.loss = cross_entropy(model, ids, batch_size)
     return min(found, key=lambda c: (c.loss, c.blocks))

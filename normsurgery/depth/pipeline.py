@@ -1,6 +1,6 @@
 """Pruning end to end, file to file: measure the blocks on calibration text (or take the named ones), choose,
-write the pruned model verified against the original with those blocks skipped, optionally heal it. Prints
-nothing."""
+write the pruned model verified against the original with those blocks skipped (or, pruning sub-layers, with
+their attention or MLP zeroed), optionally heal it. Prints nothing."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from normsurgery.errors import NormSurgeryError
 from normsurgery.depth.select import candidates
 from normsurgery.depth.stats import LayerStats
+from normsurgery.rewrite.sublayers import WHAT
 
 if TYPE_CHECKING:
     import torch
@@ -27,8 +28,10 @@ HEAL_BATCH_SIZE = 8
 
 @dataclass
 class PruneSelection:
-    """How `prune` chooses its blocks: `remove` K by a method, or exactly `layers`; and the calibration text."""
+    """How `prune` chooses its blocks: `remove` K by a method, or exactly `layers`; whether it removes the whole
+    blocks or only their attention or MLP (`what`); and the calibration text."""
 
+    what: str = "block"
     remove: int | None = None
     layers: list[int] | None = None
     by: str = "auto"
@@ -42,8 +45,9 @@ class PruneSelection:
 
 
 def _stats(source: ModelSource, opened: OpenModel, tokenizer: Any, *, samples: int, seq_len: int,
-           text: str | None, skip_cost: bool) -> tuple[LayerStats, torch.Tensor]:
-    """Measure the per-block statistics of an opened model on its calibration text."""
+           text: str | None, skip_cost: bool, costs_of: tuple[str, ...] = WHAT) -> tuple[LayerStats, torch.Tensor]:
+    """Measure the per-block statistics of an opened model on its calibration text (skip costs of `costs_of`:
+    blocks and/or sub-layers)."""
     from normsurgery.depth.measure import measure
     from normsurgery.engine.text import context_length, load_text, sample
 
@@ -51,7 +55,7 @@ def _stats(source: ModelSource, opened: OpenModel, tokenizer: Any, *, samples: i
         raise NormSurgeryError("--samples must be at least 1 and --seq-len at least 2.")
     seq_len = min(seq_len, context_length(source.config) or seq_len)
     ids, _ = sample(tokenizer, seq_len=seq_len, sequences=samples, text=load_text(text)[0] if text else None)
-    stats = measure(opened.model, source.arch, ids, label=source.spec, skip_cost=skip_cost,
+    stats = measure(opened.model, source.arch, ids, label=source.spec, skip_cost=skip_cost, costs_of=costs_of,
                     weight=source.reader.get, batch_size=measure_batch(opened, source, seq_len))
     return stats, ids
 
@@ -59,7 +63,9 @@ def _stats(source: ModelSource, opened: OpenModel, tokenizer: Any, *, samples: i
 def measure_batch(opened: OpenModel, source: ModelSource, seq_len: int) -> int:
     """Sequences per forward: all that fit the budget beside the residual state of every depth that the
     measurement keeps (float32)."""
-    depths = source.arch.num_layers + 1
+    from normsurgery.rewrite.sublayers import has_sublayers
+
+    depths = source.arch.num_layers * (2 if has_sublayers(source.arch) else 1) + 1
     return opened.lazy.tokens_per_pass(seq_len, extra_per_token=depths * source.arch.hidden_size * 4)
 
 
@@ -79,10 +85,14 @@ def _load(source: ModelSource, runtime: Runtime, allow_pickle: bool, trust_remot
 
 
 def diagnose_model(model: str, *, samples: int = PruneSelection.samples, seq_len: int = PruneSelection.seq_len,
-                   text: str | None = None, skip_cost: bool = True, allow_pickle: bool = False, trust_remote_code: bool = False,
+                   text: str | None = None, skip_cost: bool = True, sublayer_skip_cost: bool = False,
+                   allow_pickle: bool = False, trust_remote_code: bool = False,
                    runtime: Runtime | None = None) -> LayerStats:
     """Per-block statistics of `model` on calibration text (`text`: a .txt/.jsonl file, or the Shakespeare
-    calibration split), with where it ran and the peak memory in `.memory`."""
+    calibration split), with where it ran and the peak memory in `.memory`; skip costs of the blocks
+    (`skip_cost`) and of their attention and MLP sub-layers (`sublayer_skip_cost`: two more passes per block)."""
+    from normsurgery.rewrite.sublayers import SUBLAYERS
+
     from normsurgery.engine.resources import peak_rss, resolve_runtime
     from normsurgery.source import open_model
 
@@ -91,8 +101,9 @@ def diagnose_model(model: str, *, samples: int = PruneSelection.samples, seq_len
     try:
         opened, tokenizer = _load(source, runtime, allow_pickle, trust_remote_code)
         with opened:
+            costs_of = (("block",) if skip_cost else ()) + (SUBLAYERS if sublayer_skip_cost else ())
             stats, _ = _stats(source, opened, tokenizer, samples=samples, seq_len=seq_len, text=text,
-                              skip_cost=skip_cost)
+                              skip_cost=bool(costs_of), costs_of=costs_of)
             stats.memory = {**opened.lazy.describe(), "peak_rss_bytes": peak_rss()}
     finally:
         source.close()
@@ -105,14 +116,19 @@ def run_prune(model: str, output: Path | None, selection: PruneSelection, *, hea
     """Choose the blocks, write the pruned model (verified), optionally heal it (`heal`: FinetuneOptions); the report.
     Measurement and verification run on `runtime` (default: the free memory of the best device)."""
     from normsurgery.checkpoint.writer import parse_size
-    from normsurgery.rewrite.prune import check_removal, plan_prune
+    from normsurgery.rewrite.sublayers import check_what, sublayers
     from normsurgery.source import open_model
     from normsurgery.surgery import apply_plan
     from normsurgery.thresholds import Thresholds
 
     s = selection
+    check_what(s.what)
     if (s.remove is None) == (s.layers is None):
         raise NormSurgeryError("give either --remove K (choose K blocks) or --layers (name them), not both or neither.")
+    if s.what != "block" and heal is not None:
+        raise NormSurgeryError(f"--heal-steps is not available with --what {s.what}: the heal fine-tunes stock "
+                               "models, and a model without some sub-layers carries its own modeling code. Prune "
+                               "without healing, or remove whole blocks.")
     shard_bytes = parse_size(max_shard_size)
     if output is None and not dry_run:
         raise NormSurgeryError("give an output folder with -o/--output (or --dry-run to only choose the blocks).")
@@ -125,10 +141,12 @@ def run_prune(model: str, output: Path | None, selection: PruneSelection, *, hea
     shapes = "now" if s.layers is None else "unchecked" if not verify and heal is None else "background"
     source = open_model(model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
                         scan_finite=s.layers is None, shapes=shapes)
-    report: dict[str, Any] = {"operation": "prune", "source": source.spec}
+    report: dict[str, Any] = {"operation": "prune", "source": source.spec, "what": s.what}
     try:
+        if s.what != "block":
+            sublayers(source.arch)  # the refusal for a model without separate sub-layers, before any measuring
         if s.layers is not None:
-            chosen = check_removal(source.arch, s.layers)
+            chosen = _checked(source.arch, s.what, s.layers)
             report["selection"] = {"method": "given", "blocks": chosen}
         else:
             from normsurgery.engine.resources import peak_rss, resolve_runtime
@@ -138,19 +156,20 @@ def run_prune(model: str, output: Path | None, selection: PruneSelection, *, hea
             opened, tokenizer = _load(source, runtime, allow_pickle, trust_remote_code)
             with opened:
                 stats, ids = _stats(source, opened, tokenizer, samples=s.samples, seq_len=s.seq_len, text=s.text,
-                                    skip_cost=s.skip_cost)
+                                    skip_cost=s.skip_cost, costs_of=(s.what,))
                 found = candidates(stats, int(s.remove or 0), s.by, keep_first=s.keep_first, keep_last=s.keep_last,
-                                   top=max(1, s.remeasure))
+                                   top=max(1, s.remeasure), what=s.what)
                 batch = opened.lazy.tokens_per_pass(int(ids.shape[1]))
-                best = remeasure(opened.model, source.arch, ids, found, batch) if s.remeasure > 0 else found[0]
+                best = (remeasure(opened.model, source.arch, ids, found, batch, what=s.what) if s.remeasure > 0
+                        else found[0])
                 report["memory"] = {**opened.lazy.describe(), "peak_rss_bytes": peak_rss()}
             del opened
-            chosen = check_removal(source.arch, list(best.blocks))
+            chosen = _checked(source.arch, s.what, list(best.blocks))
             report["selection"] = {"method": s.by, "blocks": chosen, "calibration_ce": stats.base_ce,
                                    "candidates": [asdict(c) for c in found]}
-        plan = plan_prune(source.arch, source.reader.config, source.reader.names(), chosen)
+        plan = _plan(source, s.what, chosen)
         plan.check_dropped = s.layers is not None  # --remove scanned every tensor when it opened the model
-        report["kept_blocks"] = source.arch.num_layers - len(chosen)
+        report["kept_blocks"] = source.arch.num_layers - (len(chosen) if s.what == "block" else 0)
         if dry_run:
             report.update(dry_run=True, config_updates=plan.all_config_updates(source.settings))
         elif heal is not None:
@@ -166,6 +185,24 @@ def run_prune(model: str, output: Path | None, selection: PruneSelection, *, hea
     finally:
         source.close()
     return report
+
+
+def _checked(arch: Any, what: str, blocks: list[int]) -> list[int]:
+    """The blocks (whose `what` goes) sorted, or the error saying why they cannot be removed."""
+    from normsurgery.rewrite.prune import check_removal
+    from normsurgery.rewrite.sublayers import check_sublayer_removal
+
+    return check_removal(arch, blocks) if what == "block" else check_sublayer_removal(arch, what, blocks)
+
+
+def _plan(source: ModelSource, what: str, blocks: list[int]) -> Any:
+    """The plan that removes the blocks, or their `what` sub-layers."""
+    from normsurgery.rewrite.prune import plan_prune
+    from normsurgery.rewrite.sublayers import plan_sublayer_prune
+
+    if what == "block":
+        return plan_prune(source.arch, source.reader.config, source.reader.names(), blocks)
+    return plan_sublayer_prune(source.arch, source.reader.names(), what, blocks)
 
 
 def _write_and_heal(source: ModelSource, plan: Any, out: Path, force: bool, shard_bytes: int, options: Any,

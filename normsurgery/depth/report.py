@@ -76,7 +76,8 @@ def _draw_residual_norm(plt: Any, stats: LayerStats, path: Path) -> None:
 
 
 def _draw_block_influence(plt: Any, stats: LayerStats, path: Path) -> None:
-    """Block influence per block, and the skip cost below it when it was measured."""
+    """Block influence per block, and the skip cost below it when it was measured; each block's attention and MLP
+    sub-layers' own as markers where the blocks have them."""
     rows = 1 if stats.skip_cost is None else 2
     fig, axes = plt.subplots(rows, 1, figsize=(8, 4.5), dpi=100, sharex=True, squeeze=False,
                              layout="constrained")
@@ -84,14 +85,25 @@ def _draw_block_influence(plt: Any, stats: LayerStats, path: Path) -> None:
     bi_ax.bar(range(len(stats.block_influence)), stats.block_influence, color="tab:blue")
     bi_ax.set_ylabel("block influence")
     bi_ax.set_title(_title(stats, "Block influence (1 - cos(h_l, h_l+1))"), fontsize=10)
+    _sublayer_markers(bi_ax, stats.attention_influence, stats.mlp_influence)
     if stats.skip_cost is not None:
         skip_ax = axes[1][0]
         skip_ax.bar(range(len(stats.skip_cost)), stats.skip_cost, color="tab:red")
         skip_ax.axhline(0.0, color="tab:gray", linewidth=0.6)
         skip_ax.set_ylabel("skip cost (nats/token)")
+        _sublayer_markers(skip_ax, stats.attention_skip_cost, stats.mlp_skip_cost)
     axes[-1][0].set_xlabel("block l")
     _integer_ticks(axes[-1][0].xaxis)
     _save(plt, fig, path)
+
+
+def _sublayer_markers(ax: Any, attention: list[float] | None, mlp: list[float] | None) -> None:
+    """The attention and MLP sub-layers' values of each block as markers over its bar, when measured."""
+    if attention is None or mlp is None:
+        return
+    ax.plot(range(len(attention)), attention, "o", color="tab:orange", label="attention")
+    ax.plot(range(len(mlp)), mlp, "s", color="tab:green", label="MLP")
+    ax.legend(fontsize=8)
 
 
 def _triangle(spans: list[list[float]], num_layers: int) -> Any:
@@ -207,6 +219,11 @@ def _table(stats: LayerStats) -> list[str]:
                "residual RMS entering"]
     if stats.skip_cost is not None:
         columns.append("skip cost (nats/token)")
+    sublayer_columns = [(label, values) for label, values in (
+        ("attention BI", stats.attention_influence), ("MLP BI", stats.mlp_influence),
+        ("attention skip cost", stats.attention_skip_cost), ("MLP skip cost", stats.mlp_skip_cost))
+        if values is not None]
+    columns += [label for label, _ in sublayer_columns]
     lines = ["<table>", "<thead><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in columns) + "</tr></thead>",
              "<tbody>"]
     low = _low_bi_blocks(stats)
@@ -217,6 +234,7 @@ def _table(stats: LayerStats) -> list[str]:
         cells = [str(layer), *map(_num, values)]
         if stats.skip_cost is not None:
             cells.append(_num(stats.skip_cost[layer]))
+        cells += [_num(values[layer]) for _, values in sublayer_columns]
         attrs = f' class="{LOW_BI_CLASS}"' if layer in low else ""
         lines.append(f"<tr{attrs}>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
     lines += ["</tbody>", "</table>"]

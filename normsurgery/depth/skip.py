@@ -1,5 +1,6 @@
-"""Skip blocks of a loaded model in place (each passes its input through): the reference a pruned checkpoint
-must equal, and how a block's skip cost is measured."""
+"""Skip blocks, or zero sub-layers, of a loaded model in place (a skipped block passes its input through, a zeroed
+sub-layer adds nothing to the residual): the reference a pruned checkpoint must equal, and how skip costs are
+measured."""
 
 from __future__ import annotations
 
@@ -25,6 +26,27 @@ def skipping(model: torch.nn.Module, arch: Architecture, blocks: list[int] | tup
     handles = [model.get_submodule(arch.blocks[i].prefix.rstrip(".")).register_forward_hook(_pass_through,
                                                                                                with_kwargs=True)
                for i in blocks]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _zero_output(module: torch.nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+    """A forward hook that replaces a module's output by zeros."""
+    return torch.zeros_like(output)
+
+
+@contextmanager
+def zeroing(model: torch.nn.Module, arch: Architecture, sublayers: dict[str, tuple[int, ...] | list[int]]) -> Iterator[None]:
+    """Within the context, the given sub-layers of `model` ("attention"/"mlp" -> block indices) add nothing to the
+    residual: the output of what each adds (its output norm, else its writer) is zeroed."""
+    from normsurgery.rewrite.sublayers import sublayers as find
+
+    found = find(arch)
+    handles = [model.get_submodule(found[i][kind].contribution).register_forward_hook(_zero_output)
+               for kind, blocks in sublayers.items() for i in blocks]
     try:
         yield
     finally:

@@ -47,6 +47,13 @@ class LayerStats:
     update_cosine: list[float]  # mean over tokens of cos(h_{l+1} - h_l, h_l), l = 0..L-1
     norm_gains: list[NormGain] = field(default_factory=list)
     skip_cost: list[float] | None = None  # CE with block l skipped minus base_ce (nats/token), when measured
+    # blocks with separate attention and MLP sub-layers (else None): 1 - mean over tokens of the cosine between the
+    # residual before and after block l's attention (h_l, m_l) and MLP (m_l, h_{l+1}), m_l the residual between them
+    attention_influence: list[float] | None = None
+    mlp_influence: list[float] | None = None
+    # CE with block l's attention (MLP) output zeroed minus base_ce, when skip costs are measured
+    attention_skip_cost: list[float] | None = None
+    mlp_skip_cost: list[float] | None = None
     memory: dict[str, Any] | None = None  # where it ran, the budget, what stayed resident, the peak memory
 
     def angular(self, n: int, last_token: bool = True) -> list[float]:

@@ -2,12 +2,14 @@
 
 It needs only torch and transformers. The checkpoint is a stock transformers model (`base_config`)
 with a few modules changed, listed in `surgery`: norms swapped for RMSNorm, CRMSNorm, DyT, Derf or identity,
-biases added to linear layers, and tensors whose residual width shrank (CRMSNorm stores d-1
-coordinates). Load it with `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`.
+biases added to linear layers, tensors whose residual width shrank (CRMSNorm stores d-1
+coordinates), and pruned attention or MLP sub-layers replaced by modules that add nothing to the residual.
+Load it with `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
@@ -119,6 +121,68 @@ class DynamicErf(DynamicTanh):
 
 
 NORMS = {"rmsnorm": RMSNorm, "crmsnorm": CRMSNorm, "dyt": DynamicTanh, "derf": DynamicErf}
+CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value", "layer_past")  # names across transformers versions
+
+
+class PrunedMLP(nn.Module):
+    """A removed MLP: adds nothing to the residual. A stock module that adds the residual itself (BLOOM, MPT: a
+    `residual` argument) returns that residual."""
+
+    def __init__(self, replaced: nn.Module, **_: object):
+        super().__init__()
+        names = [p for p in inspect.signature(type(replaced).forward).parameters if p != "self"]
+        self.residual_at = names.index("residual") if "residual" in names else None
+
+    def output(self, args: tuple, kwargs: dict) -> torch.Tensor:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if self.residual_at is None:
+            return torch.zeros_like(hidden)
+        return args[self.residual_at] if len(args) > self.residual_at else kwargs["residual"]
+
+    def forward(self, *args, **kwargs):
+        return self.output(args, kwargs)
+
+
+class PrunedAttention(PrunedMLP):
+    """A removed attention: adds nothing to the residual and stores no keys or values. Its cache layer still
+    records how many tokens went by (one zero per token, not heads x head size), because transformers reads the
+    sequence length and the mask sizes from the cache's layers."""
+
+    def __init__(self, replaced: nn.Module, layer: int, **_: object):
+        super().__init__(replaced)
+        self.layer = layer
+
+    def forward(self, *args, **kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        cache = next((kwargs[k] for k in CACHE_ARGUMENTS if kwargs.get(k) is not None), None)
+        if cache is not None:
+            marker = hidden.new_zeros(hidden.shape[0], 1, hidden.shape[1], 1)
+            cache.update(marker, marker, self.layer)
+        return self.output(args, kwargs), None
+
+
+class Empty(nn.Module):
+    """A removed MLP's input projection kept in the block itself (OPT, BioGPT fc1): zero features."""
+
+    def __init__(self, replaced: nn.Module, **_: object):
+        super().__init__()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros(*x.shape[:-1], 0)
+
+
+class Zeros(nn.Module):
+    """A removed MLP's output projection kept in the block itself (OPT, BioGPT fc2): zeros of the residual width."""
+
+    def __init__(self, replaced: nn.Module, width: int, **_: object):
+        super().__init__()
+        self.width = width
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros(*x.shape[:-1], self.width)
+
+
+PRUNED = {"attention": PrunedAttention, "mlp": PrunedMLP, "empty": Empty, "zeros": Zeros}
 
 
 def _module(model: nn.Module, path: str, unembed: str | None) -> nn.Module:
@@ -133,8 +197,12 @@ def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
 
 
 def apply_surgery(model: nn.Module, surgery: dict) -> None:
-    """Swap norms, add biases and resize tensors as `surgery` lists, before the weights are loaded."""
+    """Replace pruned sub-layers, swap norms, add biases and resize tensors as `surgery` lists, before the weights
+    are loaded."""
     unembed = surgery.get("unembed")
+    for path, spec in surgery.get("modules", {}).items():
+        spec = dict(spec)
+        _set_module(model, path, PRUNED[spec.pop("kind")](model.get_submodule(path), **spec))
     for path, spec in surgery.get("norms", {}).items():
         spec = dict(spec)
         kind = spec.pop("kind")

@@ -63,7 +63,10 @@ def describe(step: Any) -> str:
     if isinstance(step, ConvertStep):
         return f"convert --to {step.to}"
     if isinstance(step, PruneStep):
-        return f"prune {'layers ' + ','.join(map(str, step.layers)) if step.layers else f'{step.remove} blocks by {step.by}'}"
+        which = "" if step.what == "block" else f"{step.what} of "
+        if step.layers:
+            return f"prune {which}layers {','.join(map(str, step.layers))}"
+        return f"prune {which}{step.remove} blocks by {step.by}"
     if isinstance(step, HealStep):
         return f"heal {step.steps} steps"
     if isinstance(step, CheckStep):
@@ -209,14 +212,15 @@ class RecipeRun:
     def _prune(self, step: PruneStep, result: StepResult) -> None:
         from normsurgery.depth.pipeline import PruneSelection, run_prune
 
-        selection = PruneSelection(remove=step.remove, layers=step.layers, by=step.by, keep_first=step.keep_first,
-                                   keep_last=step.keep_last, remeasure=step.remeasure, samples=step.samples,
-                                   seq_len=step.seq_len, text=step.text)
+        selection = PruneSelection(what=step.what, remove=step.remove, layers=step.layers, by=step.by,
+                                   keep_first=step.keep_first, keep_last=step.keep_last, remeasure=step.remeasure,
+                                   samples=step.samples, seq_len=step.seq_len, text=step.text)
         out = self._next(result)
         report = run_prune(str(self.current), out, selection, force=True,
                            trust_remote_code=self.trust_remote_code, runtime=self.runtime)
         change = report.get("change") or {}
-        result.figures = {"removed_blocks": report["selection"]["blocks"], "kept_blocks": report["kept_blocks"],
+        removed = "removed_blocks" if step.what == "block" else f"removed_{step.what}_of_blocks"
+        result.figures = {removed: report["selection"]["blocks"], "kept_blocks": report["kept_blocks"],
                           "ppl_before": change.get("ppl_original"), "ppl_after": change.get("ppl_candidate")}
         self._advance(step, out)
 

@@ -70,9 +70,11 @@ class ConvertStep(_Options):
 
 
 class PruneStep(_Options):
-    """Remove `remove` blocks (chosen on calibration text) or exactly `layers`."""
+    """Remove `remove` blocks (chosen on calibration text) or exactly `layers`; `what`: the whole blocks, or only
+    their attention or MLP sub-layer."""
 
     kind: Literal["prune"] = "prune"
+    what: Literal["block", "attention", "mlp"] = PruneSelection.what  # type: ignore[assignment]
     remove: int | None = Field(None, ge=1)
     layers: list[int] | None = None
     by: Literal["auto", "bi", "angular", "angular-all", "skip-cost", "last"] = PruneSelection.by  # type: ignore[assignment]

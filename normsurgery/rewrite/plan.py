@@ -50,7 +50,7 @@ class Surgery:
     """The module changes that the exported modeling code (export/modeling_normsurgery.py) makes to the stock
     class when it loads a rewritten model: norms swapped (`norms`: module path -> its new kind and arguments),
     biases added to readers (`add_bias`), tensors whose residual width shrinks (`resized`, their shapes recorded
-    when written)."""
+    when written), pruned sub-layers' modules replaced (`modules`: module path -> what stands in for it)."""
 
     operation: str
     unembed: str  # the unembedding's module path (the exported code finds it through the output embeddings)
@@ -58,6 +58,7 @@ class Surgery:
     norms: dict[str, dict[str, Any]] = field(default_factory=dict)
     add_bias: list[str] = field(default_factory=list)
     resized: list[str] = field(default_factory=list)
+    modules: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @classmethod
     def of(cls, operation: str, arch: Any, norms: dict[str, dict[str, Any]], add_bias: list[str] | None = None,
@@ -68,8 +69,9 @@ class Surgery:
 
     def exported(self, shapes: dict[str, list[int]]) -> dict[str, Any]:
         """What the exported code reads from the config: the changes, with the written shapes of `resized`."""
-        return {"operation": self.operation, "norms": self.norms, "add_bias": self.add_bias, "unembed": self.unembed,
-                "key_mapping": self.key_mapping, "shapes": {name: shapes[name] for name in sorted(shapes)}}
+        exported = {"operation": self.operation, "norms": self.norms, "add_bias": self.add_bias, "unembed": self.unembed,
+                    "key_mapping": self.key_mapping, "shapes": {name: shapes[name] for name in sorted(shapes)}}
+        return {**exported, "modules": self.modules} if self.modules else exported
 
 
 @dataclass
@@ -89,6 +91,9 @@ class Plan:
     renames: dict[str, str] = field(default_factory=dict)  # source name -> output name of copied tensors
     # blocks the output skips: it must equal the original run with these blocks skipped (verification)
     skipped_blocks: tuple[int, ...] = ()
+    # sub-layers the output drops ("attention"/"mlp" -> block indices): it must equal the original run with their
+    # outputs zeroed (verification)
+    skipped_sublayers: dict[str, tuple[int, ...]] = field(default_factory=dict)
     # read and check the dropped tensors too, in stream order (pruning refuses a damaged checkpoint even where it
     # is cut away; the reads fill time the stream spends waiting for the disk)
     check_dropped: bool = False
