@@ -13,7 +13,9 @@ from conftest import ALL_FIXTURES
 # fixtures whose blocks run attention and MLP in parallel from the same residual (refused)
 PARALLEL = {"gpt_neox", "gptj", "falcon", "falcon_single_ln", "falcon_old", "phi", "stablelm_parallel_qk", "codegen",
             "cohere", "cohere2"}
-SEQUENTIAL = [name for name in ALL_FIXTURES if name not in PARALLEL]
+# mixture-of-experts fixtures (refused: sub-layer pruning does not handle routed experts yet)
+MOE = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "phimoe", "gpt_oss", "deepseek_v2", "deepseek_v3"}
+SEQUENTIAL = [name for name in ALL_FIXTURES if name not in PARALLEL | MOE]
 
 
 def _arch(folder):
@@ -42,6 +44,10 @@ def test_sublayers_are_found_exactly_where_blocks_are_sequential(name, tiny_mode
             block_sublayers(arch, arch.blocks[0])
         return
     block = arch.blocks[0]
+    if block.experts:
+        with pytest.raises(NormSurgeryError, match="experts"):
+            block_sublayers(arch, block)
+        return
     found = block_sublayers(arch, block)
     attention, mlp = (set(found[k].tensors(names)) for k in ("attention", "mlp"))
     residual_norms = {t for n in block.norms_with_role("residual") for t in n.tensors()}

@@ -71,7 +71,7 @@ class SublayersRefused(NormSurgeryError):
             f"--what attention and --what mlp need blocks whose attention and MLP are separate sub-layers, each "
             f"adding its output to the residual in turn; {why}, so neither can be removed on its own. Remove whole "
             f"blocks with --what block instead (parallel-block families such as gptj, phi, codegen, cohere, and "
-            f"gpt_neox, falcon or stablelm with a parallel residual are refused for this reason)."
+            f"gpt_neox, falcon or stablelm with a parallel residual, and mixture-of-experts families are refused)."
         )
         self.why = why
 
@@ -90,6 +90,9 @@ def block_sublayers(arch: Architecture, block: Block) -> dict[str, Sublayer]:
     if block.parallel:
         raise SublayersRefused(f"a {arch.family} model of this config computes attention and MLP in parallel from the "
                                "same residual")
+    if block.experts:
+        raise SublayersRefused(f"a {arch.family} block routes its MLP through {block.experts} experts, which "
+                               "sub-layer pruning does not handle yet")
     if len(block.writers) != 2:
         raise SublayersRefused(f"a {arch.family} block has {len(block.writers)} residual writers, not one attention and "
                                "one MLP output")
