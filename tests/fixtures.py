@@ -6,7 +6,6 @@ logits are O(1): a rewrite that mishandles a gain, a bias or an orientation show
 
 from __future__ import annotations
 
-import math
 from functools import lru_cache
 from pathlib import Path
 
@@ -59,24 +58,12 @@ def config_for(name: str):
 @torch.no_grad()
 def perturb_(model: torch.nn.Module, seed: int) -> None:
     """Re-draw every parameter: norm gains around 1 (or 0 for (1 + w) gains), biases non-zero, weights O(1/sqrt(fan_in))."""
+    from normsurgery.adapt.tiny import perturb
     from normsurgery.arch import architecture_of
 
     arch = architecture_of(model.config)
-    norm_offsets = {n.weight: n.gain_offset for n in arch.all_norms() if n.weight}
-    norm_biases = {n.bias for n in arch.all_norms() if n.bias}
-    embeddings = {arch.token_embedding, arch.position_embedding}
-    gen = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        if name in norm_offsets:
-            p.copy_(1.0 - norm_offsets[name] + 0.5 * (torch.rand(p.shape, generator=gen) * 2 - 1))
-        elif name in norm_biases:
-            p.copy_(0.3 * torch.randn(p.shape, generator=gen))
-        elif p.ndim == 1:
-            p.copy_(0.1 * torch.randn(p.shape, generator=gen))
-        elif name in embeddings:
-            p.copy_(torch.randn(p.shape, generator=gen))
-        else:
-            p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(p.shape[-1]))
+    perturb(model, {n.weight: n.gain_offset for n in arch.all_norms() if n.weight},
+            {n.bias for n in arch.all_norms() if n.bias}, {arch.token_embedding, arch.position_embedding}, seed)
 
 
 def build_fixture(name: str, out: Path, *, dtype: torch.dtype = torch.float32, seed: int = 0) -> Path:

@@ -17,14 +17,19 @@ from normsurgery.errors import NormSurgeryError
 from normsurgery.rewrite.plan import Plan
 
 
+def check_indices(count: int, blocks: list[int]) -> None:
+    """A clear error for block indices that do not exist or repeat (whole blocks or sub-layers alike)."""
+    bad = [i for i in blocks if not 0 <= i < count]
+    if bad:
+        raise NormSurgeryError(f"block(s) {', '.join(map(str, bad))} do not exist: this model has blocks 0..{count - 1}.")
+    if len(set(blocks)) != len(blocks):
+        raise NormSurgeryError(f"--layers names a block twice ({', '.join(map(str, blocks))}).")
+
+
 def check_removal(arch: Architecture, remove: list[int]) -> list[int]:
     """The blocks to remove, sorted, or a clear error for indices that do not name a removable set."""
     count = arch.num_layers
-    bad = [i for i in remove if not 0 <= i < count]
-    if bad:
-        raise NormSurgeryError(f"block(s) {', '.join(map(str, bad))} do not exist: this model has blocks 0..{count - 1}.")
-    if len(set(remove)) != len(remove):
-        raise NormSurgeryError(f"--layers names a block twice ({', '.join(map(str, remove))}).")
+    check_indices(count, remove)
     if not remove:
         raise NormSurgeryError("no block to remove: pass --remove K (K >= 1) or --layers.")
     if len(remove) >= count:

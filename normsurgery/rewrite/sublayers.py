@@ -17,6 +17,7 @@ from typing import Any
 from normsurgery.arch.spec import Architecture, Block, Linear, Norm
 from normsurgery.errors import NormSurgeryError
 from normsurgery.rewrite.plan import Plan, Surgery, module_path
+from normsurgery.rewrite.prune import check_indices
 
 SUBLAYERS = ("attention", "mlp")
 WHAT = ("block",) + SUBLAYERS
@@ -157,11 +158,7 @@ def check_what(what: str) -> str:
 def check_sublayer_removal(arch: Architecture, what: str, blocks: list[int]) -> list[int]:
     """The blocks whose `what` sub-layer is removed, sorted, or a clear error for a set that cannot be removed."""
     count = arch.num_layers
-    bad = [i for i in blocks if not 0 <= i < count]
-    if bad:
-        raise NormSurgeryError(f"block(s) {', '.join(map(str, bad))} do not exist: this model has blocks 0..{count - 1}.")
-    if len(set(blocks)) != len(blocks):
-        raise NormSurgeryError(f"--layers names a block twice ({', '.join(map(str, blocks))}).")
+    check_indices(count, blocks)
     if not blocks:
         raise NormSurgeryError(f"no {what} sub-layer to remove: pass --remove K (K >= 1) or --layers.")
     if len(blocks) >= count:
