@@ -79,6 +79,8 @@ FAMILY_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
                                         multi_query=True)),
     "gpt_bigcode_mha": ("gpt_bigcode", dict(n_layer=2, n_embd=32, n_head=4, n_positions=64, vocab_size=_COMMON_VOCAB,
                                             multi_query=False)),
+    "xglm": ("xglm", dict(num_layers=2, d_model=32, attention_heads=4, ffn_dim=64, max_position_embeddings=64,
+                          vocab_size=_COMMON_VOCAB, scale_embedding=True)),
     "codegen": ("codegen", dict(n_layer=2, n_embd=32, n_head=4, n_positions=64, rotary_dim=4, vocab_size=_COMMON_VOCAB)),
     "cohere": ("cohere", dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
                               intermediate_size=64, max_position_embeddings=64, vocab_size=_COMMON_VOCAB,
@@ -157,4 +159,16 @@ FAMILY_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
                                         vocab_size=_COMMON_VOCAB, n_routed_experts=4, num_experts_per_tok=2,
                                         n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=8,
                                         qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8, n_group=2, topk_group=1)),
+    # DBRX's attention reads attn_config.rope_theta, which DbrxAttentionConfig no longer declares (transformers 5):
+    # hub configs carry it there, and a tiny config must too, or the model does not build
+    "dbrx": ("dbrx", dict(n_layers=2, d_model=32, n_heads=4, max_seq_len=64, vocab_size=_COMMON_VOCAB,
+                          attn_config=dict(kv_n_heads=2, clip_qkv=8.0, rope_theta=10000.0),
+                          ffn_config=dict(ffn_hidden_size=24, moe_num_experts=4, moe_top_k=2))),
+    # blocks 1, 3 sparse (interleave_moe_layer_step), 1, 3 without rotary positions or QK-norm (no_rope_layer_interval),
+    # 0, 2 chunked attention over 4 tokens (attention_chunk_size)
+    "llama4_text": ("llama4_text", dict(num_hidden_layers=4, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                                        head_dim=8, intermediate_size=16, intermediate_size_mlp=48,
+                                        max_position_embeddings=64, vocab_size=_COMMON_VOCAB, num_local_experts=4,
+                                        num_experts_per_tok=2, interleave_moe_layer_step=2, no_rope_layer_interval=2,
+                                        attention_chunk_size=4)),
 }

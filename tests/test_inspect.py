@@ -10,7 +10,7 @@ from conftest import ALL_FIXTURES
 from family_configs import FAMILY_CONFIGS
 from normsurgery.arch import raw_key
 
-EXPERT_COUNTS = ("num_local_experts", "num_experts", "n_routed_experts")  # the fixture configs' expert counts
+EXPERT_COUNTS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")  # the fixtures' expert counts
 
 EXPECTED_PLACEMENT = {
     "gpt2": "Pre-LN",
@@ -48,10 +48,14 @@ def test_inspect_json_every_family(name, tiny_model, cli):
         assert facts["placement"] == EXPECTED_PLACEMENT[name]
     layernorm = facts["norm"].startswith("LayerNorm")  # "LayerNorm (1 + w)" for Nemotron
     pre_ln = facts["placement"].startswith("Pre-LN")
-    experts = FAMILY_CONFIGS[name][1]
-    assert facts["experts"] == next((v for k, v in experts.items() if k in EXPERT_COUNTS), 0)
-    assert ops["rmsnorm"]["applies"] == (layernorm and pre_ln and not facts["experts"])
-    assert ops["crmsnorm"]["applies"] == (layernorm and pre_ln and not facts["experts"])
+    kwargs = FAMILY_CONFIGS[name][1]
+    kwargs = {**kwargs, **kwargs.get("ffn_config", {})}  # DBRX's expert count is in its ffn_config
+    assert facts["experts"] == next((v for k, v in kwargs.items() if k in EXPERT_COUNTS), 0)
+    centrable = layernorm and pre_ln and not facts["experts"] and not facts["computed_positions"]
+    assert ops["rmsnorm"]["applies"] == centrable
+    assert ops["crmsnorm"]["applies"] == centrable
+    if facts["computed_positions"]:  # XGLM's sinusoids
+        assert all("computed" in ops[op]["reason"] for op in ("rmsnorm", "crmsnorm", "dyt", "none"))
     if not layernorm:
         assert "already RMSNorm" in ops["rmsnorm"]["reason"]
 

@@ -40,6 +40,11 @@ def test_pruned_model_equals_the_original_with_that_block_skipped(name, tiny_mod
     ("qwen3_moe", "1,3", {"mlp_only_layers": [0, 1], "decoder_sparse_step": 1}),
     ("deepseek_v2", "1", {"first_k_dense_replace": 1}),  # block 0 dense, 1 and 2 sparse
     ("deepseek_v3", "0", {"first_k_dense_replace": 0}),
+    # blocks 1, 3 sparse; 0, 2 rotary with chunked attention, 1, 3 NoPE with full attention
+    ("llama4_text", "0", {"moe_layers": [0, 2], "no_rope_layers": [0, 1, 0],
+                          "layer_types": ["full_attention", "chunked_attention", "full_attention"]}),
+    ("llama4_text", "1,2", {"moe_layers": [1], "no_rope_layers": [1, 0],
+                            "layer_types": ["chunked_attention", "full_attention"]}),
 ])
 def test_per_layer_config_lists_follow_their_blocks(name, layers, expected, tiny_model, cli, tmp_path):
     out = tmp_path / "pruned"

@@ -14,7 +14,8 @@ from conftest import ALL_FIXTURES
 PARALLEL = {"gpt_neox", "gptj", "falcon", "falcon_single_ln", "falcon_old", "phi", "stablelm_parallel_qk", "codegen",
             "cohere", "cohere2"}
 # mixture-of-experts fixtures (refused: sub-layer pruning does not handle routed experts yet)
-MOE = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "phimoe", "gpt_oss", "deepseek_v2", "deepseek_v3"}
+MOE = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "phimoe", "gpt_oss", "deepseek_v2", "deepseek_v3",
+       "dbrx", "llama4_text"}
 SEQUENTIAL = [name for name in ALL_FIXTURES if name not in PARALLEL | MOE]
 
 

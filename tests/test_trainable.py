@@ -51,6 +51,7 @@ def test_same_seed_gives_byte_identical_shards(tiny_model, cli, tmp_path, fast):
     ("opt_postln", (), "Post-LN"),
     ("gemma3", (), "sandwich, Peri-LN or embedding norms"),
     ("mixtral", (), "mixture-of-experts"),
+    ("xglm", (), "position encodings are computed"),
     ("gpt2", ("--gap", "-1"), "--gap, --heal and --aux-weight cannot be negative"),
     ("gpt2", ("--aux-weight", "-0.1"), "--gap, --heal and --aux-weight cannot be negative"),
     ("gpt2", ("--lr", "0"), "--lr must be a positive number"),

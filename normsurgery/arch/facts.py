@@ -60,6 +60,13 @@ EXPERTS_FUSED = ("its routed experts are stacked parameters inside one experts m
                  "code cannot give biases, resize or bind reader by reader")
 
 
+# why the rewrites that centre a LayerNorm model's residual (rmsnorm, crmsnorm; dyt and none centre first) refuse one
+# whose positions are computed
+POSITIONS_COMPUTED = ("its position encodings are computed (sinusoids added to the residual by a formula, not stored as "
+                      "a tensor), so no rewrite of the weights can make the residual zero-mean, which replacing its "
+                      "LayerNorms needs; fold and prune apply")
+
+
 def is_parallel(arch: Architecture) -> bool:
     """Whether attention and MLP read the same residual (GPT-J, NeoX, Falcon, Phi)."""
     return any(b.parallel for b in arch.blocks)
@@ -124,6 +131,9 @@ def applicability(arch: Architecture) -> list[Applicability]:
     elif has_experts(arch):
         out.append(Applicability("rmsnorm", False, f"a mixture-of-experts model: {EXPERTS_FUSED}"))
         out.append(Applicability("crmsnorm", False, f"a mixture-of-experts model: {EXPERTS_FUSED}"))
+    elif arch.computed_positions:
+        out.append(Applicability("rmsnorm", False, POSITIONS_COMPUTED))
+        out.append(Applicability("crmsnorm", False, POSITIONS_COMPUTED))
     else:
         out.append(Applicability("rmsnorm", True, "Pre-LN LayerNorm: exact after centering the writers"))
         out.append(Applicability("crmsnorm", True, "Pre-LN LayerNorm: exact with the residual stored in d-1 dimensions"))
@@ -132,6 +142,9 @@ def applicability(arch: Architecture) -> list[Applicability]:
     if has_experts(arch):
         out.append(Applicability("dyt", False, f"a mixture-of-experts model: {EXPERTS_FUSED}"))
         out.append(Applicability("none", False, f"a mixture-of-experts model: {EXPERTS_FUSED}"))
+    elif arch.computed_positions and layernorm:
+        out.append(Applicability("dyt", False, POSITIONS_COMPUTED))
+        out.append(Applicability("none", False, POSITIONS_COMPUTED))
     elif arch.post_ln:
         out.append(Applicability("dyt", False, "Post-LN norms act on the residual itself; DyT/Derf swaps need Pre-LN"))
         out.append(Applicability("none", False, "Post-LN norms cannot be frozen to a fixed scale without changing the function"))

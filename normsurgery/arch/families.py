@@ -323,6 +323,31 @@ GPT_BIGCODE = Family(
     notes="multi-query attention: the fused c_attn's q, k and v slices differ in width",
 )
 
+XGLM = Family(
+    name="xglm",
+    model_types=("xglm",),
+    config_keys=(("hidden_size", ("d_model",)), ("num_hidden_layers", ("num_layers",)),
+                 ("num_attention_heads", ("attention_heads",))),  # its attribute_map
+    per_layer=(),
+    layers="model.layers",
+    norm_kind="layernorm",
+    eps=lambda c: 1e-5,  # XGLM builds nn.LayerNorm with its default eps; the config has no eps field
+    token_embedding="model.embed_tokens",
+    computed_positions=True,  # sinusoids (offset 2) computed at run time, not stored
+    embed_scale=lambda c: math.sqrt(c.hidden_size) if c.scale_embedding else 1.0,
+    block=BlockLayout(
+        norms=(
+            NormAt("self_attn_layer_norm", readers=_qkv("self_attn.{p}_proj", bias=True)),
+            NormAt("final_layer_norm", readers=(Lin("fc1", bias=True),)),
+        ),
+        writers=(Lin("self_attn.out_proj", bias=True), Lin("fc2", bias=True)),
+    ),
+    final_norm=NormAt("model.layer_norm", role="final"),
+    unembed=Lin("lm_head"),
+    notes="computed sinusoidal positions (no rewrite can centre them: fold and prune only); embeddings scaled by "
+          "sqrt(d) with scale_embedding",
+)
+
 # ------------------------------------------------------------------ LayerNorm, parallel attention + MLP
 
 
@@ -836,10 +861,109 @@ DEEPSEEK_V3 = _moe("deepseek_v3", lambda c: _deepseek_block(c, False, ("mlp.gate
                    notes="multi-head latent attention (latent norms fold into q_b_proj, kv_b_proj); routed and shared "
                          "experts, the router's selection bias left alone; dense first blocks")
 
+
+def _nested(c: Config, section: str, key: str) -> object:
+    """A value of a nested sub-config (DBRX's attn_config, ffn_config): from the transformers config's sub-config,
+    or from config.json's dict read without transformers (ConfigView), the sub-config class's default if absent."""
+    part = getattr(c, section)
+    if isinstance(part, dict):
+        if key in part:
+            return part[key]
+        from transformers import CONFIG_MAPPING
+
+        part = CONFIG_MAPPING[c.model_type].sub_configs[section](**part)
+    return getattr(part, key)
+
+
+def _dbrx_experts(c: Config) -> int:
+    """DBRX's number of routed experts."""
+    return int(_nested(c, "ffn_config", "moe_num_experts"))
+
+
+def _dbrx_block(c: Config) -> BlockLayout:
+    """DBRX: bias-free LayerNorms around attention (one fused Wqkv: d query outputs, then the key and the value
+    heads; optional clip_qkv) and routed experts stored fused as 2D tensors of the experts' rows stacked: w1 (gate)
+    and v1 (up) (E * I, d), each expert's (out, in), read as one linear; w2 (E * I, d), each expert's (in, out)."""
+    kv = int(_nested(c, "attn_config", "kv_n_heads"))
+    experts = _dbrx_experts
+    mlp = "ffn.experts.mlp"
+    return BlockLayout(
+        norms=(
+            NormAt("norm_attn_norm.norm_1", has_bias=False, readers=(
+                Lin("norm_attn_norm.attn.Wqkv", groups=("qk", "qk", "v"), widths=(c.num_attention_heads, kv, kv)),)),
+            NormAt("norm_attn_norm.norm_2", has_bias=False, readers=(
+                Lin("ffn.router.layer", router=True), Lin(mlp, experts=experts, names=("w1", "w1_bias")),
+                Lin(mlp, experts=experts, names=("v1", "v1_bias")))),
+        ),
+        writers=(Lin("norm_attn_norm.attn.out_proj"), Lin(mlp, conv1d=True, experts=experts, names=("w2", "w2_bias"))),
+    )
+
+
+DBRX = Family(
+    name="dbrx",
+    model_types=("dbrx",),
+    config_keys=(("hidden_size", ("d_model",)), ("num_hidden_layers", ("n_layers",)),
+                 ("num_attention_heads", ("n_heads",))),  # its attribute_map
+    per_layer=(),
+    layers="transformer.blocks",
+    norm_kind="layernorm",
+    eps=lambda c: 1e-5,  # DBRX builds nn.LayerNorm with its default eps; the config has no eps field
+    token_embedding="transformer.wte",
+    block=_dbrx_block,
+    streamed_by_parent=(r"\.ffn\.experts\.mlp$",),  # DbrxExperts reads its child's w1, v1, w2
+    final_norm=NormAt("transformer.norm_f", role="final", has_bias=False),
+    unembed=Lin("lm_head"),
+    notes="bias-free LayerNorms with routed experts stored as fused 2D tensors (w1, v1, w2): fold and prune (the "
+          "router folds with its experts)",
+)
+
+
+def _llama4_block(c: Config) -> tuple[BlockLayout, ...]:
+    """Llama 4 (text): blocks listed in moe_layers have a router, routed experts stored stacked (E, in, out) (gate_up_proj:
+    gate then up; down_proj) and a shared expert, all reading the post-attention norm (the routed experts take their
+    input pre-scaled by the router's score); the others a dense MLP. Rotary blocks (no_rope_layers[i] = 1) normalise
+    queries and keys with a weightless RMSNorm (qk_norm, use_qk_norm); NoPE blocks have none."""
+    experts = "num_local_experts"
+    attention = _qkv("self_attn.{p}_proj", bias="attention_bias")
+    o_proj = Lin("self_attn.o_proj", bias="attention_bias")
+    sparse = _moe_block(
+        attention,
+        (Lin("feed_forward.router", router=True),
+         Lin("feed_forward.experts", conv1d=True, experts=experts, names=("gate_up_proj", "gate_up_proj_bias")),
+         Lin("feed_forward.shared_expert.gate_proj"), Lin("feed_forward.shared_expert.up_proj")),
+        (o_proj, Lin("feed_forward.experts", conv1d=True, experts=experts, names=("down_proj", "down_proj_bias")),
+         Lin("feed_forward.shared_expert.down_proj")))
+    dense = _moe_block(attention, (Lin("feed_forward.gate_proj"), Lin("feed_forward.up_proj")),
+                       (o_proj, Lin("feed_forward.down_proj")))
+    qk_norm = (NormAt("self_attn.qk_norm", role="qk", has_weight=False),)
+    return tuple(BlockLayout(norms=b.norms + (qk_norm if c.use_qk_norm and c.no_rope_layers[i] else ()),
+                             writers=b.writers)
+                 for i, b in enumerate(sparse if i in c.moe_layers else dense for i in range(int(c.num_hidden_layers))))
+
+
+_LLAMA4_LAYERS = ("layer_types", "no_rope_layers", "moe_layers")
+LLAMA4_TEXT = Family(
+    name="llama4_text",
+    model_types=("llama4_text",),
+    per_layer=_LLAMA4_LAYERS,
+    per_layer_filled=_LLAMA4_LAYERS,  # from attention_chunk_size, no_rope_layer_interval, interleave_moe_layer_step
+    layers="model.layers",
+    norm_kind="rmsnorm",
+    eps=_attr("rms_norm_eps"),
+    token_embedding="model.embed_tokens",
+    block=_llama4_block,
+    streamed_by_parent=(r"^model\.embed_tokens$",),  # Llama4TextModel moves its input to the embedding's device
+    final_norm=NormAt("model.norm", role="final"),
+    unembed=Lin("lm_head"),
+    notes="routed experts (stacked) with a shared expert in moe_layers, dense blocks between; NoPE blocks "
+          "(no_rope_layers) without the weightless QK-norm of the rotary ones; chunked attention (layer_types)",
+)
+
 FAMILIES: tuple[Family, ...] = (
     GPT2, GPT_NEO, GPT_NEOX, GPTJ, OPT, BLOOM, FALCON, PHI,
     LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, OLMO2, SMOLLM3,
-    STARCODER2, STABLELM, PERSIMMON, NEMOTRON, OLMO, MPT, BIOGPT, GPT_BIGCODE, CODEGEN, COHERE, COHERE2, PHI3,
+    STARCODER2, STABLELM, PERSIMMON, NEMOTRON, OLMO, MPT, BIOGPT, GPT_BIGCODE, XGLM, CODEGEN, COHERE, COHERE2, PHI3,
     GRANITE, GLM, GLM4, EXAONE4, HELIUM, ERNIE4_5, SEED_OSS, APERTUS, MINISTRAL, HUNYUAN_V1_DENSE, INTERNLM3,
     MIXTRAL, QWEN2_MOE, QWEN3_MOE, OLMOE, GRANITEMOE, PHIMOE, GPT_OSS, DEEPSEEK_V2, DEEPSEEK_V3,
+    DBRX, LLAMA4_TEXT,
 )  # fmt: skip

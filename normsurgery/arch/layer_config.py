@@ -40,9 +40,17 @@ def _dense_blocks(config: Any, keep: list[int]) -> dict[str, Any]:
     return {"mlp_only_layers": dense, "decoder_sparse_step": 1}
 
 
+def _moe_blocks(config: Any, keep: list[int]) -> dict[str, Any]:
+    """Llama 4's moe_layers, a list of block indices (which overrides interleave_moe_layer_step): the kept ones,
+    renumbered."""
+    listed = {int(i) for i in config.moe_layers}
+    return {"moe_layers": [new for new, old in enumerate(keep) if old in listed]}
+
+
 # keys re-indexed together with others they depend on: key -> (config, keep) -> every update
 REINDEX_WITH_CONFIG: dict[str, Callable[[Any, list[int]], dict[str, Any]]] = {
     "mlp_only_layers": _dense_blocks,
+    "moe_layers": _moe_blocks,
 }
 
 

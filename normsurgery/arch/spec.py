@@ -58,7 +58,9 @@ class LinearSlot:
     # the `groups` slices' relative output widths where they differ, e.g. in heads (H, KV, KV) for Phi-3's GQA qkv_proj
     widths: tuple[int, ...] = ()
     # routed experts: the number of experts. With "{e}" in `path`, one 2D linear per expert (the hub's per-expert
-    # tensors); without, one stacked tensor of all experts, weight (E, out, in) or (E, in, out) with `conv1d`
+    # tensors); without, one stacked tensor of all experts, weight (E, out, in) or (E, in, out) with `conv1d`, or
+    # those flattened to 2D (DBRX's (E * out, in)), which every rewrite of a reader's or writer's rows or columns
+    # takes as one linear
     experts: Count | None = None
     # the stored tensor names below `path`: ("weight", "bias") for a module, or gpt-oss's stacked experts'
     # ("gate_up_proj", "gate_up_proj_bias") on the experts module
@@ -112,6 +114,9 @@ class Family:
     unembed: LinearSlot
     position_embedding: str | None = None
     position_offset: int = 0  # OPT stores 2 unused rows before position 0
+    # positions added to the residual from a formula (XGLM's sinusoids), held by no tensor: no rewrite of the weights
+    # can centre them, so the rewrites that need a zero-mean residual refuse a LayerNorm model with them
+    computed_positions: bool = False
     embedding_norm: NormSlot | None = None
     gain_offset: float = 0.0  # 1.0 when the effective gain is (1 + w) (Gemma 1-3)
     embed_scale: Callable[[Config], float] | None = None  # Gemma multiplies embeddings by sqrt(d)
@@ -132,6 +137,10 @@ class Family:
     per_layer_filled: tuple[str, ...] = ()
     # config flags under which a block's computation depends on its index (removing one changes the others)
     depth_dependent: tuple[str, ...] = ()
+    # module paths (regexes) whose parameters model code reads outside their own forward, in their parent's: the
+    # bounded-memory engine brings them in for the parent's forward (DBRX's experts module reads its child's w1, v1
+    # and w2; Llama 4 moves its input to the token embedding's device before embedding it)
+    streamed_by_parent: tuple[str, ...] = ()
     notes: str = ""
 
     def resolve(self, config: Config) -> "Architecture":
@@ -216,6 +225,7 @@ class Family:
             token_embedding=f"{self.token_embedding}.weight",
             position_embedding=f"{self.position_embedding}.weight" if self.position_embedding else None,
             position_offset=self.position_offset,
+            computed_positions=self.computed_positions,
             embedding_norm=norm(self.embedding_norm, ""),
             embed_scale=float(self.embed_scale(config)) if self.embed_scale else 1.0,
             blocks=tuple(blocks),
@@ -323,6 +333,7 @@ class Architecture:
     fused: dict[str, tuple[tuple[str, ...], ...]] = field(default_factory=dict)
     per_layer: tuple[str, ...] = ()
     depth_dependent: tuple[str, ...] = ()  # the family's index-dependent flags that are on in this config
+    computed_positions: bool = False  # see Family.computed_positions
     _roles: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     def all_norms(self) -> list[Norm]:

@@ -42,6 +42,7 @@ def describe(source: ModelSource) -> dict[str, Any]:
         "experts": max((b.experts for b in arch.blocks), default=0),
         "sparse_blocks": sum(1 for b in arch.blocks if b.experts),
         "position_embedding": arch.position_embedding is not None,
+        "computed_positions": arch.computed_positions,
         "embedding_norm": arch.embedding_norm is not None,
         "weights_finite": True,
         "operations": [a.as_dict() for a in applicability(arch)],
@@ -82,7 +83,8 @@ def inspect(
     table.add_column(style="bold")
     table.add_column()
     for key in ("path", "family", "parameters", "dtype", "layers", "hidden_size", "vocab_size", "norm", "norm_eps",
-                "placement", "tied_embeddings", "qk_norm", "experts", "sparse_blocks", "embedding_norm", "weights_finite"):
+                "placement", "tied_embeddings", "qk_norm", "experts", "sparse_blocks", "computed_positions", "embedding_norm",
+                "weights_finite"):
         value = facts[key]
         table.add_row(key.replace("_", " "), f"{value:,}" if key == "parameters" else str(value))
     console.print(table)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Iterator, Union
 
 import torch
-from accelerate.hooks import AlignDevicesHook
+from accelerate.hooks import AlignDevicesHook, ModelHook
 
 from normsurgery.engine.buffers import POOL, BufferPool
 from normsurgery.engine.resources import Runtime, human_bytes
@@ -198,10 +198,11 @@ def _leaf_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module, li
 
 def lazy_model(config: Any, weights: WeightMap, runtime: Runtime, *, dtype: torch.dtype = torch.float32,
                passes: int = 1, trust_remote_code: bool = False, key_mapping: dict[str, str] | None = None,
-               fused: dict[str, tuple[tuple[str, ...], ...]] | None = None) -> LazyModel:
+               fused: dict[str, tuple[tuple[str, ...], ...]] | None = None, by_parent: tuple[str, ...] = ()) -> LazyModel:
     """Build `config`'s model over `weights` on `runtime`: held in memory when the caller runs several `passes`
     and the whole model fits the budget (weights read once), else streamed module by module at every pass (a
-    model larger than the budget, or a single pass, where holding it would only cost memory).
+    model larger than the budget, or a single pass, where holding it would only cost memory); the modules whose
+    paths match a `by_parent` regex are streamed for their parent's forward (Family.streamed_by_parent).
 
     Raises UnmatchedWeights when the names do not match (the caller then loads the model the ordinary way), and
     a NormSurgeryError when the budget cannot hold the largest module and one sequence's activations.
@@ -215,12 +216,21 @@ def lazy_model(config: Any, weights: WeightMap, runtime: Runtime, *, dtype: torc
     leaves = _leaf_modules(model)
     sizes = {path: sum(source_nbytes(weights, sources[f"{path}.{n}" if path else n], dtype) for n in own)
              for path, _, own in leaves}
+    owners = {path: path.rpartition(".")[0] if any(re.search(r, path) for r in by_parent) else path
+              for path, _, _ in leaves}
+    units: dict[str, int] = {}
+    for path, owner in owners.items():
+        units[owner] = units.get(owner, 0) + sizes[path]
+    # a unit brought in by a module around other units (Llama 4's embedding, for the whole base model) stays in
+    # memory while they stream
+    enclosing = sum(size for owner, size in units.items() if owner != "" and owner not in sizes
+                    and any(o.startswith(owner + ".") for o in units))
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     hidden = int(getattr(text, "hidden_size", 0) or getattr(text, "n_embd", 0) or 1)
     vocab = int(getattr(text, "vocab_size", 0) or 1)
     activation = ACTIVATION_WIDTHS * hidden * 4
     logits = vocab * 4
-    largest = max(sizes.values(), default=0)
+    largest = max(units.values(), default=0) + enclosing
     working = MIN_TOKENS * (activation + 3 * logits)
     minimum = largest + working
     if runtime.budget < minimum:
@@ -240,19 +250,24 @@ def lazy_model(config: Any, weights: WeightMap, runtime: Runtime, *, dtype: torc
         return _spread(model, view, leaves, sizes, runtime, dtype, activation, logits, notes)
     hold = passes > 1 and total + working <= runtime.budget
     pool = POOL if device.type == "cpu" else None  # on a GPU the stored tensor is widened there
-    resident = streamed = biggest_streamed = 0
+    resident = streamed = 0
+    by_owner: dict[str, list[tuple[torch.nn.Module, str, str]]] = {}
     for path, module, own in leaves:
         if hold:
             for n in own:
                 set_module_tensor_to_device(module, n, device, value=view[f"{path}.{n}" if path else n])
             resident += sizes[path]
             continue
-        add_hook_to_module(module, _StreamingHook(view, f"{path}." if path else "", device, dtype, pool), append=True)
         streamed += sizes[path]
-        biggest_streamed = max(biggest_streamed, sizes[path])
+        if owners[path] == path:
+            add_hook_to_module(module, _StreamingHook(view, f"{path}." if path else "", device, dtype, pool), append=True)
+        else:
+            by_owner.setdefault(owners[path], []).extend((module, n, f"{path}.{n}") for n in own)
+    for owner, tensors in by_owner.items():
+        add_hook_to_module(model.get_submodule(owner), _ParentHook(tensors, view, device, dtype, pool), append=True)
     if hold:
         _retie(model)
-    return LazyModel(model, runtime, resident, streamed, biggest_streamed, activation, logits, notes)
+    return LazyModel(model, runtime, resident, streamed, 0 if hold else largest, activation, logits, notes)
 
 
 class _StreamingHook(AlignDevicesHook):
@@ -269,6 +284,32 @@ class _StreamingHook(AlignDevicesHook):
         output = super().post_forward(module, output)
         if self.pool is not None:
             self.pool.give_back(self.weights_map.taken)
+        return output
+
+
+class _ParentHook(ModelHook):
+    """Brings some child modules' parameters in for a module's forward and drops them after it (for model code that
+    reads them there, Family.streamed_by_parent)."""
+
+    def __init__(self, tensors: list[tuple[torch.nn.Module, str, str]], view: _ModelNames, device: torch.device,
+                 dtype: torch.dtype, pool: BufferPool | None) -> None:
+        self.tensors, self.device, self.pool = tensors, device, pool
+        self.weights = _Prefixed(view, "", dtype, pool)
+
+    def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+        from accelerate.utils import set_module_tensor_to_device
+
+        for child, name, full in self.tensors:
+            set_module_tensor_to_device(child, name, self.device, value=self.weights[full])
+        return args, kwargs
+
+    def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
+        from accelerate.utils import set_module_tensor_to_device
+
+        for child, name, _ in self.tensors:
+            set_module_tensor_to_device(child, name, "meta")
+        if self.pool is not None:
+            self.pool.give_back(self.weights.taken)
         return output
 
 

@@ -93,6 +93,15 @@ def key_mapping(raw_config: dict[str, Any]) -> dict[str, str]:
     return dict(family.key_renames) if family is not None else {}
 
 
+def streamed_by_parent(config: Any) -> tuple[str, ...]:
+    """The modules whose parameters its family's model code reads in their parent's forward (Family.streamed_by_parent);
+    none for a family normsurgery does not know or an export."""
+    from normsurgery.arch import FAMILY_BY_MODEL_TYPE
+
+    family = FAMILY_BY_MODEL_TYPE.get(getattr(config, "model_type", ""))
+    return family.streamed_by_parent if family is not None else ()
+
+
 def fused_parameters(config: Any) -> dict[str, tuple[tuple[str, ...], ...]]:
     """The stacked expert parameters transformers builds at load from a checkpoint's per-expert tensors, by its
     family's declaration (Architecture.fused); none for a family normsurgery does not know or an export."""
@@ -120,7 +129,8 @@ class OpenModel:
             weights = weights if weights is not None else CheckpointWeights(self.reader)
             try:
                 self.lazy = lazy_model(config, weights, runtime, dtype=dtype, passes=passes, trust_remote_code=remote,
-                                       key_mapping=key_mapping(raw), fused=fused_parameters(config))
+                                       key_mapping=key_mapping(raw), fused=fused_parameters(config),
+                                       by_parent=streamed_by_parent(config))
             except UnmatchedWeights as unmatched:
                 if self.reader is None:
                     raise NormSurgeryError(f"the rewritten tensors do not match the model's names ({unmatched}); "

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normsurgery.arch.facts import EXPERTS_FUSED, has_experts
+from normsurgery.arch.facts import EXPERTS_FUSED, POSITIONS_COMPUTED, has_experts
 from normsurgery.arch.spec import DEFAULT_GROUP, Architecture, Linear, Norm
 from normsurgery.errors import NormSurgeryError
 
@@ -299,6 +299,9 @@ def removable_norms(arch: Architecture) -> list[Norm]:
     if has_experts(arch):
         raise NormSurgeryError(f"--to none, dyt and derf do not take mixture-of-experts models yet: {EXPERTS_FUSED}. "
                                "No output was written.")
+    if arch.computed_positions and any(n.kind == "layernorm" for n in arch.all_norms()):
+        raise NormSurgeryError(f"--to none, dyt and derf centre a LayerNorm model's residual first, which does not "
+                               f"apply to this {arch.family} model: {POSITIONS_COMPUTED}. No output was written.")
     if arch.post_ln:
         raise NormSurgeryError("--to none applies to Pre-LN models; this one is Post-LN (its norms sit on the "
                                "residual stream, which a fixed scale cannot replace). No output was written.")
