@@ -6,7 +6,12 @@ that is timed separately) in interleaved rounds, and records every process's pea
 Markdown table.
 
     python bench/convert_speed.py [--workdir /tmp/normsurgery-bench] [--suite main|rss|prune|moe|all] [--repeat N]
-                                  [--mergekit PATH/TO/mergekit-yaml]
+                                  [--mergekit PATH/TO/mergekit-yaml] [--moe-layers 8,24,40]
+
+Peak RSS is each command's own, taken with wait4 by a small launcher process that starts it: a child forked from
+this script directly would report at least this script's own RSS (Linux carries the parent's memory high-water mark
+into the child's ru_maxrss through fork and exec), which made every figure the same ~0.7 GB floor before. The moe
+suite also reports the peak RSS of a process that only imports what a conversion imports.
 
 With --mergekit, the prune suite also times mergekit's passthrough merge of the same kept blocks in each round
 (install it in its own environment: `python -m venv mk && mk/bin/pip install torch==2.13.0 mergekit==0.1.5`).
@@ -29,15 +34,27 @@ sys.path.insert(0, str(Path(__file__).parent))
 from synthetic import SHAPES, build, folder_bytes, llama_of_layers  # noqa: E402
 
 
+# started from this (large) process, runs the command and prints its peak RSS in kB: the command's ru_maxrss then
+# starts from the launcher's few MB, not from this process's RSS
+LAUNCHER = ("import os, subprocess, sys; p = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL); "
+            "_, status, usage = os.wait4(p.pid, 0); print(usage.ru_maxrss); sys.exit(os.waitstatus_to_exitcode(status))")
+
+
 def run(cmd: list[str]) -> tuple[float, float]:
-    """Wall seconds and peak RSS (GB) of one command run as a child process."""
+    """Wall seconds and peak RSS (GB) of one command run as a child of a small launcher process."""
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
+    proc = subprocess.run([sys.executable, "-c", LAUNCHER, *cmd], capture_output=True, text=True)
     seconds = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr.read().decode()}")
-    return seconds, usage.ru_maxrss / 1e6
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr}")
+    return seconds, int(proc.stdout.split()[-1]) / 1e6
+
+
+def startup_rss() -> float:
+    """Peak RSS (GB) of a process that imports what a conversion imports and does nothing else."""
+    modules = ("normsurgery.surgery", "normsurgery.engine.loading", "normsurgery.rewrite.fold", "normsurgery.rewrite.prune",
+               "transformers.models.mixtral.modeling_mixtral")
+    return run([sys.executable, "-c", f"import {', '.join(modules)}"])[1]
 
 
 def copy_time(src: Path, dst: Path) -> tuple[float, float]:
@@ -98,6 +115,8 @@ def main() -> None:
     parser.add_argument("--verify", action="store_true", help="also time each operation with its automatic check")
     parser.add_argument("--repeat", type=int, default=3, help="rounds of copy and operations")
     parser.add_argument("--mergekit", help="a mergekit-yaml executable: also time mergekit's prune (prune suite)")
+    parser.add_argument("--moe-layers", default="8", help="comma-separated depths of the synthetic Mixtral (moe suite; "
+                                                          "8 layers: 1.28 GB, each layer 0.15 GB more)")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
@@ -116,12 +135,17 @@ def main() -> None:
         for layers in (8, 24, 52):
             src = build(args.workdir / f"llama-{layers}l-bf16", llama_of_layers(layers), torch.bfloat16)
             rows += bench_model(src, [("fold", ["fold"])], args.workdir, False, args.repeat)
+    startup = None
     if args.suite in ("moe", "all"):
-        mixtral = build(args.workdir / "mixtral-8e-bf16", SHAPES["mixtral-8e"], torch.bfloat16)
-        rows += bench_model(mixtral, [("fold", ["fold"]), ("prune 2 blocks", ["prune", "--layers", "3,4"])],
-                            args.workdir, args.verify, args.repeat)
+        startup = startup_rss()
+        for layers in map(int, args.moe_layers.split(",")):
+            name = "mixtral-8e-bf16" if layers == 8 else f"mixtral-8e-{layers}l-bf16"
+            mixtral = build(args.workdir / name, {**SHAPES["mixtral-8e"], "num_hidden_layers": layers}, torch.bfloat16)
+            rows += bench_model(mixtral, [("fold", ["fold"]), ("prune 2 blocks", ["prune", "--layers", "3,4"])],
+                                args.workdir, args.verify, args.repeat)
     print(f"\ntorch {torch.__version__}, {os.cpu_count()} CPUs; output shards 1GB; verification off unless noted; "
-          f"{args.repeat} interleaved rounds of copy and operations; seconds: the fastest run\n")
+          f"{args.repeat} interleaved rounds of copy and operations; seconds: the fastest run"
+          + (f"; peak RSS of the imports alone {startup:.2f} GB" if startup is not None else "") + "\n")
     print("| model | size GB | operation | seconds | copy seconds | ratio of fastest | median ratio per round | peak RSS GB |"
           + (" seconds with check | peak RSS with check GB |" if args.verify else ""))
     print("|---|---|---|---|---|---|---|---|" + ("---|---|" if args.verify else ""))

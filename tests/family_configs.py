@@ -166,8 +166,8 @@ FAMILY_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
                           ffn_config=dict(ffn_hidden_size=24, moe_num_experts=4, moe_top_k=2))),
     # blocks 1, 3 sparse (interleave_moe_layer_step), 1, 3 without rotary positions or QK-norm (no_rope_layer_interval),
     # 0, 2 chunked attention over 4 tokens (attention_chunk_size)
-    "llama4_text": ("llama4_text", dict(num_hidden_layers=4, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
-                                        head_dim=8, intermediate_size=16, intermediate_size_mlp=48,
+    "llama4_text": ("llama4_text", dict(num_hidden_layers=4, hidden_size=32, num_attention_heads=4,
+                                        num_key_value_heads=2, head_dim=8, intermediate_size=16, intermediate_size_mlp=48,
                                         max_position_embeddings=64, vocab_size=_COMMON_VOCAB, num_local_experts=4,
                                         num_experts_per_tok=2, interleave_moe_layer_step=2, no_rope_layer_interval=2,
                                         attention_chunk_size=4)),

@@ -10,7 +10,8 @@ from conftest import ALL_FIXTURES
 from family_configs import FAMILY_CONFIGS
 from normsurgery.arch import raw_key
 
-EXPERT_COUNTS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")  # the fixtures' expert counts
+# the fixture configs' expert counts (DBRX's in its ffn_config)
+EXPERT_COUNTS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 
 EXPECTED_PLACEMENT = {
     "gpt2": "Pre-LN",
@@ -49,7 +50,7 @@ def test_inspect_json_every_family(name, tiny_model, cli):
     layernorm = facts["norm"].startswith("LayerNorm")  # "LayerNorm (1 + w)" for Nemotron
     pre_ln = facts["placement"].startswith("Pre-LN")
     kwargs = FAMILY_CONFIGS[name][1]
-    kwargs = {**kwargs, **kwargs.get("ffn_config", {})}  # DBRX's expert count is in its ffn_config
+    kwargs = {**kwargs, **kwargs.get("ffn_config", {})}
     assert facts["experts"] == next((v for k, v in kwargs.items() if k in EXPERT_COUNTS), 0)
     centrable = layernorm and pre_ln and not facts["experts"] and not facts["computed_positions"]
     assert ops["rmsnorm"]["applies"] == centrable

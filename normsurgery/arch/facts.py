@@ -62,8 +62,8 @@ EXPERTS_FUSED = ("its routed experts are stacked parameters inside one experts m
 
 # why the rewrites that centre a LayerNorm model's residual (rmsnorm, crmsnorm; dyt and none centre first) refuse one
 # whose positions are computed
-POSITIONS_COMPUTED = ("its position encodings are computed (sinusoids added to the residual by a formula, not stored as "
-                      "a tensor), so no rewrite of the weights can make the residual zero-mean, which replacing its "
+POSITIONS_COMPUTED = ("its position encodings are computed (sinusoids added to the residual by a formula, not stored "
+                      "as a tensor), so no rewrite of the weights can make the residual zero-mean, which replacing its "
                       "LayerNorms needs; fold and prune apply")
 
 

@@ -919,8 +919,8 @@ DBRX = Family(
 
 
 def _llama4_block(c: Config) -> tuple[BlockLayout, ...]:
-    """Llama 4 (text): blocks listed in moe_layers have a router, routed experts stored stacked (E, in, out) (gate_up_proj:
-    gate then up; down_proj) and a shared expert, all reading the post-attention norm (the routed experts take their
+    """Llama 4 (text): blocks listed in moe_layers have a router, routed experts stored stacked (E, in, out)
+    (gate_up_proj: gate then up; down_proj) and a shared expert, all reading the post-attention norm (the routed experts take their
     input pre-scaled by the router's score); the others a dense MLP. Rotary blocks (no_rope_layers[i] = 1) normalise
     queries and keys with a weightless RMSNorm (qk_norm, use_qk_norm); NoPE blocks have none."""
     experts = "num_local_experts"

@@ -83,8 +83,8 @@ def inspect(
     table.add_column(style="bold")
     table.add_column()
     for key in ("path", "family", "parameters", "dtype", "layers", "hidden_size", "vocab_size", "norm", "norm_eps",
-                "placement", "tied_embeddings", "qk_norm", "experts", "sparse_blocks", "computed_positions", "embedding_norm",
-                "weights_finite"):
+                "placement", "tied_embeddings", "qk_norm", "experts", "sparse_blocks", "computed_positions",
+                "embedding_norm", "weights_finite"):
         value = facts[key]
         table.add_row(key.replace("_", " "), f"{value:,}" if key == "parameters" else str(value))
     console.print(table)

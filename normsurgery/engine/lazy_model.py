@@ -198,7 +198,8 @@ def _leaf_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module, li
 
 def lazy_model(config: Any, weights: WeightMap, runtime: Runtime, *, dtype: torch.dtype = torch.float32,
                passes: int = 1, trust_remote_code: bool = False, key_mapping: dict[str, str] | None = None,
-               fused: dict[str, tuple[tuple[str, ...], ...]] | None = None, by_parent: tuple[str, ...] = ()) -> LazyModel:
+               fused: dict[str, tuple[tuple[str, ...], ...]] | None = None,
+               by_parent: tuple[str, ...] = ()) -> LazyModel:
     """Build `config`'s model over `weights` on `runtime`: held in memory when the caller runs several `passes`
     and the whole model fits the budget (weights read once), else streamed module by module at every pass (a
     model larger than the budget, or a single pass, where holding it would only cost memory); the modules whose
@@ -260,7 +261,8 @@ def lazy_model(config: Any, weights: WeightMap, runtime: Runtime, *, dtype: torc
             continue
         streamed += sizes[path]
         if owners[path] == path:
-            add_hook_to_module(module, _StreamingHook(view, f"{path}." if path else "", device, dtype, pool), append=True)
+            hook = _StreamingHook(view, f"{path}." if path else "", device, dtype, pool)
+            add_hook_to_module(module, hook, append=True)
         else:
             by_owner.setdefault(owners[path], []).extend((module, n, f"{path}.{n}") for n in own)
     for owner, tensors in by_owner.items():
