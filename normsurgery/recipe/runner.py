@@ -201,7 +201,8 @@ class RecipeRun:
                                   batch_size=step.batch_size, seq_len=step.seq_len, text=step.text, seed=step.seed,
                                   loss=step.loss, gradient_checkpointing=False, checkpoint_dir=None, checkpoint_every=0,
                                   device=self.device, budget=step.budget, ramp=step.ramp,
-                                  mixed_precision=step.mixed_precision, alpha_init=step.alpha_init)
+                                  mixed_precision=step.mixed_precision, alpha_init=step.alpha_init,
+                                  export=step.export)
         out = self._next(result)
         common = dict(force=True, removal=options, trust_remote_code=self.trust_remote_code, runtime=self.runtime)
         report = (run_remove(str(self.current), out, **common) if step.to == "none"

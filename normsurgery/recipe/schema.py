@@ -67,6 +67,7 @@ class ConvertStep(_Options):
     seed: int = FinetuneOptions.seed
     loss: Literal["kl", "lm", "kl+lm"] = FinetuneOptions.loss
     mixed_precision: Literal["auto", "no", "bf16"] = FinetuneOptions.mixed_precision  # bf16 autocast: auto on a GPU that supports it
+    export: Literal["stock", "native"] | None = RemovalOptions.export  # type: ignore[assignment]  # none: None is stock where possible
 
 
 class PruneStep(_Options):
