@@ -213,7 +213,7 @@ class RecipeRun:
     def _prune(self, step: PruneStep, result: StepResult) -> None:
         from normsurgery.depth.pipeline import PruneSelection, run_prune
 
-        selection = PruneSelection(what=step.what, remove=step.remove, layers=step.layers, by=step.by,
+        selection = PruneSelection(what=step.what, export=step.export, remove=step.remove, layers=step.layers, by=step.by,
                                    keep_first=step.keep_first, keep_last=step.keep_last, remeasure=step.remeasure,
                                    samples=step.samples, seq_len=step.seq_len, text=step.text)
         out = self._next(result)

@@ -76,6 +76,7 @@ class PruneStep(_Options):
 
     kind: Literal["prune"] = "prune"
     what: Literal["block", "attention", "mlp"] = PruneSelection.what  # type: ignore[assignment]
+    export: Literal["native", "stock"] = PruneSelection.export  # type: ignore[assignment]  # sub-layers: stock zeroes them in place
     remove: int | None = Field(None, ge=1)
     layers: list[int] | None = None
     by: Literal["auto", "bi", "angular", "angular-all", "skip-cost", "last"] = PruneSelection.by  # type: ignore[assignment]
