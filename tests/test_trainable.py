@@ -22,7 +22,8 @@ def fast(tmp_path_factory) -> tuple[str, ...]:
 @pytest.mark.parametrize("name", ["gpt2", "llama", "gpt_neox", "phi", "phi3", "nemotron", "olmo"])
 def test_removal_exports_a_norm_free_model_equal_to_the_trained_one(name, tiny_model, cli, clean_python, tmp_path, fast):
     out = tmp_path / "none"
-    code, stdout, err = cli("convert", tiny_model(name), "--to", "none", "-o", out, *fast, "--export", "native", "--json")
+    code, stdout, err = cli("convert", tiny_model(name), "--to", "none", "-o", out, *fast, "--export", "native",
+                            "--json")
     assert code == 0, err
     report = json.loads(stdout)
     assert report["export_check"]["rel_logit_diff"] <= 1e-5 and report["export_check"]["top1_agreement"] == 1.0
@@ -105,7 +106,8 @@ def test_granite_scales_survive_fold_prune_and_the_exported_code(tiny_model, cli
 
     want = {k: FAMILY_CONFIGS["granite"][1][k] for k in GRANITE_SCALES}
     assert all(v != 1.0 for v in want.values())  # a dropped value would show
-    outputs = {"fold": ("fold",), "prune": ("prune", "--layers", "0"), "none": ("convert", "--to", "none", *fast, "--export", "native")}
+    outputs = {"fold": ("fold",), "prune": ("prune", "--layers", "0"),
+               "none": ("convert", "--to", "none", *fast, "--export", "native")}
     for operation, (command, *args) in outputs.items():
         code, _, err = cli(command, tiny_model("granite"), *args, "-o", tmp_path / operation)
         assert code == 0, err

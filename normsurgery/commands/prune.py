@@ -91,8 +91,8 @@ def prune(
 
     if heal_steps < 0:
         raise NormSurgeryError(f"--heal-steps cannot be negative (got {heal_steps}).")
-    selection = PruneSelection(what=what, export=export, remove=remove, layers=_parse_layers(layers) if layers is not None else None, by=by,
-                               keep_first=keep_first, keep_last=keep_last, remeasure=candidates_to_remeasure,
+    selection = PruneSelection(what=what, export=export, remove=remove,
+                               layers=_parse_layers(layers) if layers is not None else None, by=by, keep_first=keep_first, keep_last=keep_last, remeasure=candidates_to_remeasure,
                                skip_cost=skip_cost, samples=samples, seq_len=seq_len, text=text)
     runs_a_model = remove is not None or not no_verify or heal_steps > 0
     runtime, heal = None, None
@@ -140,8 +140,8 @@ def _print_prune(report: dict[str, Any], json_output: bool) -> None:
         console.print(f"[bold green]wrote[/bold green] {report['output']} (a stock model; config re-indexed: "
                       f"{', '.join(report['config_updates'])})")
     elif report["export"] == "stock":
-        console.print(f"[bold green]wrote[/bold green] {report['output']} (a stock model: the removed sub-layers' output "
-                      "projections are zero; they still run and cache, so it is no faster than the original)")
+        console.print(f"[bold green]wrote[/bold green] {report['output']} (a stock model: the removed sub-layers' "
+                      "output projections are zero; they still run and cache, so it is no faster than the original)")
     else:
         console.print(f"[bold green]wrote[/bold green] {report['output']} (with its own modeling code: load it with "
                       "trust_remote_code=True)")

@@ -4,8 +4,9 @@ A norm with eps = STOCK_EPS = 2^66 and gain w computes w * P x / sqrt(var(P x) +
 LayerNorm (the identity for an RMSNorm). In float32, var + 2^66 rounds to 2^66 whenever var < 2^42 (a residual
 RMS below 2 million; above it the divisor is off by var / 2^67 relatively), and 1/sqrt(2^66) = 2^-33 is a power of
 two, so the norm computes w * 2^-33 * P x + b with no other rounding than the gain's own: a fixed linear map (an
-RMSNorm with gain 2^33 returns its input bit for bit, in float32 and bfloat16). Each removed norm is frozen at one scale per reader path
-(trainable/stand_ins.py: each path computes g * P x / s + b, subtracting the mean live, frozen or not), so:
+RMSNorm with gain 2^33 returns its input bit for bit, in float32 and bfloat16). Each removed norm is frozen at one
+scale per reader path (trainable/stand_ins.py: each path computes g * P x / s + b, subtracting the mean live,
+frozen or not), so:
 
 - a norm whose readers form one path keeps its frozen map itself: gain 2^33 g / s (stored as w with the family's
   `(1 + w)` offset taken off), bias b, its readers unchanged;
@@ -108,7 +109,8 @@ def plan_stock_remove(arch: Architecture, raw: dict[str, Any], scales: dict[str,
         if norm.name not in scales:
             continue
         own = scales[norm.name]  # one scale per reader path
-        plan.steps.append(_carried_step(norm, arch, *own.values()) if len(own) == 1 else _identity_step(norm, arch, own))
+        step = _carried_step(norm, arch, *own.values()) if len(own) == 1 else _identity_step(norm, arch, own)
+        plan.steps.append(step)
         plan.folded.append(norm.name)
     plan.config_updates[raw_key(raw, str(eps_attribute(arch)))] = STOCK_EPS
     return plan
