@@ -188,3 +188,16 @@ def test_float16_cannot_hold_the_inert_gain(tiny_model, cli, tmp_path, fast):
 def test_export_belongs_to_to_none(args, tiny_model, cli, tmp_path, fast):
     code, _, err = cli("convert", tiny_model("gpt2"), *args, "-o", tmp_path / "out", *(fast if "dyt" in args else ()))
     assert code == 2 and "--export applies to --to none only" in err and not (tmp_path / "out").exists()
+
+
+def test_the_api_takes_export_for_convert_and_prune(tiny_model, tmp_path):
+    """`ns.convert(..., to="none", export=...)` refuses an impossible stock form before training, as the CLI does;
+    `ns.prune(..., export="stock")` writes the stock sub-layer prune."""
+    import normsurgery as ns
+    from normsurgery.errors import NormSurgeryError
+
+    with pytest.raises(NormSurgeryError, match="float16"):
+        ns.convert(str(tiny_model("gpt2", torch.float16)), tmp_path / "none", to="none", export="stock")
+    report = ns.prune(str(tiny_model("llama")), tmp_path / "pruned", what="mlp", layers=[0], export="stock")
+    assert report["export"] == "stock" and report["check"]["rel_logit_diff"] == 0.0
+    assert not (tmp_path / "none").exists() and "auto_map" not in (tmp_path / "pruned" / "config.json").read_text()
