@@ -106,7 +106,8 @@ def convert(model: str, output: PathLike, *, to: Target, force: bool = False, dt
     """`to="rmsnorm"|"crmsnorm"`: the exact conversion of a Pre-LN LayerNorm model (a SurgeryResult, verified).
     `to="none"|"dyt"|"derf"`: remove or swap every norm while fine-tuning, sized by `budget="30min"` unless the
     schedule is given (`gap`, `heal`, `ramp`, `lr`, `batch_size`, `seq_len`, `text`, `seed`, `loss`,
-    `aux_weight`, `alpha_init`, `mixed_precision`, ... as the CLI's options); its report as plain data."""
+    `aux_weight`, `alpha_init`, `mixed_precision`, ... as the CLI's options; for "none", `export="stock"|"native"`,
+    default stock where the model allows it); its report as plain data."""
     if to in ("rmsnorm", "crmsnorm"):
         if finetune:
             raise NormSurgeryError(f"to={to!r} is exact and takes no fine-tune options (got {', '.join(finetune)}).")
@@ -186,7 +187,7 @@ def diagnose(model: str, *, samples: int = PruneSelection.samples, seq_len: int 
 
 
 def prune(model: str, output: PathLike | None = None, *, remove: int | None = None, layers: list[int] | None = None,
-          what: str = PruneSelection.what, by: str = PruneSelection.by, keep_first: int = PruneSelection.keep_first,
+          what: str = PruneSelection.what, export: str = PruneSelection.export, by: str = PruneSelection.by, keep_first: int = PruneSelection.keep_first,
           keep_last: int = PruneSelection.keep_last, remeasure: int = PruneSelection.remeasure, skip_cost: bool = False,
           samples: int = PruneSelection.samples, seq_len: int = PruneSelection.seq_len, text: str | None = None,
           heal_steps: int = 0, lr: float = HEAL_LR, batch_size: int = HEAL_BATCH_SIZE, mixed_precision: str = "auto", dry_run: bool = False, force: bool = False,
@@ -195,12 +196,13 @@ def prune(model: str, output: PathLike | None = None, *, remove: int | None = No
     """Remove `remove` blocks chosen on calibration text (or exactly `layers`, 0-based), write the pruned stock model
     to `output` verified against the original with those blocks skipped, optionally heal it; the report. `what`:
     "attention" or "mlp" removes only that sub-layer of the chosen blocks (the output carries its own modeling
-    code and is verified against the original with those sub-layers' outputs zeroed)."""
+    code and is verified against the original with those sub-layers' outputs zeroed; `export="stock"` writes a stock
+    model instead, their output projections zeroed in place, with no speed or KV-cache saving)."""
     from normsurgery.depth.pipeline import run_prune
 
     if heal_steps < 0:
         raise NormSurgeryError(f"heal_steps cannot be negative (got {heal_steps}).")
-    selection = PruneSelection(what=what, remove=remove, layers=list(layers) if layers is not None else None, by=by,
+    selection = PruneSelection(what=what, export=export, remove=remove, layers=list(layers) if layers is not None else None, by=by,
                                keep_first=keep_first, keep_last=keep_last, remeasure=remeasure, skip_cost=skip_cost,
                                samples=samples, seq_len=seq_len, text=text)
     runtime, heal = None, None

@@ -109,6 +109,31 @@ def pruned_sublayers(original: str, candidate: str, zeroed: str) -> dict:
     }
 
 
+def stock_vs_native(stock: str, native: str) -> dict:
+    """A stock candidate loaded WITHOUT remote code against a native one loaded with it: logits, the stock model's
+    class and norm eps, and whether its greedy generation with the KV cache matches generation without it."""
+    import json as _json
+    from pathlib import Path
+
+    a = AutoModelForCausalLM.from_pretrained(stock, dtype=torch.float32, trust_remote_code=False).eval()
+    b = AutoModelForCausalLM.from_pretrained(native, dtype=torch.float32, trust_remote_code=True).eval()
+    ids = torch.randint(3, a.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        la, lb = a(ids).logits.double(), b(ids).logits.double()
+        kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+        cached, uncached = a.generate(ids[:1], use_cache=True, **kw), a.generate(ids[:1], use_cache=False, **kw)
+    eps = {getattr(m, name) for m in a.modules() if "norm" in type(m).__name__.lower()
+           for name in ("eps", "variance_epsilon", "epsilon") if isinstance(getattr(m, name, None), float)}
+    return {
+        "rel": ((la - lb).abs().max() / lb.abs().max()).item(),
+        "class": type(a).__name__,
+        "auto_map": "auto_map" in _json.loads((Path(stock) / "config.json").read_text()),
+        "norm_eps": sorted(eps),
+        "cache_consistent": cached.tolist() == uncached.tolist(),
+        "normsurgery_importable": "normsurgery" in sys.modules and sys.modules["normsurgery"] is not None,
+    }
+
+
 for line in sys.stdin:
     request = json.loads(line)
     try:

@@ -20,7 +20,8 @@ def test_pruned_model_equals_the_original_with_that_block_skipped(name, tiny_mod
     report = json.loads(stdout)
     assert report["check"]["rel_logit_diff"] <= 1e-6 and report["check"]["top1_agreement"] == 1.0
     assert not (out / "modeling_normsurgery.py").exists()
-    loaded = clean_python("pruned", tiny_model(name), out, "0")
+    assert "auto_map" not in json.loads((out / "config.json").read_text())
+    loaded = clean_python("pruned", tiny_model(name), out, "0")  # loaded without trust_remote_code
     assert loaded["rel"] <= 1e-6 and loaded["same_generation"]
     assert loaded["num_layers"] == report["kept_blocks"]
     assert loaded["layer_indices"] in ([], list(range(report["kept_blocks"])))

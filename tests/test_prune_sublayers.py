@@ -238,3 +238,48 @@ def test_blocks_that_do_not_show_their_sublayers_are_refused(tiny_model):
                      (one_output, "does not show which norms")):
         with pytest.raises(NormSurgeryError, match=why):
             block_sublayers(arch, bad)
+
+
+@pytest.mark.parametrize("name, what", [(n, ("attention", "mlp")[i % 2]) for i, n in enumerate(SEQUENTIAL)])
+def test_stock_sublayer_prune_zeroes_the_output_projections_in_place(name, what, tiny_model, cli, tmp_path):
+    """--export stock keeps every tensor and shape, zeroes the removed sub-layer's writer (and an output norm's
+    bias), writes no modeling code and no auto_map, and is verified against the original with that output zeroed."""
+    from safetensors import safe_open
+
+    from normsurgery.rewrite.sublayers import block_sublayers
+
+    folder, out = tiny_model(name), tmp_path / "stock"
+    code, stdout, err = cli("prune", folder, "--what", what, "--layers", "0", "--export", "stock", "-o", out, "--json")
+    assert code == 0, err
+    report = json.loads(stdout)
+    assert report["export"] == "stock" and report["check"]["rel_logit_diff"] <= 1e-6
+    assert "auto_map" not in json.loads((out / "config.json").read_text())
+    assert not (out / "modeling_normsurgery.py").exists()
+    zeroed = block_sublayers(_arch(folder), _arch(folder).blocks[0])[what].zeroed()
+    with safe_open(folder / "model.safetensors", "pt") as f:
+        source = {n: f.get_tensor(n) for n in f.keys()}
+    with safe_open(out / "model.safetensors", "pt") as f:
+        written = {n: f.get_tensor(n) for n in f.keys()}
+    assert written.keys() == source.keys() and zeroed
+    for n, tensor in written.items():
+        assert tensor.shape == source[n].shape
+        assert bool((tensor == 0).all()) if n in zeroed else torch.equal(tensor, source[n]), n
+
+
+@pytest.mark.parametrize("name, what", [("llama", "attention"), ("gpt2", "mlp"), ("gemma2", "attention"),
+                                        ("opt", "mlp")])
+def test_stock_sublayer_prune_equals_the_native_one(name, what, tiny_model, cli, clean_python, tmp_path):
+    """Loaded where normsurgery cannot be imported, the stock prune (without remote code) computes exactly what the
+    native one (its shipped code) computes: plain, with an output norm (Gemma 2), with the writer in the block (OPT)."""
+    for form in ("stock", "native"):
+        code, _, err = cli("prune", tiny_model(name), "--what", what, "--layers", "1", "--export", form,
+                           "-o", tmp_path / form)
+        assert code == 0, err
+    loaded = clean_python("stock_vs_native", tmp_path / "stock", tmp_path / "native")
+    assert loaded["rel"] <= 1e-6 and not loaded["auto_map"] and loaded["cache_consistent"], loaded
+
+
+def test_prune_export_must_be_native_or_stock(tiny_model, cli, tmp_path):
+    code, _, err = cli("prune", tiny_model("llama"), "--what", "mlp", "--layers", "0", "--export", "inert",
+                       "-o", tmp_path / "out")
+    assert code == 2 and "--export must be native or stock" in err and not (tmp_path / "out").exists()

@@ -76,6 +76,9 @@ def _recipe(tmp_path, text: str) -> Path:
     ("model: m\noutput: ${nowhere}/o\nsteps:\n  - fold: {}\n", r"\$\{nowhere\} is not defined"),
     ("model: m\noutput: o\nsteps:\n  - check: {against: folded}\n", "compares against 'folded'"),
     ("model: m\noutput: o\nsteps:\n  - convert: {to: dyt}\n  - fold: {}\n", "only check, eval and export can follow"),
+    ("model: m\noutput: o\nsteps:\n  - convert: {to: none, export: inert}\n", r"line 4: steps\[1\] convert.export: "),
+    ("model: m\noutput: o\nsteps:\n  - prune: {what: mlp, layers: [0], export: inert}\n",
+     r"line 4: steps\[1\] prune.export: "),
     ("model: m\noutput: o\nsteps: []\n", "steps"),
     ("- just\n- a list\n", "must be a YAML mapping"),
 ])

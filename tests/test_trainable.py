@@ -1,4 +1,5 @@
-"""`convert --to none`: LayerNorm / RMSNorm removal with the freeze schedule, exported with no norm left."""
+"""`convert --to none`: LayerNorm / RMSNorm removal with the freeze schedule, exported with no norm left (`--export
+native`; the stock form: test_stock_export.py)."""
 
 from __future__ import annotations
 
@@ -21,10 +22,12 @@ def fast(tmp_path_factory) -> tuple[str, ...]:
 @pytest.mark.parametrize("name", ["gpt2", "llama", "gpt_neox", "phi", "phi3", "nemotron", "olmo"])
 def test_removal_exports_a_norm_free_model_equal_to_the_trained_one(name, tiny_model, cli, clean_python, tmp_path, fast):
     out = tmp_path / "none"
-    code, stdout, err = cli("convert", tiny_model(name), "--to", "none", "-o", out, *fast, "--json")
+    code, stdout, err = cli("convert", tiny_model(name), "--to", "none", "-o", out, *fast, "--export", "native",
+                            "--json")
     assert code == 0, err
     report = json.loads(stdout)
     assert report["export_check"]["rel_logit_diff"] <= 1e-5 and report["export_check"]["top1_agreement"] == 1.0
+    assert report["export"] == "native"
     steps = report["removal_steps"]
     freezes = [s for s in steps if s["scale"] is not None]
     assert len({s["unit"].split("[")[0] for s in freezes}) == report["removed"] and all(s["scale"] > 0 for s in freezes)
@@ -104,7 +107,8 @@ def test_granite_scales_survive_fold_prune_and_the_exported_code(tiny_model, cli
 
     want = {k: FAMILY_CONFIGS["granite"][1][k] for k in GRANITE_SCALES}
     assert all(v != 1.0 for v in want.values())  # a dropped value would show
-    outputs = {"fold": ("fold",), "prune": ("prune", "--layers", "0"), "none": ("convert", "--to", "none", *fast)}
+    outputs = {"fold": ("fold",), "prune": ("prune", "--layers", "0"),
+               "none": ("convert", "--to", "none", *fast, "--export", "native")}
     for operation, (command, *args) in outputs.items():
         code, _, err = cli(command, tiny_model("granite"), *args, "-o", tmp_path / operation)
         assert code == 0, err
@@ -211,7 +215,7 @@ def test_removal_trains_sharded_under_fsdp_and_exports_the_gathered_model(tiny_m
     """FSDP2 over two CPU processes: every decoder block sharded, the whole state gathered on the main process,
     which exports a model that computes what the sharded one computed."""
     out = tmp_path / "fsdp"
-    report = _on_two_processes(tiny_model("llama"), "none", out, fast, **FSDP)
+    report = _on_two_processes(tiny_model("llama"), "none", out, (*fast, "--export", "native"), **FSDP)
     assert report["processes"] == 2 and report["fsdp"] and report["export_check"]["rel_logit_diff"] <= 1e-5
     assert report["export_check"]["top1_agreement"] == 1.0
     loaded = clean_python("norm_free", out)

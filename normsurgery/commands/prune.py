@@ -43,6 +43,7 @@ def prune(
     remove: Annotated[Optional[int], typer.Option("--remove", "-k", help="How many blocks (or sub-layers, with --what) to remove.")] = None,
     layers: Annotated[Optional[str], typer.Option(help="Remove exactly these 0-based blocks (or their --what sub-layer), e.g. 10,11,12 (no measuring).")] = None,
     what: Annotated[str, typer.Option(help=f"What to remove: {', '.join(WHAT)} (the attention or the MLP of the chosen blocks, which stay in place).")] = PruneSelection.what,
+    export: Annotated[str, typer.Option(help="With --what attention|mlp: native (the removed sub-layers skipped by shipped modeling code, trust_remote_code=True: faster, and no keys or values cached for a removed attention) or stock (the family's own class, every tensor kept with the removed sub-layers' output projections zeroed: loads without remote code, but saves no time and no KV cache). Whole blocks: a stock model either way.")] = PruneSelection.export,
     by: Annotated[str, typer.Option(help=f"How to choose: {', '.join(METHODS)}.")] = PruneSelection.by,
     keep_first: Annotated[int, typer.Option(help="Never remove the first N blocks.")] = PruneSelection.keep_first,
     keep_last: Annotated[int, typer.Option(help="Never remove the last N blocks.")] = PruneSelection.keep_last,
@@ -73,7 +74,8 @@ def prune(
     With --what attention (or mlp) only that sub-layer of each chosen block goes: every block keeps its index, the
     output carries small modeling code (trust_remote_code=True, no normsurgery needed) and stores no keys or values
     for the removed attention, and it is checked to equal the original with those sub-layers' outputs zeroed.
-    Refused for parallel blocks (attention and MLP reading the same residual).
+    With --export stock it is a stock model instead, the removed sub-layers' output projections zeroed in place (no
+    speed or KV-cache saving). Refused for parallel blocks (attention and MLP reading the same residual).
 
     Examples:
 
@@ -82,13 +84,15 @@ def prune(
       normsurgery prune smollm2-135m --layers 20,21 -o smollm2-28l --heal-steps 100
 
       normsurgery prune smollm2-135m --what attention --remove 6 -o smollm2-24attn
+
+      normsurgery prune smollm2-135m --what mlp --layers 20 --export stock -o smollm2-no-mlp20
     """
     from normsurgery.depth.pipeline import run_prune
 
     if heal_steps < 0:
         raise NormSurgeryError(f"--heal-steps cannot be negative (got {heal_steps}).")
-    selection = PruneSelection(what=what, remove=remove, layers=_parse_layers(layers) if layers is not None else None, by=by,
-                               keep_first=keep_first, keep_last=keep_last, remeasure=candidates_to_remeasure,
+    selection = PruneSelection(what=what, export=export, remove=remove,
+                               layers=_parse_layers(layers) if layers is not None else None, by=by, keep_first=keep_first, keep_last=keep_last, remeasure=candidates_to_remeasure,
                                skip_cost=skip_cost, samples=samples, seq_len=seq_len, text=text)
     runs_a_model = remove is not None or not no_verify or heal_steps > 0
     runtime, heal = None, None
@@ -135,6 +139,9 @@ def _print_prune(report: dict[str, Any], json_output: bool) -> None:
     if report["what"] == "block":
         console.print(f"[bold green]wrote[/bold green] {report['output']} (a stock model; config re-indexed: "
                       f"{', '.join(report['config_updates'])})")
+    elif report["export"] == "stock":
+        console.print(f"[bold green]wrote[/bold green] {report['output']} (a stock model: the removed sub-layers' "
+                      "output projections are zero; they still run and cache, so it is no faster than the original)")
     else:
         console.print(f"[bold green]wrote[/bold green] {report['output']} (with its own modeling code: load it with "
                       "trust_remote_code=True)")

@@ -123,7 +123,11 @@ def _run_trainable(model: str, target: str, out: Path, options: Any, *, force: b
     if json_output:
         print_json(report)
         return
-    if target == "none":
+    if target == "none" and report["export"] == "stock":
+        console.print(f"[bold green]wrote[/bold green] {out} (no normalization left: {report['removed']} norms frozen, "
+                      f"{report['frozen_paths']} reader paths apart, and kept as inert stock norms (eps 2^66); the "
+                      "stock class, no trust_remote_code)")
+    elif target == "none":
         console.print(f"[bold green]wrote[/bold green] {out} (no normalization left: {report['removed']} norms "
                       f"frozen, {report['frozen_paths']} reader paths apart, and folded; its own modeling code, "
                       "trust_remote_code=True)")
@@ -210,11 +214,14 @@ def convert(
     checkpoint_dir: Annotated[Optional[Path], typer.Option(help="Resume from / save the fine-tune state here.", rich_help_panel="Fine-tune")] = None,
     checkpoint_every: Annotated[int, typer.Option(help="Save the state every N steps (with --checkpoint-dir).", rich_help_panel="Fine-tune")] = FinetuneOptions.checkpoint_every,
     mixed_precision: MixedPrecision = FinetuneOptions.mixed_precision,
+    export: Annotated[Optional[str], typer.Option(help="[--to none] stock: the family's own transformers class, every removed norm kept but inert (eps 2^66, gain 2^33 times its frozen map), loadable without trust_remote_code by tools that take only stock classes; native: no norm module at all, with its own modeling code (trust_remote_code=True). [default: stock where the model allows it, else native with a note]")] = RemovalOptions.export,
 ) -> None:
     """Convert a Pre-LN LayerNorm model to Pre-RMSNorm or Pre-CRMSNorm exactly, or remove its norms (--to none).
 
     The output carries its own small modeling code: load it with trust_remote_code=True. --to none freezes each
-    norm's scale in turn while fine-tuning (KL to the original by default), then folds the frozen norms away.
+    norm's scale in turn while fine-tuning (KL to the original by default), then makes the frozen norms inert
+    stock norms (--export stock, the default where the model allows it: a stock model) or folds them away
+    (--export native: no norm left, its own modeling code).
 
     Examples:
 
@@ -223,6 +230,8 @@ def convert(
       normsurgery convert ./pythia --to crmsnorm -o ./pythia-crms --json
 
       normsurgery convert gpt2-shakespeare --to none -o gpt2-noln
+
+      normsurgery convert gpt2-shakespeare --to none --export native -o gpt2-noln-native
     """
     if to in (Target.none, Target.dyt, Target.derf):
         from normsurgery.engine.resources import resolve_runtime
@@ -232,11 +241,16 @@ def convert(
                                   seq_len=seq_len, text=text, seed=seed, loss=loss,
                                   gradient_checkpointing=gradient_checkpointing, checkpoint_dir=checkpoint_dir,
                                   checkpoint_every=checkpoint_every, device=device, budget=budget, ramp=ramp,
-                                  mixed_precision=mixed_precision, alpha_init=alpha_init)
+                                  mixed_precision=mixed_precision, alpha_init=alpha_init, export=export)
         _run_trainable(model, to.value, output, options, force=force, max_shard_size=max_shard_size,
                        json_output=json_output, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
                        runtime=resolve_runtime(device, max_memory))
         return
+    if export is not None:
+        from normsurgery.errors import NormSurgeryError
+
+        raise NormSurgeryError(f"--export applies to --to none only; --to {to.value} is exact and writes its own "
+                               "modeling code. Leave --export out.")
     if to is Target.rmsnorm:
         from normsurgery.source import open_model
 

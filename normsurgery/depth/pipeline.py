@@ -29,9 +29,11 @@ HEAL_BATCH_SIZE = 8
 @dataclass
 class PruneSelection:
     """How `prune` chooses its blocks: `remove` K by a method, or exactly `layers`; whether it removes the whole
-    blocks or only their attention or MLP (`what`); and the calibration text."""
+    blocks or only their attention or MLP (`what`), and how removed sub-layers are written (`export`: native, skipped
+    by shipped code, or stock, their output projections zeroed); and the calibration text."""
 
     what: str = "block"
+    export: str = "native"  # whole blocks: a stock model either way
     remove: int | None = None
     layers: list[int] | None = None
     by: str = "auto"
@@ -116,19 +118,21 @@ def run_prune(model: str, output: Path | None, selection: PruneSelection, *, hea
     """Choose the blocks, write the pruned model (verified), optionally heal it (`heal`: FinetuneOptions); the report.
     Measurement and verification run on `runtime` (default: the free memory of the best device)."""
     from normsurgery.checkpoint.writer import parse_size
-    from normsurgery.rewrite.sublayers import check_what, sublayers
+    from normsurgery.rewrite.sublayers import check_export, check_what, sublayers
     from normsurgery.source import open_model
     from normsurgery.surgery import apply_plan
     from normsurgery.thresholds import Thresholds
 
     s = selection
     check_what(s.what)
+    check_export(s.export)
     if (s.remove is None) == (s.layers is None):
         raise NormSurgeryError("give either --remove K (choose K blocks) or --layers (name them), not both or neither.")
     if s.what != "block" and heal is not None:
         raise NormSurgeryError(f"--heal-steps is not available with --what {s.what}: the heal fine-tunes stock "
-                               "models, and a model without some sub-layers carries its own modeling code. Prune "
-                               "without healing, or remove whole blocks.")
+                               "models, a model without some sub-layers carries its own modeling code, and one "
+                               "written with --export stock would train its zeroed projections back. Prune without "
+                               "healing, or remove whole blocks.")
     shard_bytes = parse_size(max_shard_size)
     if output is None and not dry_run:
         raise NormSurgeryError("give an output folder with -o/--output (or --dry-run to only choose the blocks).")
@@ -141,7 +145,8 @@ def run_prune(model: str, output: Path | None, selection: PruneSelection, *, hea
     shapes = "now" if s.layers is None else "unchecked" if not verify and heal is None else "background"
     source = open_model(model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
                         scan_finite=s.layers is None, shapes=shapes)
-    report: dict[str, Any] = {"operation": "prune", "source": source.spec, "what": s.what}
+    report: dict[str, Any] = {"operation": "prune", "source": source.spec, "what": s.what,
+                              "export": "stock" if s.what == "block" else s.export}
     try:
         if s.what != "block":
             sublayers(source.arch)  # the refusal for a model without separate sub-layers, before any measuring
@@ -167,7 +172,7 @@ def run_prune(model: str, output: Path | None, selection: PruneSelection, *, hea
             chosen = _checked(source.arch, s.what, list(best.blocks))
             report["selection"] = {"method": s.by, "blocks": chosen, "calibration_ce": stats.base_ce,
                                    "candidates": [asdict(c) for c in found]}
-        plan = _plan(source, s.what, chosen)
+        plan = _plan(source, s.what, chosen, s.export)
         plan.check_dropped = s.layers is not None  # --remove scanned every tensor when it opened the model
         report["kept_blocks"] = source.arch.num_layers - (len(chosen) if s.what == "block" else 0)
         if dry_run:
@@ -195,13 +200,15 @@ def _checked(arch: Any, what: str, blocks: list[int]) -> list[int]:
     return check_removal(arch, blocks) if what == "block" else check_sublayer_removal(arch, what, blocks)
 
 
-def _plan(source: ModelSource, what: str, blocks: list[int]) -> Any:
-    """The plan that removes the blocks, or their `what` sub-layers."""
+def _plan(source: ModelSource, what: str, blocks: list[int], export: str) -> Any:
+    """The plan that removes the blocks, or their `what` sub-layers (`export` stock: zeroed in place)."""
     from normsurgery.rewrite.prune import plan_prune
-    from normsurgery.rewrite.sublayers import plan_sublayer_prune
+    from normsurgery.rewrite.sublayers import plan_sublayer_prune, plan_sublayer_zero
 
     if what == "block":
         return plan_prune(source.arch, source.reader.config, source.reader.names(), blocks)
+    if export == "stock":
+        return plan_sublayer_zero(source.arch, what, blocks)
     return plan_sublayer_prune(source.arch, source.reader.names(), what, blocks)
 
 

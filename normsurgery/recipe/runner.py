@@ -201,7 +201,8 @@ class RecipeRun:
                                   batch_size=step.batch_size, seq_len=step.seq_len, text=step.text, seed=step.seed,
                                   loss=step.loss, gradient_checkpointing=False, checkpoint_dir=None, checkpoint_every=0,
                                   device=self.device, budget=step.budget, ramp=step.ramp,
-                                  mixed_precision=step.mixed_precision, alpha_init=step.alpha_init)
+                                  mixed_precision=step.mixed_precision, alpha_init=step.alpha_init,
+                                  export=step.export)
         out = self._next(result)
         common = dict(force=True, removal=options, trust_remote_code=self.trust_remote_code, runtime=self.runtime)
         report = (run_remove(str(self.current), out, **common) if step.to == "none"
@@ -212,7 +213,7 @@ class RecipeRun:
     def _prune(self, step: PruneStep, result: StepResult) -> None:
         from normsurgery.depth.pipeline import PruneSelection, run_prune
 
-        selection = PruneSelection(what=step.what, remove=step.remove, layers=step.layers, by=step.by,
+        selection = PruneSelection(what=step.what, export=step.export, remove=step.remove, layers=step.layers, by=step.by,
                                    keep_first=step.keep_first, keep_last=step.keep_last, remeasure=step.remeasure,
                                    samples=step.samples, seq_len=step.seq_len, text=step.text)
         out = self._next(result)

@@ -67,6 +67,7 @@ class ConvertStep(_Options):
     seed: int = FinetuneOptions.seed
     loss: Literal["kl", "lm", "kl+lm"] = FinetuneOptions.loss
     mixed_precision: Literal["auto", "no", "bf16"] = FinetuneOptions.mixed_precision  # bf16 autocast: auto on a GPU that supports it
+    export: Literal["stock", "native"] | None = RemovalOptions.export  # type: ignore[assignment]  # none: None is stock where possible
 
 
 class PruneStep(_Options):
@@ -75,6 +76,7 @@ class PruneStep(_Options):
 
     kind: Literal["prune"] = "prune"
     what: Literal["block", "attention", "mlp"] = PruneSelection.what  # type: ignore[assignment]
+    export: Literal["native", "stock"] = PruneSelection.export  # type: ignore[assignment]  # sub-layers: stock zeroes them in place
     remove: int | None = Field(None, ge=1)
     layers: list[int] | None = None
     by: Literal["auto", "bi", "angular", "angular-all", "skip-cost", "last"] = PruneSelection.by  # type: ignore[assignment]

@@ -25,7 +25,7 @@ from normsurgery.rewrite.plan import Plan, Step, Surgery, module_path
 Tensor = torch.Tensor
 
 
-def _frozen_norm_step(norm: Norm, arch: Architecture, scales: dict[str, float], untie_from: str | None) -> Step:
+def frozen_norm_step(norm: Norm, arch: Architecture, scales: dict[str, float], untie_from: str | None) -> Step:
     """Fold a frozen norm's (g / s) and b into its readers, each output slice of a reader with the scale `s` of
     the group it serves (`Linear.group_slices`)."""
     def compute(t: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -69,7 +69,7 @@ def plan_remove_norms(arch: Architecture, scales: dict[str, dict[str, float]]) -
         if norm.name not in scales:
             continue
         untie = arch.token_embedding if (arch.tied and norm is arch.final_norm) else None
-        plan.steps.append(_frozen_norm_step(norm, arch, scales[norm.name], untie))
+        plan.steps.append(frozen_norm_step(norm, arch, scales[norm.name], untie))
         plan.folded.append(norm.name)
         plan.dropped.update(norm.tensors())
         norms[norm.name] = {"kind": "identity"}

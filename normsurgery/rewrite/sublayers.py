@@ -6,7 +6,9 @@ residual picture alone: its writer (the attention's output projection is a block
 second), the module holding that writer (replaced whole by the exported code; OPT and BioGPT keep fc1/fc2 in the
 block itself), its readers and its input and output norms. Nothing is computed: the kept tensors are copied and
 the output's config records which sub-layers the shipped modeling code replaces (export/modeling_normsurgery.py),
-so it equals the original with those sub-layers' outputs zeroed, exactly.
+so it equals the original with those sub-layers' outputs zeroed, exactly. Written stock instead
+(`plan_sublayer_zero`), every tensor is kept and the writer's weight and bias (and an output norm's bias) are
+zeros, so the sub-layer still runs, and still fills the cache, but adds exactly nothing: the stock class loads it.
 """
 
 from __future__ import annotations
@@ -16,11 +18,12 @@ from typing import Any
 
 from normsurgery.arch.spec import Architecture, Block, Linear, Norm
 from normsurgery.errors import NormSurgeryError
-from normsurgery.rewrite.plan import Plan, Surgery, module_path
+from normsurgery.rewrite.plan import Plan, Step, Surgery, module_path
 from normsurgery.rewrite.prune import check_indices
 
 SUBLAYERS = ("attention", "mlp")
 WHAT = ("block",) + SUBLAYERS
+EXPORTS = ("native", "stock")  # how a sub-layer prune is written: shipped code that skips it, or zeroed writers
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,12 @@ class Sublayer:
         own |= {t for n in (self.input_norm, self.output_norm) if n is not None for t in n.tensors()}
         inside = f"{self.module}." if self.module else None
         return [n for n in names if n in own or (inside is not None and n.startswith(inside))]
+
+    def zeroed(self) -> tuple[str, ...]:
+        """The tensors whose zeros make the sub-layer add nothing: its writer's, and its output norm's bias (the norm
+        of a zero output is its bias)."""
+        bias = (self.output_norm.bias,) if self.output_norm is not None and self.output_norm.bias else ()
+        return self.writer.tensors() + bias
 
     def replacements(self, hidden_size: int) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
         """What the exported code puts in place of the sub-layer: (module path -> replacement, norm path ->
@@ -155,6 +164,14 @@ def check_what(what: str) -> str:
     return what
 
 
+def check_export(export: str) -> str:
+    """`export` if it names a form prune writes, else the refusal."""
+    if export not in EXPORTS:
+        raise NormSurgeryError(f"--export must be native or stock (got {export!r}): the removed sub-layers skipped by "
+                               "shipped modeling code, or kept with their output projections zeroed in a stock model.")
+    return export
+
+
 def check_sublayer_removal(arch: Architecture, what: str, blocks: list[int]) -> list[int]:
     """The blocks whose `what` sub-layer is removed, sorted, or a clear error for a set that cannot be removed."""
     count = arch.num_layers
@@ -180,4 +197,19 @@ def plan_sublayer_prune(arch: Architecture, names: list[str], what: str, blocks:
         modules, norms = sublayer.replacements(arch.hidden_size)
         surgery.modules.update(modules)
         surgery.norms.update(norms)
+    return plan
+
+
+def plan_sublayer_zero(arch: Architecture, what: str, blocks: list[int]) -> Plan:
+    """Zero the output projections of the `what` sub-layer (attention or mlp) of `blocks`, keeping every tensor and
+    shape: a stock model equal to the original with those sub-layers' outputs zeroed, as fast as the original."""
+    import torch
+
+    blocks = check_sublayer_removal(arch, what, blocks)
+    found = sublayers(arch)
+    plan = Plan(operation="prune", skipped_sublayers={what: tuple(blocks)})
+    for index in blocks:
+        names = found[index][what].zeroed()
+        plan.steps.append(Step(f"zero the {what} of block {index}", names,
+                               lambda t: {name: torch.zeros_like(tensor) for name, tensor in t.items()}))
     return plan

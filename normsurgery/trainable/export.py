@@ -1,4 +1,5 @@
-"""Write a model trained in memory through an exact plan (e.g. folding frozen norms away) as a normsurgery output."""
+"""Write a model trained in memory through an exact plan (e.g. folding frozen norms away) as a normsurgery output,
+in the form chosen before training (`export_form`)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,31 @@ import torch
 import normsurgery
 from normsurgery.checkpoint.card import render_model_card
 from normsurgery.checkpoint.writer import CheckpointWriter
+from normsurgery.errors import NormSurgeryError
 from normsurgery.export.config import MODELING_FILE, rewritten_config
+from normsurgery.rewrite.inert import stock_problem
 from normsurgery.rewrite.plan import Plan, execute
 from normsurgery.source import ModelSource
 from normsurgery.trainable.plot import LOSS_CURVE, draw_loss_curve
+from normsurgery.trainable.stand_ins import removable_norms
 from normsurgery.surgery import main_dtype
+
+
+def export_form(source: ModelSource, wanted: str | None) -> tuple[str, str | None]:
+    """The form `--to none` writes, "stock" or "native", checked before any training; when a run that did not ask
+    for one falls back to native, the note saying why. An explicit --export stock that cannot be written is refused."""
+    if wanted == "native":
+        return "native", None
+    why = stock_problem(source.arch, removable_norms(source.arch), main_dtype(source))
+    if why is None:
+        return "stock", None
+    if wanted == "stock":
+        raise NormSurgeryError(
+            f"--export stock cannot write this {source.arch.family} model as its stock transformers class with inert "
+            f"norms: {why}. Nothing was trained or written. Pass --export native (no norm modules, its own modeling "
+            "code, loaded with trust_remote_code=True), or leave --export out to get native with a note.")
+    return "native", f"writing --export native (its own modeling code, trust_remote_code=True): the stock form is " \
+                     f"impossible for this model, since {why}."
 
 
 class MemorySource:

@@ -8,6 +8,7 @@ from normsurgery.errors import NormSurgeryError
 from normsurgery.finetune.options import FinetuneOptions
 
 ALPHA_INITS = ("linear", "scale", "least-squares", "best-mse")  # how a DyT/Derf swap starts (trainable/swap.py)
+EXPORTS = ("stock", "native")  # how `--to none` writes its result (rewrite/inert.py, rewrite/remove.py)
 
 
 @dataclass
@@ -23,6 +24,9 @@ class RemovalOptions:
     aux_weight: float = 0.0  # weight of the spread of the final norm's per-token scale (Baroni et al.'s aux loss)
     alpha_init: str = "best-mse"  # DyT/Derf: how each swap's alpha and gain start (ALPHA_INITS)
     budget: str | None = None  # --budget: what sizes an unset gap and heal (DEFAULT_BUDGET when None)
+    # --to none: "stock" (the family's own class, its norms inert), "native" (no norm, shipped modeling code), or
+    # None: stock where the model allows it, else native with a note saying why
+    export: str | None = None
     # learning rate, batch and sequence length None: sized by the model, the device and its context
     finetune: FinetuneOptions = field(default_factory=lambda: FinetuneOptions(lr=None, batch_size=None, seq_len=None))
 
@@ -33,6 +37,8 @@ class RemovalOptions:
             raise NormSurgeryError("--gap, --heal and --aux-weight cannot be negative.")
         if self.alpha_init not in ALPHA_INITS:
             raise NormSurgeryError(f"--alpha-init must be linear, scale, least-squares or best-mse (got {self.alpha_init!r}).")
+        if self.export is not None and self.export not in EXPORTS:
+            raise NormSurgeryError(f"--export must be stock or native (got {self.export!r}).")
         if self.ramp is not None and self.ramp < 1:
             raise NormSurgeryError(f"--ramp must be at least 1 step (got {self.ramp}).")
         if self.budget is not None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import copy
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -17,12 +17,13 @@ from normsurgery.engine.forward import cross_entropy
 from normsurgery.engine.loading import load_model, load_tokenizer
 from normsurgery.checkpoint.writer import parse_size
 from normsurgery.errors import NormSurgeryError
+from normsurgery.rewrite.inert import plan_stock_remove
 from normsurgery.rewrite.remove import plan_remove_norms
 from normsurgery.source import open_model
 from normsurgery.engine.resources import Runtime, resolve_runtime
 from normsurgery.finetune.engine import FinetuneOptions, check_fits, process_state, time_step
 from normsurgery.trainable.budget import DEFAULT_BUDGET, Sized, cap_gap, parse_budget, size_schedule, sized_lr, tokens_per_step
-from normsurgery.trainable.export import export_on_main, export_trained
+from normsurgery.trainable.export import export_form, export_on_main, export_trained
 from normsurgery.trainable.remove_ln import (
     CALIBRATION_SEQ_LEN,
     CALIBRATION_SEQUENCES,
@@ -163,8 +164,9 @@ def run_remove(model: str, out: Path, *, force: bool = False, max_shard_size: st
                removal: RemovalOptions | None = None, allow_pickle: bool = False, trust_remote_code: bool = False,
                runtime: Runtime | None = None, on_plan: OnPlan | None = None,
                on_step: OnStep | None = None) -> dict[str, Any]:
-    """LN removal end to end: check it applies, fine-tune with the freeze schedule, fold, write, check; the report
-    (empty on a process other than the main one of a distributed run, which writes and reports)."""
+    """LN removal end to end: check it applies and which form it can be written in (`removal.export`), fine-tune
+    with the freeze schedule, fold or make the norms inert, write, check; the report (empty on a process other than
+    the main one of a distributed run, which writes and reports)."""
     removal = removal or RemovalOptions()
     removal.validate()
     source, shard_bytes = _open_for_training(model, out, force, max_shard_size, removal, allow_pickle, trust_remote_code,
@@ -172,6 +174,7 @@ def run_remove(model: str, out: Path, *, force: bool = False, max_shard_size: st
     try:
         started = time.perf_counter()
         units = removal_units(source.arch, removable_norms(source.arch))
+        export, export_note = export_form(source, removal.export)
         tokenizer, student, teacher = _load_for_training(source, removal.finetune, allow_pickle, trust_remote_code)
         sized = size_run(removal, parameters=source.parameter_count, units=len(units), releases=len(RELEASES),
                          student=student, teacher=teacher, elapsed=time.perf_counter() - started,
@@ -180,8 +183,9 @@ def run_remove(model: str, out: Path, *, force: bool = False, max_shard_size: st
                          calibration_batches=removal.calibration_batches)
         main = process_state().is_main_process
         if on_plan and main:
-            on_plan(describe_plan(sized, "norm paths to freeze", len(units), removal.finetune, source.parameter_count,
-                                  str(student.device)))
+            described = describe_plan(sized, "norm paths to freeze", len(units), removal.finetune,
+                                      source.parameter_count, str(student.device))
+            on_plan(described if export_note is None else replace(described, notes=described.notes + [export_note]))
         start = time.perf_counter()
         scales, events, result, before = remove_norms(
             student, tokenizer, source.arch, removal, teacher=teacher, special_ids=special_token_ids(tokenizer),
@@ -204,8 +208,11 @@ def run_remove(model: str, out: Path, *, force: bool = False, max_shard_size: st
             "processes": result.processes,
             "fsdp": result.fsdp,
             "mixed_precision": result.mixed_precision,
+            "export": export,
+            **({"export_note": export_note} if export_note else {}),
         }
-        plan = plan_remove_norms(source.arch, scales)
+        plan = (plan_stock_remove(source.arch, source.reader.config, scales) if export == "stock"
+                else plan_remove_norms(source.arch, scales))
         check_ids = calibration_batches(tokenizer, removal.finetune.seq_len, 2, 1)[0]
         report["export_check"] = export_on_main(student, check_ids, lambda state, want: export_trained(
             source, plan, state, want, check_ids, out, force=force, max_shard_size=shard_bytes, report=report))
@@ -222,10 +229,12 @@ def removal_options(*, gap: int | None = None, heal: int | None = None, aux_weig
                     text: str | None = None, seed: int = 0, loss: str = "kl", gradient_checkpointing: bool = False,
                     checkpoint_dir: Path | None = None, checkpoint_every: int = 0, device: str = "auto",
                     budget: str | None = None, ramp: int | None = None,
-                    mixed_precision: str = "auto", alpha_init: str = "best-mse") -> RemovalOptions:
-    """The CLI's options as a RemovalOptions (None: sized by the model, the device and the budget)."""
+                    mixed_precision: str = "auto", alpha_init: str = "best-mse",
+                    export: str | None = None) -> RemovalOptions:
+    """The CLI's options as a RemovalOptions (None: sized by the model, the device and the budget; `export` None:
+    stock where the model allows it)."""
     return RemovalOptions(gap=gap, heal=heal, ramp=ramp, aux_weight=aux_weight, budget=budget, alpha_init=alpha_init,
-                          finetune=FinetuneOptions(
+                          export=export, finetune=FinetuneOptions(
         lr=lr, batch_size=batch_size, seq_len=seq_len, text=text, seed=seed, loss=loss,  # type: ignore[arg-type]
         gradient_checkpointing=gradient_checkpointing, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
         device=device, mixed_precision=mixed_precision))  # type: ignore[arg-type]
@@ -251,6 +260,9 @@ def run_swap(model: str, target: str, out: Path, *, force: bool = False, max_sha
     )
 
     removal.validate()
+    if removal.export is not None:
+        raise NormSurgeryError(f"--export applies to --to none only; --to {target} always writes its own modeling code "
+                               "(DyT and Derf have no stock module). Leave --export out.")
     if removal.heal is not None and removal.heal < 1:
         raise NormSurgeryError("--heal must be at least 1 for --to dyt/derf (the fine-tune after the swap).")
     source, shard_bytes = _open_for_training(model, out, force, max_shard_size, removal, allow_pickle, trust_remote_code,
