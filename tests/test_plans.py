@@ -24,7 +24,8 @@ def _plans(arch):
     from normsurgery.rewrite.center import plan_center_swap
     from normsurgery.rewrite.fold import plan_fold
     from normsurgery.rewrite.remove import plan_remove_norms
-    from normsurgery.trainable.stand_ins import reader_groups, removable_norms
+    from normsurgery.arch.spec import reader_groups
+    from normsurgery.trainable.stand_ins import removable_norms
 
     verdicts = {a.operation: a.applies for a in applicability(arch)}
     plans = {"fold": plan_fold(arch)} if verdicts.get("fold") else {}

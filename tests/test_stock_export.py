@@ -98,7 +98,8 @@ def test_bfloat16_stock_norms_keep_their_powers_of_two(name, tiny_model, tmp_pat
     from normsurgery.rewrite.remove import plan_remove_norms
     from normsurgery.source import open_model
     from normsurgery.surgery import apply_plan
-    from normsurgery.trainable.stand_ins import removable_norms, reader_groups
+    from normsurgery.arch.spec import reader_groups
+    from normsurgery.trainable.stand_ins import removable_norms
 
     folder = tiny_model(name, torch.bfloat16)
     source = open_model(str(folder), scan_finite=False)

@@ -289,6 +289,17 @@ class Norm:
         return tuple(t for t in (self.weight, self.bias) if t)
 
 
+def reader_groups(norm: Norm) -> list[str]:
+    """The groups a norm's readers declare, in order of first appearance (DEFAULT_GROUP for readers that declare
+    none): the paths LN removal freezes apart, and those an inert stock norm serves."""
+    seen: list[str] = []
+    for reader in norm.readers:
+        for group in reader.groups or (DEFAULT_GROUP,):
+            if group not in seen:
+                seen.append(group)
+    return seen or [DEFAULT_GROUP]
+
+
 @dataclass(frozen=True)
 class Block:
     """One resolved decoder block."""

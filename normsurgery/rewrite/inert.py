@@ -27,11 +27,10 @@ from typing import Any
 import torch
 
 from normsurgery.arch import family_for, raw_key
-from normsurgery.arch.spec import Architecture, Norm
+from normsurgery.arch.spec import Architecture, Norm, reader_groups
 from normsurgery.rewrite.maths import effective_gain
 from normsurgery.rewrite.plan import Plan, Step
 from normsurgery.rewrite.remove import frozen_norm_step
-from normsurgery.trainable.stand_ins import reader_groups
 
 Tensor = torch.Tensor
 STOCK_EPS = 2.0**66  # about 7.4e19: see the module docstring

@@ -26,7 +26,8 @@ from normsurgery.errors import NormSurgeryError
 from normsurgery.engine.text import sample
 from normsurgery.finetune.engine import FinetuneResult, finetune
 from normsurgery.trainable.options import RemovalOptions
-from normsurgery.trainable.stand_ins import ScaleGroup, Unit, install, reader_groups, removable_norms, scale_spread
+from normsurgery.arch.spec import reader_groups
+from normsurgery.trainable.stand_ins import ScaleGroup, Unit, install, removable_norms, scale_spread
 
 CALIBRATION_SEQUENCES = 8  # sequences per scale measurement (position 0 is measured on each of them)
 CALIBRATION_SEQ_LEN = 256  # at most this many tokens each

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from normsurgery.arch.facts import EXPERTS_FUSED, POSITIONS_COMPUTED, has_experts
-from normsurgery.arch.spec import DEFAULT_GROUP, Architecture, Linear, Norm
+from normsurgery.arch.spec import DEFAULT_GROUP, Architecture, Linear, Norm, reader_groups
 from normsurgery.errors import NormSurgeryError
 
 class TokenContext:
@@ -207,15 +207,6 @@ class Unit:
     def name(self) -> str:
         return f"{self.norm.name}[{self.group}]"
 
-
-def reader_groups(norm: Norm) -> list[str]:
-    """The groups a norm's readers declare, in order of first appearance (DEFAULT_GROUP for readers that declare none)."""
-    seen: list[str] = []
-    for reader in norm.readers:
-        for group in reader.groups or (DEFAULT_GROUP,):
-            if group not in seen:
-                seen.append(group)
-    return seen or [DEFAULT_GROUP]
 
 
 def _bind_reader(module: nn.Module, reader: Linear, groups: dict[str, ScaleGroup]) -> None:
