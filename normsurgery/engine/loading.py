@@ -86,10 +86,10 @@ def load_tokenizer(folder: Path):
 
 
 def key_mapping(raw_config: dict[str, Any]) -> dict[str, str]:
-    """On-disk -> in-memory tensor renames of a checkpoint: an export's own, else its family's (e.g. GPT-NeoX)."""
-    surgery = raw_config.get("normsurgery") or {}
-    if surgery.get("key_mapping"):
-        return dict(surgery["key_mapping"])
+    """On-disk -> in-memory tensor renames of a checkpoint: an export's own (its wrapped config's surgery, see
+    export.modeling_normsurgery.wrap_config), else its family's (e.g. GPT-NeoX)."""
+    if raw_config.get("model_type") == "normsurgery":
+        return dict((raw_config.get("surgery") or {}).get("key_mapping") or {})
     from normsurgery.arch import FAMILY_BY_MODEL_TYPE
 
     family = FAMILY_BY_MODEL_TYPE.get(raw_config.get("model_type", ""))
