@@ -55,7 +55,7 @@ def has_experts(arch: Architecture) -> bool:
     return any(b.experts for b in arch.blocks)
 
 
-# why the trainable norm rewrites (dyt, none) refuse a mixture-of-experts model
+# why the trainable norm rewrites (dyt, derf, none) refuse a mixture-of-experts model
 EXPERTS_FUSED = ("its routed experts are stacked parameters inside one experts module in transformers, which the exported "
                  "code cannot give biases, resize or bind reader by reader")
 
@@ -164,10 +164,10 @@ def applicability(arch: Architecture) -> list[Applicability]:
         out.append(Applicability("crmsnorm", False, POSITIONS_COMPUTED))
     else:
         kept = sum(bias_kept(arch, n) for n in swapped_norms(arch))
-        rms = "Pre-LN LayerNorm: exact after centering the writers" + (" (each routed expert's output too)" if
-                                                                      has_experts(arch) else "")
-        out.append(Applicability("rmsnorm", True, rms + (f"; {kept} norms read by routed experts keep their bias" if kept
-                                                         else "")))
+        rms = "Pre-LN LayerNorm: exact after centering the writers"
+        rms += " (each routed expert's output too)" if has_experts(arch) else ""
+        rms += f"; {kept} norms read by routed experts keep their bias" if kept else ""
+        out.append(Applicability("rmsnorm", True, rms))
         crms = crms_bias_problem(arch)
         out.append(Applicability("crmsnorm", crms is None,
                                  crms or "Pre-LN LayerNorm: exact with the residual stored in d-1 dimensions"))

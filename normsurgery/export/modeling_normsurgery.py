@@ -3,7 +3,8 @@
 It needs only torch and transformers. The checkpoint is a stock transformers model (`base_config`)
 with a few modules changed, listed in `surgery`: norms swapped for RMSNorm, CRMSNorm, DyT, Derf or identity,
 biases added to linear layers, tensors whose residual width shrank (CRMSNorm stores d-1
-coordinates) and module attributes that hold that width, and pruned attention or MLP sub-layers replaced by modules that add nothing to the residual.
+coordinates) and module attributes that hold that width, and pruned attention or MLP sub-layers replaced by
+modules that add nothing to the residual.
 Load it with `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`.
 """
 

@@ -3,8 +3,9 @@
 In a Pre-LN model the residual is read only through norms and LN(x) = LN(Px), so making every writer
 zero-mean changes no norm output (a routed expert's too: each expert's output centred, any router-weighted sum of
 them is). On a zero-mean residual LN(x) = g * x / rms(x) + b, an RMSNorm whose bias folds into the readers, or
-stays in the RMSNorm where a reader cannot take one (stacked routed experts). CRMSNorm also drops the residual's last coordinate (minus the sum
-of the others), so readers absorb it and the norm adds (sum x)^2 back into the mean square.
+stays in the RMSNorm where a reader cannot take one (stacked routed experts). CRMSNorm also drops the residual's
+last coordinate (minus the sum of the others), so readers absorb it and the norm adds (sum x)^2 back into the
+mean square.
 """
 
 from __future__ import annotations
