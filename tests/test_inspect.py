@@ -13,6 +13,9 @@ from normsurgery.arch import raw_key
 # the fixture configs' expert counts (DBRX's in its ffn_config)
 EXPERT_COUNTS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 
+# Pre-LN LayerNorm fixtures refused CRMSNorm, and why: Phi-MoE's norm biases would have to fold into its stacked experts
+CRMS_REFUSED = {"phimoe": "stacked parameter without a bias"}
+
 EXPECTED_PLACEMENT = {
     "gpt2": "Pre-LN",
     "gpt_neox": "Pre-LN, parallel attention+MLP",
@@ -52,9 +55,13 @@ def test_inspect_json_every_family(name, tiny_model, cli):
     kwargs = FAMILY_CONFIGS[name][1]
     kwargs = {**kwargs, **kwargs.get("ffn_config", {})}
     assert facts["experts"] == next((v for k, v in kwargs.items() if k in EXPERT_COUNTS), 0)
-    centrable = layernorm and pre_ln and not facts["experts"] and not facts["computed_positions"]
+    centrable = layernorm and pre_ln and not facts["computed_positions"]
     assert ops["rmsnorm"]["applies"] == centrable
-    assert ops["crmsnorm"]["applies"] == centrable
+    assert ops["crmsnorm"]["applies"] == (centrable and name not in CRMS_REFUSED)
+    if name in CRMS_REFUSED:
+        assert CRMS_REFUSED[name] in ops["crmsnorm"]["reason"] and "keep their bias" in ops["rmsnorm"]["reason"]
+    if centrable and facts["experts"]:  # LayerNorm MoE (DBRX, Phi-MoE): the experts are centred with the writers
+        assert "routed expert" in ops["rmsnorm"]["reason"]
     if facts["computed_positions"]:  # XGLM's sinusoids
         assert all("computed" in ops[op]["reason"] for op in ("rmsnorm", "crmsnorm", "dyt", "none"))
     if not layernorm:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from normsurgery.arch.spec import Architecture
+from normsurgery.arch.spec import Architecture, Linear, Norm
 
 OPERATIONS: tuple[str, ...] = ("fold", "rmsnorm", "crmsnorm", "dyt", "none", "prune", "prune-sublayers")
 
@@ -55,9 +55,40 @@ def has_experts(arch: Architecture) -> bool:
     return any(b.experts for b in arch.blocks)
 
 
-# why the rewrites that change modules (not only tensors) refuse a mixture-of-experts model
+# why the trainable norm rewrites (dyt, derf, none) refuse a mixture-of-experts model
 EXPERTS_FUSED = ("its routed experts are stacked parameters inside one experts module in transformers, which the exported "
                  "code cannot give biases, resize or bind reader by reader")
+
+
+def swapped_norms(arch: Architecture) -> list[Norm]:
+    """The norms rmsnorm and crmsnorm replace: each block's Pre-LN input norms and the final norm."""
+    swap = [n for b in arch.blocks for n in b.norms_with_role("input")]
+    return swap + ([arch.final_norm] if arch.final_norm else [])
+
+
+def unbiasable_readers(arch: Architecture, norm: Norm) -> list[Linear]:
+    """The readers of `norm` with no bias that cannot be given one: routed experts held in one stacked parameter,
+    whose stock forward adds none (so a norm bias cannot fold into them)."""
+    return [r for r in norm.readers if r.bias is None and arch.stacked(r)]
+
+
+def bias_kept(arch: Architecture, norm: Norm) -> bool:
+    """Whether the RMSNorm replacing `norm` keeps its bias, because some reader cannot take it (see above)."""
+    return norm.bias is not None and bool(unbiasable_readers(arch, norm))
+
+
+def crms_bias_problem(arch: Architecture) -> str | None:
+    """Why CRMSNorm cannot be exact for this model's norm biases, or None: it must fold each bias into the readers,
+    and some reader cannot take one."""
+    norm = next((n for n in swapped_norms(arch) if bias_kept(arch, n)), None)
+    if norm is None:
+        return None
+    readers = unbiasable_readers(arch, norm)
+    return (f"CRMSNorm must fold each LayerNorm bias into the linears that read the norm (a norm over the d-1 stored "
+            f"coordinates cannot add a d-dimensional bias), and {norm.name} is read by routed experts "
+            f"({readers[0].weight.rsplit('.', 1)[0]} and {len(readers) - 1} more) that transformers holds in one "
+            "stacked parameter without a bias, which its stock experts forward has no place to add; rmsnorm applies "
+            "(its RMSNorm keeps the bias)")
 
 
 # why the rewrites that centre a LayerNorm model's residual (rmsnorm, crmsnorm; dyt and none centre first) refuse one
@@ -128,15 +159,18 @@ def applicability(arch: Architecture) -> list[Applicability]:
     elif not pre_ln:
         out.append(Applicability("rmsnorm", False, not_pre_ln))
         out.append(Applicability("crmsnorm", False, not_pre_ln))
-    elif has_experts(arch):
-        out.append(Applicability("rmsnorm", False, f"a mixture-of-experts model: {EXPERTS_FUSED}"))
-        out.append(Applicability("crmsnorm", False, f"a mixture-of-experts model: {EXPERTS_FUSED}"))
     elif arch.computed_positions:
         out.append(Applicability("rmsnorm", False, POSITIONS_COMPUTED))
         out.append(Applicability("crmsnorm", False, POSITIONS_COMPUTED))
     else:
-        out.append(Applicability("rmsnorm", True, "Pre-LN LayerNorm: exact after centering the writers"))
-        out.append(Applicability("crmsnorm", True, "Pre-LN LayerNorm: exact with the residual stored in d-1 dimensions"))
+        kept = sum(bias_kept(arch, n) for n in swapped_norms(arch))
+        rms = "Pre-LN LayerNorm: exact after centering the writers"
+        rms += " (each routed expert's output too)" if has_experts(arch) else ""
+        rms += f"; {kept} norms read by routed experts keep their bias" if kept else ""
+        out.append(Applicability("rmsnorm", True, rms))
+        crms = crms_bias_problem(arch)
+        out.append(Applicability("crmsnorm", crms is None,
+                                 crms or "Pre-LN LayerNorm: exact with the residual stored in d-1 dimensions"))
 
     residual_others = [n.name for n in arch.all_norms() if n.role not in ("input", "final", "qk")]
     if has_experts(arch):

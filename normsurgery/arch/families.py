@@ -741,8 +741,9 @@ MIXTRAL = _moe("mixtral", _mixtral_block(False), key_renames=((r"\.block_sparse_
                      "with the experts")
 PHIMOE = _moe("phimoe", _mixtral_block("attention_bias"), norm_kind="layernorm", unembed_bias="lm_head_bias",
               key_renames=((r"\.block_sparse_moe\.gate\.", ".mlp.router."),),
-              notes="LayerNorm with routed experts: fold only (the stock fused experts module has no biases to take a "
-                    "norm bias, and the exported code cannot resize it)")
+              notes="LayerNorm with routed experts: fold, rmsnorm (the norms the experts read keep their bias: the "
+                    "stock stacked experts module has none to take it) and prune; crmsnorm refused (it must fold the "
+                    "bias into the experts)")
 
 
 def _qwen_moe_block(c: Config, qkv_bias: object, o_bias: object, qk_norm: tuple[str, ...],
@@ -896,6 +897,7 @@ def _dbrx_block(c: Config) -> BlockLayout:
                 Lin(mlp, experts=experts, names=("v1", "v1_bias")))),
         ),
         writers=(Lin("norm_attn_norm.attn.out_proj"), Lin(mlp, conv1d=True, experts=experts, names=("w2", "w2_bias"))),
+        width_attributes=("ffn.experts.hidden_size",),  # DbrxExperts reshapes its input and output by it
     )
 
 
@@ -913,8 +915,8 @@ DBRX = Family(
     streamed_by_parent=(r"\.ffn\.experts\.mlp$",),  # DbrxExperts reads its child's w1, v1, w2
     final_norm=NormAt("transformer.norm_f", role="final", has_bias=False),
     unembed=Lin("lm_head"),
-    notes="bias-free LayerNorms with routed experts stored as fused 2D tensors (w1, v1, w2): fold and prune (the "
-          "router folds with its experts)",
+    notes="bias-free LayerNorms with routed experts stored as fused 2D tensors (w1, v1, w2): fold, rmsnorm, crmsnorm "
+          "and prune (the router reads the norm like its experts; CRMSNorm resizes the fused experts)",
 )
 
 

@@ -95,6 +95,9 @@ class BlockLayout:
     # other tensors of a block (names relative to it), neither norms nor linears, which every rewrite leaves alone
     # and prune renumbers with their block: e.g. Apertus's xIELU activation parameters
     others: tuple[str, ...] = ()
+    # module attributes (paths relative to the block) that hold the residual width and that the stock forward
+    # reshapes by, set to d-1 at load when CRMSNorm stores the residual in d-1 coordinates: DBRX's experts module
+    width_attributes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -211,6 +214,7 @@ class Family:
                     parallel=layout.parallel,
                     others=tuple(f"{prefix}{t}" for t in layout.others),
                     experts=experts,
+                    width_attributes=tuple(f"{prefix}{a}" for a in layout.width_attributes),
                 )
             )
         tied = bool(getattr(config, "tie_word_embeddings", False))
@@ -312,6 +316,7 @@ class Block:
     parallel: bool = False
     others: tuple[str, ...] = ()  # tensor names (see BlockLayout.others)
     experts: int = 0  # routed experts of a mixture-of-experts block; 0 for a dense one
+    width_attributes: tuple[str, ...] = ()  # module attribute names (see BlockLayout.width_attributes)
 
     def norms_with_role(self, role: NormRole) -> tuple[Norm, ...]:
         """This block's norms of one role."""
@@ -355,6 +360,10 @@ class Architecture:
         if self.final_norm:
             out.append(self.final_norm)
         return out
+
+    def stacked(self, linear: Linear) -> bool:
+        """Whether `linear` is routed experts held in one stacked parameter, as stored or once transformers loads it."""
+        return linear.experts > 0 or any(linear.weight in parts for experts in self.fused.values() for parts in experts)
 
     def as_loaded(self) -> "Architecture":
         """This model with its tensors named and shaped as stock transformers holds them in memory (`key_renames`

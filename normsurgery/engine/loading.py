@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -16,6 +16,9 @@ from normsurgery.engine.lazy_model import LazyModel, UnmatchedWeights, lazy_mode
 from normsurgery.engine.resources import Runtime
 from normsurgery.engine.weights import CheckpointWeights, WeightMap
 from normsurgery.errors import NormSurgeryError
+
+if TYPE_CHECKING:
+    from normsurgery.arch.spec import Family
 
 
 def own_modeling_code(folder: Path) -> bool:
@@ -83,32 +86,38 @@ def load_tokenizer(folder: Path):
 
 
 def key_mapping(raw_config: dict[str, Any]) -> dict[str, str]:
-    """On-disk -> in-memory tensor renames of a checkpoint: an export's own, else its family's (e.g. GPT-NeoX)."""
-    surgery = raw_config.get("normsurgery") or {}
-    if surgery.get("key_mapping"):
-        return dict(surgery["key_mapping"])
+    """On-disk -> in-memory tensor renames of a checkpoint: an export's own (its wrapped config's surgery, see
+    export.modeling_normsurgery.wrap_config), else its family's (e.g. GPT-NeoX)."""
+    if raw_config.get("model_type") == "normsurgery":
+        return dict((raw_config.get("surgery") or {}).get("key_mapping") or {})
     from normsurgery.arch import FAMILY_BY_MODEL_TYPE
 
     family = FAMILY_BY_MODEL_TYPE.get(raw_config.get("model_type", ""))
     return dict(family.key_renames) if family is not None else {}
 
 
-def streamed_by_parent(config: Any) -> tuple[str, ...]:
-    """The modules whose parameters its family's model code reads in their parent's forward (Family.streamed_by_parent);
-    none for a family normsurgery does not know or an export."""
+def _family_of(config: Any) -> tuple[Family | None, Any]:
+    """A config's family and the config that resolves it: an export's stock base config (its modules keep the stock
+    names), else the config itself; no family for one normsurgery does not know."""
     from normsurgery.arch import FAMILY_BY_MODEL_TYPE
 
-    family = FAMILY_BY_MODEL_TYPE.get(getattr(config, "model_type", ""))
+    if isinstance(getattr(config, "base_config", None), dict) and hasattr(config, "to_base"):
+        config = config.to_base()
+    return FAMILY_BY_MODEL_TYPE.get(getattr(config, "model_type", "")), config
+
+
+def streamed_by_parent(config: Any) -> tuple[str, ...]:
+    """The modules whose parameters its family's model code reads in their parent's forward (Family.streamed_by_parent);
+    none for a family normsurgery does not know."""
+    family, _ = _family_of(config)
     return family.streamed_by_parent if family is not None else ()
 
 
 def fused_parameters(config: Any) -> dict[str, tuple[tuple[str, ...], ...]]:
     """The stacked expert parameters transformers builds at load from a checkpoint's per-expert tensors, by its
-    family's declaration (Architecture.fused); none for a family normsurgery does not know or an export."""
-    from normsurgery.arch import FAMILY_BY_MODEL_TYPE
-
-    family = FAMILY_BY_MODEL_TYPE.get(getattr(config, "model_type", ""))
-    return family.resolve(config).fused if family is not None else {}
+    family's declaration (Architecture.fused); none for a family normsurgery does not know."""
+    family, base = _family_of(config)
+    return family.resolve(base).fused if family is not None else {}
 
 
 class OpenModel:

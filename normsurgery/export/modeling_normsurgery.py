@@ -3,7 +3,8 @@
 It needs only torch and transformers. The checkpoint is a stock transformers model (`base_config`)
 with a few modules changed, listed in `surgery`: norms swapped for RMSNorm, CRMSNorm, DyT, Derf or identity,
 biases added to linear layers, tensors whose residual width shrank (CRMSNorm stores d-1
-coordinates), and pruned attention or MLP sub-layers replaced by modules that add nothing to the residual.
+coordinates) and module attributes that hold that width, and pruned attention or MLP sub-layers replaced by
+modules that add nothing to the residual.
 Load it with `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`.
 """
 
@@ -61,19 +62,22 @@ class NormSurgeryConfig(PretrainedConfig):
 
 
 class RMSNorm(nn.Module):
-    """y = g * x / sqrt(mean(x^2) + eps), computed in float32 for low-precision inputs."""
+    """y = g * x / sqrt(mean(x^2) + eps) (+ b where a LayerNorm's bias stays), computed in float32 for low-precision
+    inputs."""
 
-    def __init__(self, dim: int, eps: float, affine: bool = True):
+    def __init__(self, dim: int, eps: float, affine: bool = True, bias: bool = False):
         super().__init__()
         self.eps = eps
         self.dim = dim
         self.weight = nn.Parameter(torch.ones(dim)) if affine else None
+        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # One fused call with the gain inside; on CPU it ties the written-out formula under torch.compile and
         # is mixed in eager mode (bench/forward_speed.py, README "Performance").
         weight = None if self.weight is None else self.weight.float()
-        return F.rms_norm(x.float(), (x.shape[-1],), weight, self.eps).to(x.dtype)
+        y = F.rms_norm(x.float(), (x.shape[-1],), weight, self.eps)
+        return (y if self.bias is None else y + self.bias.float()).to(x.dtype)
 
 
 class CRMSNorm(nn.Module):
@@ -197,8 +201,8 @@ def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
 
 
 def apply_surgery(model: nn.Module, surgery: dict) -> None:
-    """Replace pruned sub-layers, swap norms, add biases and resize tensors as `surgery` lists, before the weights
-    are loaded."""
+    """Replace pruned sub-layers, swap norms, add biases, resize tensors and set attributes as `surgery` lists, before
+    the weights are loaded."""
     unembed = surgery.get("unembed")
     for path, spec in surgery.get("modules", {}).items():
         spec = dict(spec)
@@ -223,6 +227,9 @@ def apply_surgery(model: nn.Module, surgery: dict) -> None:
             module.out_features, module.in_features = shape
         elif isinstance(module, nn.Embedding):
             module.embedding_dim = shape[1]
+    for name, value in surgery.get("attributes", {}).items():
+        path, _, attribute = name.rpartition(".")
+        setattr(model.get_submodule(path), attribute, value)
 
 
 def patched(base_class: type) -> type:

@@ -1,9 +1,11 @@
 """Pre-LN LayerNorm -> Pre-RMSNorm or Pre-CRMSNorm, exactly: center every writer, then swap the norms.
 
 In a Pre-LN model the residual is read only through norms and LN(x) = LN(Px), so making every writer
-zero-mean changes no norm output. On a zero-mean residual LN(x) = g * x / rms(x) + b, an RMSNorm
-whose bias folds into the readers. CRMSNorm also drops the residual's last coordinate (minus the sum
-of the others), so readers absorb it and the norm adds (sum x)^2 back into the mean square.
+zero-mean changes no norm output (a routed expert's too: each expert's output centred, any router-weighted sum of
+them is). On a zero-mean residual LN(x) = g * x / rms(x) + b, an RMSNorm whose bias folds into the readers, or
+stays in the RMSNorm where a reader cannot take one (stacked routed experts). CRMSNorm also drops the residual's
+last coordinate (minus the sum of the others), so readers absorb it and the norm adds (sum x)^2 back into the
+mean square.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from typing import Literal
 
 import torch
 
-from normsurgery.arch.facts import applicability
+from normsurgery.arch.facts import applicability, bias_kept, swapped_norms
 from normsurgery.arch.spec import Architecture, Linear, Norm
 from normsurgery.errors import NormSurgeryError
 from normsurgery.rewrite.maths import (
@@ -80,10 +82,11 @@ def center_writer_step(writer: Linear, target: Target) -> Step:
     return Step(f"center {module_path(writer.weight)}", writer.tensors(), compute)
 
 
-def _norm_step(norm: Norm, arch: Architecture, target: Target, untie_from: str | None) -> Step:
-    """A norm's readers: RMS keeps the gain in the norm and folds the bias; CRMS folds both and compresses."""
+def _norm_step(norm: Norm, arch: Architecture, target: Target, untie_from: str | None, keep_bias: bool) -> Step:
+    """A norm's readers: RMS keeps the gain in the norm and folds the bias (unless `keep_bias`); CRMS folds both
+    and compresses."""
     def compute(t: dict[str, Tensor]) -> dict[str, Tensor]:
-        bias = t.get(norm.bias) if norm.bias else None
+        bias = t.get(norm.bias) if norm.bias and not keep_bias else None
         gain = None
         if target == "crmsnorm":
             gain = effective_gain(t.get(norm.weight) if norm.weight else None, norm.gain_offset, arch.hidden_size)
@@ -99,6 +102,8 @@ def _norm_step(norm: Norm, arch: Architecture, target: Target, untie_from: str |
                 out[bias_name(r)] = c
         if target == "rmsnorm" and norm.weight:  # the RMSNorm's plain gain: (1 + w) for a (1 + w) norm (Nemotron)
             out[norm.weight] = effective_gain(t[norm.weight], norm.gain_offset, arch.hidden_size)
+        if keep_bias:  # written by the step, so that a rewrite in memory puts it into the new RMSNorm too
+            out[norm.bias] = t[norm.bias]
         return out
 
     return Step(f"{target} {norm.name}", norm_step_inputs(norm, arch, untie_from), compute)
@@ -123,21 +128,25 @@ def plan_center_swap(arch: Architecture, target: Target) -> Plan:
     for block in arch.blocks:
         for writer in block.writers:
             plan.steps.append(center_writer_step(writer, target))
-    swap = [n for b in arch.blocks for n in b.norms_with_role("input")] + ([arch.final_norm] if arch.final_norm else [])
-    for norm in swap:
+    for norm in swapped_norms(arch):
         untie = arch.token_embedding if (arch.tied and norm is arch.final_norm) else None
-        plan.steps.append(_norm_step(norm, arch, target, untie))
+        keep_bias = target == "rmsnorm" and bias_kept(arch, norm)  # CRMS never gets here with one (facts)
+        plan.steps.append(_norm_step(norm, arch, target, untie, keep_bias))
         plan.folded.append(norm.name)
-        plan.dropped.update([norm.bias] if norm.bias else [])
+        plan.dropped.update([norm.bias] if norm.bias and not keep_bias else [])
         if target == "crmsnorm" and norm.weight:
             plan.dropped.add(norm.weight)
         norms[norm.name] = {"kind": target, "eps": norm.eps, "dim": d, "affine": target == "rmsnorm" and norm.weight is not None}
+        if keep_bias:
+            norms[norm.name]["bias"] = True
         for r in norm.readers:
-            if r.bias is None and norm.bias:
+            if r.bias is None and norm.bias and not keep_bias:
                 add_bias.append(module_path(r.weight))
     if arch.tied:
         plan.config_updates["tie_word_embeddings"] = False
-    plan.surgery = Surgery.of(target, arch, norms, add_bias, crms_resized(arch) if target == "crmsnorm" else [])
+    crms = target == "crmsnorm"
+    plan.surgery = Surgery.of(target, arch, norms, add_bias, crms_resized(arch) if crms else [],
+                              {a: d - 1 for b in arch.blocks for a in b.width_attributes} if crms else {})
     return plan
 
 

@@ -50,7 +50,8 @@ class Surgery:
     """The module changes that the exported modeling code (export/modeling_normsurgery.py) makes to the stock
     class when it loads a rewritten model: norms swapped (`norms`: module path -> its new kind and arguments),
     biases added to readers (`add_bias`), tensors whose residual width shrinks (`resized`, their shapes recorded
-    when written), pruned sub-layers' modules replaced (`modules`: module path -> what stands in for it)."""
+    when written), pruned sub-layers' modules replaced (`modules`: module path -> what stands in for it), module
+    attributes set (`attributes`: module path.attribute -> value, e.g. a residual width CRMSNorm shrank)."""
 
     operation: str
     unembed: str  # the unembedding's module path (the exported code finds it through the output embeddings)
@@ -59,19 +60,21 @@ class Surgery:
     add_bias: list[str] = field(default_factory=list)
     resized: list[str] = field(default_factory=list)
     modules: dict[str, dict[str, Any]] = field(default_factory=dict)
+    attributes: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def of(cls, operation: str, arch: Any, norms: dict[str, dict[str, Any]], add_bias: list[str] | None = None,
-           resized: list[str] | None = None) -> "Surgery":
+           resized: list[str] | None = None, attributes: dict[str, int] | None = None) -> "Surgery":
         """The surgery of `operation` on a model of architecture `arch`."""
         return cls(operation, module_path(arch.unembed.weight), dict(arch.key_renames), norms, list(add_bias or []),
-                   list(resized or []))
+                   list(resized or []), attributes=dict(attributes or {}))
 
     def exported(self, shapes: dict[str, list[int]]) -> dict[str, Any]:
         """What the exported code reads from the config: the changes, with the written shapes of `resized`."""
         exported = {"operation": self.operation, "norms": self.norms, "add_bias": self.add_bias, "unembed": self.unembed,
                     "key_mapping": self.key_mapping, "shapes": {name: shapes[name] for name in sorted(shapes)}}
-        return {**exported, "modules": self.modules} if self.modules else exported
+        optional = {"modules": self.modules, "attributes": self.attributes}
+        return {**exported, **{key: value for key, value in optional.items() if value}}
 
 
 @dataclass
