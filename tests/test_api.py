@@ -116,7 +116,7 @@ def test_the_readmes_python_examples_run(tiny_model, tmp_path, monkeypatch):
 @pytest.mark.parametrize("family, to", [("gpt2", "rmsnorm"), ("gpt2", "crmsnorm"), ("gpt2_untied", "crmsnorm"),
                                         ("opt", "rmsnorm"), ("bloom", "crmsnorm"), ("gpt_neox", "rmsnorm"),
                                         ("phi", "crmsnorm"), ("falcon", "rmsnorm"), ("dbrx", "rmsnorm"),
-                                        ("dbrx", "crmsnorm"), ("phimoe", "rmsnorm")])
+                                        ("dbrx", "crmsnorm"), ("phimoe", "rmsnorm"), ("xglm", "crmsnorm")])
 def test_convert_model_in_memory_is_exact_and_saves_like_the_clis_output(family, to, tiny_model, tmp_path,
                                                                           clean_python):
     from transformers import AutoModelForCausalLM

@@ -55,15 +55,16 @@ def test_inspect_json_every_family(name, tiny_model, cli):
     kwargs = FAMILY_CONFIGS[name][1]
     kwargs = {**kwargs, **kwargs.get("ffn_config", {})}
     assert facts["experts"] == next((v for k, v in kwargs.items() if k in EXPERT_COUNTS), 0)
-    centrable = layernorm and pre_ln and not facts["computed_positions"]
+    centrable = layernorm and pre_ln
     assert ops["rmsnorm"]["applies"] == centrable
     assert ops["crmsnorm"]["applies"] == (centrable and name not in CRMS_REFUSED)
     if name in CRMS_REFUSED:
         assert CRMS_REFUSED[name] in ops["crmsnorm"]["reason"] and "keep their bias" in ops["rmsnorm"]["reason"]
     if centrable and facts["experts"]:  # LayerNorm MoE (DBRX, Phi-MoE): the experts are centred with the writers
         assert "routed expert" in ops["rmsnorm"]["reason"]
-    if facts["computed_positions"]:  # XGLM's sinusoids
-        assert all("computed" in ops[op]["reason"] for op in ("rmsnorm", "crmsnorm", "dyt", "none"))
+    if facts["computed_positions"]:  # XGLM's sinusoids: centred by the exported code; the trained rewrites refuse
+        assert all("centres the positions" in ops[op]["reason"] for op in ("rmsnorm", "crmsnorm"))
+        assert all("computed" in ops[op]["reason"] and not ops[op]["applies"] for op in ("dyt", "none"))
     if not layernorm:
         assert "already RMSNorm" in ops["rmsnorm"]["reason"]
 

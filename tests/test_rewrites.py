@@ -166,8 +166,6 @@ def test_rmsnorm_on_rmsnorm_model_does_nothing(name, tiny_model, cli, tmp_path):
     ("opt_postln", "crmsnorm", "Post-LN"),
     ("opt_postln", "fold", "nothing to fold"),
     ("phimoe", "crmsnorm", "stacked parameter without a bias"),
-    ("xglm", "rmsnorm", "position encodings are computed"),
-    ("xglm", "crmsnorm", "position encodings are computed"),
 ])
 def test_refusals(name, op, why, tiny_model, cli, tmp_path):
     args = ("fold", tiny_model(name)) if op == "fold" else ("convert", tiny_model(name), "--to", op)

@@ -91,11 +91,12 @@ def crms_bias_problem(arch: Architecture) -> str | None:
             "(its RMSNorm keeps the bias)")
 
 
-# why the rewrites that centre a LayerNorm model's residual (rmsnorm, crmsnorm; dyt and none centre first) refuse one
-# whose positions are computed
+# why the trained rewrites (dyt, derf and none centre a LayerNorm model's weights first) refuse one whose positions are
+# computed; rmsnorm and crmsnorm apply, their exported code centring the positions (Family.computed_positions)
 POSITIONS_COMPUTED = ("its position encodings are computed (sinusoids added to the residual by a formula, not stored "
-                      "as a tensor), so no rewrite of the weights can make the residual zero-mean, which replacing its "
-                      "LayerNorms needs; fold and prune apply")
+                      "as a tensor), so no rewrite of the weights can make the residual zero-mean, which calibrating and "
+                      "training the stand-ins of its LayerNorms needs; fold, rmsnorm and crmsnorm (whose exported code "
+                      "centres the computed positions) and prune apply")
 
 
 def is_parallel(arch: Architecture) -> bool:
@@ -159,18 +160,17 @@ def applicability(arch: Architecture) -> list[Applicability]:
     elif not pre_ln:
         out.append(Applicability("rmsnorm", False, not_pre_ln))
         out.append(Applicability("crmsnorm", False, not_pre_ln))
-    elif arch.computed_positions:
-        out.append(Applicability("rmsnorm", False, POSITIONS_COMPUTED))
-        out.append(Applicability("crmsnorm", False, POSITIONS_COMPUTED))
     else:
         kept = sum(bias_kept(arch, n) for n in swapped_norms(arch))
         rms = "Pre-LN LayerNorm: exact after centering the writers"
         rms += " (each routed expert's output too)" if has_experts(arch) else ""
         rms += f"; {kept} norms read by routed experts keep their bias" if kept else ""
-        out.append(Applicability("rmsnorm", True, rms))
+        computed = arch.computed_positions
+        positions = f"; the exported code centres the positions {computed} computes" if computed else ""
+        out.append(Applicability("rmsnorm", True, rms + positions))
         crms = crms_bias_problem(arch)
         out.append(Applicability("crmsnorm", crms is None,
-                                 crms or "Pre-LN LayerNorm: exact with the residual stored in d-1 dimensions"))
+                                 crms or f"Pre-LN LayerNorm: exact with the residual stored in d-1 dimensions{positions}"))
 
     residual_others = [n.name for n in arch.all_norms() if n.role not in ("input", "final", "qk")]
     if has_experts(arch):

@@ -333,7 +333,7 @@ XGLM = Family(
     norm_kind="layernorm",
     eps=lambda c: 1e-5,  # XGLM builds nn.LayerNorm with its default eps; the config has no eps field
     token_embedding="model.embed_tokens",
-    computed_positions=True,  # sinusoids (offset 2) computed at run time, not stored
+    computed_positions="model.embed_positions",  # sinusoids (offset 2) computed at run time, not stored
     embed_scale=lambda c: math.sqrt(c.hidden_size) if c.scale_embedding else 1.0,
     block=BlockLayout(
         norms=(
@@ -344,8 +344,8 @@ XGLM = Family(
     ),
     final_norm=NormAt("model.layer_norm", role="final"),
     unembed=Lin("lm_head"),
-    notes="computed sinusoidal positions (no rewrite can centre them: fold and prune only); embeddings scaled by "
-          "sqrt(d) with scale_embedding",
+    notes="computed sinusoidal positions (rmsnorm and crmsnorm: the exported code centres them; no dyt, derf or none); "
+          "embeddings scaled by sqrt(d) with scale_embedding",
 )
 
 # ------------------------------------------------------------------ LayerNorm, parallel attention + MLP

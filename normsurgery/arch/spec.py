@@ -117,9 +117,10 @@ class Family:
     unembed: LinearSlot
     position_embedding: str | None = None
     position_offset: int = 0  # OPT stores 2 unused rows before position 0
-    # positions added to the residual from a formula (XGLM's sinusoids), held by no tensor: no rewrite of the weights
-    # can centre them, so the rewrites that need a zero-mean residual refuse a LayerNorm model with them
-    computed_positions: bool = False
+    # the module path of positions added to the residual from a formula (XGLM's sinusoids), held by no tensor: no
+    # rewrite of the weights can centre them, so rmsnorm and crmsnorm have the exported code centre (and compress) the
+    # module's output, and the trained rewrites, which centre the weights only, refuse a LayerNorm model with them
+    computed_positions: str | None = None
     embedding_norm: NormSlot | None = None
     gain_offset: float = 0.0  # 1.0 when the effective gain is (1 + w) (Gemma 1-3)
     embed_scale: Callable[[Config], float] | None = None  # Gemma multiplies embeddings by sqrt(d)
@@ -349,7 +350,7 @@ class Architecture:
     fused: dict[str, tuple[tuple[str, ...], ...]] = field(default_factory=dict)
     per_layer: tuple[str, ...] = ()
     depth_dependent: tuple[str, ...] = ()  # the family's index-dependent flags that are on in this config
-    computed_positions: bool = False  # see Family.computed_positions
+    computed_positions: str | None = None  # see Family.computed_positions
     _roles: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     def all_norms(self) -> list[Norm]:

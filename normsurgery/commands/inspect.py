@@ -42,7 +42,7 @@ def describe(source: ModelSource) -> dict[str, Any]:
         "experts": max((b.experts for b in arch.blocks), default=0),
         "sparse_blocks": sum(1 for b in arch.blocks if b.experts),
         "position_embedding": arch.position_embedding is not None,
-        "computed_positions": arch.computed_positions,
+        "computed_positions": arch.computed_positions is not None,
         "embedding_norm": arch.embedding_norm is not None,
         "weights_finite": True,
         "operations": [a.as_dict() for a in applicability(arch)],

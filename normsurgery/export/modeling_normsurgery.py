@@ -3,8 +3,9 @@
 It needs only torch and transformers. The checkpoint is a stock transformers model (`base_config`)
 with a few modules changed, listed in `surgery`: norms swapped for RMSNorm, CRMSNorm, DyT, Derf or identity,
 biases added to linear layers, tensors whose residual width shrank (CRMSNorm stores d-1
-coordinates) and module attributes that hold that width, and pruned attention or MLP sub-layers replaced by
-modules that add nothing to the residual.
+coordinates) and module attributes that hold that width, the output of modules that compute what they add to the
+residual (XGLM's sinusoidal positions) centred like every other writer's, and pruned attention or MLP sub-layers
+replaced by modules that add nothing to the residual.
 Load it with `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`.
 """
 
@@ -189,6 +190,18 @@ class Zeros(nn.Module):
 PRUNED = {"attention": PrunedAttention, "mlp": PrunedMLP, "empty": Empty, "zeros": Zeros}
 
 
+def centring_hook(drop_last: bool):
+    """A forward hook that centres a module's output over its last dimension (in float32 for low-precision outputs)
+    and, for CRMSNorm's d-1 stored coordinates, drops the last coordinate."""
+
+    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        x = output.float()
+        centred = (x - x.mean(-1, keepdim=True)).to(output.dtype)
+        return centred[..., :-1] if drop_last else centred
+
+    return hook
+
+
 def _module(model: nn.Module, path: str, unembed: str | None) -> nn.Module:
     if path == unembed:
         return model.get_output_embeddings()
@@ -201,8 +214,8 @@ def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
 
 
 def apply_surgery(model: nn.Module, surgery: dict) -> None:
-    """Replace pruned sub-layers, swap norms, add biases, resize tensors and set attributes as `surgery` lists, before
-    the weights are loaded."""
+    """Replace pruned sub-layers, swap norms, add biases, resize tensors, set attributes and centre module outputs as
+    `surgery` lists, before the weights are loaded."""
     unembed = surgery.get("unembed")
     for path, spec in surgery.get("modules", {}).items():
         spec = dict(spec)
@@ -230,6 +243,8 @@ def apply_surgery(model: nn.Module, surgery: dict) -> None:
     for name, value in surgery.get("attributes", {}).items():
         path, _, attribute = name.rpartition(".")
         setattr(model.get_submodule(path), attribute, value)
+    for path, spec in surgery.get("centred", {}).items():
+        model.get_submodule(path).register_forward_hook(centring_hook(**spec))
 
 
 def patched(base_class: type) -> type:

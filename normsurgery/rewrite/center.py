@@ -1,7 +1,8 @@
 """Pre-LN LayerNorm -> Pre-RMSNorm or Pre-CRMSNorm, exactly: center every writer, then swap the norms.
 
 In a Pre-LN model the residual is read only through norms and LN(x) = LN(Px), so making every writer
-zero-mean changes no norm output (a routed expert's too: each expert's output centred, any router-weighted sum of
+zero-mean (positions computed by a module, which no weight holds: its output, by the exported code) changes no norm
+output (a routed expert's too: each expert's output centred, any router-weighted sum of
 them is). On a zero-mean residual LN(x) = g * x / rms(x) + b, an RMSNorm whose bias folds into the readers, or
 stays in the RMSNorm where a reader cannot take one (stacked routed experts). CRMSNorm also drops the residual's
 last coordinate (minus the sum of the others), so readers absorb it and the norm adds (sum x)^2 back into the
@@ -145,8 +146,10 @@ def plan_center_swap(arch: Architecture, target: Target) -> Plan:
     if arch.tied:
         plan.config_updates["tie_word_embeddings"] = False
     crms = target == "crmsnorm"
+    # positions computed by a module (no tensor to centre): the exported code centres its output like a writer's
+    centred = {arch.computed_positions: {"drop_last": crms}} if arch.computed_positions else {}
     plan.surgery = Surgery.of(target, arch, norms, add_bias, crms_resized(arch) if crms else [],
-                              {a: d - 1 for b in arch.blocks for a in b.width_attributes} if crms else {})
+                              {a: d - 1 for b in arch.blocks for a in b.width_attributes} if crms else {}, centred)
     return plan
 
 

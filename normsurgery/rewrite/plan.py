@@ -51,7 +51,9 @@ class Surgery:
     class when it loads a rewritten model: norms swapped (`norms`: module path -> its new kind and arguments),
     biases added to readers (`add_bias`), tensors whose residual width shrinks (`resized`, their shapes recorded
     when written), pruned sub-layers' modules replaced (`modules`: module path -> what stands in for it), module
-    attributes set (`attributes`: module path.attribute -> value, e.g. a residual width CRMSNorm shrank)."""
+    attributes set (`attributes`: module path.attribute -> value, e.g. a residual width CRMSNorm shrank), modules
+    whose output is centred (`centred`: module path -> whether its last coordinate is then dropped, as CRMSNorm drops
+    every writer's: computed positions, which no weight holds)."""
 
     operation: str
     unembed: str  # the unembedding's module path (the exported code finds it through the output embeddings)
@@ -61,19 +63,21 @@ class Surgery:
     resized: list[str] = field(default_factory=list)
     modules: dict[str, dict[str, Any]] = field(default_factory=dict)
     attributes: dict[str, int] = field(default_factory=dict)
+    centred: dict[str, dict[str, bool]] = field(default_factory=dict)
 
     @classmethod
     def of(cls, operation: str, arch: Any, norms: dict[str, dict[str, Any]], add_bias: list[str] | None = None,
-           resized: list[str] | None = None, attributes: dict[str, int] | None = None) -> "Surgery":
+           resized: list[str] | None = None, attributes: dict[str, int] | None = None,
+           centred: dict[str, dict[str, bool]] | None = None) -> "Surgery":
         """The surgery of `operation` on a model of architecture `arch`."""
         return cls(operation, module_path(arch.unembed.weight), dict(arch.key_renames), norms, list(add_bias or []),
-                   list(resized or []), attributes=dict(attributes or {}))
+                   list(resized or []), attributes=dict(attributes or {}), centred=dict(centred or {}))
 
     def exported(self, shapes: dict[str, list[int]]) -> dict[str, Any]:
         """What the exported code reads from the config: the changes, with the written shapes of `resized`."""
         exported = {"operation": self.operation, "norms": self.norms, "add_bias": self.add_bias, "unembed": self.unembed,
                     "key_mapping": self.key_mapping, "shapes": {name: shapes[name] for name in sorted(shapes)}}
-        optional = {"modules": self.modules, "attributes": self.attributes}
+        optional = {"modules": self.modules, "attributes": self.attributes, "centred": self.centred}
         return {**exported, **{key: value for key, value in optional.items() if value}}
 
 
