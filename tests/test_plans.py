@@ -66,6 +66,8 @@ def test_every_plan_reads_and_writes_tensors_the_model_has(name):
                 assert out in resized or value.shape == tensors.get(out).shape, (operation, out)
         accounted = set(plan.folded) | {line.split(":")[0] for line in plan.kept}
         assert {n.name for n in arch.all_norms() if n.role != "qk"} <= accounted | set(surgery.norms if surgery else ()), operation
+        for path in surgery.centred if surgery else ():  # computed positions: a module the exported code can hook
+            assert not list(model.get_submodule(path).parameters()), (operation, path)
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama", "gemma2", "smollm3", "falcon", "olmo2"])

@@ -539,7 +539,8 @@ def _model_level(draft: Draft, find: _Finder, model: nn.Module, ends: dict[int, 
         draft.embed_sqrt_d = abs(scale - math.sqrt(d)) < 1e-3 * math.sqrt(d)
         if float((h - scale * rows).abs().max()) > 1e-5 * float(h.abs().max()):
             draft.problems.append("block 0's input holds more than the (scaled) stored embeddings, e.g. position "
-                                  "encodings computed rather than stored (sinusoidal), which no rewrite can center")
+                                  "encodings computed rather than stored (sinusoidal), which a draft does not declare: "
+                                  "declare the family by hand, `computed_positions` naming the module computing them")
         elif not draft.embed_sqrt_d and abs(scale - 1.0) > 1e-4:
             draft.notes.append(f"embeddings are multiplied by {scale:.4g} (a config multiplier the stock class applies, "
                                "kept by every rewrite)")

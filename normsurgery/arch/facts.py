@@ -94,9 +94,9 @@ def crms_bias_problem(arch: Architecture) -> str | None:
 # why the trained rewrites (dyt, derf and none centre a LayerNorm model's weights first) refuse one whose positions are
 # computed; rmsnorm and crmsnorm apply, their exported code centring the positions (Family.computed_positions)
 POSITIONS_COMPUTED = ("its position encodings are computed (sinusoids added to the residual by a formula, not stored "
-                      "as a tensor), so no rewrite of the weights can make the residual zero-mean, which calibrating and "
-                      "training the stand-ins of its LayerNorms needs; fold, rmsnorm and crmsnorm (whose exported code "
-                      "centres the computed positions) and prune apply")
+                      "as a tensor), so no rewrite of the weights can make the residual zero-mean, which calibrating "
+                      "and training the stand-ins of its LayerNorms needs; fold, rmsnorm and crmsnorm (whose exported "
+                      "code centres the computed positions) and prune apply")
 
 
 def is_parallel(arch: Architecture) -> bool:
@@ -168,9 +168,9 @@ def applicability(arch: Architecture) -> list[Applicability]:
         computed = arch.computed_positions
         positions = f"; the exported code centres the positions {computed} computes" if computed else ""
         out.append(Applicability("rmsnorm", True, rms + positions))
-        crms = crms_bias_problem(arch)
-        out.append(Applicability("crmsnorm", crms is None,
-                                 crms or f"Pre-LN LayerNorm: exact with the residual stored in d-1 dimensions{positions}"))
+        problem = crms_bias_problem(arch)
+        crms = f"Pre-LN LayerNorm: exact with the residual stored in d-1 dimensions{positions}"
+        out.append(Applicability("crmsnorm", problem is None, problem or crms))
 
     residual_others = [n.name for n in arch.all_norms() if n.role not in ("input", "final", "qk")]
     if has_experts(arch):
