@@ -55,10 +55,12 @@ def main() -> None:
     parser.add_argument("--block-ks", default="1,2,3,4,5,6,7,8", help="whole-block counts to pair with")
     parser.add_argument("--heal-steps", type=int, default=20)
     parser.add_argument("--heal-batch", type=int, default=4)
-    parser.add_argument("--heal-counts", default=None, help="attention counts healed, with their block pair (default all)")
+    parser.add_argument("--heal-counts", default=None,
+                        help="attention counts healed, with their block pair (default all)")
     parser.add_argument("--time-seq-len", type=int, default=2048)
     parser.add_argument("--time-runs", type=int, default=3)
-    parser.add_argument("--eval-tokens", type=int, default=8192, help="tokens of Python docs (the held-out sample is the command's)")
+    parser.add_argument("--eval-tokens", type=int, default=8192,
+                        help="tokens of Python docs (the held-out sample is the command's)")
     parser.add_argument("--work", default="/tmp/normsurgery-bench/sublayer-prune")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()

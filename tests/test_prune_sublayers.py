@@ -130,8 +130,11 @@ def test_sublayer_prune_of_several_blocks_by_the_api(tiny_model, tmp_path):
     assert "the MLP of blocks 1, 3" in card
 
 
-@pytest.mark.parametrize("what", ["attention", "mlp"])
-def test_healed_sublayer_prune_is_written_like_the_unhealed_one(what, tiny_model, cli, clean_python, tmp_path):
+@pytest.mark.parametrize("name, what, layers, label", [("smollm3", "attention", "1,2", "the attention of blocks 1, 2"),
+                                                        ("smollm3", "mlp", "1,2", "the MLP of blocks 1, 2"),
+                                                        ("opt", "mlp", "1", "the MLP of block 1")])
+def test_healed_sublayer_prune_is_written_like_the_unhealed_one(name, what, layers, label, tiny_model, cli,
+                                                                clean_python, tmp_path):
     """Healed by distillation with the sub-layer zeroed throughout: written through the same plan (same config and
     shipped code, the dropped tensors absent, the kept ones trained), equal to the trained model, loading where
     normsurgery cannot be imported, with the heal's held-out cross-entropies in the report."""
@@ -139,12 +142,12 @@ def test_healed_sublayer_prune_is_written_like_the_unhealed_one(what, tiny_model
 
     from normsurgery.reference.text import shakespeare_text
 
-    folder, text = tiny_model("smollm3"), tmp_path / "train.txt"
+    folder, text = tiny_model(name), tmp_path / "train.txt"
     text.write_text(shakespeare_text("train")[:20_000], encoding="utf-8")
     plain, healed = tmp_path / "plain", tmp_path / "healed"
-    code, _, err = cli("prune", folder, "--what", what, "--layers", "1,2", "-o", plain)
+    code, _, err = cli("prune", folder, "--what", what, "--layers", layers, "-o", plain)
     assert code == 0, err
-    code, stdout, err = cli("prune", folder, "--what", what, "--layers", "1,2", "-o", healed, "--heal-steps", "3",
+    code, stdout, err = cli("prune", folder, "--what", what, "--layers", layers, "-o", healed, "--heal-steps", "3",
                             "--lr", "1e-2", "--batch-size", "2", "--seq-len", "32", "--text", text, "--json")
     assert code == 0, err
     report = json.loads(stdout)
@@ -158,7 +161,7 @@ def test_healed_sublayer_prune_is_written_like_the_unhealed_one(what, tiny_model
     before, after = load_file(plain / "model.safetensors"), load_file(healed / "model.safetensors")
     assert set(after) == set(before) and len(before) < len(load_file(folder / "model.safetensors"))
     assert any(not torch.equal(before[n], after[n]) for n in before)
-    assert f"the {'MLP' if what == 'mlp' else what} of blocks 1, 2" in (healed / "README.md").read_text()
+    assert label in (healed / "README.md").read_text()
     assert not any(p.name.endswith(".unhealed") for p in tmp_path.iterdir())
     loaded = clean_python("norm_free", healed)
     assert loaded["cache_consistent"]

@@ -63,7 +63,8 @@ def heal_model(source: ModelSource, plan: Plan, teacher_folder: Path, out: Path,
             "losses": trained.losses, "processes": trained.processes, "fsdp": trained.fsdp,
             "mixed_precision": trained.mixed_precision}
         if plan.skipped_sublayers:
-            summary["removed_sublayers"] = f"{sublayer_label(plan.skipped_sublayers)} (0-based block indices, kept in place)"
+            label = sublayer_label(plan.skipped_sublayers)
+            summary["removed_sublayers"] = f"{label} (0-based block indices, kept in place)"
         check_ids = calibration_batches(tokenizer, options.seq_len, 2, 1)[0]
         summary["export_check"] = export_on_main(student, check_ids, lambda state, want: export_trained(
             source, plan, state, want, check_ids, out, force=force, max_shard_size=max_shard_size, report=summary))
