@@ -4,12 +4,14 @@ For each count n of attention sub-layers, `prune --what attention --remove n` ch
 (`--by auto`: the best candidates of every metric re-measured by calibration loss, on its own calibration sample),
 and the outputs are written by the command (unverified: `prune` verifies them, and the tests); they are timed side
 by side with the original without k blocks, for every k of `--block-ks` (every block has the same shapes, so which
-k does not change the time), interleaved: one forward of 1 x `--time-seq-len` tokens without cache, the fastest of
+k does not change the time), interleaved: one forward of 1 x `--time-seq-len` tokens without cache, timed as the CPU
+time of the one thread computing it (least disturbed by other work on a shared machine), the least of
 `--time-runs` rounds, as a ratio to the original. Each n is paired with the k whose time ratio is closest, and
 `prune --remove k` chooses those k blocks by the same default. For each pair: the KV cache a forward with
 `use_cache=True` allocates at that length, as a ratio to the original's (and the arithmetic for the attention
 layers kept); the held-out cross-entropy change (the command's own held-out sample, and Python docs); and the same
-after `prune ... --heal-steps N` (the command's heal, distillation to the original). Prints markdown.
+after `prune ... --heal-steps N` (the command's heal, distillation to the original). Prints markdown. `--reuse LOG`
+takes the choices and rows a previous run printed instead of measuring them again (both are deterministic).
 
     python bench/sublayer_prune.py --model smollm2-135m --heal-steps 20
 """
@@ -40,6 +42,21 @@ def kv_cache_bytes(model: torch.nn.Module, ids: torch.Tensor) -> int:
     return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
 
 
+def reuse(log: Path) -> tuple[dict[tuple[str, int], list[int]], dict[tuple[str, int, int], dict]]:
+    """A previous run's choices and measured rows (its printed JSON lines), to carry on without measuring them again:
+    both are deterministic for a model, and the choices cost minutes on a small CPU."""
+    chosen, rows = {}, {}
+    for line in log.read_text().splitlines():
+        if not line.startswith("{"):
+            continue
+        row = json.loads(line)
+        if "what" in row:
+            chosen[row["what"], row["n"]] = row["blocks"]
+        if "unhealed" in row:
+            rows[row["what"], row["n"], row.get("heal_steps", 0) if "healed" in row else 0] = row
+    return chosen, rows
+
+
 def load(folder: Path) -> torch.nn.Module:
     """A written output in float32, with its own modeling code when it ships some."""
     from transformers import AutoModelForCausalLM
@@ -62,6 +79,7 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=8192,
                         help="tokens of Python docs (the held-out sample is the command's)")
     parser.add_argument("--work", default="/tmp/normsurgery-bench/sublayer-prune")
+    parser.add_argument("--reuse", help="a previous run's printed lines: its choices and rows are not measured again")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
 
@@ -88,14 +106,17 @@ def main() -> None:
     seq_len = PruneSelection.seq_len
     calib = sample(tokenizer, seq_len=seq_len, sequences=PruneSelection.samples)[0]
     start = time.perf_counter()
-    stats = measure(model, arch, calib, label=args.model)
-    print(f"{args.model}: {arch.num_layers} blocks, statistics in {time.perf_counter() - start:.0f} s", flush=True)
-
     counts = [int(x) for x in args.attention_counts.split(",")]
     block_ks = [int(x) for x in args.block_ks.split(",")]
-    chosen: dict[tuple[str, int], list[int]] = {}
+    chosen = reuse(Path(args.reuse))[0] if args.reuse else {}
+    measured: list = []
 
     def choose(what: str, n: int) -> None:
+        if (what, n) in chosen:
+            return
+        if not measured:
+            measured.append(measure(model, arch, calib, label=args.model))
+        stats = measured[0]
         found = candidates(stats, n, PruneSelection.by, keep_first=PruneSelection.keep_first,
                            keep_last=PruneSelection.keep_last, top=PruneSelection.remeasure, what=what)
         chosen[what, n] = sorted(remeasure(model, arch, calib, found, what=what).blocks)
@@ -122,14 +143,17 @@ def main() -> None:
     ids = heldout_ids(tokenizer, 1, args.time_seq_len)
     times: dict[tuple[str, int], list[float]] = {key: [] for key in variants}
     order = list(variants)
-    with torch.no_grad():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the CPU time of the one thread that computes: what other work on the machine
+    with torch.no_grad():     # disturbs least (wall times on the shared machine varied by 2x within a round)
         for _ in range(args.time_runs):
             random.shuffle(order)
             for key in order:
-                t = time.perf_counter()
+                t = time.thread_time()
                 variants[key](input_ids=ids, use_cache=False)
-                times[key].append(time.perf_counter() - t)
+                times[key].append(time.thread_time() - t)
             print(json.dumps({f"{w}-{n}": round(times[w, n][-1], 3) for w, n in order}), flush=True)
+    torch.set_num_threads(threads)
     ratio = {key: min(v) / min(times["original", 0]) for key, v in times.items()}
     pair = {n: min(block_ks, key=lambda k: abs(ratio["block", k] - ratio["attention", n])) for n in counts}
     print(json.dumps({"time_ratio": {f"{w}-{n}": round(r, 4) for (w, n), r in ratio.items()}, "pair": pair,
@@ -146,9 +170,14 @@ def main() -> None:
     base = {name: cross_entropy(model, t) for name, t in texts.items()}
     kv_heads = model.config.num_key_value_heads
     head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
-    rows = []
+    rows, reused = [], reuse(Path(args.reuse))[1] if args.reuse else {}  # read now: another run may have added rows
     for n in counts:
         for what, m in (("attention", n), ("block", pair[n])):
+            heal_counts = counts if args.heal_counts is None else [int(x) for x in args.heal_counts.split(",")]
+            steps = args.heal_steps if n in heal_counts else 0
+            if (what, m, steps) in reused:
+                rows.append({**reused[what, m, steps], "time_ratio": ratio[what, m], "reused": True})
+                continue
             folder = work / f"{what}-{m}"
             if what == "block":
                 write("block", m)
@@ -165,14 +194,14 @@ def main() -> None:
                                                               * args.time_seq_len * 4),
                    "unhealed": unhealed}
             del variant
-            heal_counts = counts if args.heal_counts is None else [int(x) for x in args.heal_counts.split(",")]
-            if args.heal_steps and n in heal_counts:
+            if steps:
                 heal_start = time.perf_counter()
                 out, report = write(what, m, args.heal_steps)
                 row["heal_wall_s"] = time.perf_counter() - heal_start
                 healed = load(out)
                 row["healed"] = {name: cross_entropy(healed, t) - base[name] for name, t in texts.items()}
                 h = report["heal"]
+                row["heal_steps"] = steps
                 row["heal_report"] = {k: h[k] for k in ("heldout_ce_before", "heldout_ce_unhealed", "heldout_ce_after",
                                                         "finetune_seconds")}
                 del healed
@@ -182,7 +211,8 @@ def main() -> None:
 
     print(f"\noriginal: held-out CE {base['heldout']:.3f} (the command's sample, {texts['heldout'].numel()} tokens), "
           f"Python docs {base['python-docs']:.3f} ({texts['python-docs'].numel()} tokens); forward of 1 x "
-          f"{args.time_seq_len} tokens {min(times['original', 0]):.2f} s (fastest of {args.time_runs}); KV cache "
+          f"{args.time_seq_len} tokens {min(times['original', 0]):.2f} s of one thread's CPU time (least of "
+          f"{args.time_runs}); KV cache "
           f"{base_cache / 2**20:.1f} MiB; heal {args.heal_steps} steps of {args.heal_batch} x {seq_len} tokens")
     print("\n| removed | which (0-based blocks) | forward time | KV cache (measured / arithmetic) | held-out: pruned | "
           "healed | Python docs: pruned | healed |")
@@ -198,7 +228,7 @@ def main() -> None:
     if args.json:
         Path(args.json).write_text(json.dumps({"base": base, "base_cache_bytes": base_cache, "ratio": {
             f"{w}-{n}": r for (w, n), r in ratio.items()}, "times": {f"{w}-{n}": v for (w, n), v in times.items()},
-            "pair": pair, "rows": rows}, indent=1))
+            "pair": pair, "chosen": {f"{w}-{n}": b for (w, n), b in chosen.items()}, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":
