@@ -128,11 +128,6 @@ def run_prune(model: str, output: Path | None, selection: PruneSelection, *, hea
     check_export(s.export)
     if (s.remove is None) == (s.layers is None):
         raise NormSurgeryError("give either --remove K (choose K blocks) or --layers (name them), not both or neither.")
-    if s.what != "block" and heal is not None:
-        raise NormSurgeryError(f"--heal-steps is not available with --what {s.what}: the heal fine-tunes stock "
-                               "models, a model without some sub-layers carries its own modeling code, and one "
-                               "written with --export stock would train its zeroed projections back. Prune without "
-                               "healing, or remove whole blocks.")
     shard_bytes = parse_size(max_shard_size)
     if output is None and not dry_run:
         raise NormSurgeryError("give an output folder with -o/--output (or --dry-run to only choose the blocks).")
@@ -214,11 +209,15 @@ def _plan(source: ModelSource, what: str, blocks: list[int], export: str) -> Any
 
 def _write_and_heal(source: ModelSource, plan: Any, out: Path, force: bool, shard_bytes: int, options: Any,
                     allow_pickle: bool, runtime: Runtime) -> dict[str, Any]:
-    """Write the exact pruned model to a staging folder beside OUT, distil it to the original, write it to OUT. On
-    several processes (`accelerate launch`) the main one writes both and reports; the others get no report."""
+    """Write the exact pruned model to a staging folder beside OUT (verified), distil it to the original, write it to
+    OUT. Without whole blocks, the heal trains the original with the dropped sub-layers zeroed and writes it through
+    the same plan. On several processes (`accelerate launch`) the main one writes both and reports; the others get
+    no report."""
+    from dataclasses import replace
+
     from normsurgery.surgery import apply_plan
     from normsurgery.finetune.engine import process_state
-    from normsurgery.finetune.heal import heal_folder
+    from normsurgery.finetune.heal import heal_folder, heal_model
 
     options.validate()
     staging = out.parent / f".{out.name}.unhealed"
@@ -227,8 +226,13 @@ def _write_and_heal(source: ModelSource, plan: Any, out: Path, force: bool, shar
               if state.is_main_process else None)
     state.wait_for_everyone()
     try:
-        heal = heal_folder(staging, source.path, out, options, operation="prune+heal", force=force,
-                           max_shard_size=shard_bytes, allow_pickle=allow_pickle, runtime=runtime)
+        if plan.skipped_sublayers:
+            heal = heal_model(source, replace(plan, operation="prune+heal", check_dropped=False), source.path, out,
+                              options, force=force, max_shard_size=shard_bytes, allow_pickle=allow_pickle,
+                              runtime=runtime)
+        else:
+            heal = heal_folder(staging, source.path, out, options, operation="prune+heal", force=force,
+                               max_shard_size=shard_bytes, allow_pickle=allow_pickle, runtime=runtime)
     finally:
         if state.is_main_process:  # the others have read it: the heal waits for every process before it returns
             shutil.rmtree(staging, ignore_errors=True)

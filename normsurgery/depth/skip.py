@@ -41,10 +41,11 @@ def _zero_output(module: torch.nn.Module, args: tuple[Any, ...], output: torch.T
 @contextmanager
 def zeroing(model: torch.nn.Module, arch: Architecture, sublayers: dict[str, tuple[int, ...] | list[int]]) -> Iterator[None]:
     """Within the context, the given sub-layers of `model` ("attention"/"mlp" -> block indices) add nothing to the
-    residual: the output of what each adds (its output norm, else its writer) is zeroed."""
+    residual: the output of what each adds (its output norm, else its writer) is zeroed. None given: no hooks (on
+    any model, with separate sub-layers or not)."""
     from normsurgery.rewrite.sublayers import sublayers as find
 
-    found = find(arch)
+    found = find(arch) if any(sublayers.values()) else []
     handles = [model.get_submodule(found[i][kind].contribution).register_forward_hook(_zero_output)
                for kind, blocks in sublayers.items() for i in blocks]
     try:
