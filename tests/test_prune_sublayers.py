@@ -315,6 +315,28 @@ def test_stock_sublayer_prune_equals_the_native_one(name, what, tiny_model, cli,
     assert loaded["rel"] <= 1e-6 and not loaded["auto_map"] and loaded["cache_consistent"], loaded
 
 
+def test_healed_stock_sublayer_prune_keeps_the_removed_projections_zero(tiny_model, cli, tmp_path):
+    """A heal with --export stock trains with the sub-layer zeroed and writes it zeroed: the heal cannot train the
+    removed projections back, and the written model is the trained one."""
+    from safetensors import safe_open
+
+    from normsurgery.reference.text import shakespeare_text
+    from normsurgery.rewrite.sublayers import block_sublayers
+
+    folder, text, out = tiny_model("llama"), tmp_path / "train.txt", tmp_path / "stock"
+    text.write_text(shakespeare_text("train")[:20_000], encoding="utf-8")
+    code, stdout, err = cli("prune", folder, "--what", "attention", "--layers", "1", "--export", "stock", "-o", out,
+                            "--heal-steps", "3", "--lr", "1e-2", "--batch-size", "2", "--seq-len", "32", "--text", text,
+                            "--json")
+    assert code == 0, err
+    report = json.loads(stdout)
+    assert report["export_check"]["rel_logit_diff"] <= 1e-5 and len(report["heal"]["losses"]) == 3
+    assert "auto_map" not in json.loads((out / "config.json").read_text())
+    zeroed = block_sublayers(_arch(folder), _arch(folder).blocks[1])["attention"].zeroed()
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert zeroed and all(bool((f.get_tensor(n) == 0).all()) for n in zeroed)
+
+
 def test_prune_export_must_be_native_or_stock(tiny_model, cli, tmp_path):
     code, _, err = cli("prune", tiny_model("llama"), "--what", "mlp", "--layers", "0", "--export", "inert",
                        "-o", tmp_path / "out")
