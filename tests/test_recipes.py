@@ -76,6 +76,8 @@ def _recipe(tmp_path, text: str) -> Path:
     ("model: m\noutput: ${nowhere}/o\nsteps:\n  - fold: {}\n", r"\$\{nowhere\} is not defined"),
     ("model: m\noutput: o\nsteps:\n  - check: {against: folded}\n", "compares against 'folded'"),
     ("model: m\noutput: o\nsteps:\n  - convert: {to: dyt}\n  - fold: {}\n", "only check, eval and export can follow"),
+    ("model: m\noutput: o\nsteps:\n  - prune: {what: attention, layers: [1], export: stock}\n  - heal: {steps: 3}\n",
+     "follows a sub-layer prune"),
     ("model: m\noutput: o\nsteps:\n  - convert: {to: none, export: inert}\n", r"line 4: steps\[1\] convert.export: "),
     ("model: m\noutput: o\nsteps:\n  - prune: {what: mlp, layers: [0], export: inert}\n",
      r"line 4: steps\[1\] prune.export: "),

@@ -163,18 +163,22 @@ class Recipe(BaseModel):
     @model_validator(mode="after")
     def _order(self) -> "Recipe":
         ids = {"original"}
-        custom = False  # the current model carries normsurgery's modeling code (after convert)
+        custom = ""  # why the current model cannot be rewritten or healed again (after convert, a sub-layer prune)
         for i, step in enumerate(self.steps):
             against = getattr(step, "against", None)
             if against is not None and against not in ids:
                 raise ValueError(f"step {i + 1} ({step.kind}) compares against {against!r}, which is not 'original' or "
                                  "the id of an earlier step")
             if custom and step.kind in ("fold", "convert", "prune", "heal"):
-                raise ValueError(f"step {i + 1} ({step.kind}) follows a convert step, whose output has its own modeling "
-                                 "code; only check, eval and export can follow it (heal with convert's own options)")
+                raise ValueError(f"step {i + 1} ({step.kind}) follows {custom}; only check, eval and export can follow "
+                                 "it (convert heals with its own options)")
             if step.kind == "export" and i != len(self.steps) - 1:
                 raise ValueError(f"step {i + 1} (export) must be the last step")
-            custom = custom or step.kind == "convert"
+            if step.kind == "convert":
+                custom = custom or "a convert step, whose output has its own modeling code"
+            elif step.kind == "prune" and step.what != "block":
+                custom = custom or ("a sub-layer prune, whose output has its own modeling code or (--export stock) "
+                                    "zeroed projections that a later step would train back")
             if step.id:
                 if step.id in ids:
                     raise ValueError(f"step id {step.id!r} is used twice")
