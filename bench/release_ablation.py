@@ -67,20 +67,11 @@ def main() -> None:
     args = parser.parse_args()
 
     from normsurgery.engine.forward import cross_entropy
-    from normsurgery.engine.loading import load_model, load_tokenizer
-    from normsurgery.source import open_model
     from normsurgery.trainable.stand_ins import ScaleGroup, loaded_module, removable_norms
 
     import swap_ablation
-    import trainable_budget
 
-    torch.manual_seed(0)
-    source = open_model(args.model)
-    tokenizer = load_tokenizer(source.path)
-    original = load_model(source.path, torch.float32).eval()
-    texts = trainable_budget.samples(tokenizer, args.seq_len, args.tokens)
-    base = {name: cross_entropy(original, batches) for name, batches in texts.items()}
-    print(f"# {args.model}: original held-out CE " + ", ".join(f"{k} {v:.3f}" for k, v in base.items()), flush=True)
+    source, tokenizer, original, texts, base = swap_ablation.reference(args.model, args.seq_len, args.tokens)
     print("| norms frozen | released | " + " | ".join(f"{k} change" for k in base) + " |")
     print("|---|---|" + "---|" * len(base))
     norms = removable_norms(source.arch)

@@ -92,6 +92,25 @@ def frozen(original: torch.nn.Module, source, tokenizer, norms: list, released: 
     return model
 
 
+def reference(model: str, seq_len: int, tokens: int) -> tuple:
+    """The model's source, tokenizer and float32 original, the held-out samples of each text and the original's
+    cross-entropy on them (printed): what every row of an ablation is measured against."""
+    from normsurgery.engine.forward import cross_entropy
+    from normsurgery.engine.loading import load_model, load_tokenizer
+    from normsurgery.source import open_model
+
+    import trainable_budget
+
+    torch.manual_seed(0)
+    source = open_model(model)
+    tokenizer = load_tokenizer(source.path)
+    original = load_model(source.path, torch.float32).eval()
+    texts = trainable_budget.samples(tokenizer, seq_len, tokens)
+    base = {name: cross_entropy(original, batches) for name, batches in texts.items()}
+    print(f"# {model}: original held-out CE " + ", ".join(f"{k} {v:.3f}" for k, v in base.items()), flush=True)
+    return source, tokenizer, original, texts, base
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
@@ -103,20 +122,10 @@ def main() -> None:
     parser.add_argument("--no-removal", action="store_true", help="skip the frozen-scale rows")
     args = parser.parse_args()
 
-    from normsurgery.engine.loading import load_model, load_tokenizer
-    from normsurgery.source import open_model
     from normsurgery.engine.forward import cross_entropy
     from normsurgery.trainable.stand_ins import removable_norms
 
-    import trainable_budget
-
-    torch.manual_seed(0)
-    source = open_model(args.model)
-    tokenizer = load_tokenizer(source.path)
-    original = load_model(source.path, torch.float32).eval()
-    texts = trainable_budget.samples(tokenizer, args.seq_len, args.tokens)
-    base = {name: cross_entropy(original, batches) for name, batches in texts.items()}
-    print(f"# {args.model}: original held-out CE " + ", ".join(f"{k} {v:.3f}" for k, v in base.items()), flush=True)
+    source, tokenizer, original, texts, base = reference(args.model, args.seq_len, args.tokens)
     print("| norms | stand-in | init | " + " | ".join(f"{k} change" for k in base) + " | seconds |")
     print("|---|---|---|" + "---|" * (len(base) + 1))
     norms = removable_norms(source.arch)

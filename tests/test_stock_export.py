@@ -44,6 +44,19 @@ def _frozen_reference(folder, arch, norms, ids):
     return model(ids).logits.double(), scales
 
 
+def _write_both_forms(source, folder, norms, ids, tmp_path):
+    """Write `norms` removed at their frozen scales both ways, to tmp_path/native and tmp_path/stock; the frozen
+    stand-ins' logits on `ids`."""
+    from normsurgery.rewrite.inert import plan_stock_remove
+    from normsurgery.rewrite.remove import plan_remove_norms
+    from normsurgery.surgery import apply_plan
+
+    want, scales = _frozen_reference(folder, source.arch, norms, ids)
+    apply_plan(source, plan_remove_norms(source.arch, scales), tmp_path / "native", verify=False)
+    apply_plan(source, plan_stock_remove(source.arch, source.reader.config, scales), tmp_path / "stock", verify=False)
+    return want
+
+
 @pytest.mark.parametrize("name", ALL_FIXTURES)
 def test_inert_stock_norms_compute_the_frozen_stand_ins(name, tiny_model, tmp_path):
     """For every family --to none takes: the stock form (eps 2^66 in config.json, no auto_map, the stock class)
@@ -52,10 +65,8 @@ def test_inert_stock_norms_compute_the_frozen_stand_ins(name, tiny_model, tmp_pa
     from transformers import AutoModelForCausalLM
 
     from normsurgery.errors import NormSurgeryError
-    from normsurgery.rewrite.inert import STOCK_EPS, plan_stock_remove, stock_problem
-    from normsurgery.rewrite.remove import plan_remove_norms
+    from normsurgery.rewrite.inert import STOCK_EPS, stock_problem
     from normsurgery.source import open_model
-    from normsurgery.surgery import apply_plan
     from normsurgery.trainable.stand_ins import removable_norms
 
     folder = tiny_model(name)
@@ -71,10 +82,7 @@ def test_inert_stock_norms_compute_the_frozen_stand_ins(name, tiny_model, tmp_pa
             assert STOCK_REFUSED[name] in why
             return
         ids = torch.randint(3, 300, (2, 16), generator=torch.Generator().manual_seed(0))
-        want, scales = _frozen_reference(folder, source.arch, norms, ids)
-        apply_plan(source, plan_remove_norms(source.arch, scales), tmp_path / "native", verify=False)
-        apply_plan(source, plan_stock_remove(source.arch, source.reader.config, scales), tmp_path / "stock",
-                   verify=False)
+        want = _write_both_forms(source, folder, norms, ids, tmp_path)
     finally:
         source.close()
     config = json.loads((tmp_path / "stock" / "config.json").read_text())
@@ -94,11 +102,9 @@ def test_bfloat16_stock_norms_keep_their_powers_of_two(name, tiny_model, tmp_pat
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
-    from normsurgery.rewrite.inert import STOCK_ROOT, plan_stock_remove
-    from normsurgery.rewrite.remove import plan_remove_norms
-    from normsurgery.source import open_model
-    from normsurgery.surgery import apply_plan
     from normsurgery.arch.spec import reader_groups
+    from normsurgery.rewrite.inert import STOCK_ROOT
+    from normsurgery.source import open_model
     from normsurgery.trainable.stand_ins import removable_norms
 
     folder = tiny_model(name, torch.bfloat16)
@@ -106,10 +112,7 @@ def test_bfloat16_stock_norms_keep_their_powers_of_two(name, tiny_model, tmp_pat
     try:
         norms = removable_norms(source.arch)
         ids = torch.randint(3, 300, (2, 16), generator=torch.Generator().manual_seed(0))
-        want, scales = _frozen_reference(folder, source.arch, norms, ids)
-        apply_plan(source, plan_remove_norms(source.arch, scales), tmp_path / "native", verify=False)
-        apply_plan(source, plan_stock_remove(source.arch, source.reader.config, scales), tmp_path / "stock",
-                   verify=False)
+        want = _write_both_forms(source, folder, norms, ids, tmp_path)
     finally:
         source.close()
     inert = [n.weight for n in norms if len(reader_groups(n)) > 1]
