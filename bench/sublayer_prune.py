@@ -2,12 +2,15 @@
 
 For each count n of attention sub-layers, `prune --what attention --remove n` chooses them by the command's default
 (`--by auto`: the best candidates of every metric re-measured by calibration loss, on its own calibration sample),
-and the outputs are written by the command (unverified: `prune` verifies them, and the tests); they are timed side
-by side with the original without k blocks, for every k of `--block-ks` (every block has the same shapes, so which
-k does not change the time), interleaved: one forward of 1 x `--time-seq-len` tokens without cache, timed as the CPU
-time of the one thread computing it (least disturbed by other work on a shared machine), the least of
-`--time-runs` rounds, as a ratio to the original. Each n is paired with the k whose time ratio is closest, and
-`prune --remove k` chooses those k blocks by the same default. For each pair: the KV cache a forward with
+and the outputs are written by the command (unverified: `prune` verifies them, and the tests). Each n is paired
+with the k of `--block-ks` whose forward time is closest, by the shares of the original's forward that a block and
+an attention sub-layer take (`component_shares`, measured within the same forwards: 1 - n x the attention share,
+1 - k x the block share), and `prune --remove k` chooses those k blocks by the same default. End to end, each
+attention output and the original without k blocks (every block has the same shapes, so which k does not change
+the time) are timed back to back with the original (in turn before and after it): one forward of 1 x
+`--time-seq-len` tokens without cache, the CPU time of the one thread computing it (least disturbed by other work
+on a shared machine), the median of `--time-runs` such ratios; on a shared machine that ratio moves by 10-15% from
+one pair to the next, more than a block's share, which is why the shares pair. For each pair: the KV cache a forward with
 `use_cache=True` allocates at that length, as a ratio to the original's (and the arithmetic for the attention
 layers kept); the held-out cross-entropy change (the command's own held-out sample, and Python docs); and the same
 after `prune ... --heal-steps N` (the command's heal, distillation to the original). Prints markdown. `--reuse LOG`
@@ -22,6 +25,7 @@ import argparse
 import json
 import os
 import random
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -40,6 +44,52 @@ def kv_cache_bytes(model: torch.nn.Module, ids: torch.Tensor) -> int:
     with torch.no_grad():
         cache = model(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
     return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+
+
+def component_shares(model: torch.nn.Module, arch, ids: torch.Tensor, rounds: int) -> dict[str, float]:
+    """What one block and one attention sub-layer (with its input norm) take of a forward, as shares of its time:
+    one thread's CPU time between hooks at their entry and exit, summed over every block, the median of `rounds`
+    forwards. All three are measured within the same forwards, so the machine's speed drifting from one forward to
+    the next (by 20% on a shared machine) cancels out of the shares."""
+    from normsurgery.rewrite.sublayers import sublayers
+
+    spent = {"block": 0.0, "attention": 0.0}
+    started: dict[str, float] = {}
+    handles = []
+
+    def timing(kind: str, name: str) -> None:
+        def enter(*_: object) -> None:
+            started[name] = time.thread_time()
+
+        def leave(*_: object) -> None:
+            spent[kind] += time.thread_time() - started.pop(name)
+
+        handles.extend([model.get_submodule(name).register_forward_pre_hook(enter),
+                        model.get_submodule(name).register_forward_hook(leave)])
+
+    for i, found in enumerate(sublayers(arch)):
+        timing("block", arch.blocks[i].prefix.rstrip("."))
+        attention = found["attention"]
+        timing("attention", attention.module)
+        if attention.input_norm is not None:
+            timing("attention", attention.input_norm.name)
+    shares: dict[str, list[float]] = {"block": [], "attention": []}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            for _ in range(rounds):
+                spent.update(block=0.0, attention=0.0)
+                t = time.thread_time()
+                model(input_ids=ids, use_cache=False)
+                total = time.thread_time() - t
+                for kind in shares:
+                    shares[kind].append(spent[kind] / total / arch.num_layers)
+    finally:
+        torch.set_num_threads(threads)
+        for handle in handles:
+            handle.remove()
+    return {kind: statistics.median(v) for kind, v in shares.items()}
 
 
 def reuse(log: Path) -> tuple[dict[tuple[str, int], list[int]], dict[tuple[str, int, int], dict]]:
@@ -131,33 +181,45 @@ def main() -> None:
 
     for n in counts:
         choose("attention", n)
-    # forward time: the written attention outputs, and the original without k blocks (sharing its weights; every
-    # block has the same shapes, so which k does not matter to the time: the k before the last)
+    # forward time: the written attention outputs, and the original without the k blocks paired with them by their
+    # shares (sharing its weights; every block has the same shapes, so which k does not matter to the time: the k
+    # before the last)
     layers_path = family_for(arch.model_type).layers
     L = arch.num_layers
     variants: dict[tuple[str, int], torch.nn.Module] = {("original", 0): model}
     for n in counts:
         variants["attention", n] = load(write("attention", n)[0])
-    for k in block_ks:
-        variants["block", k] = sharing_blocks(model, layers_path, list(range(L - 1 - k, L - 1)))
     ids = heldout_ids(tokenizer, 1, args.time_seq_len)
+    shares = component_shares(model, arch, ids, args.time_runs)
+    share = {("original", 0): 1.0, **{("attention", n): 1 - n * shares["attention"] for n in counts},
+             **{("block", k): 1 - k * shares["block"] for k in block_ks}}
+    pair = {n: min(block_ks, key=lambda k: abs(share["block", k] - share["attention", n])) for n in counts}
+    for k in sorted(set(pair.values())):
+        variants["block", k] = sharing_blocks(model, layers_path, list(range(L - 1 - k, L - 1)))
     times: dict[tuple[str, int], list[float]] = {key: [] for key in variants}
-    order = list(variants)
+    pairs: dict[tuple[str, int], list[float]] = {key: [] for key in variants if key != ("original", 0)}
+    order = list(pairs)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the CPU time of the one thread that computes: what other work on the machine
-    with torch.no_grad():     # disturbs least (wall times on the shared machine varied by 2x within a round)
-        for _ in range(args.time_runs):
+
+    def timed(key: tuple[str, int]) -> float:
+        t = time.thread_time()
+        variants[key](input_ids=ids, use_cache=False)
+        times[key].append(time.thread_time() - t)
+        return times[key][-1]
+
+    with torch.no_grad():  # disturbs least; each variant is timed back to back with the original (in turn first
+        for r in range(args.time_runs):  # and second), as the machine's speed drifts by 20% within minutes
             random.shuffle(order)
             for key in order:
-                t = time.thread_time()
-                variants[key](input_ids=ids, use_cache=False)
-                times[key].append(time.thread_time() - t)
-            print(json.dumps({f"{w}-{n}": round(times[w, n][-1], 3) for w, n in order}), flush=True)
+                first, second = (key, ("original", 0)) if r % 2 else (("original", 0), key)
+                a, b = timed(first), timed(second)
+                pairs[key].append(a / b if first == key else b / a)
+            print(json.dumps({f"{w}-{n}": round(pairs[w, n][-1], 4) for w, n in order}), flush=True)
     torch.set_num_threads(threads)
-    ratio = {key: min(v) / min(times["original", 0]) for key, v in times.items()}
-    pair = {n: min(block_ks, key=lambda k: abs(ratio["block", k] - ratio["attention", n])) for n in counts}
-    print(json.dumps({"time_ratio": {f"{w}-{n}": round(r, 4) for (w, n), r in ratio.items()}, "pair": pair,
-                      "at_s": round(time.perf_counter() - start)}), flush=True)
+    ratio = {("original", 0): 1.0, **{key: statistics.median(v) for key, v in pairs.items()}}
+    print(json.dumps({"time_ratio": {f"{w}-{n}": round(r, 4) for (w, n), r in ratio.items()}, "shares": shares,
+                      "pair": pair, "at_s": round(time.perf_counter() - start)}), flush=True)
     for k in sorted(set(pair.values())):
         choose("block", k)
 
@@ -176,7 +238,8 @@ def main() -> None:
             heal_counts = counts if args.heal_counts is None else [int(x) for x in args.heal_counts.split(",")]
             steps = args.heal_steps if n in heal_counts else 0
             if (what, m, steps) in reused:
-                rows.append({**reused[what, m, steps], "time_ratio": ratio[what, m], "reused": True})
+                rows.append({**reused[what, m, steps], "time_ratio": ratio[what, m], "time_share_ratio": share[what, m],
+                             "reused": True})
                 continue
             folder = work / f"{what}-{m}"
             if what == "block":
@@ -189,6 +252,7 @@ def main() -> None:
             with context:
                 unhealed = {name: cross_entropy(model, t) - base[name] for name, t in texts.items()}
             row = {"what": what, "n": m, "blocks": chosen[what, m], "time_ratio": ratio[what, m],
+                   "time_share_ratio": share[what, m],
                    "kv_cache_ratio": kv_cache_bytes(variant, ids) / base_cache,
                    "kv_cache_ratio_arithmetic": arithmetic / (2 * arch.num_layers * kv_heads * head_dim
                                                               * args.time_seq_len * 4),
@@ -211,16 +275,16 @@ def main() -> None:
 
     print(f"\noriginal: held-out CE {base['heldout']:.3f} (the command's sample, {texts['heldout'].numel()} tokens), "
           f"Python docs {base['python-docs']:.3f} ({texts['python-docs'].numel()} tokens); forward of 1 x "
-          f"{args.time_seq_len} tokens {min(times['original', 0]):.2f} s of one thread's CPU time (least of "
-          f"{args.time_runs}); KV cache "
+          f"{args.time_seq_len} tokens {statistics.median(times['original', 0]):.2f} s of one thread's CPU time (median of "
+          f"{len(times['original', 0])}); KV cache "
           f"{base_cache / 2**20:.1f} MiB; heal {args.heal_steps} steps of {args.heal_batch} x {seq_len} tokens")
-    print("\n| removed | which (0-based blocks) | forward time | KV cache (measured / arithmetic) | held-out: pruned | "
+    print("\n| removed | which (0-based blocks) | forward time (from shares / end to end) | KV cache (measured / arithmetic) | held-out: pruned | "
           "healed | Python docs: pruned | healed |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         healed = r.get("healed", {})
         cells = [f"{r['n']} {'attention sub-layers' if r['what'] == 'attention' else 'blocks'}",
-                 ", ".join(map(str, r["blocks"])), f"{r['time_ratio']:.3f}",
+                 ", ".join(map(str, r["blocks"])), f"{r['time_share_ratio']:.3f} / {r['time_ratio']:.3f}",
                  f"{r['kv_cache_ratio']:.3f} / {r['kv_cache_ratio_arithmetic']:.3f}",
                  f"{r['unhealed']['heldout']:+.3f}", f"{healed['heldout']:+.3f}" if healed else "-",
                  f"{r['unhealed']['python-docs']:+.3f}", f"{healed['python-docs']:+.3f}" if healed else "-"]

@@ -20,6 +20,7 @@ import argparse
 import copy
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -40,14 +41,15 @@ def samples(tokenizer, seq_len: int, tokens: int) -> dict[str, list[torch.Tensor
             for name, text in (("shakespeare", shakespeare_text("heldout")), ("python-docs", python_docs_text()))}
 
 
-def run(model: str, target: str, budget: str, variant: dict[str, str], out: Path) -> dict:
-    """One `convert --to TARGET --budget BUDGET` (plus the variant's options: gap, heal, ramp, lr, aux_weight, alpha_init,
+def run(model: str, target: str, budget: str, variant: dict[str, str], out: Path, steps: bool = False) -> dict:
+    """One `convert --to TARGET --budget BUDGET` (plus the variant's options: gap, heal, ramp, lr, aux_weight, spread_weight, alpha_init,
     batch_size, seq_len); its JSON report."""
     from normsurgery.trainable.pipeline import removal_options, run_remove, run_swap
 
     options = removal_options(gap=int(variant["gap"]) if "gap" in variant else None,
                               heal=int(variant["heal"]) if "heal" in variant else None,
                               aux_weight=float(variant.get("aux_weight", 0.0)),
+                              spread_weight=float(variant.get("spread_weight", 0.0)),
                               lr=float(variant["lr"]) if "lr" in variant else None,
                               batch_size=int(variant["batch_size"]) if "batch_size" in variant else None,
                               seq_len=int(variant["seq_len"]) if "seq_len" in variant else None,
@@ -55,7 +57,9 @@ def run(model: str, target: str, budget: str, variant: dict[str, str], out: Path
                               checkpoint_every=0, budget=budget,
                               ramp=int(variant["ramp"]) if "ramp" in variant else None,
                               alpha_init=variant.get("alpha_init", "best-mse"))
-    common = dict(force=True, removal=options)
+    common = dict(force=True, removal=options, on_step=(lambda step, loss: print(f"step {step} loss {loss:.4f}",
+                                                                                file=sys.stderr, flush=True))
+                  if steps else None)
     return run_remove(model, out, **common) if target == "none" else run_swap(model, target, out, **common)
 
 
@@ -70,6 +74,7 @@ def main() -> None:
     parser.add_argument("--no-baseline", action="store_true")
     parser.add_argument("--variants-only", action="store_true", help="skip the rows with the default options")
     parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument("--steps", action="store_true", help="print each fine-tune step's loss to stderr")
     parser.add_argument("--keep", type=Path, help="keep each row's output in this folder (for `normsurgery eval`)")
     args = parser.parse_args()
 
@@ -100,7 +105,7 @@ def main() -> None:
                     name = "-".join([target, budget, *(f"{k}={v}" for k, v in variant.items())])
                     out = args.keep / name if args.keep else Path(tmp) / "out"
                     try:
-                        report = run(args.model, target, budget, variant, out)
+                        report = run(args.model, target, budget, variant, out, args.steps)
                     except NormSurgeryError as err:  # a diverged fine-tune is a result too
                         rows.append({"target": target, "budget": budget, "variant": variant, "failed": str(err),
                                      "wall_s": time.perf_counter() - start})

@@ -203,6 +203,7 @@ def convert(
     heal: Annotated[Optional[int], typer.Option(help="Fine-tune steps after the last freeze or swap. [default: sized by --budget]", rich_help_panel="Fine-tune")] = None,
     ramp: Annotated[Optional[int], typer.Option(help="Steps over which each freeze (--to none: live scale to constant) or swap (--to dyt/derf: norm to DyT/Derf) blends in (1: at once). [default: 4 gaps with a sized schedule, else 1]", rich_help_panel="Fine-tune")] = None,
     aux_weight: Annotated[float, typer.Option(help="[--to none] Weight of Baroni et al.'s auxiliary loss (spread of the final norm's per-token scale); 0 turns it off.", rich_help_panel="Fine-tune")] = RemovalOptions.aux_weight,
+    spread_weight: Annotated[float, typer.Option(help="[--to none] Weight of a penalty on every frozen path's per-token scale spread about its frozen scale, from its freeze on (the tokens the constant cannot fit); 0 turns it off.", rich_help_panel="Fine-tune")] = RemovalOptions.spread_weight,
     alpha_init: Annotated[str, typer.Option(help="[--to dyt/derf] How each swap starts: linear (alpha 0.1/scale, gain x10: the frozen-scale map, saturating only 10x beyond the typical scale), scale (alpha 1/scale), least-squares, or best-mse (the better fit of those two; the default).", rich_help_panel="Fine-tune")] = RemovalOptions.alpha_init,
     lr: Annotated[Optional[float], typer.Option(help="Peak learning rate (AdamW, warmup then cosine). [default: sized by the parameter count, 3e-3 at 1M to 1e-4 at 10B]", rich_help_panel="Fine-tune")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Sequences per step (default: about 1k tokens per step on a CPU, 8k on a GPU).", rich_help_panel="Fine-tune")] = None,
@@ -237,7 +238,7 @@ def convert(
         from normsurgery.engine.resources import resolve_runtime
         from normsurgery.trainable.pipeline import removal_options
 
-        options = removal_options(gap=gap, heal=heal, aux_weight=aux_weight, lr=lr, batch_size=batch_size,
+        options = removal_options(gap=gap, heal=heal, aux_weight=aux_weight, spread_weight=spread_weight, lr=lr, batch_size=batch_size,
                                   seq_len=seq_len, text=text, seed=seed, loss=loss,
                                   gradient_checkpointing=gradient_checkpointing, checkpoint_dir=checkpoint_dir,
                                   checkpoint_every=checkpoint_every, device=device, budget=budget, ramp=ramp,

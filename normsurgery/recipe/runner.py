@@ -197,7 +197,8 @@ class RecipeRun:
             return
         from normsurgery.trainable.pipeline import removal_options, run_remove, run_swap
 
-        options = removal_options(gap=step.gap, heal=step.heal, aux_weight=step.aux_weight, lr=step.lr,
+        options = removal_options(gap=step.gap, heal=step.heal, aux_weight=step.aux_weight,
+                                  spread_weight=step.spread_weight, lr=step.lr,
                                   batch_size=step.batch_size, seq_len=step.seq_len, text=step.text, seed=step.seed,
                                   loss=step.loss, gradient_checkpointing=False, checkpoint_dir=None, checkpoint_every=0,
                                   device=self.device, budget=step.budget, ramp=step.ramp,

@@ -59,6 +59,7 @@ class ConvertStep(_Options):
     heal: int | None = Field(None, ge=0)
     ramp: int | None = Field(None, ge=1)  # None: 4 gaps with a sized schedule, else 1
     aux_weight: float = Field(RemovalOptions.aux_weight, ge=0)
+    spread_weight: float = Field(RemovalOptions.spread_weight, ge=0)
     alpha_init: Literal["linear", "scale", "least-squares", "best-mse"] = RemovalOptions.alpha_init  # type: ignore[assignment]  # dyt/derf: how a swap starts
     lr: float | None = Field(None, gt=0)  # None: sized by the parameter count
     batch_size: int | None = Field(None, ge=1)  # None: about 1k tokens per step on a CPU, 8k on a GPU

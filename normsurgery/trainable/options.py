@@ -22,6 +22,7 @@ class RemovalOptions:
     ramp: int | None = None  # steps over which a freeze or a release goes from live to fixed (1: at once; None: sized)
     calibration_batches: int = 1  # batches of CALIBRATION_SEQUENCES sequences per measurement
     aux_weight: float = 0.0  # weight of the spread of the final norm's per-token scale (Baroni et al.'s aux loss)
+    spread_weight: float = 0.0  # weight of every frozen path's per-token scale spread about its frozen scale
     alpha_init: str = "best-mse"  # DyT/Derf: how each swap's alpha and gain start (ALPHA_INITS)
     budget: str | None = None  # --budget: what sizes an unset gap and heal (DEFAULT_BUDGET when None)
     # --to none: "stock" (the family's own class, its norms inert), "native" (no norm, shipped modeling code), or
@@ -33,8 +34,8 @@ class RemovalOptions:
     def validate(self) -> None:
         """One clear error for a schedule no run can follow."""
         self.finetune.validate()
-        if (self.gap or 0) < 0 or (self.heal or 0) < 0 or self.aux_weight < 0:
-            raise NormSurgeryError("--gap, --heal and --aux-weight cannot be negative.")
+        if (self.gap or 0) < 0 or (self.heal or 0) < 0 or self.aux_weight < 0 or self.spread_weight < 0:
+            raise NormSurgeryError("--gap, --heal, --aux-weight and --spread-weight cannot be negative.")
         if self.alpha_init not in ALPHA_INITS:
             raise NormSurgeryError(f"--alpha-init must be linear, scale, least-squares or best-mse (got {self.alpha_init!r}).")
         if self.export is not None and self.export not in EXPORTS:

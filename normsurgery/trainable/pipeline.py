@@ -202,6 +202,7 @@ def run_remove(model: str, out: Path, *, force: bool = False, max_shard_size: st
             "losses": result.losses,
             "options": _options_report(removal.finetune, gap=removal.gap, heal=removal.heal, per_freeze=removal.per_freeze,
                                        ramp=removal.ramp, aux_weight=removal.aux_weight,
+                                       spread_weight=removal.spread_weight,
                                        budget=removal.budget or DEFAULT_BUDGET),
             "estimate_seconds": sized.estimate_seconds,
             "text": result.text,
@@ -225,6 +226,7 @@ def run_remove(model: str, out: Path, *, force: bool = False, max_shard_size: st
 
 
 def removal_options(*, gap: int | None = None, heal: int | None = None, aux_weight: float = 0.0,
+                    spread_weight: float = 0.0,
                     lr: float | None = None, batch_size: int | None = None, seq_len: int | None = None,
                     text: str | None = None, seed: int = 0, loss: str = "kl", gradient_checkpointing: bool = False,
                     checkpoint_dir: Path | None = None, checkpoint_every: int = 0, device: str = "auto",
@@ -233,7 +235,8 @@ def removal_options(*, gap: int | None = None, heal: int | None = None, aux_weig
                     export: str | None = None) -> RemovalOptions:
     """The CLI's options as a RemovalOptions (None: sized by the model, the device and the budget; `export` None:
     stock where the model allows it)."""
-    return RemovalOptions(gap=gap, heal=heal, ramp=ramp, aux_weight=aux_weight, budget=budget, alpha_init=alpha_init,
+    return RemovalOptions(gap=gap, heal=heal, ramp=ramp, aux_weight=aux_weight, spread_weight=spread_weight,
+                          budget=budget, alpha_init=alpha_init,
                           export=export, finetune=FinetuneOptions(
         lr=lr, batch_size=batch_size, seq_len=seq_len, text=text, seed=seed, loss=loss,  # type: ignore[arg-type]
         gradient_checkpointing=gradient_checkpointing, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,

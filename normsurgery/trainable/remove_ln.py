@@ -9,7 +9,8 @@ the tokenizer's special tokens keep frozen scales of their own until the end, wh
 position 0 are released onto the ordinary scale, so that the exported model has no special case and no norm.
 Frozen norms are linear and fold away exactly (normsurgery/rewrite/remove.py). Optionally (`aux_weight`)
 Baroni et al.'s auxiliary loss pushes the final norm's per-token scales together, so that the constant that
-replaces them fits every token better.
+replaces them fits every token better, and (`spread_weight`) each frozen path's per-token scales towards its
+frozen one, from the freeze on.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from normsurgery.engine.text import sample
 from normsurgery.finetune.engine import FinetuneResult, finetune
 from normsurgery.trainable.options import RemovalOptions
 from normsurgery.arch.spec import reader_groups
-from normsurgery.trainable.stand_ins import ScaleGroup, Unit, install, removable_norms, scale_spread
+from normsurgery.trainable.stand_ins import (ScaleGroup, Unit, frozen_spread, install, removable_norms,
+                                             scale_spread)
 
 CALIBRATION_SEQUENCES = 8  # sequences per scale measurement (position 0 is measured on each of them)
 CALIBRATION_SEQ_LEN = 256  # at most this many tokens each
@@ -110,6 +112,17 @@ def measure(model: torch.nn.Module, groups: list[ScaleGroup], batches: list[torc
     return scales
 
 
+def auxiliary_loss(final: ScaleGroup, groups: list[ScaleGroup], options: RemovalOptions) -> torch.Tensor:
+    """Baroni et al.'s spread of the final norm's scale (`aux_weight`, from the start) plus the mean spread of every
+    frozen path about its frozen scale (`spread_weight`, each path from its freeze on), so that the model unlearns
+    the tokens a constant cannot fit while the token bound still holds them."""
+    loss = options.aux_weight * scale_spread(final) if options.aux_weight else torch.zeros(())
+    frozen = [g for g in groups if g.measured and float(g.mix) > 0] if options.spread_weight else []
+    if frozen:
+        loss = loss + options.spread_weight * torch.stack([frozen_spread(g) for g in frozen]).mean()
+    return loss
+
+
 def remove_norms(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -164,10 +177,11 @@ def remove_norms(
             on_step(step, loss)
 
     extra_loss = None
-    if options.aux_weight:
+    if options.aux_weight or options.spread_weight:
         final = next(groups[u.name] for u in units if u.norm.role == "final")
-        final.track = True
-        extra_loss = lambda: options.aux_weight * scale_spread(final)  # noqa: E731
+        for group in groups.values() if options.spread_weight else [final]:
+            group.track = True
+        extra_loss = lambda: auxiliary_loss(final, list(groups.values()), options)  # noqa: E731
     try:
         result = finetune(model, tokenizer, options.finetune, teacher=teacher, on_step=after_step, extra_loss=extra_loss)
     finally:

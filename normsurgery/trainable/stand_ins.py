@@ -281,6 +281,16 @@ def scale_spread(group: ScaleGroup) -> torch.Tensor:
     return ((live / live.mean()) - 1).pow(2).mean()
 
 
+def frozen_spread(group: ScaleGroup) -> torch.Tensor:
+    """How far the last forward's per-token divisors of the ordinary tokens stray from the path's frozen scale, as
+    the mean squared relative deviation: what the constant that replaces the norm gets wrong. Quadratic, so the few
+    tokens far above it (massive activations, which a frozen gated MLP squares once the token bound is lifted)
+    dominate it. Zero when every token sits at the scale."""
+    if group.live is None or group.ordinary is None:
+        raise NormSurgeryError(f"{group.name} has not run a forward with tracking on.")
+    return ((group.live[group.ordinary] / group.scale) - 1).pow(2).mean()
+
+
 def removable_norms(arch: Architecture) -> list[Norm]:
     """The norms that LN removal freezes and folds away: every Pre-LN input norm and the final norm.
 
