@@ -219,7 +219,7 @@ def test_spread_weight_pulls_every_frozen_path_towards_its_scale(tiny_model, tmp
             model(input_ids=calibration_batches(tok, 32, 4, 1)[0])
         assert all(g.frozen for g in groups)
         spreads[weight] = float(torch.stack([frozen_spread(g) for g in groups]).mean())
-    assert spreads[10.0] < 0.5 * spreads[0.0]  # measured 0.046 vs 0.169
+    assert spreads[10.0] < 0.6 * spreads[0.0]  # measured 0.043 vs 0.093
 
 
 FSDP = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}

@@ -283,12 +283,12 @@ def scale_spread(group: ScaleGroup) -> torch.Tensor:
 
 def frozen_spread(group: ScaleGroup) -> torch.Tensor:
     """How far the last forward's per-token divisors of the ordinary tokens stray from the path's frozen scale, as
-    the mean squared relative deviation: what the constant that replaces the norm gets wrong. Quadratic, so the few
-    tokens far above it (massive activations, which a frozen gated MLP squares once the token bound is lifted)
-    dominate it. Zero when every token sits at the scale."""
+    the mean squared log ratio: what the constant that replaces the norm gets wrong. In logs, because ordinary
+    text has mid-sequence tokens 1,000 times the scale (smollm2-135m's secondary attention sinks), whose squared
+    ratio would swamp the distillation loss. Zero when every token sits at the scale."""
     if group.live is None or group.ordinary is None:
         raise NormSurgeryError(f"{group.name} has not run a forward with tracking on.")
-    return ((group.live[group.ordinary] / group.scale) - 1).pow(2).mean()
+    return (group.live[group.ordinary] / group.scale).log().pow(2).mean()
 
 
 def removable_norms(arch: Architecture) -> list[Norm]:
