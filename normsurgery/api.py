@@ -106,8 +106,8 @@ def convert(model: str, output: PathLike, *, to: Target, force: bool = False, dt
     """`to="rmsnorm"|"crmsnorm"`: the exact conversion of a Pre-LN LayerNorm model (a SurgeryResult, verified).
     `to="none"|"dyt"|"derf"`: remove or swap every norm while fine-tuning, sized by `budget="30min"` unless the
     schedule is given (`gap`, `heal`, `ramp`, `lr`, `batch_size`, `seq_len`, `text`, `seed`, `loss`,
-    `aux_weight`, `spread_weight`, `alpha_init`, `mixed_precision`, ... as the CLI's options; for "none", `export="stock"|"native"`,
-    default stock where the model allows it); its report as plain data."""
+    `aux_weight`, `spread_weight`, `alpha_init`, `mixed_precision`, ... as the CLI's options; for "none",
+    `export="stock"|"native"`, default stock where the model allows it); its report as plain data."""
     if to in ("rmsnorm", "crmsnorm"):
         if finetune:
             raise NormSurgeryError(f"to={to!r} is exact and takes no fine-tune options (got {', '.join(finetune)}).")

@@ -238,8 +238,8 @@ def convert(
         from normsurgery.engine.resources import resolve_runtime
         from normsurgery.trainable.pipeline import removal_options
 
-        options = removal_options(gap=gap, heal=heal, aux_weight=aux_weight, spread_weight=spread_weight, lr=lr, batch_size=batch_size,
-                                  seq_len=seq_len, text=text, seed=seed, loss=loss,
+        options = removal_options(gap=gap, heal=heal, aux_weight=aux_weight, spread_weight=spread_weight, lr=lr,
+                                  batch_size=batch_size, seq_len=seq_len, text=text, seed=seed, loss=loss,
                                   gradient_checkpointing=gradient_checkpointing, checkpoint_dir=checkpoint_dir,
                                   checkpoint_every=checkpoint_every, device=device, budget=budget, ramp=ramp,
                                   mixed_precision=mixed_precision, alpha_init=alpha_init, export=export)
