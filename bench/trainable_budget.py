@@ -42,8 +42,8 @@ def samples(tokenizer, seq_len: int, tokens: int) -> dict[str, list[torch.Tensor
 
 
 def run(model: str, target: str, budget: str, variant: dict[str, str], out: Path, steps: bool = False) -> dict:
-    """One `convert --to TARGET --budget BUDGET` (plus the variant's options: gap, heal, ramp, lr, aux_weight, spread_weight, alpha_init,
-    batch_size, seq_len); its JSON report."""
+    """One `convert --to TARGET --budget BUDGET` (plus the variant's options: gap, heal, ramp, lr, aux_weight,
+    spread_weight, alpha_init, batch_size, seq_len); its JSON report, each step's loss on stderr with `steps`."""
     from normsurgery.trainable.pipeline import removal_options, run_remove, run_swap
 
     options = removal_options(gap=int(variant["gap"]) if "gap" in variant else None,

@@ -92,7 +92,8 @@ def prune(
     if heal_steps < 0:
         raise NormSurgeryError(f"--heal-steps cannot be negative (got {heal_steps}).")
     selection = PruneSelection(what=what, export=export, remove=remove,
-                               layers=_parse_layers(layers) if layers is not None else None, by=by, keep_first=keep_first, keep_last=keep_last, remeasure=candidates_to_remeasure,
+                               layers=_parse_layers(layers) if layers is not None else None, by=by,
+                               keep_first=keep_first, keep_last=keep_last, remeasure=candidates_to_remeasure,
                                skip_cost=skip_cost, samples=samples, seq_len=seq_len, text=text)
     runs_a_model = remove is not None or not no_verify or heal_steps > 0
     runtime, heal = None, None

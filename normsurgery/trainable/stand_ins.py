@@ -208,7 +208,6 @@ class Unit:
         return f"{self.norm.name}[{self.group}]"
 
 
-
 def _bind_reader(module: nn.Module, reader: Linear, groups: dict[str, ScaleGroup]) -> None:
     """Make a reader read its groups' normalised residual: a pre-hook for a one-group reader, a forward that
     splits the output slices between groups for a fused one (GPT-2's c_attn)."""
@@ -283,9 +282,9 @@ def scale_spread(group: ScaleGroup) -> torch.Tensor:
 
 def frozen_spread(group: ScaleGroup) -> torch.Tensor:
     """How far the last forward's per-token divisors of the ordinary tokens stray from the path's frozen scale, as
-    the mean squared log ratio: what the constant that replaces the norm gets wrong. In logs, because ordinary
-    text has mid-sequence tokens 1,000 times the scale (smollm2-135m's secondary attention sinks), whose squared
-    ratio would swamp the distillation loss. Zero when every token sits at the scale."""
+    the mean squared log ratio: what the constant that replaces the norm gets wrong. In logs, because a fine-tune
+    with frozen norms can grow ordinary tokens to 1,000 times the scale (on smollm2-135m, the tokens just after the
+    attention sink), whose squared ratio would swamp the distillation loss. Zero when every token sits at the scale."""
     if group.live is None or group.ordinary is None:
         raise NormSurgeryError(f"{group.name} has not run a forward with tracking on.")
     return (group.live[group.ordinary] / group.scale).log().pow(2).mean()
