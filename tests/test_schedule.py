@@ -58,6 +58,30 @@ def test_a_frozen_path_keeps_position_0_and_special_tokens_apart_until_released(
     assert group.frozen
 
 
+def test_the_token_bound_carries_no_gradient():
+    """A token held at the bound trains as if its path were the linear map it exports: the gradient is 1/divisor,
+    not a norm's (which would be zero along the token itself and teach the model to lean on the bound)."""
+    import torch
+
+    from normsurgery.arch.spec import Norm
+    from normsurgery.trainable.stand_ins import NormPassthrough, TokenContext
+
+    norm = Norm(name="n", weight=None, bias=None, kind="rmsnorm", eps=0.0, gain_offset=0.0, role="input")
+    group = NormPassthrough(norm, torch.nn.Identity(), TokenContext([]), ["all"]).groups["all"]
+    x = torch.ones(1, 3, 2) * torch.tensor([1.0, 1.0, 100.0])[None, :, None]  # the last token at 100x the scale
+    group.start_collecting()
+    group(x)
+    group.scale.fill_(1.0)
+    group.collect = False
+    group.set_mix(1.0)
+    group.forget()
+    x.requires_grad_(True)
+    y = group(x)
+    assert torch.allclose(y[0, 2], torch.full((2,), 3.0))  # held at the bound
+    y.sum().backward()
+    assert torch.allclose(x.grad[0], torch.tensor([[1.0, 1.0], [1.0, 1.0], [0.03, 0.03]]))
+
+
 @pytest.mark.parametrize("text, seconds, tokens", [
     ("30min", 1800, None), ("2h", 7200, None), ("90s", 90, None), ("20M", None, 20_000_000), ("500k", None, 500_000),
     ("1e6 tokens", None, 1_000_000),

@@ -128,9 +128,11 @@ class ScaleGroup(nn.Module):
             outliers = float(self.released[RELEASE_INDEX["outliers"]])
             if outliers < 1:  # no token's normalised input above OUTLIER x unit RMS: frozen, a token far from its
                 # scale (a massive activation, a sink unlike the calibration's) grows quadratically through gated
-                # MLPs, block after block, and overflows. The bound is lifted (to none) by the release
+                # MLPs, block after block, and overflows. The bound is lifted (to none) by the release. It carries
+                # no gradient: the fine-tune sees every frozen path as the linear map it will export, so it cannot
+                # learn to lean on the bound as a norm (its tokens then overflow when the bound is lifted)
                 bound = OUTLIER ** (1 / (1 - outliers)) if outliers < 0.97 else math.inf
-                target = torch.maximum(target, live / bound)
+                target = torch.maximum(target, live.detach() / bound)
             divisor = target if mix >= 1 else torch.exp((1 - mix) * live.log() + mix * target.log())
         else:
             divisor = live
