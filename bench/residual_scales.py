@@ -67,8 +67,10 @@ def main() -> None:
     large = s > 10 * s[:, 1:].median()
     large[:, 0] = False
     words = collections.Counter(tokenizer.decode([int(t)]) for t in ids[large])
-    print(f"\n{probe}: {int(large.sum())} of {large[:, 1:].numel()} tokens past position 0 above 10x the median: "
-          f"{dict(words.most_common(8))}")
+    positions = collections.Counter(large.nonzero()[:, 1].tolist())
+    largest = float(s[:, 1:].max() / s[:, 1:].median())
+    print(f"\n{probe}: {int(large.sum())} of {large[:, 1:].numel()} tokens past position 0 above 10x the median "
+          f"(largest {largest:.3g}x): {dict(words.most_common(8))}, at positions {dict(positions.most_common(8))}")
 
 
 if __name__ == "__main__":

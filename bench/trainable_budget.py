@@ -44,12 +44,13 @@ def samples(tokenizer, seq_len: int, tokens: int) -> dict[str, list[torch.Tensor
 def run(model: str, target: str, budget: str, variant: dict[str, str], out: Path, steps: bool = False) -> dict:
     """One `convert --to TARGET --budget BUDGET` (plus the variant's options: gap, heal, ramp, lr, aux_weight,
     spread_weight, alpha_init, batch_size, seq_len); its JSON report, each step's loss on stderr with `steps`."""
+    from normsurgery.trainable.options import RemovalOptions
     from normsurgery.trainable.pipeline import removal_options, run_remove, run_swap
 
     options = removal_options(gap=int(variant["gap"]) if "gap" in variant else None,
                               heal=int(variant["heal"]) if "heal" in variant else None,
                               aux_weight=float(variant.get("aux_weight", 0.0)),
-                              spread_weight=float(variant.get("spread_weight", 0.0)),
+                              spread_weight=float(variant.get("spread_weight", RemovalOptions.spread_weight)),
                               lr=float(variant["lr"]) if "lr" in variant else None,
                               batch_size=int(variant["batch_size"]) if "batch_size" in variant else None,
                               seq_len=int(variant["seq_len"]) if "seq_len" in variant else None,
