@@ -49,7 +49,7 @@ def run(model: str, target: str, budget: str, variant: dict[str, str], out: Path
 
     options = removal_options(gap=int(variant["gap"]) if "gap" in variant else None,
                               heal=int(variant["heal"]) if "heal" in variant else None,
-                              aux_weight=float(variant.get("aux_weight", 0.0)),
+                              aux_weight=float(variant.get("aux_weight", RemovalOptions.aux_weight)),
                               spread_weight=float(variant.get("spread_weight", RemovalOptions.spread_weight)),
                               lr=float(variant["lr"]) if "lr" in variant else None,
                               batch_size=int(variant["batch_size"]) if "batch_size" in variant else None,

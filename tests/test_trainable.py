@@ -180,7 +180,8 @@ def test_auxiliary_losses_narrow_the_scale_spread_they_penalise(tiny_model, tmp_
     for weight in (0.0, 10.0):
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-        options = RemovalOptions(gap=1, heal=20, **{option: weight}, finetune=FinetuneOptions(
+        weights = {"aux_weight": 0.0, "spread_weight": 0.0, option: weight}  # only the option under test
+        options = RemovalOptions(gap=1, heal=20, **weights, finetune=FinetuneOptions(
             lr=1e-2, batch_size=2, seq_len=32, text=str(text), loss="lm", warmup=1))
         remove_norms(model, tok, arch, options, teacher=None)
         groups = [m for m in model.modules() if isinstance(m, ScaleGroup)]

@@ -23,7 +23,7 @@ class RemovalOptions:
     calibration_batches: int = 1  # batches of CALIBRATION_SEQUENCES sequences per measurement
     aux_weight: float = 0.0  # weight of the spread of the final norm's per-token scale (Baroni et al.'s aux loss)
     # weight of every frozen path's per-token scale spread about its frozen scale: 10 held smollm2-135m's scales
-    # through the freezes (weight 1 did not) and cost nothing on gpt2-shakespeare (README, "convert --to none")
+    # through the freezes (weight 1 did not) and cost nothing on gpt2-shakespeare (README, "A penalty on every frozen path")
     spread_weight: float = 10.0
     alpha_init: str = "best-mse"  # DyT/Derf: how each swap's alpha and gain start (ALPHA_INITS)
     budget: str | None = None  # --budget: what sizes an unset gap and heal (DEFAULT_BUDGET when None)

@@ -225,8 +225,8 @@ def run_remove(model: str, out: Path, *, force: bool = False, max_shard_size: st
     return {"operation": "none", "output": str(out), "removed": len(scales), "frozen_paths": frozen, **report}
 
 
-def removal_options(*, gap: int | None = None, heal: int | None = None, aux_weight: float = 0.0,
-                    spread_weight: float = RemovalOptions.spread_weight,
+def removal_options(*, gap: int | None = None, heal: int | None = None,
+                    aux_weight: float = RemovalOptions.aux_weight, spread_weight: float = RemovalOptions.spread_weight,
                     lr: float | None = None, batch_size: int | None = None, seq_len: int | None = None,
                     text: str | None = None, seed: int = 0, loss: str = "kl", gradient_checkpointing: bool = False,
                     checkpoint_dir: Path | None = None, checkpoint_every: int = 0, device: str = "auto",
