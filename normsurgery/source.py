@@ -29,13 +29,15 @@ class ModelSource:
     _view: Any = None  # config.json read directly (ConfigView), when the transformers config is not built yet
     _validation: threading.Thread | None = None
     _validation_error: list[BaseException] = field(default_factory=list)
+    trust_remote_code: bool = False
 
     @property
     def config(self) -> Any:
         """The transformers config (waits for a background validation to build it; built now if none runs)."""
         self.confirm()
         if self._config is None:
-            self._config = load_config(self.reader.config, where=str(self.path / "config.json"))
+            self._config = load_config(self.reader.config, where=str(self.path / "config.json"), folder=self.path,
+                                       trust_remote_code=self.trust_remote_code)
         return self._config
 
     @property
@@ -115,29 +117,31 @@ def open_model(
         arch = None
         if shapes != "now":
             view = config_view(reader.config, where)
-            arch = _quick_architecture(view, reader.names())
+            arch = _quick_architecture(view, reader.names()) if view is not None else None
         if arch is None:
-            config = load_config(reader.config, where=where)
+            config = load_config(reader.config, where=where, folder=path, trust_remote_code=trust_remote_code)
             arch = architecture_of(config, reader.names())
         validate_names(reader, arch, path)
         if shapes == "now":
-            validate_shapes(reader, config, path)
+            validate_shapes(reader, config, path, trust_remote_code=trust_remote_code)
     except BaseException:
         reader.close()
         raise
-    source = ModelSource(spec=spec, path=path, reader=reader, arch=arch, _config=config, _view=view)
+    source = ModelSource(spec=spec, path=path, reader=reader, arch=arch, _config=config, _view=view,
+                         trust_remote_code=trust_remote_code)
     if shapes == "background":
 
         def validate() -> None:
             try:
-                full = config if config is not None else load_config(reader.config, where=where)
+                full = config if config is not None else load_config(reader.config, where=where, folder=path,
+                                                                     trust_remote_code=trust_remote_code)
                 if architecture_of(full, reader.names()) != arch:
                     raise NormSurgeryError(
                         f"normsurgery read {where} differently from transformers (a bug in normsurgery's config "
                         "reading); nothing was written. Please report it with the config file."
                     )
                 source._config = full
-                validate_shapes(reader, full, path)
+                validate_shapes(reader, full, path, trust_remote_code=trust_remote_code)
             except BaseException as err:  # handed to confirm() in the main thread
                 source._validation_error.append(err)
 
@@ -178,14 +182,14 @@ def validate_names(reader: CheckpointReader, arch: Architecture, path: Path) -> 
         )
 
 
-def validate_shapes(reader: CheckpointReader, config: Any, path: Path) -> None:
+def validate_shapes(reader: CheckpointReader, config: Any, path: Path, *, trust_remote_code: bool = False) -> None:
     """Each stored tensor has the shape stock transformers builds from the config (checked on the meta device)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
         try:
-            model = AutoModelForCausalLM.from_config(config)
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
         except Exception as err:
             raise NormSurgeryError(
                 f"transformers cannot build a model from {path / 'config.json'}: {err}. Fix the config values."

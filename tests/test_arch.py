@@ -138,11 +138,15 @@ def test_adapter_facts_match_the_modules(name):
     assert arch.tied == bool(config.tie_word_embeddings)
 
 
-def test_unknown_model_type_lists_supported():
-    with pytest.raises(NormSurgeryError, match="llama.*|gpt2"):
-        load_config({"model_type": "bert"})
+def test_unknown_or_unsupported_model_types_are_refused_with_the_reason():
+    from normsurgery.arch import architecture_of
+
+    with pytest.raises(NormSurgeryError, match="not one that transformers .* knows"):
+        load_config({"model_type": "no_such_model"})
     with pytest.raises(NormSurgeryError, match="model_type"):
         load_config({"hidden_size": 3})
+    with pytest.raises(NormSurgeryError, match="encoder-only"):
+        architecture_of(load_config({"model_type": "bert"}))
 
 
 @pytest.mark.parametrize("model_type", sorted({mt for f in FAMILIES for mt in f.model_types}))

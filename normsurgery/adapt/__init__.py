@@ -130,11 +130,16 @@ def adapt(model_type: str, *, layers: int = 2, overrides: dict[str, Any] | None 
         draft.notes.extend(_variants(draft, layers, overrides))
     if draft.problems:
         return result
-    try:
-        family = result.family = evaluate(result.source, model_type)  # the proof runs on the text to paste
-    except Exception as err:  # a renderer bug: the text to paste must not be trusted
-        result.checks = [Check("declaration text", False, f"{type(err).__name__}: {err}")]
-        return result
+    if draft.layouts:  # blocks of several kinds: the proof runs on the traced kinds, the text is a start
+        family = result.family = draft.family()
+        draft.notes.append(f"blocks of {len(draft.layouts)} kinds: the text shows block 0's layout; normsurgery "
+                           "traces this model type at run time, or declare a block function by hand")
+    else:
+        try:
+            family = result.family = evaluate(result.source, model_type)  # the proof runs on the text to paste
+        except Exception as err:  # a renderer bug: the text to paste must not be trusted
+            result.checks = [Check("declaration text", False, f"{type(err).__name__}: {err}")]
+            return result
     result.checks = prove(family, draft.config)
     existing = FAMILY_BY_MODEL_TYPE.get(model_type)
     if existing is not None:

@@ -8,16 +8,16 @@ import copy
 import math
 import re
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from normsurgery.adapt.draft import Draft, LinDraft, NormDraft, Width
+from normsurgery.adapt.draft import Draft, LayoutDraft, LinDraft, NormDraft, Width
 from normsurgery.adapt.tiny import VOCAB, perturb, tiny_config, tiny_model
-from normsurgery.adapt.trace import Key, Node, Trace, record, walk
+from normsurgery.adapt.trace import Key, Node, Trace, key, record, walk
 from normsurgery.arch.spec import NormRole
 
 SEQ = 6
@@ -25,8 +25,21 @@ ADD = frozenset({"add", "__add__", "__radd__", "add_", "__iadd__"})
 CAST = frozenset({"to", "float", "type", "type_as", "contiguous", "dropout", "clone", "detach", "double", "half",
                   "bfloat16"})
 RESIDUAL_PASS = CAST | {"view", "reshape"}  # ops that keep the residual stream the residual stream
-# ops between a norm and its readers that move no value across features or tokens
-PASS = CAST | {"view", "reshape", "__getitem__", "flatten", "unsqueeze", "squeeze"}
+# ops between a norm and its readers that move no value across features (token routing to experts selects rows)
+PASS = CAST | {"view", "reshape", "__getitem__", "flatten", "unsqueeze", "squeeze", "index_select", "repeat",
+               "expand", "repeat_interleave", "gather", "take_along_dim", "split", "tensor_split"}
+# ops that multiply an input by a stored matrix: with a parameter (or a view of one) as the matrix, a linear layer
+# written as a function call (a router's weight, routed experts stacked in one 3-D parameter)
+MATMUL = frozenset({"linear", "matmul", "__matmul__", "bmm", "mm", "_grouped_mm", "grouped_mm"})
+# ops that give a view of a parameter (an expert's slice of a stacked tensor, a transpose)
+VIEWS = frozenset({"__getitem__", "t", "transpose", "__get__", "view", "reshape", "contiguous", "to", "float",
+                   "type_as", "select", "narrow", "unsqueeze", "squeeze", "expand"})
+FLIPS = frozenset({"t", "transpose", "__get__"})  # views that swap a matrix's two dimensions (.T, .mT, .t())
+# ops whose output carries no value of their input (a shape, a fresh buffer), and gates: a routing choice or weight
+# made from the residual scales the value written, it is not a value written itself
+NO_VALUE = frozenset({"zeros_like", "empty_like", "ones_like", "full_like", "new_zeros", "new_empty", "new_full",
+                      "new_ones", "size", "softmax", "sigmoid", "topk", "sort", "argsort", "argmax", "one_hot"})
+SCALE = frozenset({"mul", "__mul__", "__rmul__", "div", "__truediv__"})  # by a constant: passes to the readers
 
 
 def is_norm(module: nn.Module) -> bool:
@@ -97,9 +110,10 @@ def _block_list(model: nn.Module, n: int) -> tuple[str, list[nn.Module]]:
     raise ValueError("no list of decoder blocks with one entry per layer")
 
 
-def _disk_names(model: nn.Module) -> tuple[dict[str, str], set[str]]:
-    """In-memory tensor name -> its name in the saved checkpoint (transformers may rename on save), and the saved
-    names."""
+def _disk_names(model: nn.Module) -> tuple[dict[str, str], set[str], dict[str, tuple[str, ...]]]:
+    """In-memory tensor name -> its name in the saved checkpoint (transformers may rename on save), the saved
+    names, and each stacked (experts, out, in) parameter saved as one tensor per expert and part: the parts' module
+    paths with {e} for the expert, in the order they stack (e.g. gate_proj then up_proj into gate_up_proj)."""
     from safetensors.torch import load_file
     from transformers.utils import logging
 
@@ -119,36 +133,138 @@ def _disk_names(model: nn.Module) -> tuple[dict[str, str], set[str]]:
             if mem not in mem_to_disk and s.shape == t.shape and torch.equal(s, t):
                 mem_to_disk[mem] = disk
                 break
-    return mem_to_disk, set(saved)
+    stacked: dict[str, tuple[str, ...]] = {}
+    for mem, s in state.items():
+        if mem in mem_to_disk or s.ndim != 3:
+            continue
+        block = re.match(r"(.*?\.\d+\.)", mem)  # the per-expert tensors sit in the same block, maybe renamed
+        expert0 = {}
+        for name, t in saved.items():
+            found = re.match(rf"({re.escape(block.group(1)) if block else ''}.*?)\.0\.(.+)\.weight$", name)
+            if found and name not in mem_to_disk.values():
+                expert0[(found.group(1), found.group(2))] = t
+        for module in sorted({m for m, _ in expert0}):
+            parts = _stacked_parts(s, {p: t for (m, p), t in expert0.items() if m == module})
+            if parts and all(torch.equal(s[e], torch.cat([saved[f"{module}.{e}.{p}.weight"] for p in parts]))
+                             for e in range(s.shape[0])
+                             if all(f"{module}.{e}.{p}.weight" in saved for p in parts)):
+                stacked[mem] = tuple(f"{module}.{{e}}.{p}" for p in parts)
+                break
+    return mem_to_disk, set(saved), stacked
+
+
+def _stacked_parts(stacked: torch.Tensor, candidates: dict[str, torch.Tensor]) -> tuple[str, ...]:
+    """The expert-0 tensors (by name below `{module}.0.`) whose concatenation along the outputs is expert 0's slice
+    of a stacked parameter, in order; () when none is."""
+    import itertools
+
+    target = stacked[0]
+    fitting = {n: t for n, t in candidates.items() if t.ndim == 2 and t.shape[1] == target.shape[1]}
+    for size in (1, 2, 3):
+        for names in itertools.permutations(sorted(fitting), size):
+            if sum(fitting[n].shape[0] for n in names) == target.shape[0] and torch.equal(
+                    torch.cat([fitting[n] for n in names]), target):
+                return names
+    return ()
 
 
 def _renames(mem_to_disk: dict[str, str]) -> tuple[tuple[str, str], ...]:
-    """On-disk -> in-memory prefix renames (regex, replacement) that explain every renamed tensor."""
+    """On-disk -> in-memory renames (regex, replacement) that explain every renamed tensor: a module's weight and
+    bias together, any other tensor by its whole name; block and expert indices match any index."""
     found: dict[str, str] = {}
     for mem, disk in mem_to_disk.items():
         if mem == disk:
             continue
         m, d = mem.split("."), disk.split(".")
-        while m and d and m[-1] == d[-1]:
-            m.pop(), d.pop()
-        found["^" + "".join(re.escape(part) + r"\." for part in d)] = "".join(part + "." for part in m)
+        whole = not (m[-1] == d[-1] and m[-1] in ("weight", "bias") and len(m) > 1 and len(d) > 1)
+        if not whole:
+            m, d = m[:-1], d[:-1]
+        m_digits, d_digits = [x for x in m if x.isdigit()], [x for x in d if x.isdigit()]
+        general = m_digits == d_digits
+        pattern = [r"(\d+)" if general and x.isdigit() else re.escape(x) for x in d]
+        index = iter(range(1, len(d_digits) + 1))
+        replacement = [f"\\g<{next(index)}>" if general and x.isdigit() else x for x in m]
+        found["^" + r"\.".join(pattern) + ("$" if whole else r"\.")] = ".".join(replacement) + ("" if whole else ".")
     return tuple(sorted(found.items()))
+
+
+@dataclass(frozen=True)
+class ParamLinear:
+    """A linear layer computed by a function call on a parameter: its module path, the stored tensors' leaf
+    names, whether the matrix is stored (in, out), and its expert count when it is stacked (3-D)."""
+
+    module: str
+    weight: str
+    bias: str | None
+    conv1d: bool
+    experts: int
 
 
 class _Finder:
     """Reads the residual stream off one trace."""
 
     def __init__(self, trace: Trace, norms: dict[str, nn.Module], linears: dict[str, nn.Module],
-                 embeddings: dict[str, nn.Module]) -> None:
+                 embeddings: dict[str, nn.Module], params: dict[Key, tuple[str, nn.Parameter]]) -> None:
         self.trace = trace
         self.norms, self.linears, self.embeddings = norms, linears, embeddings
+        self.params = params
+        self.param_linears: dict[str, ParamLinear] = {}
+        self.first_call: dict[str, int] = {}
         self.problems: list[str] = []
+        for node in trace.nodes:
+            name = self.linear(node)
+            if name is not None:
+                self.first_call.setdefault(name, node.index)
 
     def kind(self, node: Node) -> str:
         """'linear', 'norm', 'embedding' or 'op'."""
         if node.kind == "module":
             return "linear" if node.name in self.linears else "norm" if node.name in self.norms else "embedding"
-        return "op"
+        return "linear" if self.linear(node) is not None else "op"
+
+    def parameter(self, tensor: Key) -> tuple[str, nn.Parameter, int] | None:
+        """The parameter a tensor is a view of (its name, the parameter, and how many transposes lie between)."""
+        flips = 0
+        while tensor not in self.params:
+            node = self.trace.producer.get(tensor)
+            if node is None or node.kind != "op" or node.name not in VIEWS or not node.inputs:
+                return None
+            flips += node.name in FLIPS
+            tensor = node.inputs[0]
+        name, param = self.params[tensor]
+        return name, param, flips
+
+    def linear(self, node: Node) -> str | None:
+        """The name of the linear layer a call computes (a Linear module's path, or a parameter's name for a
+        matmul by a parameter), else None."""
+        if node.kind == "module":
+            return node.name if node.name in self.linears else None
+        if node.name not in MATMUL or len(node.inputs) < 2:
+            return None
+        found = self.parameter(node.inputs[1])
+        if found is None or found[1].ndim < 2:
+            return None
+        name, param, flips = found
+        if name not in self.param_linears:
+            module, leaf = name.rsplit(".", 1)
+            bias = self._bias(node, param.ndim)
+            stored_in_out = (node.name != "linear") != bool(flips % 2)
+            self.param_linears[name] = ParamLinear(module, leaf, bias, stored_in_out,
+                                                   int(param.shape[0]) if param.ndim == 3 else 0)
+        return name
+
+    def _bias(self, node: Node, ndim: int) -> str | None:
+        """The leaf name of the bias a parameter linear adds: F.linear's third argument, or a parameter added to
+        its output (stacked experts' `*_bias`)."""
+        candidates = list(node.inputs[2:3])
+        for out in node.outputs:
+            candidates += [t for n in self.trace.readers(out) if n.kind == "op" and n.name in ADD
+                           for t in n.inputs if t != out]
+        for t in candidates:
+            found = self.parameter(t)
+            if found is not None and found[1].ndim == ndim - 1:
+                return found[0].rsplit(".", 1)[1]
+        return None
 
     def residual(self, start: Key, end: Key) -> tuple[set[Key], list[Node]]:
         """The residual tensors from `start` to `end` (through adds and casts, and through norms only where the
@@ -168,6 +284,10 @@ class _Finder:
         chain = walk([end], lambda t: [i for n in steps if t in n.outputs for i in n.inputs if i in stream])
         return chain, [n for n in steps if any(t in chain for t in n.outputs)]
 
+    def _constant_scale(self, node: Node) -> bool:
+        """A multiplication or division of one tensor by a number (a config multiplier)."""
+        return node.name in SCALE and len(node.inputs) == 1
+
     def forward_to_linears(self, tensor: Key, what: str) -> list[str]:
         """The linears that read `tensor` through ops that move nothing across features (a norm's readers)."""
         found: list[str] = []
@@ -177,8 +297,8 @@ class _Finder:
             for node in self.trace.readers(t):
                 kind = self.kind(node)
                 if kind == "linear":
-                    found.append(node.name)
-                elif kind == "op" and node.name in PASS:
+                    found.append(self.linear(node))  # type: ignore[arg-type]
+                elif kind == "op" and (node.name in PASS or self._constant_scale(node)):
                     out.extend(node.outputs)
                 else:
                     self.problems.append(f"{what} is read by {node.name!r}, which is not a linear layer")
@@ -190,22 +310,25 @@ class _Finder:
     def back_to_linears(self, tensor: Key, stop: set[Key], what: str,
                         embeddings: list[str] | None = None) -> tuple[list[str], list[str]]:
         """The linears whose outputs make `tensor` (a sublayer's contribution to the residual), and the norms on the
-        way (output norms); the embeddings met are added to `embeddings`, or are a problem when it is None."""
+        way (output norms); the embeddings met are added to `embeddings`, or are a problem when it is None. Gates
+        (routing weights, sigmoid gates) and integer tensors (routing choices) are not followed."""
         linears: list[str] = []
         norms: list[str] = []
 
         def step(t: Key) -> list[Key]:
+            value = self.trace.tensors.get(t)
+            if value is not None and not (value.is_floating_point() or value.is_complex()):
+                return []
             if t in stop:
                 self.problems.append(f"{what} takes a sublayer output made from the residual stream by something "
-                                     "other than linear layers (e.g. MoE experts held as fused parameters, which a "
-                                     "family cannot declare yet)")
+                                     "other than linear layers")
                 return []
             node = self.trace.producer.get(t)
             if node is None:
                 return []
             kind = self.kind(node)
             if kind == "linear":
-                linears.append(node.name)
+                linears.append(self.linear(node))  # type: ignore[arg-type]
                 return []
             if kind == "norm":
                 norms.append(node.name)
@@ -215,7 +338,9 @@ class _Finder:
                 else:
                     embeddings.append(node.name)
                 return []
-            return list(node.inputs)
+            elif node.name in NO_VALUE:
+                return []
+            return [i for i in node.inputs if i not in self.params]
 
         walk([tensor], step)
         return list(dict.fromkeys(linears)), list(dict.fromkeys(norms))
@@ -268,7 +393,7 @@ def _attention_labels(model: nn.Module, blocks: list[nn.Module], readers: list[l
                      for w in writers[b])
         zero = [torch.zeros_like(o) for o in outs]
         gs = torch.autograd.grad(s_loss, outs, allow_unused=True, retain_graph=True) if scores.get(b) else zero
-        go = torch.autograd.grad(o_loss, outs, allow_unused=True, retain_graph=True)
+        go = torch.autograd.grad(o_loss, outs, allow_unused=True, retain_graph=True) if writers[b] else zero
         for p, o, g1, g2 in zip(paths, outs, gs, go):
             g1 = (torch.zeros_like(o) if g1 is None else g1).abs().reshape(-1, SEQ, o.shape[-1]).sum(0)
             g2 = (torch.zeros_like(o) if g2 is None else g2).abs().reshape(-1, SEQ, o.shape[-1]).sum(0)
@@ -372,23 +497,34 @@ def _block(find: _Finder, start: Key, end: Key, prefix: str) -> _Block:
                 linears, output_norms = find.back_to_linears(operand, stream, f"{prefix[:-1]}'s residual add")
                 writers += linears
                 found.update({n: ("output", []) for n in output_norms})
-    direct: list[Node] = []
+    direct: list[str] = []
+    direct_reads: set[Key] = set()
+
+    def read_directly(t: Key) -> list[Key]:
+        out: list[Key] = []
+        for node in trace.readers(t):
+            name = find.linear(node)
+            if name is not None and name.startswith(prefix):  # not the next block's
+                direct.append(name)
+                direct_reads.add(node.inputs[0])
+            elif node.kind == "op" and node.name in PASS - RESIDUAL_PASS:  # token routing to experts
+                out.extend(node.outputs)
+        return out
+
     for t in stream:
         for node in trace.readers(t):
-            if node.kind != "module" or not node.name.startswith(prefix):
-                continue  # ops, and the next block's or the final norm
+            if node.kind == "module" and not node.name.startswith(prefix):
+                continue  # the next block's or the final norm
             if find.kind(node) == "norm" and node.name not in found:
                 found[node.name] = ("input", find.forward_to_linears(node.outputs[0], node.name))
-            elif find.kind(node) == "linear":
-                direct.append(node)
+        walk(read_directly(t), read_directly)
     for path in find.norms:  # called, but neither on nor reading the stream: inside a sublayer (QK-norms)
         if path.startswith(prefix) and path not in found and find.module_nodes(path):
             found[path] = ("qk", [])
     read = {n.inputs[0] for p, (role, _) in found.items() if role == "input" for n in find.module_nodes(p)}
-    read |= {n.inputs[0] for n in direct}
-    first_call = {p: find.module_nodes(p)[0].index for p in [*writers, *(n.name for n in direct)]}
-    return _Block(prefix, found, sorted(set(writers), key=first_call.__getitem__),
-                  sorted({n.name for n in direct}, key=first_call.__getitem__),
+    read |= {t for t in direct_reads if t in stream}
+    order = find.first_call.__getitem__
+    return _Block(prefix, found, sorted(set(writers), key=order), sorted(set(direct), key=order),
                   parallel=len(set(writers)) > 1 and read == {start})  # attention and MLP read the same residual
 
 
@@ -403,31 +539,53 @@ def draft_family(model_type: str, *, layers: int = 2, overrides: dict[str, Any] 
     """Trace a tiny random `model_type` and draft its declaration; the Draft's `problems` say what tracing could
     not express (then the declaration needs a hand edit). `explore`: find the config flags that switch biases."""
     config = tiny_config(model_type, layers, overrides)
-    model = tiny_model(config)
-    draft = Draft(model_type=model_type, config=config)
+
+    def switches(linears: dict[str, bool]) -> dict[str, str]:
+        return _bias_switches(model_type, layers, overrides, linears, config)
+
+    return draft_config(config, switches=switches if explore else None)
+
+
+def draft_config(config: Any, *, switches: Callable[[dict[str, bool]], dict[str, str]] | None = None,
+                 trust_remote_code: bool = False) -> Draft:
+    """Trace a tiny random model of `config` (already tiny) and draft its declaration, one layout per kind of block.
+    `switches`: the config flag switching each linear's bias, from whether each linear has one (else constants)."""
+    from normsurgery.adapt.signature import block_signatures, config_signatures
+
+    model = tiny_model(config, trust_remote_code=trust_remote_code)
+    draft = Draft(model_type=str(config.model_type), config=config)
     n_layers = int(config.num_hidden_layers)
     norms, linears, embeddings = _modules(model)
     try:
         draft.layers, blocks = _block_list(model, n_layers)
-        facts = {p: norm_facts(m, int(config.hidden_size)) for p, m in norms.items()}
     except ValueError as err:
         draft.problems.append(str(err))
         return draft
-    except Exception as err:  # a norm module that does not take one hidden vector (a group norm inside attention)
-        draft.problems.append(f"a norm module could not be probed on its own ({type(err).__name__}: {err})")
-        return draft
+    facts: dict[str, tuple[str, float, float] | None] = {}
+    for path, module in norms.items():
+        try:
+            facts[path] = norm_facts(module, int(config.hidden_size))
+        except Exception:  # a norm that does not take one hidden vector (a gated or group norm inside a mixer)
+            facts[path] = None
     params = dict(model.named_parameters(remove_duplicate=False))
-    perturb(model, {f"{p}.weight": facts[p][2] for p in norms if f"{p}.weight" in params},
+    perturb(model, {f"{p}.weight": f[2] for p, f in facts.items() if f and f"{p}.weight" in params},
             {f"{p}.bias" for p in norms if f"{p}.bias" in params}, {f"{p}.weight" for p in embeddings})
-    ids = torch.randint(3, VOCAB, (1, SEQ), generator=torch.Generator().manual_seed(0))
+    vocab = min(VOCAB, int(getattr(config, "vocab_size", VOCAB) or VOCAB))
+    ids = torch.randint(3, vocab, (1, SEQ), generator=torch.Generator().manual_seed(0))
     atomic = {m: p for group in (norms, linears, embeddings) for p, m in group.items()}
     try:
         trace, ends = record(model, atomic, {b: i for i, b in enumerate(blocks)}, ids)
     except Exception as err:  # the model's own forward fails on the tiny config
         draft.problems.append(f"the tiny model's forward pass failed ({type(err).__name__}: {err})")
         return draft
-    find = _Finder(trace, norms, linears, embeddings)
-    mem_to_disk, saved = _disk_names(model)
+    if len(ends) != n_layers:
+        draft.problems.append(f"the forward pass ran {len(ends)} of the {n_layers} blocks (blocks are skipped or "
+                              "run more than once)")
+        return draft
+    draft.streamed_by_parent = _by_parent(trace.read_outside, draft.layers)
+    find = _Finder(trace, norms, linears, embeddings,
+                   {key(p): (n, p) for n, p in model.named_parameters(remove_duplicate=False)})
+    mem_to_disk, saved, stacked = _disk_names(model)
     draft.key_renames = _renames(mem_to_disk)
 
     def disk(path: str) -> str:
@@ -438,43 +596,101 @@ def draft_family(model_type: str, *, layers: int = 2, overrides: dict[str, Any] 
     except ValueError as err:
         draft.problems.append(str(err))
         return draft
-    readers = [[r for role, rs in b.norms.values() if role == "input" for r in rs] for b in found]
-    labels = _attention_labels(model, blocks, readers, [b.writers for b in found], ids)
-    switches = _bias_switches(model_type, layers, overrides, {p: m.bias is not None for p, m in linears.items()},
-                              config) if explore else {}
+    module_readers = [[r for role, rs in b.norms.values() if role == "input" for r in rs if r in linears]
+                      for b in found]
+    module_writers = [[w for w in b.writers if w in linears] for b in found]
+    labels = _attention_labels(model, blocks, module_readers, module_writers, ids)
+    bias_flags = switches({p: m.bias is not None for p, m in linears.items()}) if switches else {}
 
-    def lin(path: str, prefix: str) -> LinDraft:
+    def lin(path: str, prefix: str) -> tuple[LinDraft, ...]:
+        if path in find.param_linears:
+            return _param_lin(find.param_linears[path], prefix, mem_to_disk, stacked, draft)
         module = linears[path]
         groups, widths, repeat = (), (), 1
         if path in labels:
             shape = _groups(labels[path], config)
-            if shape is None:
-                draft.problems.append(f"{path} serves both attention and the MLP")
+            if shape is None:  # a mixer (SSM, convolution, linear attention) with one projection: one path
+                draft.notes.append(f"{path} serves attention-like and per-token outputs: one reader path")
             else:
                 groups, widths, repeat = shape
-        return LinDraft(disk(path)[len(prefix):], bias=switches.get(path, module.bias is not None),
-                        conv1d=type(module).__name__ == "Conv1D", groups=groups, widths=widths, repeat=repeat)
+        return (LinDraft(disk(path)[len(prefix):], bias=bias_flags.get(path, module.bias is not None),
+                         conv1d=type(module).__name__ == "Conv1D", groups=groups, widths=widths, repeat=repeat),)
+
+    def lins(paths: list[str], prefix: str) -> tuple[LinDraft, ...]:
+        return tuple(x for p in paths for x in lin(p, prefix))
 
     layouts = []
     for b in found:
         ordered = sorted(b.norms, key=lambda p: find.module_nodes(p)[0].index)
-        layouts.append((
+        layouts.append(LayoutDraft(
             tuple(_norm_draft(disk(p)[len(b.prefix):], norms[p], b.norms[p][0],  # type: ignore[arg-type]
-                              tuple(lin(r, b.prefix) for r in b.norms[p][1])) for p in ordered),
-            tuple(lin(w, b.prefix) for w in b.writers), tuple(lin(r, b.prefix) for r in b.direct), b.parallel))
-    for i, layout in enumerate(layouts[1:], 1):
-        if layout != layouts[0]:
-            draft.problems.append(f"block {i} differs from block 0 (a per-block layout needs a hand-written function)")
-    draft.norms, draft.writers, draft.direct_readers, draft.parallel = layouts[0]
-    draft.post_ln = any(n.role == "residual" for n in draft.norms)
-    _shared_facts(draft, {p: facts[p] for b in found for p, (role, _) in b.norms.items() if role != "qk"})
+                              lins(b.norms[p][1], b.prefix)) for p in ordered),
+            lins(b.writers, b.prefix), lins(b.direct, b.prefix), b.parallel))
+    signatures = block_signatures(blocks)
+    kinds: dict[str, LayoutDraft] = {}
+    for i, (signature, layout) in enumerate(zip(signatures, layouts)):
+        if kinds.setdefault(signature, layout) != layout:
+            draft.problems.append(f"block {i} has the modules of an earlier block but another layout (its "
+                                  "computation depends on its index)")
+    first = layouts[0]
+    draft.norms, draft.writers, draft.direct_readers, draft.parallel = (first.norms, first.writers,
+                                                                        first.direct_readers, first.parallel)
+    if len(set(layouts)) > 1:
+        draft.signatures, draft.layouts = tuple(kinds), tuple(kinds.values())
+        index = {sig: k for k, sig in enumerate(draft.signatures)}
+        tiny_kinds = [index[sig] for sig in signatures]
+
+        def kinds_of(c: Any) -> list[int]:
+            if c is config:
+                return tiny_kinds
+            try:
+                return [index[sig] for sig in config_signatures(c, trust_remote_code)]
+            except KeyError:
+                raise ValueError(f"a block of this {draft.model_type} config has modules that no traced block "
+                                 "has") from None
+
+        draft.kinds = kinds_of
+    draft.post_ln = any(n.role == "residual" for layout in layouts for n in layout.norms)
+    residual_norms = {p for b in found for p, (role, _) in b.norms.items() if role != "qk"}
+    unprobed = sorted(p for p in residual_norms if facts[p] is None)
+    if unprobed:
+        draft.problems.append(f"{unprobed[0]} is on the residual stream but could not be probed on one hidden vector")
+        return draft
+    _shared_facts(draft, {p: facts[p] for p in residual_norms})  # type: ignore[misc]
     _model_level(draft, find, model, ends, ids, disk)
     draft.problems.extend(dict.fromkeys(find.problems))
-    draft.unembed = lin(_unembedding(model, linears), "")
+    draft.unembed, = lin(_unembedding(model, linears), "")
     if not draft.problems:
         _others(draft, saved)
         draft.config_keys = _config_keys(draft)
     return draft
+
+
+def _by_parent(paths: set[str], layers: str) -> tuple[str, ...]:
+    """Regexes of the modules whose parameters their parent's code reads, any block's for one found in a block."""
+    out = set()
+    for path in paths:
+        inside = re.match(rf"{re.escape(layers)}\.\d+\.(.*)$", path)
+        out.add(rf"^{re.escape(layers)}\.\d+\.{re.escape(inside.group(1))}$" if inside else rf"^{re.escape(path)}$")
+    return tuple(sorted(out))
+
+
+def _param_lin(pl: ParamLinear, prefix: str, mem_to_disk: dict[str, str], stacked: dict[str, tuple[str, ...]],
+               draft: Draft) -> tuple[LinDraft, ...]:
+    """The drafts of a linear computed from a parameter: one stacked (or 2-D) tensor as saved, or the per-expert
+    tensors transformers stacks into it at load."""
+    name = f"{pl.module}.{pl.weight}"
+    bias = pl.bias is not None
+    if name in mem_to_disk:
+        disk_module, leaf = mem_to_disk[name].rsplit(".", 1)
+        bias_leaf = pl.bias or "bias"
+        return (LinDraft(disk_module[len(prefix):], bias=bias, conv1d=pl.conv1d, names=(leaf, bias_leaf),
+                         experts=pl.experts),)
+    if name in stacked and not pl.conv1d and not bias:
+        return tuple(LinDraft(part[len(prefix):], experts=pl.experts, loaded=name[len(prefix):])
+                     for part in stacked[name])
+    draft.problems.append(f"{name} is neither saved as it is nor as per-expert tensors that stack into it")
+    return ()
 
 
 def _config_keys(draft: Draft) -> tuple[tuple[str, tuple[str, ...]], ...]:
@@ -559,14 +775,19 @@ def _model_level(draft: Draft, find: _Finder, model: nn.Module, ends: dict[int, 
 
 
 def _others(draft: Draft, saved: set[str]) -> None:
-    """Block tensors that are neither norms nor linears (e.g. activation parameters), which rewrites leave alone;
-    any other saved tensor the draft does not name is a problem."""
+    """Block tensors that are neither norms nor linears (e.g. activation parameters, a router's score bias), which
+    rewrites leave alone, per kind of block; any other saved tensor the draft does not name is a problem."""
     arch = draft.family().resolve(draft.config)
     unknown = set(saved) - set(arch.roles()) - ({arch.unembed.weight} if arch.tied else set())
-    n, prefix0 = arch.num_layers, f"{draft.layers}.0."
-    others = tuple(sorted(t[len(prefix0):] for t in unknown if t.startswith(prefix0)))
-    if all(f"{draft.layers}.{i}.{o}" in unknown for i in range(n) for o in others):
-        draft.others = others
-    rest = sorted(unknown - {f"{draft.layers}.{i}.{o}" for i in range(n) for o in draft.others})
+    n = arch.num_layers
+    kinds = draft.kinds(draft.config) if draft.layouts and draft.kinds else [0] * n
+    per_kind: dict[int, tuple[str, ...]] = {}
+    for i in range(n):
+        prefix = f"{draft.layers}.{i}."
+        per_kind.setdefault(kinds[i], tuple(sorted(t[len(prefix):] for t in unknown if t.startswith(prefix))))
+    if draft.layouts:
+        draft.layouts = tuple(replace(layout, others=per_kind.get(k, ())) for k, layout in enumerate(draft.layouts))
+    draft.others = per_kind.get(kinds[0], ())
+    rest = sorted(unknown - {f"{draft.layers}.{i}.{o}" for i in range(n) for o in per_kind[kinds[i]]})
     if rest:
         draft.problems.append(f"tensors the draft does not place: {', '.join(rest[:6])}")

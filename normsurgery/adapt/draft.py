@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any, Callable, Union
 
 from normsurgery.arch.spec import BlockLayout, Family, LinearSlot, NormKind, NormRole, NormSlot
 
@@ -21,6 +21,10 @@ class LinDraft:
     groups: tuple[str, ...] = ()
     widths: tuple[Width, ...] = ()
     repeat: Width = 1  # the `groups` pattern repeats this many times (per head in Persimmon's fused projection)
+    names: tuple[str, str] = ("weight", "bias")  # the stored tensors below `path` (a parameter of a module that is
+    # not a linear layer, e.g. a router's weight or an experts module's stacked gate_up_proj)
+    experts: int = 0  # routed experts held stacked (`path` without {e}) or one tensor each (`path` with {e})
+    loaded: str | None = None  # per-expert tensors that transformers stacks at load into this parameter
 
     def depends_on_config(self) -> bool:
         """Whether the slot needs the config to be built (its widths or repetition follow head counts)."""
@@ -32,7 +36,8 @@ class LinDraft:
             return int(getattr(config, w)) if isinstance(w, str) else w
 
         return LinearSlot(self.path, bias=self.bias, conv1d=self.conv1d, groups=self.groups * value(self.repeat),
-                          widths=tuple(value(w) for w in self.widths) * value(self.repeat) if self.widths else ())
+                          widths=tuple(value(w) for w in self.widths) * value(self.repeat) if self.widths else (),
+                          experts=self.experts or None, names=self.names, loaded=self.loaded)
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,26 @@ class NormDraft:
     readers: tuple[LinDraft, ...] = ()
     has_weight: bool = True
     has_bias: bool = False
+
+
+@dataclass(frozen=True)
+class LayoutDraft:
+    """One kind of block: its norms, writers, linears reading the residual without a norm, and other tensors."""
+
+    norms: tuple[NormDraft, ...] = ()
+    writers: tuple[LinDraft, ...] = ()
+    direct_readers: tuple[LinDraft, ...] = ()
+    parallel: bool = False
+    others: tuple[str, ...] = ()
+
+    def slot(self, config: Any, kind: NormKind) -> BlockLayout:
+        """The block layout for a config."""
+        def norm(n: NormDraft) -> NormSlot:
+            return _norm_slot(n, kind, tuple(r.slot(config) for r in n.readers))
+
+        return BlockLayout(norms=tuple(norm(n) for n in self.norms), writers=tuple(w.slot(config) for w in self.writers),
+                           parallel=self.parallel, direct_readers=tuple(r.slot(config) for r in self.direct_readers),
+                           others=self.others)
 
 
 @dataclass
@@ -72,17 +97,29 @@ class Draft:
     post_ln: bool = False
     key_renames: tuple[tuple[str, str], ...] = ()
     config_keys: tuple[tuple[str, tuple[str, ...]], ...] = ()  # attributes config.json holds under another key
+    streamed_by_parent: tuple[str, ...] = ()  # regexes of modules whose parameters their parent's code reads
     notes: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    # blocks of several kinds (dense and MoE, attention and SSM mixers): one layout per kind, the structural
+    # signature of each (module paths and classes below the block, see adapt.signature), and `kinds`, which gives a
+    # config's blocks their kind indices; empty when every block has the layout above
+    layouts: tuple[LayoutDraft, ...] = ()
+    signatures: tuple[str, ...] = ()
+    kinds: Callable[[Any], list[int]] | None = None
 
-    def block(self, config: Any) -> BlockLayout:
-        """The block layout for a config."""
-        def norm(n: NormDraft) -> NormSlot:
-            return _norm_slot(n, self.norm_kind, tuple(r.slot(config) for r in n.readers))
+    @property
+    def layout(self) -> LayoutDraft:
+        """Block 0's layout (every block's, unless `layouts` lists several kinds)."""
+        return LayoutDraft(self.norms, self.writers, self.direct_readers, self.parallel, self.others)
 
-        return BlockLayout(norms=tuple(norm(n) for n in self.norms), writers=tuple(w.slot(config) for w in self.writers),
-                           parallel=self.parallel, direct_readers=tuple(r.slot(config) for r in self.direct_readers),
-                           others=self.others)
+    def block(self, config: Any) -> BlockLayout | tuple[BlockLayout, ...]:
+        """The block layout for a config, or one per block when blocks differ."""
+        if len(self.layouts) <= 1:
+            return self.layout.slot(config, self.norm_kind)
+        if self.kinds is None:
+            raise ValueError(f"{self.model_type}: blocks of {len(self.layouts)} kinds and no way to tell them apart")
+        slots = [layout.slot(config, self.norm_kind) for layout in self.layouts]
+        return tuple(slots[k] for k in self.kinds(config))
 
     def family(self) -> Family:
         """The drafted declaration as a `Family` (not registered)."""
@@ -105,6 +142,8 @@ class Draft:
             post_ln=self.post_ln,
             key_renames=self.key_renames,
             config_keys=self.config_keys,
+            streamed_by_parent=self.streamed_by_parent,
+            origin="traced",
         )
 
 
@@ -113,3 +152,54 @@ def _norm_slot(n: NormDraft, kind: NormKind, readers: tuple[LinearSlot, ...]) ->
     default_bias = kind == "layernorm"
     return NormSlot(n.path, role=n.role, readers=readers, has_weight=n.has_weight,
                     has_bias=None if n.has_bias == default_bias else n.has_bias)
+
+
+def _lin_from(data: dict[str, Any]) -> LinDraft:
+    """A LinDraft from its JSON form (tuples were written as lists)."""
+    return LinDraft(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
+def _norm_from(data: dict[str, Any] | None) -> NormDraft | None:
+    """A NormDraft from its JSON form."""
+    if data is None:
+        return None
+    return NormDraft(**{**data, "readers": tuple(_lin_from(r) for r in data["readers"])})
+
+
+def _layout_from(data: dict[str, Any]) -> LayoutDraft:
+    """A LayoutDraft from its JSON form."""
+    return LayoutDraft(norms=tuple(_norm_from(n) for n in data["norms"]),  # type: ignore[misc]
+                       writers=tuple(_lin_from(w) for w in data["writers"]),
+                       direct_readers=tuple(_lin_from(r) for r in data["direct_readers"]),
+                       parallel=data["parallel"], others=tuple(data["others"]))
+
+
+def draft_to_json(draft: Draft) -> dict[str, Any]:
+    """A proven draft as plain data (for the cache of traced families); the config is not kept."""
+    from dataclasses import asdict
+
+    skip = {"config", "kinds", "notes", "problems", "norms", "writers", "direct_readers", "parallel", "others"}
+    data = {k: asdict(v) if hasattr(v, "__dataclass_fields__") else v for k, v in vars(draft).items() if k not in skip}
+    data["layout"] = asdict(draft.layout)
+    data["layouts"] = [asdict(layout) for layout in draft.layouts]
+    data["embedding_norm"] = asdict(draft.embedding_norm) if draft.embedding_norm else None
+    data["final_norm"] = asdict(draft.final_norm) if draft.final_norm else None
+    return data
+
+
+def draft_from_json(data: dict[str, Any], config: Any) -> Draft:
+    """The draft `draft_to_json` wrote, for a model of `config` (its kinds of block found again by signature)."""
+    layout = _layout_from(data["layout"])
+    draft = Draft(
+        model_type=data["model_type"], config=config, layers=data["layers"], norm_kind=data["norm_kind"],
+        eps=data["eps"], eps_attr=data["eps_attr"], gain_offset=data["gain_offset"],
+        token_embedding=data["token_embedding"], position_embedding=data["position_embedding"],
+        position_offset=data["position_offset"], embedding_norm=_norm_from(data["embedding_norm"]),
+        embed_sqrt_d=data["embed_sqrt_d"], norms=layout.norms, writers=layout.writers,
+        direct_readers=layout.direct_readers, parallel=layout.parallel, others=layout.others,
+        final_norm=_norm_from(data["final_norm"]), unembed=_lin_from(data["unembed"]), post_ln=data["post_ln"],
+        key_renames=tuple(tuple(x) for x in data["key_renames"]),  # type: ignore[misc]
+        config_keys=tuple((a, tuple(k)) for a, k in data["config_keys"]),
+        streamed_by_parent=tuple(data["streamed_by_parent"]),
+        layouts=tuple(_layout_from(x) for x in data["layouts"]), signatures=tuple(data["signatures"]))
+    return draft

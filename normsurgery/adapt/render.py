@@ -35,6 +35,12 @@ def _lin(lin: LinDraft) -> str:
         args.append(f"groups={_py(lin.groups)}{times}")
     if lin.widths:
         args.append(f"widths=({', '.join(_width(w) for w in lin.widths)}){times}")
+    if lin.experts:
+        args.append(f"experts={lin.experts}")
+    if lin.names != ("weight", "bias"):
+        args.append(f"names={_py(lin.names)}")
+    if lin.loaded:
+        args.append(f"loaded={_py(lin.loaded)}")
     return f"Lin({', '.join(args)})"
 
 

@@ -94,13 +94,14 @@ def tiny_config(model_type: str, layers: int = 2, overrides: dict[str, Any] | No
     return config
 
 
-def tiny_model(config: Any, seed: int = 0) -> nn.Module:
+def tiny_model(config: Any, seed: int = 0, trust_remote_code: bool = False) -> nn.Module:
     """The causal-LM class of `config` with random weights (a fixed seed), in float32 eval mode."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     try:
-        return AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
+        return AutoModelForCausalLM.from_config(config, attn_implementation="eager",
+                                                trust_remote_code=trust_remote_code).float().eval()
     except Exception as err:  # model constructors fail in many ways on odd configs
         raise NormSurgeryError(f"transformers could not build a tiny {config.model_type} model ({err}); pass --set "
                                "KEY=VALUE to change the config values it needs.") from None
@@ -122,3 +123,64 @@ def perturb(model: nn.Module, gains: dict[str, float], biases: set[str], embeddi
             p.copy_(torch.randn(p.shape, generator=gen))
         else:
             p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(p.shape[-1]))
+
+
+# config attributes whose value is a count of modules or tensors (kept, so that a tiny model holds the real names)
+COUNTS = frozenset({"num_experts", "num_local_experts", "n_routed_experts", "n_shared_experts", "num_experts_per_tok",
+                    "num_attention_heads", "num_key_value_heads", "moe_num_experts", "num_shared_experts"})
+MAX_PARAMETERS = 30_000_000  # a tiny instance with the real widths larger than this is traced with shrunk widths
+
+
+def _layer_lists(raw: dict[str, Any], depth: int) -> list[str]:
+    """The config keys holding one value per block."""
+    return [k for k, v in raw.items() if isinstance(v, list) and len(v) == depth and k != "architectures"
+            and all(isinstance(x, (str, bool, int)) and not isinstance(x, float) for x in v)
+            and not all(isinstance(x, int) and not isinstance(x, bool) for x in v)]
+
+
+def _parameters(config: Any, trust_remote_code: bool) -> int:
+    """The parameter count of a model of `config`, built on the meta device."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    return sum(p.numel() for p in model.parameters())
+
+
+def tiny_like(config: Any, layers: int, *, shrink: bool, trust_remote_code: bool = False) -> Any:
+    """`config` with its first `layers` blocks only (per-block lists cut to them), a small vocabulary and, with
+    `shrink`, small widths (the hidden size, the MLP and expert widths); counts of heads and experts stay, so the
+    tiny model's tensors are named as the real model's."""
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    raw = config.to_dict()
+    names = dict(getattr(type(config), "attribute_map", {}) or {})
+    depth = int(config.num_hidden_layers)
+    changes: dict[str, Any] = {names.get("num_hidden_layers", "num_hidden_layers"): layers}
+    changes.update({k: raw[k][:layers] for k in _layer_lists(raw, depth)})
+    vocab_key = names.get("vocab_size", "vocab_size")
+    if int(raw.get(vocab_key) or 0) > 4 * VOCAB:
+        changes[vocab_key] = VOCAB
+        changes.update({k: v % VOCAB for k, v in raw.items() if k.endswith("token_id") and type(v) is int})
+    if shrink:
+        hidden = int(config.hidden_size)
+        heads = int(getattr(config, "num_attention_heads", 0) or 0)
+        head_dim = getattr(config, "head_dim", None)
+        explicit = isinstance(head_dim, int) and (not heads or head_dim * heads != hidden)
+        small = 64 if explicit or not heads else heads * max(2, 64 // heads)
+        for k, v in raw.items():
+            if k in COUNTS or k in changes or type(v) is not int or v <= 1:
+                continue
+            if v == hidden:
+                changes[k] = small
+            elif "intermediate" in k or "ffn" in k or k in ("n_inner", "d_ff"):
+                changes[k] = 32
+        if not explicit and isinstance(head_dim, int):
+            changes["head_dim"] = small // heads
+    try:
+        tiny = type(config).from_dict({**raw, **changes})
+    except Exception as err:  # config classes validate their values with many exception types
+        raise NormSurgeryError(f"could not build a tiny {config.model_type} config ({err})") from None
+    tiny._attn_implementation = "eager"
+    return tiny

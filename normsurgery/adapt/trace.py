@@ -45,6 +45,8 @@ class Trace:
     consumers: dict[Key, list[Node]] = field(default_factory=dict)
     tensors: dict[Key, torch.Tensor] = field(default_factory=dict)
     alive: list[torch.Tensor] = field(default_factory=list)
+    # modules whose parameters were read while the module itself was not running (by its parent's code)
+    read_outside: set[str] = field(default_factory=set)
 
     def add(self, kind: str, name: str, inputs: list[Key], outputs: list[torch.Tensor]) -> None:
         """Record one call: the keys its inputs had when it started, and its outputs."""
@@ -79,12 +81,18 @@ def _tensors(value: Any) -> list[torch.Tensor]:
 class _Recorder(TorchFunctionMode):
     """Records every torch call made outside an atomic module."""
 
-    def __init__(self, trace: Trace) -> None:
+    def __init__(self, trace: Trace, owners: dict[int, list[tuple[str, nn.Module]]]) -> None:
         super().__init__()
         self.trace = trace
         self.depth = 0
+        self.owners = owners  # id of each parameter -> the paths and modules holding it (tied: several)
+        self.running: dict[nn.Module, int] = {}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        for t in _tensors((args, kwargs or {})):
+            owners = self.owners.get(id(t), [])
+            if owners and not any(self.running.get(m) for _, m in owners):
+                self.trace.read_outside.update(path for path, _ in owners)
         inputs = self.trace.remember(_tensors((args, kwargs or {}))) if self.depth == 0 else []
         out = func(*args, **(kwargs or {}))
         if self.depth == 0:
@@ -98,7 +106,11 @@ def record(model: nn.Module, atomic: dict[nn.Module, str], blocks: dict[nn.Modul
            **kwargs: Any) -> tuple[Trace, dict[int, tuple[Key, Key]]]:
     """Run `model` once, recording its dataflow; also each block's (input, output) hidden-state keys."""
     trace = Trace()
-    recorder = _Recorder(trace)
+    owners: dict[int, list[tuple[str, nn.Module]]] = {}
+    for path, m in model.named_modules(remove_duplicate=False):
+        for p in m.parameters(recurse=False):
+            owners.setdefault(id(p), []).append((path, m))
+    recorder = _Recorder(trace, owners)
     starts: dict[int, Key] = {}
     ends: dict[int, tuple[Key, Key]] = {}
     entered: list[list[Key]] = []
@@ -120,6 +132,15 @@ def record(model: nn.Module, atomic: dict[nn.Module, str], blocks: dict[nn.Modul
     def block_out(module: nn.Module, args: tuple, kw: dict, out: Any) -> None:
         ends[blocks[module]] = (starts[blocks[module]], trace.remember(_tensors(out)[:1])[0])
 
+    def running(module: nn.Module, *_: Any, **__: Any) -> None:
+        recorder.running[module] = recorder.running.get(module, 0) + 1
+
+    def done(module: nn.Module, *_: Any, **__: Any) -> None:
+        recorder.running[module] -= 1
+
+    for module in model.modules():
+        handles.append(module.register_forward_pre_hook(running))
+        handles.append(module.register_forward_hook(done))
     for module in atomic:
         handles.append(module.register_forward_pre_hook(enter, with_kwargs=True))
         handles.append(module.register_forward_hook(leave, with_kwargs=True))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Collection
 
 from normsurgery.arch.config_view import ConfigView
@@ -15,7 +16,7 @@ SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(sorted(FAMILY_BY_MODEL_TYPE))
 __all__ = [
     "Architecture", "Block", "Family", "Linear", "Norm",
     "FAMILY_BY_MODEL_TYPE", "SUPPORTED_MODEL_TYPES", "family_for", "load_config", "config_view",
-    "architecture_of", "raw_key",
+    "architecture_of", "family_of", "raw_key",
 ]  # fmt: skip
 
 
@@ -30,20 +31,41 @@ def family_for(model_type: str) -> Family:
         ) from None
 
 
-def _supported_model_type(raw: dict[str, Any], where: str) -> str:
-    """The config's model_type, which must name a supported family."""
+def _model_type(raw: dict[str, Any], where: str) -> str:
+    """The config's model_type string."""
     model_type = raw.get("model_type")
     if not isinstance(model_type, str):
         raise NormSurgeryError(f"{where} has no 'model_type' string; it is not a Hugging Face model config.")
-    family_for(model_type)
     return model_type
 
 
-def load_config(raw: dict[str, Any], where: str = "config.json") -> Any:
-    """Build the transformers config object for a raw config.json dict (the family must be supported)."""
+def load_config(raw: dict[str, Any], where: str = "config.json", *, folder: Path | None = None,
+                trust_remote_code: bool = False) -> Any:
+    """Build the transformers config object for a raw config.json dict: its transformers class, or the class its
+    own code defines (`auto_map`, only with `trust_remote_code`; `folder` holds that code)."""
     from transformers import CONFIG_MAPPING
 
-    model_type = _supported_model_type(raw, where)
+    model_type = _model_type(raw, where)
+    remote = "auto_map" in raw and model_type not in FAMILY_BY_MODEL_TYPE
+    if remote and folder is not None and (trust_remote_code or model_type not in CONFIG_MAPPING):
+        if not trust_remote_code:
+            raise NormSurgeryError(
+                f"{where} registers its own modeling code (auto_map) for model_type {model_type!r}, which this "
+                "transformers does not know. Reading it runs that code: pass --trust-remote-code (trust_remote_code="
+                "True in Python) if you trust it.")
+        from transformers import AutoConfig
+
+        try:
+            return AutoConfig.from_pretrained(folder, trust_remote_code=True)
+        except Exception as err:  # remote code fails in many ways
+            raise NormSurgeryError(f"{where} could not be read with its own code: {err}. Fix the folder's "
+                                   "configuration code or config.json.") from None
+    if model_type not in CONFIG_MAPPING:
+        import transformers
+
+        raise NormSurgeryError(
+            f"model_type {model_type!r} in {where} is not one that transformers {transformers.__version__} knows, and "
+            "the folder registers no modeling code of its own (auto_map). Upgrade transformers, or fix config.json.")
     try:
         return CONFIG_MAPPING[model_type].from_dict(dict(raw))
     except Exception as err:  # transformers validates values and raises many types
@@ -52,18 +74,32 @@ def load_config(raw: dict[str, Any], where: str = "config.json") -> Any:
         ) from None
 
 
-def config_view(raw: dict[str, Any], where: str = "config.json") -> ConfigView:
-    """A config.json read without transformers where it can be (see ConfigView); the family must be supported."""
-    family = family_for(_supported_model_type(raw, where))
+def family_of(config: Any) -> Family:
+    """The family of a config: its declaration, else the declaration traced (once, then cached) from a tiny
+    instance of the config and proven on it; a NormSurgeryError when neither exists."""
+    declared = FAMILY_BY_MODEL_TYPE.get(str(getattr(config, "model_type", "")))
+    if declared is not None:
+        return declared
+    from normsurgery.adapt.runtime import traced_family
+
+    return traced_family(config, trust_remote_code=bool(getattr(config, "auto_map", None)))
+
+
+def config_view(raw: dict[str, Any], where: str = "config.json") -> ConfigView | None:
+    """A config.json read without transformers where it can be (see ConfigView), for a declared family; None for
+    a model type without one (its architecture needs the transformers config)."""
+    family = FAMILY_BY_MODEL_TYPE.get(_model_type(raw, where))
+    if family is None or "auto_map" in raw:
+        return None
     return ConfigView(raw, dict(family.config_keys), lambda: load_config(raw, where),
                       absent_is_none=frozenset(family.per_layer) - frozenset(family.per_layer_filled))
 
 
 def architecture_of(config: Any, stored: Collection[str] | None = None) -> Architecture:
-    """The residual-stream picture of a model with this (supported) config; with the checkpoint's `stored` tensor
+    """The residual-stream picture of a model with this config; with the checkpoint's `stored` tensor
     names, in the layout they are stored in: the hub's (the family's declaration, e.g. one tensor per expert), or
     the one stock transformers holds in memory (experts stacked, key renames applied: a saved state dict)."""
-    arch = family_for(config.model_type).resolve(config)
+    arch = family_of(config).resolve(config)
     if stored is None or not (arch.fused or arch.key_renames):
         return arch
     loaded = arch.as_loaded()
@@ -73,6 +109,13 @@ def architecture_of(config: Any, stored: Collection[str] | None = None) -> Archi
 
 def raw_key(raw: dict[str, Any], attribute: str) -> str:
     """The config.json key that holds a config attribute (e.g. GPT-2's n_layer for num_hidden_layers)."""
-    family = family_for(_supported_model_type(raw, "config.json"))
-    aliases = dict(family.config_keys).get(attribute, ())
+    family = FAMILY_BY_MODEL_TYPE.get(_model_type(raw, "config.json"))
+    if family is not None:
+        aliases = dict(family.config_keys).get(attribute, ())
+    else:  # a traced family's config_keys are its config class's attribute_map
+        from transformers import CONFIG_MAPPING
+
+        cls = CONFIG_MAPPING[raw["model_type"]] if raw["model_type"] in CONFIG_MAPPING else None
+        mapped = dict(getattr(cls, "attribute_map", {}) or {}).get(attribute)
+        aliases = (mapped,) if mapped else ()
     return next((k for k in (*aliases, attribute) if k in raw), attribute)

@@ -24,6 +24,12 @@ class ConfigView:
         self._absent_is_none = absent_is_none
         self._loaded: Any = None
 
+    def full(self) -> Any:
+        """The transformers config behind the view (built on first use)."""
+        if self._loaded is None:
+            self._loaded = self._full()
+        return self._loaded
+
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__"):
             raise AttributeError(name)

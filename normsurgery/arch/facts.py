@@ -199,7 +199,9 @@ def applicability(arch: Architecture) -> list[Applicability]:
     else:
         out.append(Applicability("prune", False, "a single block cannot be pruned"))
     out.append(_sublayer_applicability(arch))
-    return out
+    refused = dict(arch.refused)
+    return [Applicability(a.operation, False, refused[a.operation]) if a.applies and a.operation in refused else a
+            for a in out]
 
 
 def _sublayer_applicability(arch: Architecture) -> Applicability:

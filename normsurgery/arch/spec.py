@@ -22,7 +22,7 @@ NormRole = Literal["input", "output", "residual", "embedding", "final", "qk", "l
 
 Config = Any  # a transformers PretrainedConfig
 Flag = Union[bool, str, Callable[[Config], bool]]  # constant, config attribute name, or predicate
-Count = Union[str, Callable[[Config], int]]  # config attribute name, or a function of the config
+Count = Union[int, str, Callable[[Config], int]]  # a constant, a config attribute name, or a function of the config
 DEFAULT_GROUP = "all"  # the reader group of a reader that declares none (LinearSlot.groups)
 
 
@@ -37,6 +37,8 @@ def flag(value: Flag, config: Config) -> bool:
 
 def count(value: Count, config: Config) -> int:
     """Evaluate a declared count (e.g. of experts) against a config."""
+    if isinstance(value, int):
+        return value
     return int(getattr(config, value) if isinstance(value, str) else value(config))
 
 
@@ -146,6 +148,10 @@ class Family:
     # and w2; Llama 4 moves its input to the token embedding's device before embedding it)
     streamed_by_parent: tuple[str, ...] = ()
     notes: str = ""
+    # "declared" (written in families.py and reviewed) or "traced" (derived at run time by tracing a tiny instance
+    # of the model's config and proven on it; see normsurgery/adapt/runtime.py)
+    origin: str = "declared"
+    refused: tuple[tuple[str, str], ...] = ()  # operations a traced declaration's proof refused, and why
 
     def resolve(self, config: Config) -> "Architecture":
         """Name every tensor of a model with this config."""
@@ -243,6 +249,8 @@ class Family:
             fused={name: tuple(map(tuple, parts)) for name, parts in fused.items()},
             per_layer=self.per_layer,
             depth_dependent=tuple(k for k in self.depth_dependent if flag(k, config)),
+            origin=self.origin,
+            refused=self.refused,
         )
 
 
@@ -351,6 +359,8 @@ class Architecture:
     per_layer: tuple[str, ...] = ()
     depth_dependent: tuple[str, ...] = ()  # the family's index-dependent flags that are on in this config
     computed_positions: str | None = None  # see Family.computed_positions
+    origin: str = "declared"  # see Family.origin
+    refused: tuple[tuple[str, str], ...] = ()  # see Family.refused
     _roles: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     def all_norms(self) -> list[Norm]:

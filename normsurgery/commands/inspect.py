@@ -27,6 +27,7 @@ def describe(source: ModelSource) -> dict[str, Any]:
         "model": source.spec,
         "path": str(source.path),
         "family": arch.family,
+        "declaration": "declared" if arch.origin == "declared" else "traced and proven",
         "model_type": arch.model_type,
         "parameters": source.parameter_count,
         "dtype": dtypes.most_common(1)[0][0] if dtypes else None,
@@ -82,7 +83,7 @@ def inspect(
     table = Table(title=f"{model}", show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column()
-    for key in ("path", "family", "parameters", "dtype", "layers", "hidden_size", "vocab_size", "norm", "norm_eps",
+    for key in ("path", "family", "declaration", "parameters", "dtype", "layers", "hidden_size", "vocab_size", "norm", "norm_eps",
                 "placement", "tied_embeddings", "qk_norm", "experts", "sparse_blocks", "computed_positions",
                 "embedding_norm", "weights_finite"):
         value = facts[key]

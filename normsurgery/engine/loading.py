@@ -85,25 +85,26 @@ def load_tokenizer(folder: Path):
         return None
 
 
-def key_mapping(raw_config: dict[str, Any]) -> dict[str, str]:
+def key_mapping(raw_config: dict[str, Any], config: Any) -> dict[str, str]:
     """On-disk -> in-memory tensor renames of a checkpoint: an export's own (its wrapped config's surgery, see
     export.modeling_normsurgery.wrap_config), else its family's (e.g. GPT-NeoX)."""
     if raw_config.get("model_type") == "normsurgery":
         return dict((raw_config.get("surgery") or {}).get("key_mapping") or {})
-    from normsurgery.arch import FAMILY_BY_MODEL_TYPE
-
-    family = FAMILY_BY_MODEL_TYPE.get(raw_config.get("model_type", ""))
+    family, _ = _family_of(config)
     return dict(family.key_renames) if family is not None else {}
 
 
 def _family_of(config: Any) -> tuple[Family | None, Any]:
     """A config's family and the config that resolves it: an export's stock base config (its modules keep the stock
-    names), else the config itself; no family for one normsurgery does not know."""
-    from normsurgery.arch import FAMILY_BY_MODEL_TYPE
+    names), else the config itself; declared, or traced and proven; none for one normsurgery cannot know."""
+    from normsurgery.arch import family_of
 
     if isinstance(getattr(config, "base_config", None), dict) and hasattr(config, "to_base"):
         config = config.to_base()
-    return FAMILY_BY_MODEL_TYPE.get(getattr(config, "model_type", "")), config
+    try:
+        return family_of(config), config
+    except NormSurgeryError:  # a model normsurgery cannot picture still runs, with the engine's defaults
+        return None, config
 
 
 def streamed_by_parent(config: Any) -> tuple[str, ...]:
@@ -138,7 +139,7 @@ class OpenModel:
             weights = weights if weights is not None else CheckpointWeights(self.reader)
             try:
                 self.lazy = lazy_model(config, weights, runtime, dtype=dtype, passes=passes, trust_remote_code=remote,
-                                       key_mapping=key_mapping(raw), fused=fused_parameters(config),
+                                       key_mapping=key_mapping(raw, config), fused=fused_parameters(config),
                                        by_parent=streamed_by_parent(config))
             except UnmatchedWeights as unmatched:
                 if self.reader is None:

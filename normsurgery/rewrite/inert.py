@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from normsurgery.arch import family_for, raw_key
+from normsurgery.arch import FAMILY_BY_MODEL_TYPE, raw_key
 from normsurgery.arch.spec import Architecture, Norm, reader_groups
 from normsurgery.rewrite.maths import effective_gain
 from normsurgery.rewrite.plan import Plan, Step
@@ -50,13 +50,18 @@ class _Reads:
 
 def eps_attribute(arch: Architecture) -> str | None:
     """The config attribute the family reads its norms' eps from, or None when transformers fixes it in code."""
+    family = FAMILY_BY_MODEL_TYPE.get(arch.model_type)
+    if family is None:  # a traced family: its eps key is not declared (stock export is refused)
+        return None
     reads = _Reads()
-    family_for(arch.model_type).eps(reads)
+    family.eps(reads)
     return reads.names[0] if len(reads.names) == 1 else None
 
 
 def stock_problem(arch: Architecture, norms: list[Norm], dtype: torch.dtype) -> str | None:
     """Why removing `norms` cannot be written as a stock model of this architecture stored in `dtype`, or None."""
+    if arch.origin == "traced":
+        return f"{arch.model_type} has no declared family (it was traced), so its eps key in config.json is not known"
     if eps_attribute(arch) is None:
         return (f"transformers' {arch.family} code fixes its norms' eps instead of reading it from config.json, so "
                 "it cannot be made huge")

@@ -1,0 +1,206 @@
+"""Architectures known by tracing at run time: a model type that no family declares (or whose code ships in its own
+folder) gets its declaration from a tiny random instance of its own config, traced and proven the way the test suite
+proves a declared family, then cached per model type, layout and transformers version in the user's cache folder.
+
+Nothing is guessed: a trace that finds something it cannot express, or whose proof fails its structural checks,
+is a refusal that names the module and the reason; an operation whose own proof fails (e.g. crmsnorm) is refused
+on its own, the others apply."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from normsurgery.arch.spec import Family
+from normsurgery.errors import NormSurgeryError
+
+TRACER_VERSION = 1  # raise when a change to the tracer or the proof makes cached declarations stale
+# config entries that say nothing about the layout of the residual stream
+IGNORED = frozenset({"architectures", "_name_or_path", "transformers_version", "dtype", "torch_dtype", "use_cache",
+                     "output_attentions", "output_hidden_states", "return_dict", "bos_token_id", "eos_token_id",
+                     "pad_token_id", "auto_map", "_attn_implementation", "num_hidden_layers", "n_layer",
+                     "num_layers", "max_position_embeddings", "initializer_range"})
+# the checks every operation needs, and the operations whose own proof is a named check
+STRUCTURAL = ("resolve", "tensor names", "config.json alone", "norm facts")
+PROVEN_BY = {"fold": "fold", "rmsnorm": "convert to rmsnorm", "crmsnorm": "convert to crmsnorm"}
+
+_TRACED: dict[str, Family] = {}  # cache key -> family, this process
+
+
+def cache_key(config: Any) -> str:
+    """What a traced declaration depends on: the model type, the config's layout entries (not its depth or the
+    per-block lists, which block signatures resolve), and the transformers and tracer versions."""
+    import transformers
+
+    from normsurgery.adapt.tiny import _layer_lists
+
+    raw = config.to_dict()
+    lists = set(_layer_lists(raw, int(config.num_hidden_layers)))
+    layout = {k: v for k, v in raw.items() if k not in IGNORED and k not in lists and not k.startswith("_")}
+    text = json.dumps([config.model_type, transformers.__version__, TRACER_VERSION, layout], sort_keys=True,
+                      default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def traced_folder() -> Path:
+    """Where proven traced declarations are cached."""
+    from normsurgery.cache import cache_root
+
+    return cache_root() / "traced"
+
+
+def traced_family(config: Any, *, trust_remote_code: bool = False) -> Family:
+    """The proven traced declaration of `config`'s architecture: from this process, the cache, or traced now."""
+    from normsurgery.adapt.draft import draft_from_json
+
+    key = cache_key(config)
+    if key in _TRACED:
+        return _TRACED[key]
+    path = traced_folder() / f"{config.model_type}-{key}.json"
+    family = None
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text())
+            draft = draft_from_json(data["draft"], config)
+            _attach_kinds(draft, trust_remote_code)
+            family = _family(draft, data["refused"])
+        except (OSError, ValueError, KeyError, TypeError):  # stale or damaged: trace again
+            family = None
+    if family is None:
+        draft, refused, seconds = trace(config, trust_remote_code=trust_remote_code)
+        family = _family(draft, refused)
+        _write(path, {"draft": draft_json(draft), "refused": refused, "seconds": round(seconds, 2)})
+    _TRACED[key] = family
+    return family
+
+
+def draft_json(draft: Any) -> dict[str, Any]:
+    """The cached form of a draft."""
+    from normsurgery.adapt.draft import draft_to_json
+
+    return draft_to_json(draft)
+
+
+def _family(draft: Any, refused: dict[str, str]) -> Family:
+    """The draft's family with its refused operations."""
+    from dataclasses import replace
+
+    return replace(draft.family(), refused=tuple(sorted(refused.items())))
+
+
+def _attach_kinds(draft: Any, trust_remote_code: bool) -> None:
+    """Give a draft with blocks of several kinds the function that finds each block's kind from its signature."""
+    from normsurgery.adapt.signature import config_signatures
+
+    if len(draft.layouts) <= 1:
+        return
+    index = {sig: k for k, sig in enumerate(draft.signatures)}
+
+    def kinds(config: Any) -> list[int]:
+        try:
+            return [index[sig] for sig in config_signatures(config, trust_remote_code)]
+        except KeyError:
+            raise ValueError(f"a block of this {draft.model_type} config has modules no traced block has") from None
+
+    draft.kinds = kinds
+
+
+def _write(path: Path, data: dict[str, Any]) -> None:
+    """Write the cache entry atomically (a concurrent run may write the same entry)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1)
+        os.replace(tmp, path)
+    except OSError:  # a read-only cache: trace again next time
+        pass
+
+
+def _refuse(config: Any, reason: str) -> NormSurgeryError:
+    """The one-paragraph refusal of a model type that could not be traced and proven."""
+    return NormSurgeryError(
+        f"model_type {config.model_type!r} has no declared family, and normsurgery could not derive one by tracing a "
+        f"tiny random instance of its config: {reason}. Nothing was written. Declared families: see `normsurgery "
+        "adapt --help` and normsurgery/arch/families.py for how to declare one by hand.")
+
+
+def _covering_depth(signatures: list[str]) -> int:
+    """The fewest leading blocks that hold one block of every kind (two at least, where there are two)."""
+    first = {}
+    for i, sig in enumerate(signatures):
+        first.setdefault(sig, i)
+    return max(max(first.values()) + 1, min(2, len(signatures)))
+
+
+def trace(config: Any, *, trust_remote_code: bool = False) -> tuple[Any, dict[str, str], float]:
+    """Trace and prove `config`'s architecture: the draft (with its kinds of block), the operations its proof
+    refused with why, and the seconds it took; a NormSurgeryError when nothing can be proven."""
+    from normsurgery.adapt.discover import draft_config
+    from normsurgery.adapt.prove import prove
+    from normsurgery.adapt.signature import config_signatures
+    from normsurgery.adapt.tiny import MAX_PARAMETERS, _parameters, tiny_like
+
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES as ENCODERS,
+        MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES as ENCODER_DECODERS,
+    )
+
+    start = time.perf_counter()
+    if getattr(config, "is_encoder_decoder", False) or config.model_type in ENCODER_DECODERS:
+        raise _refuse(config, "it is an encoder-decoder model type (its causal-LM class is the decoder alone); "
+                              "normsurgery rewrites decoder-only language models")
+    if config.model_type in ENCODERS:
+        raise _refuse(config, "it is an encoder-only (masked language model) type; normsurgery rewrites decoder-only "
+                              "language models")
+    if not hasattr(config, "num_hidden_layers") or not hasattr(config, "hidden_size"):
+        sub = next((k for k, v in config.to_dict().items() if isinstance(v, dict) and "num_hidden_layers" in v), None)
+        where = f" (its language model's config is `{sub}`)" if sub else ""
+        raise _refuse(config, f"its config is a composite{where}, which normsurgery does not rewrite yet; "
+                              "extract the language model into a checkpoint of its own text model type")
+    try:
+        signatures = config_signatures(config, trust_remote_code)
+    except Exception as err:  # model constructors fail in many ways on odd configs
+        raise _refuse(config, f"transformers could not build it ({type(err).__name__}: {err})") from None
+    depth = _covering_depth(signatures)
+    problems: list[str] = []
+    for shrink in (False, True):
+        try:
+            tiny = tiny_like(config, depth, shrink=shrink, trust_remote_code=trust_remote_code)
+            if not shrink and _parameters(tiny, trust_remote_code) > MAX_PARAMETERS:
+                continue
+            if config_signatures(tiny, trust_remote_code) != signatures[:depth]:
+                problems.append("a tiny instance's blocks differ from the real model's first blocks")
+                continue
+            draft = draft_config(tiny, trust_remote_code=trust_remote_code)
+        except NormSurgeryError as err:
+            problems.append(str(err))
+            continue
+        except Exception as err:  # a config the model class refuses at this size
+            problems.append(f"{type(err).__name__}: {err}")
+            continue
+        if draft.problems:
+            problems.append(draft.problems[0])
+            continue
+        family = draft.family()
+        try:
+            checks = prove(family, tiny)
+        except Exception as err:  # the proof's own set-up failed on this instance
+            problems.append(f"its proof could not run ({type(err).__name__}: {err})")
+            continue
+        failed = [c for c in checks if not c.passed and c.name in STRUCTURAL]
+        if failed:
+            problems.append(f"its proof failed: {failed[0].name}: {failed[0].detail}")
+            continue
+        refused = {op: f"its traced declaration failed the proof of {check}: " + next(
+            (c.detail for c in checks if c.name.startswith(check) and not c.passed), "")
+            for op, check in PROVEN_BY.items()
+            if any(c.name.startswith(check) and not c.passed for c in checks)}
+        _attach_kinds(draft, trust_remote_code)
+        return draft, refused, time.perf_counter() - start
+    raise _refuse(config, problems[-1] if problems else "no tiny instance could be built")
