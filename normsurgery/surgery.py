@@ -179,6 +179,9 @@ def apply_plan(
         writer.copy_side_files(source.path)
         if plan.surgery is not None:
             writer.copy_file(MODELING_FILE)
+        elif "auto_map" in config:  # a traced model whose code ships in its folder (trusted): the output keeps it
+            for code in sorted(source.path.glob("*.py")):
+                writer.copy_file(code)
         staged = writer.stage()
         if verify:
             from normsurgery.engine.resources import resolve_runtime
@@ -255,8 +258,9 @@ def _verify(
     f32 = torch.float32
     blocks = [b.prefix.rstrip(".") for b in source.arch.blocks]
     label = (source.spec, str(out))
-    with OpenModel(source.path, runtime, weights=CheckpointWeights(source.reader)) as original, \
-            OpenModel(staged, runtime) as stored:
+    remote = source.trust_remote_code  # a traced model whose code ships in its folder: the user opted in
+    with OpenModel(source.path, runtime, weights=CheckpointWeights(source.reader), trust_remote_code=remote) as original, \
+            OpenModel(staged, runtime, trust_remote_code=remote) as stored:
         tokens, tokens_label = check_sample(source.path, original.model, text=None, seq_len=DEFAULT_SEQ_LEN,
                                              num_seqs=DEFAULT_NUM_SEQS)
         common = dict(tokens_label=tokens_label, dtype=f32, on_batch=on_verify)
@@ -287,7 +291,7 @@ def _verify(
                                    tokens, **common)
             result.check = report
         else:
-            with OpenModel(staged, runtime, weights=twin) as exact:
+            with OpenModel(staged, runtime, weights=twin, trust_remote_code=remote) as exact:
                 twin_label = f"{out} (float32 twin)"
                 runs = [Run(original, blocks=blocks), Run(exact, blocks=blocks), Run(stored)]
                 report, storage, overall = compare_runs(runs, [

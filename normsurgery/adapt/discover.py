@@ -378,7 +378,7 @@ def _attention_labels(model: nn.Module, blocks: list[nn.Module], readers: list[l
         handles.append(modules[path].register_forward_pre_hook(lambda _m, a, p=path: inputs.__setitem__(p, a[0])))
     try:
         with torch.enable_grad(), Softmax():
-            model(ids)
+            model(ids, use_cache=False)
     finally:
         for h in handles:
             h.remove()
@@ -574,7 +574,7 @@ def draft_config(config: Any, *, switches: Callable[[dict[str, bool]], dict[str,
     ids = torch.randint(3, vocab, (1, SEQ), generator=torch.Generator().manual_seed(0))
     atomic = {m: p for group in (norms, linears, embeddings) for p, m in group.items()}
     try:
-        trace, ends = record(model, atomic, {b: i for i, b in enumerate(blocks)}, ids)
+        trace, ends = record(model, atomic, {b: i for i, b in enumerate(blocks)}, ids, use_cache=False)
     except Exception as err:  # the model's own forward fails on the tiny config
         draft.problems.append(f"the tiny model's forward pass failed ({type(err).__name__}: {err})")
         return draft

@@ -98,6 +98,7 @@ class Draft:
     key_renames: tuple[tuple[str, str], ...] = ()
     config_keys: tuple[tuple[str, tuple[str, ...]], ...] = ()  # attributes config.json holds under another key
     streamed_by_parent: tuple[str, ...] = ()  # regexes of modules whose parameters their parent's code reads
+    per_layer: tuple[str, ...] = ("layer_types",)  # config keys with one value per block (re-indexed by prune)
     notes: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     # blocks of several kinds (dense and MoE, attention and SSM mixers): one layout per kind, the structural
@@ -143,6 +144,7 @@ class Draft:
             key_renames=self.key_renames,
             config_keys=self.config_keys,
             streamed_by_parent=self.streamed_by_parent,
+            per_layer=self.per_layer,
             origin="traced",
         )
 
@@ -200,6 +202,6 @@ def draft_from_json(data: dict[str, Any], config: Any) -> Draft:
         final_norm=_norm_from(data["final_norm"]), unembed=_lin_from(data["unembed"]), post_ln=data["post_ln"],
         key_renames=tuple(tuple(x) for x in data["key_renames"]),  # type: ignore[misc]
         config_keys=tuple((a, tuple(k)) for a, k in data["config_keys"]),
-        streamed_by_parent=tuple(data["streamed_by_parent"]),
+        streamed_by_parent=tuple(data["streamed_by_parent"]), per_layer=tuple(data["per_layer"]),
         layouts=tuple(_layout_from(x) for x in data["layouts"]), signatures=tuple(data["signatures"]))
     return draft

@@ -67,6 +67,23 @@ def proof_model(config: Any, arch: Architecture) -> nn.Module:
     return model
 
 
+def _ship_code(config: Any, model: nn.Module, folder: Path) -> None:
+    """Give a saved tiny model of a remote-code architecture its code (the files that define its classes) and its
+    auto_map, as its real checkpoint has them."""
+    import json
+    import shutil
+    import sys
+
+    raw = json.loads((folder / "config.json").read_text())
+    raw["auto_map"] = dict(config.auto_map)
+    (folder / "config.json").write_text(json.dumps(raw, indent=2))
+    for cls in (type(config), type(model)):
+        source = Path(sys.modules[cls.__module__].__file__)
+        for code in source.parent.glob("*.py"):
+            if code.name != "__init__.py" and not (folder / code.name).exists():
+                shutil.copy(code, folder / code.name)
+
+
 def _names(folder: Path, arch: Architecture) -> Check:
     """Every saved tensor has a role in the declaration, and every declared tensor is saved."""
     from safetensors import safe_open
@@ -90,6 +107,8 @@ def _config_json(folder: Path, family: Family) -> Check:
 
     from normsurgery.arch import architecture_of, config_view, load_config
 
+    if family.origin == "traced":
+        return Check("config.json alone", True, "a traced family is resolved from the transformers config")
     raw = json.loads((folder / "config.json").read_text())
     view = config_view(raw)
     if architecture_of(view) != architecture_of(load_config(raw)):
@@ -147,7 +166,7 @@ def _logits(model: nn.Module) -> torch.Tensor:
     """The model's logits on fixed random tokens."""
     vocab = min(VOCAB, int(getattr(model.config, "vocab_size", VOCAB) or VOCAB))
     ids = torch.randint(3, vocab, (2, 12), generator=torch.Generator().manual_seed(1))
-    return model(ids).logits.double()
+    return model(ids, use_cache=False).logits.double()
 
 
 def _compare(name: str, reference: torch.Tensor, got: torch.Tensor) -> Check:
@@ -198,11 +217,14 @@ def prove(family: Family, config: Any) -> list[Check]:
     except Exception as err:  # the declaration cannot even name this model's tensors
         return [Check("resolve", False, f"{type(err).__name__}: {err}")]
     applies = {a.operation: a.applies for a in applicability(arch)}
+    remote = bool(getattr(config, "auto_map", None))  # its code ships in the folder: the user opted in
     model = proof_model(config, arch)
     reference = _logits(model)
     with tempfile.TemporaryDirectory() as tmp, declared(family):
         folder = Path(tmp) / "model"
         model.save_pretrained(folder)
+        if remote:
+            _ship_code(config, model, folder)
         if not attempt("tensor names", lambda: _names(folder, arch)):
             return checks
         attempt("config.json alone", lambda: _config_json(folder, family))
@@ -211,7 +233,7 @@ def prove(family: Family, config: Any) -> list[Check]:
             attempt("fold, in memory", lambda: _in_memory("fold, in memory", model, arch, plan_fold, reference))
             attempt("fold, file to file", lambda: _file_to_file(
                 "fold, file to file", folder, Path(tmp) / "fold",
-                lambda src, out: api.fold(str(src), out, device="cpu")))
+                lambda src, out: api.fold(str(src), out, device="cpu", trust_remote_code=remote)))
         for target in ("rmsnorm", "crmsnorm"):
             if applies[target]:
                 if target == "rmsnorm":
@@ -220,5 +242,5 @@ def prove(family: Family, config: Any) -> list[Check]:
                         reference))
                 attempt(f"convert to {target}, file to file", lambda t=target: _file_to_file(
                     f"convert to {t}, file to file", folder, Path(tmp) / t,
-                    lambda src, out: api.convert(str(src), out, to=t, device="cpu")))
+                    lambda src, out: api.convert(str(src), out, to=t, device="cpu", trust_remote_code=remote)))
     return checks

@@ -19,7 +19,7 @@ from typing import Any
 from normsurgery.arch.spec import Family
 from normsurgery.errors import NormSurgeryError
 
-TRACER_VERSION = 1  # raise when a change to the tracer or the proof makes cached declarations stale
+TRACER_VERSION = 2  # raise when a change to the tracer or the proof makes cached declarations stale
 # config entries that say nothing about the layout of the residual stream
 IGNORED = frozenset({"architectures", "_name_or_path", "transformers_version", "dtype", "torch_dtype", "use_cache",
                      "output_attentions", "output_hidden_states", "return_dict", "bos_token_id", "eos_token_id",
@@ -28,6 +28,11 @@ IGNORED = frozenset({"architectures", "_name_or_path", "transformers_version", "
 # the checks every operation needs, and the operations whose own proof is a named check
 STRUCTURAL = ("resolve", "tensor names", "config.json alone", "norm facts")
 PROVEN_BY = {"fold": "fold", "rmsnorm": "convert to rmsnorm", "crmsnorm": "convert to crmsnorm"}
+
+# why a model whose code ships in its folder is folded and pruned (stock outputs keep that code) but not converted
+REMOTE_CONVERSION = ("its modeling code ships in its own folder, and a converted model's exported code wraps a stock "
+                     "transformers class, which this model has not; fold and prune apply (their outputs keep the "
+                     "folder's code)")
 
 _TRACED: dict[str, Family] = {}  # cache key -> family, this process
 
@@ -144,7 +149,7 @@ def trace(config: Any, *, trust_remote_code: bool = False) -> tuple[Any, dict[st
     from normsurgery.adapt.discover import draft_config
     from normsurgery.adapt.prove import prove
     from normsurgery.adapt.signature import config_signatures
-    from normsurgery.adapt.tiny import MAX_PARAMETERS, _parameters, tiny_like
+    from normsurgery.adapt.tiny import MAX_PARAMETERS, _layer_lists, _parameters, tiny_like
 
     from transformers.models.auto.modeling_auto import (
         MODEL_FOR_MASKED_LM_MAPPING_NAMES as ENCODERS,
@@ -187,6 +192,11 @@ def trace(config: Any, *, trust_remote_code: bool = False) -> tuple[Any, dict[st
         if draft.problems:
             problems.append(draft.problems[0])
             continue
+        from normsurgery.arch.layer_config import REINDEX, REINDEX_WITH_CONFIG
+
+        raw = config.to_dict()
+        draft.per_layer = tuple(sorted(set(_layer_lists(raw, len(signatures))) | {
+            k for k in (*REINDEX, *REINDEX_WITH_CONFIG) if raw.get(k) is not None}))
         family = draft.family()
         try:
             checks = prove(family, tiny)
@@ -198,9 +208,11 @@ def trace(config: Any, *, trust_remote_code: bool = False) -> tuple[Any, dict[st
             problems.append(f"its proof failed: {failed[0].name}: {failed[0].detail}")
             continue
         refused = {op: f"its traced declaration failed the proof of {check}: " + next(
-            (c.detail for c in checks if c.name.startswith(check) and not c.passed), "")
+            (c.detail.rstrip(".") for c in checks if c.name.startswith(check) and not c.passed), "")
             for op, check in PROVEN_BY.items()
             if any(c.name.startswith(check) and not c.passed for c in checks)}
+        if getattr(config, "auto_map", None):
+            refused.update({op: REMOTE_CONVERSION for op in ("rmsnorm", "crmsnorm", "dyt", "none", "prune-sublayers")})
         _attach_kinds(draft, trust_remote_code)
         return draft, refused, time.perf_counter() - start
     raise _refuse(config, problems[-1] if problems else "no tiny instance could be built")

@@ -158,6 +158,8 @@ def tiny_like(config: Any, layers: int, *, shrink: bool, trust_remote_code: bool
     names = dict(getattr(type(config), "attribute_map", {}) or {})
     depth = int(config.num_hidden_layers)
     changes: dict[str, Any] = {names.get("num_hidden_layers", "num_hidden_layers"): layers}
+    changes.update({k: layers for k, v in raw.items() if type(v) is int and v == depth  # the model's own depth key
+                    and ("layer" in k or "depth" in k) and not k.startswith(("first", "num_nextn", "max"))})
     changes.update({k: raw[k][:layers] for k in _layer_lists(raw, depth)})
     vocab_key = names.get("vocab_size", "vocab_size")
     if int(raw.get(vocab_key) or 0) > 4 * VOCAB:

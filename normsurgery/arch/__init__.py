@@ -66,8 +66,10 @@ def load_config(raw: dict[str, Any], where: str = "config.json", *, folder: Path
         raise NormSurgeryError(
             f"model_type {model_type!r} in {where} is not one that transformers {transformers.__version__} knows, and "
             "the folder registers no modeling code of its own (auto_map). Upgrade transformers, or fix config.json.")
+    cls = CONFIG_MAPPING[model_type]
+    decode = getattr(cls, "_decode_special_floats", lambda x: x)  # transformers writes inf as {"__float__": ...}
     try:
-        return CONFIG_MAPPING[model_type].from_dict(dict(raw))
+        return cls.from_dict(decode(dict(raw)))
     except Exception as err:  # transformers validates values and raises many types
         raise NormSurgeryError(
             f"{where} could not be read as a {model_type} config: {err}. Fix the file or re-export the model."

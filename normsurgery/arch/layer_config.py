@@ -92,7 +92,11 @@ def pruned_config_updates(config: Any, keys: tuple[str, ...], num_layers_key: st
         if isinstance(value, (list, tuple)) and len(value) != num_layers:
             raise NormSurgeryError(f"config {key} has {len(value)} entries for {num_layers} blocks; fix config.json "
                                    "before pruning.")
-        updates[key] = REINDEX[key](list(value) if isinstance(value, (list, tuple)) else value, keep)
+        reindex = REINDEX.get(key, _per_block)  # a traced family's keys: any list with one entry per block
+        if key not in REINDEX and not isinstance(value, (list, tuple)):
+            raise NormSurgeryError(f"config {key} is not a list with one entry per block; normsurgery does not know "
+                                   "how to re-index it.")
+        updates[key] = reindex(list(value) if isinstance(value, (list, tuple)) else value, keep)
         if key == "attention_layers":
             updates["attention_types"] = _run_lengths(updates[key])
     return updates

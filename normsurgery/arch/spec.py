@@ -251,6 +251,7 @@ class Family:
             depth_dependent=tuple(k for k in self.depth_dependent if flag(k, config)),
             origin=self.origin,
             refused=self.refused,
+            config_keys=self.config_keys,
         )
 
 
@@ -361,6 +362,7 @@ class Architecture:
     computed_positions: str | None = None  # see Family.computed_positions
     origin: str = "declared"  # see Family.origin
     refused: tuple[tuple[str, str], ...] = ()  # see Family.refused
+    config_keys: tuple[tuple[str, tuple[str, ...]], ...] = ()  # see Family.config_keys
     _roles: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     def all_norms(self) -> list[Norm]:

@@ -15,6 +15,7 @@ import torch
 
 from normsurgery.checkpoint.writer import CheckpointWriter
 from normsurgery.errors import NormSurgeryError
+from normsurgery.export.config import runtime_config
 
 
 def installed_package_dir(package: str) -> Path | None:
@@ -60,7 +61,8 @@ def find_gguf(package: str, requirement: str, workdir: Path) -> Path:
 
 def build_from_gguf(gguf: Path, out: Path, card: str, facts: dict[str, Any], *, force: bool = False,
                     report: Callable[[int, int | None, str], None] = lambda *_: None) -> Path:
-    """Dequantize a GGUF file into a float32 HF folder at `out` (written atomically), dropping its quantization config."""
+    """Dequantize a GGUF file into a float32 HF folder at `out` (written atomically), dropping its quantization config
+    and naming its transformers class (`runtime_config`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -69,7 +71,8 @@ def build_from_gguf(gguf: Path, out: Path, card: str, facts: dict[str, Any], *, 
     with contextlib.redirect_stderr(io.StringIO()):  # transformers' GGUF loader draws its own tqdm bar
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    config = model.config.to_dict()
+    # a GGUF names no transformers class, so the loaded config's architectures is None
+    config = runtime_config(model.config.to_dict())
     config.pop("quantization_config", None)
     tied = bool(config.get("tie_word_embeddings"))
     report(2, 3, "writing float32 safetensors")

@@ -180,14 +180,16 @@ Built with `normsurgery models build gpt2-shakespeare`; hyper-parameters in `ref
 
 
 def save(model, tokenizer, facts: dict, out: Path, *, force: bool = False) -> None:
-    """Write the trained model as a stock GPT-2 folder (tied head not duplicated), atomically."""
+    """Write the trained model as a stock GPT-2 folder (tied head not duplicated, config complete for runtimes:
+    `runtime_config`), atomically."""
     from normsurgery.checkpoint.writer import CheckpointWriter
+    from normsurgery.export.config import runtime_config
 
     with CheckpointWriter(out, force=force) as writer:
         for name, tensor in model.state_dict().items():
             if name != "lm_head.weight":
                 writer.add(name, tensor.detach().contiguous())
-        model.config.save_pretrained(writer.tmp)
+        writer.write_json("config.json", runtime_config(model.config.to_diff_dict()))
         model.generation_config.save_pretrained(writer.tmp)
         tokenizer.save_pretrained(writer.tmp)
         writer.write_text("README.md", card(facts))

@@ -8,7 +8,7 @@ loads it, and rebuilds each layer's cache index from its position.
 from __future__ import annotations
 
 from functools import partial
-from typing import Any
+from typing import Any, Callable
 
 from normsurgery.arch import raw_key
 from normsurgery.arch.layer_config import pruned_config_updates, refuse_unknown_lists
@@ -58,7 +58,31 @@ def plan_prune(arch: Architecture, raw: dict[str, Any], names: list[str], remove
             plan.dropped.add(name)
         elif new_prefix[block] != arch.blocks[block].prefix:
             plan.renames[name] = new_prefix[block] + name[len(arch.blocks[block].prefix):]
+    depth_key = next((k for k in dict(arch.config_keys).get("num_hidden_layers", ()) if k in raw), None)
     plan.config_updates_from = partial(pruned_config_updates, keys=arch.per_layer,
-                                       num_layers_key=raw_key(raw, "num_hidden_layers"), keep=keep)
+                                       num_layers_key=depth_key or raw_key(raw, "num_hidden_layers"), keep=keep)
+    if arch.origin == "traced":
+        plan.config_updates_from = partial(_same_kinds, plan.config_updates_from, keep=keep)
     return plan
+
+
+def _same_kinds(updates_from: Callable[[Any], dict[str, Any]], config: Any, keep: list[int]) -> dict[str, Any]:
+    """The config updates of a traced family's prune, checked: every kept block keeps its kind of block (a config
+    rule by block index that the updates do not re-index would give a kept block another kind's modules)."""
+    from normsurgery.adapt.signature import config_signatures
+
+    updates = updates_from(config)
+    remote = bool(getattr(config, "auto_map", None))
+    try:
+        pruned = type(config).from_dict({**config.to_dict(), **updates})
+        same = config_signatures(pruned, remote) == [config_signatures(config, remote)[i] for i in keep]
+    except Exception as err:  # the pruned config does not build a model
+        raise NormSurgeryError(f"the pruned {config.model_type} config does not build a model ({type(err).__name__}: "
+                               f"{err}); nothing was written.") from None
+    if not same:
+        raise NormSurgeryError(
+            f"removing these blocks would change the kind of a kept {config.model_type} block (its config chooses "
+            "each block's kind by a rule on block indices that normsurgery cannot re-index for a traced model type); "
+            "nothing was written. Remove other blocks, or declare the family with its per-block keys.")
+    return updates
 

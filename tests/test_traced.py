@@ -1,0 +1,138 @@
+"""Model types that no family declares are traced at run time, proven on a tiny instance, cached, and then folded,
+pruned and converted exactly like a declared family. One type per kind of layout (the whole mapping is swept by
+bench/arch_sweep.py), and a checkpoint whose code ships in its own folder with module names no family uses."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from normsurgery.adapt.tiny import tiny_config, tiny_model
+
+REMOTE_CODE = Path(__file__).parent / "remote_model" / "modeling_tinylm.py"
+# dense and MoE blocks interleaved (first_k_dense_replace); experts stacked in memory and saved per expert, under other
+# names (a key rename of a 3-D tensor); short-convolution hybrid; a pure SSM (Mamba's in_proj/out_proj); a LayerNorm
+# MoE whose routed experts read a biased norm (rmsnorm exact, crmsnorm refused by its proof's reason)
+TYPES = ["glm4_moe", "granitemoeshared", "lfm2", "mamba", "cohere2_moe"]
+
+
+@pytest.fixture(autouse=True)
+def fresh_cache(tmp_path, monkeypatch):
+    """Each test traces in its own cache folder and process registry."""
+    from normsurgery.adapt import runtime
+
+    monkeypatch.setenv("NORMSURGERY_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(runtime, "_TRACED", {})
+
+
+def _checkpoint(model_type: str, folder: Path) -> Path:
+    """A tiny random checkpoint of a model type, saved by transformers."""
+    tiny_model(tiny_config(model_type, layers=3)).save_pretrained(folder)
+    return folder
+
+
+def _json(out: str) -> dict:
+    return json.loads(out)
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_an_undeclared_type_is_traced_proven_and_rewritten_exactly(cli, tmp_path, model_type):
+    model = _checkpoint(model_type, tmp_path / "model")
+    code, out, err = cli("inspect", model, "--json")
+    assert code == 0, err
+    facts = _json(out)
+    assert facts["declaration"] == "traced and proven"
+    applies = {op["operation"]: op["applies"] for op in facts["operations"]}
+    assert applies["fold"] and applies["prune"]
+    code, out, err = cli("fold", model, "-o", tmp_path / "fold", "--json")
+    assert code == 0, err
+    assert _json(out)["check"]["passed"]
+    code, out, err = cli("prune", model, "--layers", "1", "-o", tmp_path / "prune", "--json")
+    assert code == 0, err
+    assert _json(out)["check"]["passed"]  # equal to the original with block 1 skipped
+    for target in ("rmsnorm", "crmsnorm") if facts["norm"] == "LayerNorm" else ():
+        code, out, err = cli("convert", model, "--to", target, "-o", tmp_path / target, "--json")
+        if applies[target]:
+            assert code == 0 and _json(out)["check"]["passed"], err
+        else:
+            assert code == 2 and "Traceback" not in err
+
+
+def test_an_operation_whose_proof_fails_is_refused_alone_with_the_proofs_reason(cli, tmp_path):
+    """Cohere2-MoE (LayerNorm, experts stacked at load): rmsnorm is proven; crmsnorm's exported code cannot resize the
+    stacked experts, its proof fails, and only crmsnorm is refused, saying so."""
+    model = _checkpoint("cohere2_moe", tmp_path / "model")
+    ops = {op["operation"]: op for op in _json(cli("inspect", model, "--json")[1])["operations"]}
+    assert ops["rmsnorm"]["applies"] and ops["fold"]["applies"] and ops["prune"]["applies"]
+    assert not ops["crmsnorm"]["applies"] and "failed the proof of convert to crmsnorm" in ops["crmsnorm"]["reason"]
+    code, _, err = cli("convert", model, "--to", "crmsnorm", "-o", tmp_path / "out")
+    assert code == 2 and "proof" in err and "Traceback" not in err and not (tmp_path / "out").exists()
+
+
+def test_the_proven_declaration_is_cached_and_reused_without_tracing(cli, tmp_path, monkeypatch):
+    from normsurgery.adapt import runtime
+
+    model = _checkpoint("glm4_moe", tmp_path / "model")
+    assert cli("inspect", model, "--json")[0] == 0
+    cached = list(runtime.traced_folder().glob("glm4_moe-*.json"))
+    assert len(cached) == 1 and json.loads(cached[0].read_text())["draft"]["layouts"]
+    monkeypatch.setattr(runtime, "_TRACED", {})
+
+    def no_trace(*args, **kwargs):
+        raise AssertionError("traced again")
+
+    monkeypatch.setattr(runtime, "trace", no_trace)
+    code, out, err = cli("fold", model, "-o", tmp_path / "fold", "--json")
+    assert code == 0 and _json(out)["check"]["passed"], err
+
+
+@pytest.mark.parametrize("model_type,says", [("bert", "encoder-only"), ("bart", "encoder-decoder")])
+def test_what_is_not_a_decoder_is_refused_in_one_paragraph(cli, tmp_path, model_type, says):
+    model = _checkpoint(model_type, tmp_path / "model")
+    code, out, err = cli("fold", model, "-o", tmp_path / "out")
+    assert code == 2 and says in " ".join(err.split()) and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture
+def remote_model(tmp_path) -> Path:
+    """A Pre-LN LayerNorm decoder whose code ships in its folder (auto_map), norms perturbed off identity."""
+    spec = importlib.util.spec_from_file_location("modeling_tinylm", REMOTE_CODE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    torch.manual_seed(0)
+    model = module.TinyLMForCausalLM(module.TinyLMConfig())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "pre_" in name or "norm" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    folder = tmp_path / "remote"
+    model.save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "modeling_tinylm.TinyLMConfig",
+                          "AutoModelForCausalLM": "modeling_tinylm.TinyLMForCausalLM"}
+    (folder / "config.json").write_text(json.dumps(config))
+    shutil.copy(REMOTE_CODE, folder)
+    return folder
+
+
+def test_a_model_whose_code_ships_in_its_folder_is_folded_and_pruned_exactly(cli, tmp_path, remote_model):
+    code, _, err = cli("inspect", remote_model)
+    assert code == 2 and "--trust-remote-code" in err and "Traceback" not in err
+    code, out, err = cli("inspect", remote_model, "--json", "--trust-remote-code")
+    assert code == 0, err
+    facts = _json(out)
+    assert facts["declaration"] == "traced and proven" and facts["norm"] == "LayerNorm"
+    code, out, err = cli("fold", remote_model, "-o", tmp_path / "fold", "--json", "--trust-remote-code")
+    assert code == 0 and _json(out)["check"]["passed"], err
+    assert (tmp_path / "fold" / "modeling_tinylm.py").is_file()
+    assert "auto_map" in json.loads((tmp_path / "fold" / "config.json").read_text())
+    code, out, err = cli("prune", remote_model, "--layers", "1", "-o", tmp_path / "prune", "--json",
+                         "--trust-remote-code")
+    assert code == 0 and _json(out)["check"]["passed"], err
+    assert json.loads((tmp_path / "prune" / "config.json").read_text())["depth"] == 2
