@@ -103,10 +103,12 @@ def _nice(eps: float) -> float:
 
 
 def _block_list(model: nn.Module, n: int) -> tuple[str, list[nn.Module]]:
-    """The ModuleList of decoder blocks: the first with one entry per layer."""
-    for path, m in model.named_modules():
-        if isinstance(m, nn.ModuleList) and len(m) == n and n > 0:
-            return path, list(m)
+    """The ModuleList of decoder blocks: the first with one entry per layer (a language model's, in a composite
+    model that also holds a vision or audio tower)."""
+    found = [(path, m) for path, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == n and n > 0]
+    found.sort(key=lambda x: not any(w in x[0] for w in ("language", "text", "decoder")))
+    if found:
+        return found[0][0], list(found[0][1])
     raise ValueError("no list of decoder blocks with one entry per layer")
 
 
@@ -169,23 +171,37 @@ def _stacked_parts(stacked: torch.Tensor, candidates: dict[str, torch.Tensor]) -
 
 
 def _renames(mem_to_disk: dict[str, str]) -> tuple[tuple[str, str], ...]:
-    """On-disk -> in-memory renames (regex, replacement) that explain every renamed tensor: a module's weight and
-    bias together, any other tensor by its whole name; block and expert indices match any index."""
+    """On-disk -> in-memory renames (regex, replacement) that explain every renamed tensor, each as broad as it can
+    be without renaming any other tensor wrongly (a prefix shared by a whole sub-model, else a module, else one
+    tensor); block and expert indices match any index."""
+    pairs = [(disk, mem) for mem, disk in mem_to_disk.items()]
     found: dict[str, str] = {}
     for mem, disk in mem_to_disk.items():
-        if mem == disk:
+        if mem == disk or any(re.sub(p, r, disk) == mem for p, r in found.items()):
             continue
-        m, d = mem.split("."), disk.split(".")
-        whole = not (m[-1] == d[-1] and m[-1] in ("weight", "bias") and len(m) > 1 and len(d) > 1)
-        if not whole:
-            m, d = m[:-1], d[:-1]
-        m_digits, d_digits = [x for x in m if x.isdigit()], [x for x in d if x.isdigit()]
-        general = m_digits == d_digits
-        pattern = [r"(\d+)" if general and x.isdigit() else re.escape(x) for x in d]
-        index = iter(range(1, len(d_digits) + 1))
-        replacement = [f"\\g<{next(index)}>" if general and x.isdigit() else x for x in m]
-        found["^" + r"\.".join(pattern) + ("$" if whole else r"\.")] = ".".join(replacement) + ("" if whole else ".")
+        for pattern, replacement in _rename_candidates(mem.split("."), disk.split(".")):
+            if all(re.sub(pattern, replacement, d) == m for d, m in pairs if re.match(pattern, d)):
+                found[pattern] = replacement
+                break
     return tuple(sorted(found.items()))
+
+
+def _rename_candidates(m: list[str], d: list[str]) -> list[tuple[str, str]]:
+    """Renames of one tensor's on-disk name `d` to its in-memory name `m` (both split on dots), broadest first: with
+    the common trailing parts dropped (a prefix rename), fewer of them, then the whole name."""
+    common = 0
+    while common < min(len(m), len(d)) - 1 and m[-1 - common] == d[-1 - common]:
+        common += 1
+    out = []
+    for keep in range(common, -1, -1):
+        mm, dd = (m[:-keep], d[:-keep]) if keep else (m, d)
+        general = [x for x in mm if x.isdigit()] == [x for x in dd if x.isdigit()]
+        pattern = [r"(\d+)" if general and x.isdigit() else re.escape(x) for x in dd]
+        index = iter(range(1, len(dd) + 1))
+        replacement = [f"\\g<{next(index)}>" if general and x.isdigit() else x for x in mm]
+        end, tail = (r"\.", ".") if keep else ("$", "")
+        out.append(("^" + r"\.".join(pattern) + end, ".".join(replacement) + tail))
+    return out
 
 
 @dataclass(frozen=True)
@@ -392,8 +408,16 @@ def _attention_labels(model: nn.Module, blocks: list[nn.Module], readers: list[l
         o_loss = sum((inputs[w][..., -1, :] * torch.randn(inputs[w][..., -1, :].shape, generator=gen)).sum()
                      for w in writers[b])
         zero = [torch.zeros_like(o) for o in outs]
-        gs = torch.autograd.grad(s_loss, outs, allow_unused=True, retain_graph=True) if scores.get(b) else zero
-        go = torch.autograd.grad(o_loss, outs, allow_unused=True, retain_graph=True) if writers[b] else zero
+
+        def grads(loss: Any) -> list[torch.Tensor | None]:
+            if not torch.is_tensor(loss) or not loss.requires_grad:
+                return list(zero)
+            live = [o for o in outs if o.requires_grad]
+            got = iter(torch.autograd.grad(loss, live, allow_unused=True, retain_graph=True) if live else ())
+            return [next(got) if o.requires_grad else None for o in outs]
+
+        gs = grads(s_loss) if scores.get(b) else zero
+        go = grads(o_loss) if writers[b] else zero
         for p, o, g1, g2 in zip(paths, outs, gs, go):
             g1 = (torch.zeros_like(o) if g1 is None else g1).abs().reshape(-1, SEQ, o.shape[-1]).sum(0)
             g2 = (torch.zeros_like(o) if g2 is None else g2).abs().reshape(-1, SEQ, o.shape[-1]).sum(0)
@@ -530,8 +554,8 @@ def _block(find: _Finder, start: Key, end: Key, prefix: str) -> _Block:
 
 def _norm_draft(path: str, module: nn.Module, role: NormRole, readers: tuple[LinDraft, ...] = ()) -> NormDraft:
     """A norm's draft: its role, readers, and whether it holds a gain and a bias."""
-    return NormDraft(path, role, readers, has_weight=getattr(module, "weight", None) is not None,
-                     has_bias=getattr(module, "bias", None) is not None)
+    return NormDraft(path, role, readers, has_weight=isinstance(getattr(module, "weight", None), nn.Parameter),
+                     has_bias=isinstance(getattr(module, "bias", None), nn.Parameter))
 
 
 def draft_family(model_type: str, *, layers: int = 2, overrides: dict[str, Any] | None = None,
@@ -551,8 +575,10 @@ def draft_config(config: Any, *, switches: Callable[[dict[str, bool]], dict[str,
     """Trace a tiny random model of `config` (already tiny) and draft its declaration, one layout per kind of block.
     `switches`: the config flag switching each linear's bias, from whether each linear has one (else constants)."""
     from normsurgery.adapt.signature import block_signatures, config_signatures
+    from normsurgery.arch.composite import text_view
 
     model = tiny_model(config, trust_remote_code=trust_remote_code)
+    built, config = config, text_view(config)  # a composite config is read as its language model's
     draft = Draft(model_type=str(config.model_type), config=config)
     n_layers = int(config.num_hidden_layers)
     norms, linears, embeddings = _modules(model)
@@ -591,8 +617,14 @@ def draft_config(config: Any, *, switches: Callable[[dict[str, bool]], dict[str,
     def disk(path: str) -> str:
         return mem_to_disk.get(f"{path}.weight", f"{path}.weight")[: -len(".weight")]
 
+    memory_layers = draft.layers
+    draft.layers = _disk_layers(memory_layers, mem_to_disk)
+
+    def on_disk(prefix: str) -> str:  # a block's in-memory prefix -> its prefix in the checkpoint
+        return draft.layers + prefix[len(memory_layers):]
+
     try:
-        found = [_block(find, start, end, f"{draft.layers}.{i}.") for i, (start, end) in sorted(ends.items())]
+        found = [_block(find, start, end, f"{memory_layers}.{i}.") for i, (start, end) in sorted(ends.items())]
     except ValueError as err:
         draft.problems.append(str(err))
         return draft
@@ -604,7 +636,9 @@ def draft_config(config: Any, *, switches: Callable[[dict[str, bool]], dict[str,
 
     def lin(path: str, prefix: str) -> tuple[LinDraft, ...]:
         if path in find.param_linears:
-            return _param_lin(find.param_linears[path], prefix, mem_to_disk, stacked, draft)
+            return _param_lin(find.param_linears[path], prefix, on_disk(prefix) if prefix else prefix, mem_to_disk,
+                              stacked, draft)
+        prefix = on_disk(prefix) if prefix else prefix
         module = linears[path]
         groups, widths, repeat = (), (), 1
         if path in labels:
@@ -623,7 +657,7 @@ def draft_config(config: Any, *, switches: Callable[[dict[str, bool]], dict[str,
     for b in found:
         ordered = sorted(b.norms, key=lambda p: find.module_nodes(p)[0].index)
         layouts.append(LayoutDraft(
-            tuple(_norm_draft(disk(p)[len(b.prefix):], norms[p], b.norms[p][0],  # type: ignore[arg-type]
+            tuple(_norm_draft(disk(p)[len(on_disk(b.prefix)):], norms[p], b.norms[p][0],  # type: ignore[arg-type]
                               lins(b.norms[p][1], b.prefix)) for p in ordered),
             lins(b.writers, b.prefix), lins(b.direct, b.prefix), b.parallel))
     signatures = block_signatures(blocks)
@@ -641,7 +675,7 @@ def draft_config(config: Any, *, switches: Callable[[dict[str, bool]], dict[str,
         tiny_kinds = [index[sig] for sig in signatures]
 
         def kinds_of(c: Any) -> list[int]:
-            if c is config:
+            if c is config or c is built:
                 return tiny_kinds
             try:
                 return [index[sig] for sig in config_signatures(c, trust_remote_code)]
@@ -657,13 +691,26 @@ def draft_config(config: Any, *, switches: Callable[[dict[str, bool]], dict[str,
         draft.problems.append(f"{unprobed[0]} is on the residual stream but could not be probed on one hidden vector")
         return draft
     _shared_facts(draft, {p: facts[p] for p in residual_norms})  # type: ignore[misc]
-    _model_level(draft, find, model, ends, ids, disk)
+    _model_level(draft, find, model, ends, ids, disk, memory_layers)
     draft.problems.extend(dict.fromkeys(find.problems))
     draft.unembed, = lin(_unembedding(model, linears), "")
     if not draft.problems:
-        _others(draft, saved)
+        state = dict(model.state_dict(keep_vars=True))
+        unread = {mem_to_disk.get(n, n) for n, t in state.items() if id(t) not in trace.read_params}
+        _others(draft, saved, unread)
         draft.config_keys = _config_keys(draft)
     return draft
+
+
+def _disk_layers(layers: str, mem_to_disk: dict[str, str]) -> str:
+    """The block list's path in the checkpoint (transformers may save a composite model's language model under
+    another prefix, e.g. Gemma 3's language_model.model.layers for model.language_model.layers)."""
+    for mem, disk in mem_to_disk.items():
+        if mem.startswith(f"{layers}.0."):
+            rest = mem[len(f"{layers}.0."):]
+            if disk.endswith(f".0.{rest}"):
+                return disk[: -len(f".0.{rest}")]
+    return layers
 
 
 def _by_parent(paths: set[str], layers: str) -> tuple[str, ...]:
@@ -675,19 +722,19 @@ def _by_parent(paths: set[str], layers: str) -> tuple[str, ...]:
     return tuple(sorted(out))
 
 
-def _param_lin(pl: ParamLinear, prefix: str, mem_to_disk: dict[str, str], stacked: dict[str, tuple[str, ...]],
-               draft: Draft) -> tuple[LinDraft, ...]:
+def _param_lin(pl: ParamLinear, prefix: str, disk_prefix: str, mem_to_disk: dict[str, str],
+               stacked: dict[str, tuple[str, ...]], draft: Draft) -> tuple[LinDraft, ...]:
     """The drafts of a linear computed from a parameter: one stacked (or 2-D) tensor as saved, or the per-expert
-    tensors transformers stacks into it at load."""
+    tensors transformers stacks into it at load (`prefix`: the block's in memory, `disk_prefix`: in the checkpoint)."""
     name = f"{pl.module}.{pl.weight}"
     bias = pl.bias is not None
     if name in mem_to_disk:
         disk_module, leaf = mem_to_disk[name].rsplit(".", 1)
         bias_leaf = pl.bias or "bias"
-        return (LinDraft(disk_module[len(prefix):], bias=bias, conv1d=pl.conv1d, names=(leaf, bias_leaf),
+        return (LinDraft(disk_module[len(disk_prefix):], bias=bias, conv1d=pl.conv1d, names=(leaf, bias_leaf),
                          experts=pl.experts),)
     if name in stacked and not pl.conv1d and not bias:
-        return tuple(LinDraft(part[len(prefix):], experts=pl.experts, loaded=name[len(prefix):])
+        return tuple(LinDraft(part[len(disk_prefix):], experts=pl.experts, loaded=name[len(prefix):])
                      for part in stacked[name])
     draft.problems.append(f"{name} is neither saved as it is nor as per-expert tensors that stack into it")
     return ()
@@ -721,7 +768,7 @@ def _unembedding(model: nn.Module, linears: dict[str, nn.Module]) -> str:
 
 
 def _model_level(draft: Draft, find: _Finder, model: nn.Module, ends: dict[int, tuple[Key, Key]],
-                 ids: torch.Tensor, disk: Callable[[str], str]) -> None:
+                 ids: torch.Tensor, disk: Callable[[str], str], layers: str) -> None:
     """Embeddings (token, position and its offset, an embedding norm, a sqrt(d) scale), the final norm and what
     reads it."""
     trace = find.trace
@@ -769,14 +816,16 @@ def _model_level(draft: Draft, find: _Finder, model: nn.Module, ends: dict[int, 
         readers = find.forward_to_linears(finals[0].outputs[0], finals[0].name)
         if readers != [unembed]:
             draft.problems.append(f"the final norm is read by {', '.join(readers)}, not only by the unembedding")
-    extra = [p for p in find.linears if not p.startswith(f"{draft.layers}.") and p != unembed]
+    extra = [p for p in find.linears if not p.startswith(f"{layers}.") and p != unembed
+             and p in find.first_call]  # a composite model's vision tower does not run on text
     if extra:
         draft.problems.append(f"model-level linear layers besides the unembedding: {', '.join(extra)}")
 
 
-def _others(draft: Draft, saved: set[str]) -> None:
+def _others(draft: Draft, saved: set[str], unread: set[str]) -> None:
     """Block tensors that are neither norms nor linears (e.g. activation parameters, a router's score bias), which
-    rewrites leave alone, per kind of block; any other saved tensor the draft does not name is a problem."""
+    rewrites leave alone, per kind of block, and model-level tensors that the text forward never reads (a
+    composite model's vision tower); any other saved tensor the draft does not name is a problem."""
     arch = draft.family().resolve(draft.config)
     unknown = set(saved) - set(arch.roles()) - ({arch.unembed.weight} if arch.tied else set())
     n = arch.num_layers
@@ -789,5 +838,7 @@ def _others(draft: Draft, saved: set[str]) -> None:
         draft.layouts = tuple(replace(layout, others=per_kind.get(k, ())) for k, layout in enumerate(draft.layouts))
     draft.others = per_kind.get(kinds[0], ())
     rest = sorted(unknown - {f"{draft.layers}.{i}.{o}" for i in range(n) for o in per_kind[kinds[i]]})
+    draft.model_others = tuple(t for t in rest if t in unread and not t.startswith(f"{draft.layers}."))
+    rest = [t for t in rest if t not in draft.model_others]
     if rest:
         draft.problems.append(f"tensors the draft does not place: {', '.join(rest[:6])}")

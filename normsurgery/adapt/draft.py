@@ -99,6 +99,7 @@ class Draft:
     config_keys: tuple[tuple[str, tuple[str, ...]], ...] = ()  # attributes config.json holds under another key
     streamed_by_parent: tuple[str, ...] = ()  # regexes of modules whose parameters their parent's code reads
     per_layer: tuple[str, ...] = ("layer_types",)  # config keys with one value per block (re-indexed by prune)
+    model_others: tuple[str, ...] = ()  # tensors outside the language model that the text forward never reads
     notes: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     # blocks of several kinds (dense and MoE, attention and SSM mixers): one layout per kind, the structural
@@ -145,6 +146,7 @@ class Draft:
             config_keys=self.config_keys,
             streamed_by_parent=self.streamed_by_parent,
             per_layer=self.per_layer,
+            others=self.model_others,
             origin="traced",
         )
 
@@ -203,5 +205,6 @@ def draft_from_json(data: dict[str, Any], config: Any) -> Draft:
         key_renames=tuple(tuple(x) for x in data["key_renames"]),  # type: ignore[misc]
         config_keys=tuple((a, tuple(k)) for a, k in data["config_keys"]),
         streamed_by_parent=tuple(data["streamed_by_parent"]), per_layer=tuple(data["per_layer"]),
+        model_others=tuple(data["model_others"]),
         layouts=tuple(_layout_from(x) for x in data["layouts"]), signatures=tuple(data["signatures"]))
     return draft

@@ -19,7 +19,7 @@ from typing import Any
 from normsurgery.arch.spec import Family
 from normsurgery.errors import NormSurgeryError
 
-TRACER_VERSION = 2  # raise when a change to the tracer or the proof makes cached declarations stale
+TRACER_VERSION = 3  # raise when a change to the tracer or the proof makes cached declarations stale
 # config entries that say nothing about the layout of the residual stream
 IGNORED = frozenset({"architectures", "_name_or_path", "transformers_version", "dtype", "torch_dtype", "use_cache",
                      "output_attentions", "output_hidden_states", "return_dict", "bos_token_id", "eos_token_id",
@@ -44,8 +44,11 @@ def cache_key(config: Any) -> str:
 
     from normsurgery.adapt.tiny import _layer_lists
 
+    from normsurgery.arch.composite import text_view
+
+    view = text_view(config)
     raw = config.to_dict()
-    lists = set(_layer_lists(raw, int(config.num_hidden_layers)))
+    lists = set(_layer_lists(view.to_dict(), int(view.num_hidden_layers)))
     layout = {k: v for k, v in raw.items() if k not in IGNORED and k not in lists and not k.startswith("_")}
     text = json.dumps([config.model_type, transformers.__version__, TRACER_VERSION, layout], sort_keys=True,
                       default=str)
@@ -150,6 +153,7 @@ def trace(config: Any, *, trust_remote_code: bool = False) -> tuple[Any, dict[st
     from normsurgery.adapt.prove import prove
     from normsurgery.adapt.signature import config_signatures
     from normsurgery.adapt.tiny import MAX_PARAMETERS, _layer_lists, _parameters, tiny_like
+    from normsurgery.arch.composite import text_view
 
     from transformers.models.auto.modeling_auto import (
         MODEL_FOR_MASKED_LM_MAPPING_NAMES as ENCODERS,
@@ -163,11 +167,9 @@ def trace(config: Any, *, trust_remote_code: bool = False) -> tuple[Any, dict[st
     if config.model_type in ENCODERS:
         raise _refuse(config, "it is an encoder-only (masked language model) type; normsurgery rewrites decoder-only "
                               "language models")
-    if not hasattr(config, "num_hidden_layers") or not hasattr(config, "hidden_size"):
-        sub = next((k for k, v in config.to_dict().items() if isinstance(v, dict) and "num_hidden_layers" in v), None)
-        where = f" (its language model's config is `{sub}`)" if sub else ""
-        raise _refuse(config, f"its config is a composite{where}, which normsurgery does not rewrite yet; "
-                              "extract the language model into a checkpoint of its own text model type")
+    if not hasattr(text_view(config), "num_hidden_layers"):
+        raise _refuse(config, "its config is a composite without a language model's config (text_config) that "
+                              "normsurgery knows where to find")
     try:
         signatures = config_signatures(config, trust_remote_code)
     except Exception as err:  # model constructors fail in many ways on odd configs
@@ -194,7 +196,7 @@ def trace(config: Any, *, trust_remote_code: bool = False) -> tuple[Any, dict[st
             continue
         from normsurgery.arch.layer_config import REINDEX, REINDEX_WITH_CONFIG
 
-        raw = config.to_dict()
+        raw = text_view(config).to_dict()
         draft.per_layer = tuple(sorted(set(_layer_lists(raw, len(signatures))) | {
             k for k in (*REINDEX, *REINDEX_WITH_CONFIG) if raw.get(k) is not None}))
         family = draft.family()

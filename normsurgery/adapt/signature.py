@@ -28,6 +28,8 @@ def block_signatures(blocks: list[nn.Module]) -> list[str]:
 
 def config_signatures(config: Any, trust_remote_code: bool = False) -> list[str]:
     """The signature of each block of a model of `config`, built on the meta device (no memory, no weights)."""
+    if hasattr(config, "composite"):  # a composite config read as its language model's (TextView)
+        config = config.composite
     if not hasattr(type(config), "from_dict"):  # config.json read directly (ConfigView): the config behind it
         config = config.full()
     return list(_signatures(json.dumps(config.to_dict(), sort_keys=True, default=str), type(config),
@@ -41,9 +43,10 @@ def _signatures(raw: str, cls: type, trust_remote_code: bool) -> tuple[str, ...]
     from transformers import AutoModelForCausalLM
 
     from normsurgery.adapt.discover import _block_list
+    from normsurgery.arch.composite import text_view
 
     config = cls.from_dict(json.loads(raw))
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    _, blocks = _block_list(model, int(config.num_hidden_layers))
+    _, blocks = _block_list(model, int(text_view(config).num_hidden_layers))
     return tuple(block_signatures(blocks))

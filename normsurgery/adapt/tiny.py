@@ -55,9 +55,15 @@ def tiny_config(model_type: str, layers: int = 2, overrides: dict[str, Any] | No
     logging.set_verbosity_error()  # warnings about the tiny sizes themselves
     cls = config_class(model_type)
     default = cls()
+    from normsurgery.arch.composite import text_key
+
+    if text_key(default) is not None:  # a composite (multimodal) config: its language model made tiny
+        return tiny_like(default, layers, shrink=True)
     raw = default.to_dict()
     names = dict(getattr(cls, "attribute_map", {}) or {})
     wanted = {**SMALL, "num_hidden_layers": layers}
+    if isinstance(raw.get("qk_rope_head_dim"), int):  # multi-head latent attention: head_dim is the rotary width
+        wanted.pop("head_dim")
     kwargs: dict[str, Any] = {}
     for canonical, value in wanted.items():
         native = names.get(canonical, canonical)
@@ -134,8 +140,13 @@ MAX_PARAMETERS = 30_000_000  # a tiny instance with the real widths larger than 
 def _layer_lists(raw: dict[str, Any], depth: int) -> list[str]:
     """The config keys holding one value per block."""
     return [k for k, v in raw.items() if isinstance(v, list) and len(v) == depth and k != "architectures"
-            and all(isinstance(x, (str, bool, int)) and not isinstance(x, float) for x in v)
-            and not all(isinstance(x, int) and not isinstance(x, bool) for x in v)]
+            and all(isinstance(x, (str, bool, int, float)) for x in v) and not _indices(v, depth)]
+
+
+def _indices(values: list[Any], depth: int) -> bool:
+    """Whether an integer list names blocks (increasing indices, e.g. mlp_only_layers) rather than giving each block
+    a value (e.g. a head count per block)."""
+    return all(type(x) is int for x in values) and values == sorted(set(values)) and all(0 <= x < depth for x in values)
 
 
 def _parameters(config: Any, trust_remote_code: bool) -> int:
@@ -150,13 +161,39 @@ def _parameters(config: Any, trust_remote_code: bool) -> int:
 def tiny_like(config: Any, layers: int, *, shrink: bool, trust_remote_code: bool = False) -> Any:
     """`config` with its first `layers` blocks only (per-block lists cut to them), a small vocabulary and, with
     `shrink`, small widths (the hidden size, the MLP and expert widths); counts of heads and experts stay, so the
-    tiny model's tensors are named as the real model's."""
+    tiny model's tensors are named as the real model's. A composite config's language model is cut so, and its
+    other towers keep one block each."""
     from transformers.utils import logging
+
+    from normsurgery.arch.composite import text_key
 
     logging.set_verbosity_error()
     raw = config.to_dict()
-    names = dict(getattr(type(config), "attribute_map", {}) or {})
-    depth = int(config.num_hidden_layers)
+    key = text_key(config)
+    if key is None:
+        raw.update(_cut(raw, type(config), layers, shrink))
+    else:
+        raw[key] = {**raw[key], **_cut(raw[key], type(getattr(config, key)), layers, shrink)}
+        for other, sub in raw.items():
+            if other != key and isinstance(sub, dict) and type(sub.get("num_hidden_layers")) is int:
+                raw[other] = {**sub, "num_hidden_layers": 1, **{k: v[:1] for k, v in sub.items() if isinstance(
+                    v, list) and len(v) == sub["num_hidden_layers"] and not _indices(v, sub["num_hidden_layers"])}}
+    try:
+        tiny = type(config).from_dict(raw)
+    except Exception as err:  # config classes validate their values with many exception types
+        raise NormSurgeryError(f"could not build a tiny {config.model_type} config ({err})") from None
+    tiny._attn_implementation = "eager"
+    return tiny
+
+
+def _cut(raw: dict[str, Any], cls: type, layers: int, shrink: bool) -> dict[str, Any]:
+    """The changes that make a (language model's) config dict tiny: see tiny_like."""
+    names = dict(getattr(cls, "attribute_map", {}) or {})
+
+    def get(canonical: str) -> Any:
+        return raw.get(names.get(canonical, canonical))
+
+    depth = int(get("num_hidden_layers"))
     changes: dict[str, Any] = {names.get("num_hidden_layers", "num_hidden_layers"): layers}
     changes.update({k: layers for k, v in raw.items() if type(v) is int and v == depth  # the model's own depth key
                     and ("layer" in k or "depth" in k) and not k.startswith(("first", "num_nextn", "max"))})
@@ -166,11 +203,11 @@ def tiny_like(config: Any, layers: int, *, shrink: bool, trust_remote_code: bool
         changes[vocab_key] = VOCAB
         changes.update({k: v % VOCAB for k, v in raw.items() if k.endswith("token_id") and type(v) is int})
     if shrink:
-        hidden = int(config.hidden_size)
-        heads = int(getattr(config, "num_attention_heads", 0) or 0)
-        head_dim = getattr(config, "head_dim", None)
+        hidden = int(get("hidden_size"))
+        heads = int(get("num_attention_heads") or 0)
+        head_dim = raw.get("head_dim")
         explicit = isinstance(head_dim, int) and (not heads or head_dim * heads != hidden)
-        small = 64 if explicit or not heads else heads * max(2, 64 // heads)
+        small = heads * max(2, 64 // heads) if heads else 64  # divisible by the head count, as configs check
         for k, v in raw.items():
             if k in COUNTS or k in changes or type(v) is not int or v <= 1:
                 continue
@@ -180,9 +217,4 @@ def tiny_like(config: Any, layers: int, *, shrink: bool, trust_remote_code: bool
                 changes[k] = 32
         if not explicit and isinstance(head_dim, int):
             changes["head_dim"] = small // heads
-    try:
-        tiny = type(config).from_dict({**raw, **changes})
-    except Exception as err:  # config classes validate their values with many exception types
-        raise NormSurgeryError(f"could not build a tiny {config.model_type} config ({err})") from None
-    tiny._attn_implementation = "eager"
-    return tiny
+    return changes

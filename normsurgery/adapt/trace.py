@@ -47,6 +47,7 @@ class Trace:
     alive: list[torch.Tensor] = field(default_factory=list)
     # modules whose parameters were read while the module itself was not running (by its parent's code)
     read_outside: set[str] = field(default_factory=set)
+    read_params: set[int] = field(default_factory=set)  # ids of the parameters any call read
 
     def add(self, kind: str, name: str, inputs: list[Key], outputs: list[torch.Tensor]) -> None:
         """Record one call: the keys its inputs had when it started, and its outputs."""
@@ -90,6 +91,7 @@ class _Recorder(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         for t in _tensors((args, kwargs or {})):
+            self.trace.read_params.add(id(t))
             owners = self.owners.get(id(t), [])
             if owners and not any(self.running.get(m) for _, m in owners):
                 self.trace.read_outside.update(path for path, _ in owners)

@@ -79,7 +79,16 @@ def refuse_unknown_lists(raw: dict[str, Any], keys: tuple[str, ...], num_layers:
 
 def pruned_config_updates(config: Any, keys: tuple[str, ...], num_layers_key: str, keep: list[int]) -> dict[str, Any]:
     """The config.json changes for a model keeping blocks `keep` (old indices, in order) of `config`'s (the
-    transformers config, whose defaults and patterns are expanded)."""
+    transformers config, whose defaults and patterns are expanded); a composite config's go into its language
+    model's sub-config."""
+    from normsurgery.arch.composite import text_view
+
+    view = text_view(config)
+    if view is not config:
+        sub = view.to_dict()
+        depth_key = dict(getattr(type(getattr(config, view.text_key)), "attribute_map", {}) or {}).get(
+            "num_hidden_layers", "num_hidden_layers")
+        return {view.text_key: {**sub, **pruned_config_updates(view, keys, depth_key, keep)}}
     num_layers = int(config.num_hidden_layers)
     updates: dict[str, Any] = {num_layers_key: len(keep)}
     for key in keys:

@@ -152,9 +152,15 @@ class Family:
     # of the model's config and proven on it; see normsurgery/adapt/runtime.py)
     origin: str = "declared"
     refused: tuple[tuple[str, str], ...] = ()  # operations a traced declaration's proof refused, and why
+    # model-level tensors outside the language model that no text forward reads (a composite model's vision or
+    # audio tower and its projector), which every rewrite leaves alone
+    others: tuple[str, ...] = ()
 
     def resolve(self, config: Config) -> "Architecture":
-        """Name every tensor of a model with this config."""
+        """Name every tensor of a model with this config (a composite config: of its language model)."""
+        from normsurgery.arch.composite import text_view
+
+        config = text_view(config)
         layouts = self.block(config) if callable(self.block) else self.block
         num_layers = int(config.num_hidden_layers)
         if isinstance(layouts, BlockLayout):
@@ -252,6 +258,7 @@ class Family:
             origin=self.origin,
             refused=self.refused,
             config_keys=self.config_keys,
+            others=self.others,
         )
 
 
@@ -363,6 +370,7 @@ class Architecture:
     origin: str = "declared"  # see Family.origin
     refused: tuple[tuple[str, str], ...] = ()  # see Family.refused
     config_keys: tuple[tuple[str, tuple[str, ...]], ...] = ()  # see Family.config_keys
+    others: tuple[str, ...] = ()  # see Family.others
     _roles: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     def all_norms(self) -> list[Norm]:
@@ -373,6 +381,13 @@ class Architecture:
         if self.final_norm:
             out.append(self.final_norm)
         return out
+
+    def module_path(self, name: str) -> str:
+        """The in-memory path of a module named as the checkpoint stores it (`key_renames` applied)."""
+        path = name + "."
+        for pattern, replacement in self.key_renames.items():
+            path = re.sub(pattern, replacement, path)
+        return path[:-1]
 
     def stacked(self, linear: Linear) -> bool:
         """Whether `linear` is routed experts held in one stacked parameter, as stored or once transformers loads it."""
@@ -440,6 +455,8 @@ class Architecture:
         for x in self.extra:
             for t in x.tensors():
                 roles[t] = "projection"
+        for t in self.others:
+            roles[t] = "model_other"
         if self.tied:
             roles.pop(self.unembed.weight, None)
             if self.unembed.bias:
