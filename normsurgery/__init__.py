@@ -9,7 +9,12 @@ transformers until a call needs them:
 
 from typing import Any
 
+from normsurgery.adapt.runtime import traced_family as _traced_family
+from normsurgery.arch import register_tracer as _register_tracer
+
 __version__ = "0.1.0"
+
+_register_tracer(_traced_family)  # model types no family declares are traced and proven at run time
 
 _API = ("fold", "convert", "check", "diagnose", "prune", "evaluate", "run_recipe", "fold_model", "convert_model")
 _ERRORS = ("NormSurgeryError", "CheckFailed")

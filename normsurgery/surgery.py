@@ -179,8 +179,8 @@ def apply_plan(
         writer.copy_side_files(source.path)
         if plan.surgery is not None:
             writer.copy_file(MODELING_FILE)
-        elif "auto_map" in config:  # a traced model whose code ships in its folder (trusted): the output keeps it
-            for code in sorted(source.path.glob("*.py")):
+        if "auto_map" in config.get("base_config", config) and source.trust_remote_code:
+            for code in sorted(source.path.glob("*.py")):  # a model whose code ships in its folder: the output keeps it
                 writer.copy_file(code)
         staged = writer.stage()
         if verify:

@@ -31,6 +31,17 @@ def compare(original: str, candidate: str) -> dict:
     }
 
 
+def logits_with_code(original: str, candidate: str) -> dict:
+    """Logits of two models that both load through code shipped in their folders (trust_remote_code)."""
+    a = AutoModelForCausalLM.from_pretrained(original, dtype=torch.float32, trust_remote_code=True).eval()
+    b = AutoModelForCausalLM.from_pretrained(candidate, dtype=torch.float32, trust_remote_code=True).eval()
+    ids = torch.randint(3, a.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        la, lb = a(ids).logits.double(), b(ids).logits.double()
+    return {"rel": ((la - lb).abs().max() / la.abs().max()).item(), "class": type(b).__name__,
+            "normsurgery_importable": "normsurgery" in sys.modules and sys.modules["normsurgery"] is not None}
+
+
 def norm_free(candidate: str) -> dict:
     """The norm modules a loaded candidate still has, and whether greedy generation with the KV cache matches
     generation without it."""

@@ -121,7 +121,7 @@ def remote_model(tmp_path) -> Path:
     return folder
 
 
-def test_a_model_whose_code_ships_in_its_folder_is_folded_and_pruned_exactly(cli, tmp_path, remote_model):
+def test_a_model_whose_code_ships_in_its_folder_is_rewritten_exactly(cli, tmp_path, remote_model, clean_python):
     code, _, err = cli("inspect", remote_model)
     assert code == 2 and "--trust-remote-code" in err and "Traceback" not in err
     code, out, err = cli("inspect", remote_model, "--json", "--trust-remote-code")
@@ -136,3 +136,12 @@ def test_a_model_whose_code_ships_in_its_folder_is_folded_and_pruned_exactly(cli
                          "--trust-remote-code")
     assert code == 0 and _json(out)["check"]["passed"], err
     assert json.loads((tmp_path / "prune" / "config.json").read_text())["depth"] == 2
+    for target in ("rmsnorm", "crmsnorm"):  # a LayerNorm model: the exact conversions, its own code kept beside ours
+        code, out, err = cli("convert", remote_model, "--to", target, "-o", tmp_path / target, "--json",
+                             "--trust-remote-code")
+        assert code == 0 and _json(out)["check"]["passed"], err
+        loaded = clean_python("logits_with_code", remote_model, tmp_path / target)
+        assert loaded["rel"] < 2e-5 and not loaded["normsurgery_importable"]
+        assert loaded["class"] == "TinyLMForCausalLM"  # the folder's class, patched by the shipped code
+    loaded = clean_python("logits_with_code", remote_model, tmp_path / "fold")
+    assert loaded["rel"] < 2e-5

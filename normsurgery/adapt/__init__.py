@@ -7,11 +7,13 @@ that already has a family is also compared with it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from normsurgery.adapt.draft import Draft
-from normsurgery.adapt.prove import Check
 from normsurgery.arch.spec import Architecture, Family
+
+if TYPE_CHECKING:  # the proof imports torch; this package is imported by normsurgery's light top level
+    from normsurgery.adapt.prove import Check
 
 __all__ = ["Adapted", "adapt", "differences"]
 
@@ -138,6 +140,8 @@ def adapt(model_type: str, *, layers: int = 2, overrides: dict[str, Any] | None 
         try:
             family = result.family = evaluate(result.source, model_type)  # the proof runs on the text to paste
         except Exception as err:  # a renderer bug: the text to paste must not be trusted
+            from normsurgery.adapt.prove import Check
+
             result.checks = [Check("declaration text", False, f"{type(err).__name__}: {err}")]
             return result
     result.checks = prove(family, draft.config)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from normsurgery.adapt.draft import Draft, LayoutDraft, LinDraft, NormDraft, Width
+from normsurgery.adapt.signature import block_list
 from normsurgery.adapt.tiny import VOCAB, perturb, tiny_config, tiny_model
 from normsurgery.adapt.trace import Key, Node, Trace, key, record, walk
 from normsurgery.arch.spec import NormRole
@@ -100,16 +101,6 @@ def _eps_attr(config: Any, eps: float) -> str | None:
 def _nice(eps: float) -> float:
     """eps rounded to two significant digits (the probe measures it to about 1e-4 relative)."""
     return float(f"{eps:.1e}") if eps > 0 else 0.0
-
-
-def _block_list(model: nn.Module, n: int) -> tuple[str, list[nn.Module]]:
-    """The ModuleList of decoder blocks: the first with one entry per layer (a language model's, in a composite
-    model that also holds a vision or audio tower)."""
-    found = [(path, m) for path, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == n and n > 0]
-    found.sort(key=lambda x: not any(w in x[0] for w in ("language", "text", "decoder")))
-    if found:
-        return found[0][0], list(found[0][1])
-    raise ValueError("no list of decoder blocks with one entry per layer")
 
 
 def _disk_names(model: nn.Module) -> tuple[dict[str, str], set[str], dict[str, tuple[str, ...]]]:
@@ -289,7 +280,7 @@ class _Finder:
             stream, steps = {start}, []
             for node in self.trace.nodes:
                 if any(t in stream for t in node.inputs) and (
-                        (node.kind == "op" and node.name in ADD | RESIDUAL_PASS)
+                        (node.kind == "op" and (node.name in ADD | RESIDUAL_PASS or self._scalar_scale(node, stream)))
                         or (through_norms and self.kind(node) == "norm")):
                     stream.update(node.outputs)
                     steps.append(node)
@@ -299,6 +290,14 @@ class _Finder:
             raise ValueError("the block's output is not its input plus sublayer outputs")
         chain = walk([end], lambda t: [i for n in steps if t in n.outputs for i in n.inputs if i in stream])
         return chain, [n for n in steps if any(t in chain for t in n.outputs)]
+
+    def _scalar_scale(self, node: Node, stream: set[Key]) -> bool:
+        """A multiplication of the stream by one number that does not depend on it (Gemma 4's per-block scalar)."""
+        if node.name not in SCALE | {"mul_", "__imul__"}:
+            return False
+        others = [t for t in node.inputs if t not in stream]
+        return len(others) == len(node.inputs) - 1 and all(
+            t in self.trace.tensors and self.trace.tensors[t].numel() == 1 for t in others)
 
     def _constant_scale(self, node: Node) -> bool:
         """A multiplication or division of one tensor by a number (a config multiplier)."""
@@ -583,7 +582,7 @@ def draft_config(config: Any, *, switches: Callable[[dict[str, bool]], dict[str,
     n_layers = int(config.num_hidden_layers)
     norms, linears, embeddings = _modules(model)
     try:
-        draft.layers, blocks = _block_list(model, n_layers)
+        draft.layers, blocks = block_list(model, n_layers)
     except ValueError as err:
         draft.problems.append(str(err))
         return draft
@@ -691,13 +690,13 @@ def draft_config(config: Any, *, switches: Callable[[dict[str, bool]], dict[str,
         draft.problems.append(f"{unprobed[0]} is on the residual stream but could not be probed on one hidden vector")
         return draft
     _shared_facts(draft, {p: facts[p] for p in residual_norms})  # type: ignore[misc]
-    _model_level(draft, find, model, ends, ids, disk, memory_layers)
+    on_path = _model_level(draft, find, model, ends, ids, disk, memory_layers)
     draft.problems.extend(dict.fromkeys(find.problems))
     draft.unembed, = lin(_unembedding(model, linears), "")
     if not draft.problems:
         state = dict(model.state_dict(keep_vars=True))
         unread = {mem_to_disk.get(n, n) for n, t in state.items() if id(t) not in trace.read_params}
-        _others(draft, saved, unread)
+        _others(draft, saved, unread | {t for t in saved if t.rsplit(".", 1)[0] not in on_path})
         draft.config_keys = _config_keys(draft)
     return draft
 
@@ -768,13 +767,15 @@ def _unembedding(model: nn.Module, linears: dict[str, nn.Module]) -> str:
 
 
 def _model_level(draft: Draft, find: _Finder, model: nn.Module, ends: dict[int, tuple[Key, Key]],
-                 ids: torch.Tensor, disk: Callable[[str], str], layers: str) -> None:
+                 ids: torch.Tensor, disk: Callable[[str], str], layers: str) -> set[str]:
     """Embeddings (token, position and its offset, an embedding norm, a sqrt(d) scale), the final norm and what
-    reads it."""
+    reads it; returns the model-level modules (as stored) on the way from the input ids to the blocks and from the
+    blocks to the logits (any other model-level module is a side computation: a vision tower, per-block inputs)."""
     trace = find.trace
     first = ends[0][0]
     met: list[str] = []
     linears, before = find.back_to_linears(first, set(), "block 0's input", met)
+    on_path = {disk(p) for p in (*linears, *before, *met, _unembedding(model, find.linears))}
     if linears:
         draft.problems.append(f"linear layers between the embeddings and block 0: {', '.join(linears)}")
     token_module = model.get_input_embeddings()
@@ -782,7 +783,7 @@ def _model_level(draft: Draft, find: _Finder, model: nn.Module, ends: dict[int, 
     token = [n for n in nodes if find.embeddings[n.name] is token_module]
     if not token:
         draft.problems.append("no embedding reads the input ids")
-        return
+        return on_path
     draft.token_embedding = disk(token[0].name)
     positions = [n for n in nodes if n is not token[0]]
     if len(positions) > 1:
@@ -818,8 +819,11 @@ def _model_level(draft: Draft, find: _Finder, model: nn.Module, ends: dict[int, 
             draft.problems.append(f"the final norm is read by {', '.join(readers)}, not only by the unembedding")
     extra = [p for p in find.linears if not p.startswith(f"{layers}.") and p != unembed
              and p in find.first_call]  # a composite model's vision tower does not run on text
-    if extra:
-        draft.problems.append(f"model-level linear layers besides the unembedding: {', '.join(extra)}")
+    if extra:  # side computations (e.g. Gemma 4's per-block inputs from the embeddings): left alone
+        draft.model_others += tuple(t for p in extra for t in (f"{disk(p)}.weight", f"{disk(p)}.bias")
+                                    if getattr(find.linears[p], t.rsplit(".", 1)[1], None) is not None)
+        draft.notes.append(f"model-level linears off the residual stream, left alone: {', '.join(extra)}")
+    return on_path | ({disk(finals[0].name)} if finals else set())
 
 
 def _others(draft: Draft, saved: set[str], unread: set[str]) -> None:
@@ -838,7 +842,8 @@ def _others(draft: Draft, saved: set[str], unread: set[str]) -> None:
         draft.layouts = tuple(replace(layout, others=per_kind.get(k, ())) for k, layout in enumerate(draft.layouts))
     draft.others = per_kind.get(kinds[0], ())
     rest = sorted(unknown - {f"{draft.layers}.{i}.{o}" for i in range(n) for o in per_kind[kinds[i]]})
-    draft.model_others = tuple(t for t in rest if t in unread and not t.startswith(f"{draft.layers}."))
+    draft.model_others += tuple(t for t in rest if t in unread and not t.startswith(f"{draft.layers}.")
+                                and t not in draft.model_others)
     rest = [t for t in rest if t not in draft.model_others]
     if rest:
         draft.problems.append(f"tensors the draft does not place: {', '.join(rest[:6])}")

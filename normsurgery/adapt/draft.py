@@ -99,7 +99,7 @@ class Draft:
     config_keys: tuple[tuple[str, tuple[str, ...]], ...] = ()  # attributes config.json holds under another key
     streamed_by_parent: tuple[str, ...] = ()  # regexes of modules whose parameters their parent's code reads
     per_layer: tuple[str, ...] = ("layer_types",)  # config keys with one value per block (re-indexed by prune)
-    model_others: tuple[str, ...] = ()  # tensors outside the language model that the text forward never reads
+    model_others: tuple[str, ...] = ()  # model-level tensors off the residual stream (a vision tower, side linears)
     notes: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     # blocks of several kinds (dense and MoE, attention and SSM mixers): one layout per kind, the structural

@@ -19,7 +19,7 @@ from typing import Any
 from normsurgery.arch.spec import Family
 from normsurgery.errors import NormSurgeryError
 
-TRACER_VERSION = 3  # raise when a change to the tracer or the proof makes cached declarations stale
+TRACER_VERSION = 4  # raise when a change to the tracer or the proof makes cached declarations stale
 # config entries that say nothing about the layout of the residual stream
 IGNORED = frozenset({"architectures", "_name_or_path", "transformers_version", "dtype", "torch_dtype", "use_cache",
                      "output_attentions", "output_hidden_states", "return_dict", "bos_token_id", "eos_token_id",
@@ -30,9 +30,8 @@ STRUCTURAL = ("resolve", "tensor names", "config.json alone", "norm facts")
 PROVEN_BY = {"fold": "fold", "rmsnorm": "convert to rmsnorm", "crmsnorm": "convert to crmsnorm"}
 
 # why a model whose code ships in its folder is folded and pruned (stock outputs keep that code) but not converted
-REMOTE_CONVERSION = ("its modeling code ships in its own folder, and a converted model's exported code wraps a stock "
-                     "transformers class, which this model has not; fold and prune apply (their outputs keep the "
-                     "folder's code)")
+REMOTE_CONVERSION = ("its modeling code ships in its own folder, which the trainable rewrites and sub-layer pruning do "
+                     "not bind yet; fold, prune, rmsnorm and crmsnorm apply (their outputs keep the folder's code)")
 
 _TRACED: dict[str, Family] = {}  # cache key -> family, this process
 
@@ -62,10 +61,12 @@ def traced_folder() -> Path:
     return cache_root() / "traced"
 
 
-def traced_family(config: Any, *, trust_remote_code: bool = False) -> Family:
-    """The proven traced declaration of `config`'s architecture: from this process, the cache, or traced now."""
+def traced_family(config: Any) -> Family:
+    """The proven traced declaration of `config`'s architecture: from this process, the cache, or traced now. A
+    config whose class comes from its folder's code (auto_map) was read with the user's --trust-remote-code."""
     from normsurgery.adapt.draft import draft_from_json
 
+    trust_remote_code = bool(getattr(config, "auto_map", None))
     key = cache_key(config)
     if key in _TRACED:
         return _TRACED[key]
@@ -152,7 +153,7 @@ def trace(config: Any, *, trust_remote_code: bool = False) -> tuple[Any, dict[st
     from normsurgery.adapt.discover import draft_config
     from normsurgery.adapt.prove import prove
     from normsurgery.adapt.signature import config_signatures
-    from normsurgery.adapt.tiny import MAX_PARAMETERS, _layer_lists, _parameters, tiny_like
+    from normsurgery.adapt.tiny import MAX_PARAMETERS, _layer_dicts, _layer_lists, _parameters, tiny_like
     from normsurgery.arch.composite import text_view
 
     from transformers.models.auto.modeling_auto import (
@@ -197,7 +198,8 @@ def trace(config: Any, *, trust_remote_code: bool = False) -> tuple[Any, dict[st
         from normsurgery.arch.layer_config import REINDEX, REINDEX_WITH_CONFIG
 
         raw = text_view(config).to_dict()
-        draft.per_layer = tuple(sorted(set(_layer_lists(raw, len(signatures))) | {
+        draft.per_layer = tuple(sorted(set(_layer_lists(raw, len(signatures))) | set(_layer_dicts(raw, len(signatures)))
+                                       | {
             k for k in (*REINDEX, *REINDEX_WITH_CONFIG) if raw.get(k) is not None}))
         family = draft.family()
         try:
@@ -214,7 +216,7 @@ def trace(config: Any, *, trust_remote_code: bool = False) -> tuple[Any, dict[st
             for op, check in PROVEN_BY.items()
             if any(c.name.startswith(check) and not c.passed for c in checks)}
         if getattr(config, "auto_map", None):
-            refused.update({op: REMOTE_CONVERSION for op in ("rmsnorm", "crmsnorm", "dyt", "none", "prune-sublayers")})
+            refused.update({op: REMOTE_CONVERSION for op in ("dyt", "none", "prune-sublayers")})
         _attach_kinds(draft, trust_remote_code)
         return draft, refused, time.perf_counter() - start
     raise _refuse(config, problems[-1] if problems else "no tiny instance could be built")

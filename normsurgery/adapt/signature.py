@@ -14,6 +14,16 @@ from typing import Any
 from torch import nn
 
 
+def block_list(model: nn.Module, n: int) -> tuple[str, list[nn.Module]]:
+    """The ModuleList of decoder blocks: the first with one entry per layer (a language model's, in a composite
+    model that also holds a vision or audio tower)."""
+    found = [(path, m) for path, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == n and n > 0]
+    found.sort(key=lambda x: not any(w in x[0] for w in ("language", "text", "decoder")))
+    if found:
+        return found[0][0], list(found[0][1])
+    raise ValueError("no list of decoder blocks with one entry per layer")
+
+
 def block_signature(block: nn.Module) -> str:
     """A short hash of a block's module paths with their classes and its parameter names with their ranks."""
     parts = [f"{path}:{type(m).__name__}" for path, m in block.named_modules()]
@@ -42,11 +52,10 @@ def _signatures(raw: str, cls: type, trust_remote_code: bool) -> tuple[str, ...]
     import torch
     from transformers import AutoModelForCausalLM
 
-    from normsurgery.adapt.discover import _block_list
     from normsurgery.arch.composite import text_view
 
     config = cls.from_dict(json.loads(raw))
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    _, blocks = _block_list(model, int(text_view(config).num_hidden_layers))
+    _, blocks = block_list(model, int(text_view(config).num_hidden_layers))
     return tuple(block_signatures(blocks))

@@ -143,6 +143,12 @@ def _layer_lists(raw: dict[str, Any], depth: int) -> list[str]:
             and all(isinstance(x, (str, bool, int, float)) for x in v) and not _indices(v, depth)]
 
 
+def _layer_dicts(raw: dict[str, Any], depth: int) -> list[str]:
+    """The config keys holding settings by block index (e.g. Gemma 4's per_layer_config)."""
+    return [k for k, v in raw.items() if isinstance(v, dict) and v
+            and all(str(i).isdigit() and int(i) < depth for i in v)]
+
+
 def _indices(values: list[Any], depth: int) -> bool:
     """Whether an integer list names blocks (increasing indices, e.g. mlp_only_layers) rather than giving each block
     a value (e.g. a head count per block)."""
@@ -198,6 +204,7 @@ def _cut(raw: dict[str, Any], cls: type, layers: int, shrink: bool) -> dict[str,
     changes.update({k: layers for k, v in raw.items() if type(v) is int and v == depth  # the model's own depth key
                     and ("layer" in k or "depth" in k) and not k.startswith(("first", "num_nextn", "max"))})
     changes.update({k: raw[k][:layers] for k in _layer_lists(raw, depth)})
+    changes.update({k: {i: v for i, v in raw[k].items() if int(i) < layers} for k in _layer_dicts(raw, depth)})
     vocab_key = names.get("vocab_size", "vocab_size")
     if int(raw.get(vocab_key) or 0) > 4 * VOCAB:
         changes[vocab_key] = VOCAB

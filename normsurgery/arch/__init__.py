@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Collection
+from typing import Any, Callable, Collection
 
 from normsurgery.arch.config_view import ConfigView
 from normsurgery.arch.families import FAMILIES
@@ -16,7 +16,7 @@ SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(sorted(FAMILY_BY_MODEL_TYPE))
 __all__ = [
     "Architecture", "Block", "Family", "Linear", "Norm",
     "FAMILY_BY_MODEL_TYPE", "SUPPORTED_MODEL_TYPES", "family_for", "load_config", "config_view",
-    "architecture_of", "family_of", "raw_key",
+    "architecture_of", "family_of", "raw_key", "register_tracer",
 ]  # fmt: skip
 
 
@@ -46,8 +46,7 @@ def load_config(raw: dict[str, Any], where: str = "config.json", *, folder: Path
     from transformers import CONFIG_MAPPING
 
     model_type = _model_type(raw, where)
-    remote = "auto_map" in raw and model_type not in FAMILY_BY_MODEL_TYPE
-    if remote and folder is not None and (trust_remote_code or model_type not in CONFIG_MAPPING):
+    if "auto_map" in raw and model_type not in CONFIG_MAPPING and folder is not None:  # its code ships with it
         if not trust_remote_code:
             raise NormSurgeryError(
                 f"{where} registers its own modeling code (auto_map) for model_type {model_type!r}, which this "
@@ -76,15 +75,26 @@ def load_config(raw: dict[str, Any], where: str = "config.json", *, folder: Path
         ) from None
 
 
+# what gives a model type without a declaration its family: normsurgery.adapt.runtime.traced_family (which traces
+# and proves it with the whole tool), registered by the package's top level so that this layer imports none of it
+_TRACER: list[Callable[[Any], Family]] = []
+
+
+def register_tracer(tracer: Callable[[Any], Family]) -> None:
+    """Set the function that derives the family of a config no declaration covers."""
+    _TRACER[:] = [tracer]
+
+
 def family_of(config: Any) -> Family:
     """The family of a config: its declaration, else the declaration traced (once, then cached) from a tiny
     instance of the config and proven on it; a NormSurgeryError when neither exists."""
     declared = FAMILY_BY_MODEL_TYPE.get(str(getattr(config, "model_type", "")))
     if declared is not None:
         return declared
-    from normsurgery.adapt.runtime import traced_family
-
-    return traced_family(config, trust_remote_code=bool(getattr(config, "auto_map", None)))
+    if not _TRACER:
+        raise NormSurgeryError(f"model_type {getattr(config, 'model_type', None)!r} has no declared family and "
+                               "tracing is not available in this process (import normsurgery first).")
+    return _TRACER[0](config)
 
 
 def config_view(raw: dict[str, Any], where: str = "config.json") -> ConfigView | None:

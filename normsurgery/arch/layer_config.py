@@ -101,6 +101,10 @@ def pruned_config_updates(config: Any, keys: tuple[str, ...], num_layers_key: st
         if isinstance(value, (list, tuple)) and len(value) != num_layers:
             raise NormSurgeryError(f"config {key} has {len(value)} entries for {num_layers} blocks; fix config.json "
                                    "before pruning.")
+        if key not in REINDEX and isinstance(value, dict):  # settings by block index (a traced family's key)
+            by_index = {int(i): v for i, v in value.items()}
+            updates[key] = {str(new): by_index[old] for new, old in enumerate(keep) if old in by_index}
+            continue
         reindex = REINDEX.get(key, _per_block)  # a traced family's keys: any list with one entry per block
         if key not in REINDEX and not isinstance(value, (list, tuple)):
             raise NormSurgeryError(f"config {key} is not a list with one entry per block; normsurgery does not know "

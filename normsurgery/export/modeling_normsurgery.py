@@ -19,7 +19,8 @@ import shutil
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
+from transformers import CONFIG_MAPPING, AutoConfig, PretrainedConfig, PreTrainedModel
+from transformers.dynamic_module_utils import get_class_from_dynamic_module
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 
@@ -34,9 +35,15 @@ SHARED_KEYS = (
 )  # fmt: skip
 
 
+def _code_only(base: dict) -> bool:
+    """Whether the base model exists only as code shipped in its folder (a model type transformers does not know)."""
+    return "auto_map" in base and base.get("model_type") not in CONFIG_MAPPING
+
+
 def wrap_config(base: dict, surgery: dict) -> dict:
-    """config.json of a rewritten model: the stock config `base` and its `surgery`, loaded through this file."""
-    base = {k: v for k, v in base.items() if k not in ("auto_map", "normsurgery")}
+    """config.json of a rewritten model: the stock config `base` and its `surgery`, loaded through this file (and,
+    for a base model whose code ships in its folder, that code beside it, named by the base's own auto_map)."""
+    base = {k: v for k, v in base.items() if k != "normsurgery" and (k != "auto_map" or _code_only(base))}
     wrapper = {k: base[k] for k in SHARED_KEYS if k in base}
     wrapper.update({"model_type": "normsurgery", "architectures": ["NormSurgeryForCausalLM"],
                     "auto_map": dict(AUTO_MAP), "base_config": base, "surgery": surgery})
@@ -54,12 +61,25 @@ class NormSurgeryConfig(PretrainedConfig):
         super().__init__(**kwargs)
 
     def to_base(self) -> PretrainedConfig:
-        """The stock config the model is built from, carrying the surgery for the patched class."""
+        """The stock config the model is built from (or the config class its folder's own code defines), carrying
+        the surgery for the patched class."""
         values = dict(self.base_config)
-        model_type = values.pop("model_type")
-        base = AutoConfig.for_model(model_type, **values)
+        if _code_only(values):
+            folder = getattr(self, "_name_or_path", "") or getattr(self, "name_or_path", "")
+            base = get_class_from_dynamic_module(values["auto_map"]["AutoConfig"], folder)(**values)
+            base.code_folder = folder
+        else:
+            base = AutoConfig.for_model(values.pop("model_type"), **values)
         base.normsurgery = self.surgery
         return base
+
+
+def base_class(base: PretrainedConfig) -> type:
+    """The causal-LM class of a base config: transformers' own, or the one its folder's code defines."""
+    code = getattr(base, "auto_map", None) or {}
+    if type(base) not in MODEL_FOR_CAUSAL_LM_MAPPING and "AutoModelForCausalLM" in code:
+        return get_class_from_dynamic_module(code["AutoModelForCausalLM"], base.code_folder)
+    return MODEL_FOR_CAUSAL_LM_MAPPING[type(base)]
 
 
 class RMSNorm(nn.Module):
@@ -281,7 +301,7 @@ class NormSurgeryForCausalLM(PreTrainedModel):
         if not isinstance(config, NormSurgeryConfig):
             config = NormSurgeryConfig.from_pretrained(pretrained_model_name_or_path)
         base = config.to_base()
-        model_class = patched(MODEL_FOR_CAUSAL_LM_MAPPING[type(base)])
+        model_class = patched(base_class(base))
         if config.surgery.get("key_mapping"):  # stock renamings are not applied to custom code
             kwargs.setdefault("key_mapping", config.surgery["key_mapping"])
         return model_class.from_pretrained(pretrained_model_name_or_path, *model_args, config=base, **kwargs)
@@ -289,4 +309,4 @@ class NormSurgeryForCausalLM(PreTrainedModel):
     @classmethod
     def _from_config(cls, config, **kwargs):
         base = config.to_base()
-        return patched(MODEL_FOR_CAUSAL_LM_MAPPING[type(base)])(base)
+        return patched(base_class(base))(base)

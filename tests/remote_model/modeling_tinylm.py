@@ -26,12 +26,12 @@ class Mix(nn.Module):
         self.wo = nn.Linear(c.width, c.width)
 
     def forward(self, x):
-        b, t, d = x.shape
+        b, t, _ = x.shape
         q, k, v = (w(x).view(b, t, self.heads, -1).transpose(1, 2) for w in (self.wq, self.wk, self.wv))
-        scores = q @ k.transpose(-1, -2) / math.sqrt(d // self.heads)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
         mask = torch.ones(t, t, dtype=torch.bool, device=x.device).triu(1)
         att = torch.softmax(scores.masked_fill(mask, float("-inf")), dim=-1)
-        return self.wo((att @ v).transpose(1, 2).reshape(b, t, d))
+        return self.wo((att @ v).transpose(1, 2).reshape(b, t, -1))
 
 
 class Stage(nn.Module):
