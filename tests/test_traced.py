@@ -17,8 +17,10 @@ from normsurgery.adapt.tiny import tiny_config, tiny_model
 REMOTE_CODE = Path(__file__).parent / "remote_model" / "modeling_tinylm.py"
 # dense and MoE blocks interleaved (first_k_dense_replace); experts stacked in memory and saved per expert, under other
 # names (a key rename of a 3-D tensor); short-convolution hybrid; a pure SSM (Mamba's in_proj/out_proj); a LayerNorm
-# MoE whose routed experts read a biased norm (rmsnorm exact, crmsnorm refused by its proof's reason)
-TYPES = ["glm4_moe", "granitemoeshared", "lfm2", "mamba", "cohere2_moe"]
+# MoE (rmsnorm exact, crmsnorm refused by its proof); linear-attention hybrid whose convolution transformers
+# concatenates at load; a composite config (Gemma 3: the language model under text_config, saved under another
+# prefix, beside a vision tower left alone)
+TYPES = ["glm4_moe", "granitemoeshared", "lfm2", "mamba", "cohere2_moe", "olmo_hybrid", "gemma3"]
 
 
 @pytest.fixture(autouse=True)

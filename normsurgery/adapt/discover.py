@@ -18,7 +18,8 @@ from torch import nn
 from normsurgery.adapt.draft import Draft, LayoutDraft, LinDraft, NormDraft, Width
 from normsurgery.adapt.signature import block_list
 from normsurgery.adapt.tiny import VOCAB, perturb, tiny_config, tiny_model
-from normsurgery.adapt.trace import Key, Node, Trace, key, record, walk
+from normsurgery.adapt.trace import Key, Node, Trace, record, walk
+from normsurgery.adapt.trace import key as tensor_key
 from normsurgery.arch.spec import NormRole
 
 SEQ = 6
@@ -103,10 +104,12 @@ def _nice(eps: float) -> float:
     return float(f"{eps:.1e}") if eps > 0 else 0.0
 
 
-def _disk_names(model: nn.Module) -> tuple[dict[str, str], set[str], dict[str, tuple[str, ...]]]:
+def _disk_names(model: nn.Module) -> tuple[dict[str, str], set[str], dict[str, tuple[str, ...]],
+                                          dict[str, tuple[str, ...]]]:
     """In-memory tensor name -> its name in the saved checkpoint (transformers may rename on save), the saved
     names, and each stacked (experts, out, in) parameter saved as one tensor per expert and part: the parts' module
-    paths with {e} for the expert, in the order they stack (e.g. gate_proj then up_proj into gate_up_proj)."""
+    paths with {e} for the expert, in the order they stack (e.g. gate_proj then up_proj into gate_up_proj), and the
+    parameters concatenated at load from stored parts (_concatenated)."""
     from safetensors.torch import load_file
     from transformers.utils import logging
 
@@ -143,17 +146,37 @@ def _disk_names(model: nn.Module) -> tuple[dict[str, str], set[str], dict[str, t
                              if all(f"{module}.{e}.{p}.weight" in saved for p in parts)):
                 stacked[mem] = tuple(f"{module}.{{e}}.{p}" for p in parts)
                 break
-    return mem_to_disk, set(saved), stacked
+    return mem_to_disk, set(saved), stacked, _concatenated(state, saved, mem_to_disk, stacked)
+
+
+def _concatenated(state: dict[str, torch.Tensor], saved: dict[str, torch.Tensor], mem_to_disk: dict[str, str],
+                  stacked: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+    """Parameters that transformers concatenates at load from stored tensors beside them (OLMo-hybrid's conv1d from
+    q_conv1d, k_conv1d and v_conv1d): each one's stored parts, in order."""
+    claimed = set(mem_to_disk.values())
+    found: dict[str, tuple[str, ...]] = {}
+    for mem, value in state.items():
+        if mem in mem_to_disk or mem in stacked or value.ndim == 0:
+            continue
+        parent = mem.rsplit(".", 2)[0] + "."
+        parent = next((d[: len(d) - len(m) + len(parent)] for m, d in mem_to_disk.items()  # the parent as stored
+                       if m.startswith(parent) and d.endswith(m[len(parent):])), parent)
+        candidates = {n[len(parent):]: t for n, t in saved.items() if n.startswith(parent) and n not in claimed}
+        parts = _stacked_parts(value[None], candidates) if len(candidates) <= 12 else ()
+        if parts:
+            found[mem] = tuple(f"{parent}{p}" for p in parts)
+            claimed.update(found[mem])
+    return found
 
 
 def _stacked_parts(stacked: torch.Tensor, candidates: dict[str, torch.Tensor]) -> tuple[str, ...]:
-    """The expert-0 tensors (by name below `{module}.0.`) whose concatenation along the outputs is expert 0's slice
-    of a stacked parameter, in order; () when none is."""
+    """The candidate tensors (by name) whose concatenation along the first dimension is the first slice of a
+    stacked parameter (expert 0's, or a concatenated parameter given as a stack of one), in order; () when none is."""
     import itertools
 
     target = stacked[0]
-    fitting = {n: t for n, t in candidates.items() if t.ndim == 2 and t.shape[1] == target.shape[1]}
-    for size in (1, 2, 3):
+    fitting = {n: t for n, t in candidates.items() if t.ndim == target.ndim and t.shape[1:] == target.shape[1:]}
+    for size in (1, 2, 3, 4):
         for names in itertools.permutations(sorted(fitting), size):
             if sum(fitting[n].shape[0] for n in names) == target.shape[0] and torch.equal(
                     torch.cat([fitting[n] for n in names]), target):
@@ -609,8 +632,8 @@ def draft_config(config: Any, *, switches: Callable[[dict[str, bool]], dict[str,
         return draft
     draft.streamed_by_parent = _by_parent(trace.read_outside, draft.layers)
     find = _Finder(trace, norms, linears, embeddings,
-                   {key(p): (n, p) for n, p in model.named_parameters(remove_duplicate=False)})
-    mem_to_disk, saved, stacked = _disk_names(model)
+                   {tensor_key(p): (n, p) for n, p in model.named_parameters(remove_duplicate=False)})
+    mem_to_disk, saved, stacked, joined = _disk_names(model)
     draft.key_renames = _renames(mem_to_disk)
 
     def disk(path: str) -> str:
@@ -655,10 +678,12 @@ def draft_config(config: Any, *, switches: Callable[[dict[str, bool]], dict[str,
     layouts = []
     for b in found:
         ordered = sorted(b.norms, key=lambda p: find.module_nodes(p)[0].index)
+        concatenated = tuple((m[len(b.prefix):], tuple(p[len(on_disk(b.prefix)):] for p in parts))
+                             for m, parts in sorted(joined.items()) if m.startswith(b.prefix))
         layouts.append(LayoutDraft(
             tuple(_norm_draft(disk(p)[len(on_disk(b.prefix)):], norms[p], b.norms[p][0],  # type: ignore[arg-type]
                               lins(b.norms[p][1], b.prefix)) for p in ordered),
-            lins(b.writers, b.prefix), lins(b.direct, b.prefix), b.parallel))
+            lins(b.writers, b.prefix), lins(b.direct, b.prefix), b.parallel, concatenated=concatenated))
     signatures = block_signatures(blocks)
     kinds: dict[str, LayoutDraft] = {}
     for i, (signature, layout) in enumerate(zip(signatures, layouts)):
@@ -668,6 +693,7 @@ def draft_config(config: Any, *, switches: Callable[[dict[str, bool]], dict[str,
     first = layouts[0]
     draft.norms, draft.writers, draft.direct_readers, draft.parallel = (first.norms, first.writers,
                                                                         first.direct_readers, first.parallel)
+    draft.concatenated = first.concatenated
     if len(set(layouts)) > 1:
         draft.signatures, draft.layouts = tuple(kinds), tuple(kinds.values())
         index = {sig: k for k, sig in enumerate(draft.signatures)}

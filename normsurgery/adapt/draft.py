@@ -60,6 +60,7 @@ class LayoutDraft:
     direct_readers: tuple[LinDraft, ...] = ()
     parallel: bool = False
     others: tuple[str, ...] = ()
+    concatenated: tuple[tuple[str, tuple[str, ...]], ...] = ()  # see BlockLayout.concatenated
 
     def slot(self, config: Any, kind: NormKind) -> BlockLayout:
         """The block layout for a config."""
@@ -68,7 +69,7 @@ class LayoutDraft:
 
         return BlockLayout(norms=tuple(norm(n) for n in self.norms), writers=tuple(w.slot(config) for w in self.writers),
                            parallel=self.parallel, direct_readers=tuple(r.slot(config) for r in self.direct_readers),
-                           others=self.others)
+                           others=self.others, concatenated=self.concatenated)
 
 
 @dataclass
@@ -99,6 +100,7 @@ class Draft:
     config_keys: tuple[tuple[str, tuple[str, ...]], ...] = ()  # attributes config.json holds under another key
     streamed_by_parent: tuple[str, ...] = ()  # regexes of modules whose parameters their parent's code reads
     per_layer: tuple[str, ...] = ("layer_types",)  # config keys with one value per block (re-indexed by prune)
+    concatenated: tuple[tuple[str, tuple[str, ...]], ...] = ()  # block 0's (LayoutDraft.concatenated)
     model_others: tuple[str, ...] = ()  # model-level tensors off the residual stream (a vision tower, side linears)
     notes: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
@@ -112,7 +114,8 @@ class Draft:
     @property
     def layout(self) -> LayoutDraft:
         """Block 0's layout (every block's, unless `layouts` lists several kinds)."""
-        return LayoutDraft(self.norms, self.writers, self.direct_readers, self.parallel, self.others)
+        return LayoutDraft(self.norms, self.writers, self.direct_readers, self.parallel, self.others,
+                           self.concatenated)
 
     def block(self, config: Any) -> BlockLayout | tuple[BlockLayout, ...]:
         """The block layout for a config, or one per block when blocks differ."""
@@ -175,14 +178,16 @@ def _layout_from(data: dict[str, Any]) -> LayoutDraft:
     return LayoutDraft(norms=tuple(_norm_from(n) for n in data["norms"]),  # type: ignore[misc]
                        writers=tuple(_lin_from(w) for w in data["writers"]),
                        direct_readers=tuple(_lin_from(r) for r in data["direct_readers"]),
-                       parallel=data["parallel"], others=tuple(data["others"]))
+                       parallel=data["parallel"], others=tuple(data["others"]),
+                       concatenated=tuple((m, tuple(p)) for m, p in data["concatenated"]))
 
 
 def draft_to_json(draft: Draft) -> dict[str, Any]:
     """A proven draft as plain data (for the cache of traced families); the config is not kept."""
     from dataclasses import asdict
 
-    skip = {"config", "kinds", "notes", "problems", "norms", "writers", "direct_readers", "parallel", "others"}
+    skip = {"config", "kinds", "notes", "problems", "norms", "writers", "direct_readers", "parallel", "others",
+            "concatenated"}
     data = {k: asdict(v) if hasattr(v, "__dataclass_fields__") else v for k, v in vars(draft).items() if k not in skip}
     data["layout"] = asdict(draft.layout)
     data["layouts"] = [asdict(layout) for layout in draft.layouts]
@@ -201,6 +206,7 @@ def draft_from_json(data: dict[str, Any], config: Any) -> Draft:
         position_offset=data["position_offset"], embedding_norm=_norm_from(data["embedding_norm"]),
         embed_sqrt_d=data["embed_sqrt_d"], norms=layout.norms, writers=layout.writers,
         direct_readers=layout.direct_readers, parallel=layout.parallel, others=layout.others,
+        concatenated=layout.concatenated,
         final_norm=_norm_from(data["final_norm"]), unembed=_lin_from(data["unembed"]), post_ln=data["post_ln"],
         key_renames=tuple(tuple(x) for x in data["key_renames"]),  # type: ignore[misc]
         config_keys=tuple((a, tuple(k)) for a, k in data["config_keys"]),

@@ -13,9 +13,12 @@ import json
 import os
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from normsurgery.adapt.draft import Draft, draft_from_json, draft_to_json
+from normsurgery.arch.composite import text_view
 from normsurgery.arch.spec import Family
 from normsurgery.errors import NormSurgeryError
 
@@ -43,8 +46,6 @@ def cache_key(config: Any) -> str:
 
     from normsurgery.adapt.tiny import _layer_lists
 
-    from normsurgery.arch.composite import text_view
-
     view = text_view(config)
     raw = config.to_dict()
     lists = set(_layer_lists(view.to_dict(), int(view.num_hidden_layers)))
@@ -64,15 +65,11 @@ def traced_folder() -> Path:
 def traced_family(config: Any) -> Family:
     """The proven traced declaration of `config`'s architecture: from this process, the cache, or traced now. A
     config whose class comes from its folder's code (auto_map) was read with the user's --trust-remote-code."""
-    from normsurgery.adapt.draft import draft_from_json
-
     trust_remote_code = bool(getattr(config, "auto_map", None))
     key = cache_key(config)
-    if key in _TRACED:
-        return _TRACED[key]
+    family = _TRACED.get(key)
     path = traced_folder() / f"{config.model_type}-{key}.json"
-    family = None
-    if path.is_file():
+    if family is None and path.is_file():
         try:
             data = json.loads(path.read_text())
             draft = draft_from_json(data["draft"], config)
@@ -80,29 +77,25 @@ def traced_family(config: Any) -> Family:
             family = _family(draft, data["refused"])
         except (OSError, ValueError, KeyError, TypeError):  # stale or damaged: trace again
             family = None
+    if family is not None:
+        try:
+            family.resolve(config)
+        except ValueError:  # a kind of block that the cached trace did not see (another layout of the same type)
+            family = None
     if family is None:
         draft, refused, seconds = trace(config, trust_remote_code=trust_remote_code)
         family = _family(draft, refused)
-        _write(path, {"draft": draft_json(draft), "refused": refused, "seconds": round(seconds, 2)})
+        _write(path, {"draft": draft_to_json(draft), "refused": refused, "seconds": round(seconds, 2)})
     _TRACED[key] = family
     return family
 
 
-def draft_json(draft: Any) -> dict[str, Any]:
-    """The cached form of a draft."""
-    from normsurgery.adapt.draft import draft_to_json
-
-    return draft_to_json(draft)
-
-
-def _family(draft: Any, refused: dict[str, str]) -> Family:
+def _family(draft: Draft, refused: dict[str, str]) -> Family:
     """The draft's family with its refused operations."""
-    from dataclasses import replace
-
     return replace(draft.family(), refused=tuple(sorted(refused.items())))
 
 
-def _attach_kinds(draft: Any, trust_remote_code: bool) -> None:
+def _attach_kinds(draft: Draft, trust_remote_code: bool) -> None:
     """Give a draft with blocks of several kinds the function that finds each block's kind from its signature."""
     from normsurgery.adapt.signature import config_signatures
 
@@ -154,7 +147,6 @@ def trace(config: Any, *, trust_remote_code: bool = False) -> tuple[Any, dict[st
     from normsurgery.adapt.prove import prove
     from normsurgery.adapt.signature import config_signatures
     from normsurgery.adapt.tiny import MAX_PARAMETERS, _layer_dicts, _layer_lists, _parameters, tiny_like
-    from normsurgery.arch.composite import text_view
 
     from transformers.models.auto.modeling_auto import (
         MODEL_FOR_MASKED_LM_MAPPING_NAMES as ENCODERS,

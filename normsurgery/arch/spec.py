@@ -100,6 +100,9 @@ class BlockLayout:
     # module attributes (paths relative to the block) that hold the residual width and that the stock forward
     # reshapes by, set to d-1 at load when CRMSNorm stores the residual in d-1 coordinates: DBRX's experts module
     width_attributes: tuple[str, ...] = ()
+    # parameters (in memory, relative to the block) that transformers concatenates at load from stored tensors (in
+    # `others`), e.g. OLMo-hybrid's conv1d from q_conv1d, k_conv1d and v_conv1d: for the engine, which reads them
+    concatenated: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -212,8 +215,11 @@ class Family:
         if len(layouts) != num_layers:
             raise ValueError(f"{self.name}: {len(layouts)} block layouts for {num_layers} blocks")
         blocks = []
+        concatenated: dict[str, tuple[str, ...]] = {}
         for i, layout in enumerate(layouts):
             prefix = f"{self.layers}.{i}."
+            concatenated.update({f"{prefix}{m}": tuple(f"{prefix}{p}" for p in parts)
+                                 for m, parts in layout.concatenated})
             norms = tuple(n for n in (norm(s, prefix) for s in layout.norms) if n is not None)
             slots = layout.writers + tuple(r for n in layout.norms for r in n.readers)
             experts = max((count(x.experts, config) for x in slots if x.experts and flag(x.when, config)), default=0)
@@ -253,6 +259,7 @@ class Family:
             post_ln=flag(self.post_ln, config),
             key_renames=dict(self.key_renames),
             fused={name: tuple(map(tuple, parts)) for name, parts in fused.items()},
+            concatenated=concatenated,
             per_layer=self.per_layer,
             depth_dependent=tuple(k for k in self.depth_dependent if flag(k, config)),
             origin=self.origin,
@@ -364,6 +371,8 @@ class Architecture:
     # in-memory stacked expert parameters transformers builds at load -> for each expert, the stored tensors
     # concatenated along their outputs (LinearSlot.loaded)
     fused: dict[str, tuple[tuple[str, ...], ...]] = field(default_factory=dict)
+    # in-memory parameters transformers concatenates at load from stored tensors (BlockLayout.concatenated)
+    concatenated: dict[str, tuple[str, ...]] = field(default_factory=dict)
     per_layer: tuple[str, ...] = ()
     depth_dependent: tuple[str, ...] = ()  # the family's index-dependent flags that are on in this config
     computed_positions: str | None = None  # see Family.computed_positions

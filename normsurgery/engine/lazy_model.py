@@ -69,23 +69,31 @@ class LazyModel:
                 "streamed_bytes": self.streamed_bytes, **({"notes": self.notes} if self.notes else {})}
 
 
-# where a parameter's value is stored: one tensor's name, or (stacked experts) each expert's tensors to concatenate
-Source = Union[str, tuple[tuple[str, ...], ...]]
+# where a parameter's value is stored: one tensor's name; tensors to concatenate (along the first dimension); or
+# (stacked experts) each expert's tensors to concatenate, the experts stacked
+Source = Union[str, tuple[str, ...], tuple[tuple[str, ...], ...]]
+
+
+def source_parts(source: Source) -> list[str]:
+    """The stored tensors a parameter's value is made of."""
+    if isinstance(source, str):
+        return [source]
+    return [p for x in source for p in ((x,) if isinstance(x, str) else x)]
 
 
 def read_source(weights: WeightMap, source: Source) -> torch.Tensor:
-    """A parameter's value: the stored tensor, or the stored experts' tensors fused as transformers fuses them at
-    load (each expert's parts concatenated along their outputs, the experts stacked)."""
+    """A parameter's value: the stored tensor, or stored tensors fused as transformers fuses them at load (parts
+    concatenated along their outputs, each expert's, the experts stacked)."""
     if isinstance(source, str):
         return weights.get(source)
+    if isinstance(source[0], str):
+        return torch.cat([weights.get(part) for part in source])  # type: ignore[arg-type]
     return torch.stack([torch.cat([weights.get(part) for part in parts]) for parts in source])
 
 
 def source_nbytes(weights: WeightMap, source: Source, dtype: torch.dtype) -> int:
     """The bytes of a parameter's value at `dtype`."""
-    if isinstance(source, str):
-        return weights.nbytes(source, dtype)
-    return sum(weights.nbytes(part, dtype) for parts in source for part in parts)
+    return sum(weights.nbytes(part, dtype) for part in source_parts(source))
 
 
 class _ModelNames(Mapping):
@@ -136,7 +144,7 @@ def skeleton(config: Any, dtype: torch.dtype, *, trust_remote_code: bool = False
 
 
 def parameter_sources(model: torch.nn.Module, available: set[str], key_mapping: dict[str, str] | None = None,
-                      fused: dict[str, tuple[tuple[str, ...], ...]] | None = None) -> dict[str, Source]:
+                      fused: dict[str, Source] | None = None) -> dict[str, Source]:
     """For every parameter name of `model` (tied aliases included), the weight-map name that holds its value.
 
     Tried in turn: the same name; a checkpoint name that `key_mapping` (checkpoint regex -> model name, as
@@ -161,7 +169,7 @@ def parameter_sources(model: torch.nn.Module, available: set[str], key_mapping: 
         if name in available:
             return name
         parts = (fused or {}).get(name)
-        if parts and all(part in available for expert in parts for part in expert):
+        if parts and all(part in available for part in source_parts(parts)):
             return parts
         if name in renamed:
             return renamed[name]
@@ -198,7 +206,7 @@ def _leaf_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module, li
 
 def lazy_model(config: Any, weights: WeightMap, runtime: Runtime, *, dtype: torch.dtype = torch.float32,
                passes: int = 1, trust_remote_code: bool = False, key_mapping: dict[str, str] | None = None,
-               fused: dict[str, tuple[tuple[str, ...], ...]] | None = None,
+               fused: dict[str, Source] | None = None,
                by_parent: tuple[str, ...] = ()) -> LazyModel:
     """Build `config`'s model over `weights` on `runtime`: held in memory when the caller runs several `passes`
     and the whole model fits the budget (weights read once), else streamed module by module at every pass (a

@@ -114,11 +114,14 @@ def streamed_by_parent(config: Any) -> tuple[str, ...]:
     return family.streamed_by_parent if family is not None else ()
 
 
-def fused_parameters(config: Any) -> dict[str, tuple[tuple[str, ...], ...]]:
-    """The stacked expert parameters transformers builds at load from a checkpoint's per-expert tensors, by its
-    family's declaration (Architecture.fused); none for a family normsurgery does not know."""
+def fused_parameters(config: Any) -> dict[str, Any]:
+    """The parameters transformers builds at load from several stored tensors, by its family's declaration: stacked
+    experts (Architecture.fused) and concatenations (Architecture.concatenated); none for an unknown family."""
     family, base = _family_of(config)
-    return family.resolve(base).fused if family is not None else {}
+    if family is None:
+        return {}
+    arch = family.resolve(base)
+    return {**arch.fused, **arch.concatenated}
 
 
 class OpenModel:
