@@ -9,7 +9,9 @@ fresh cache folder, so the first command of each type pays for the trace. Writes
 of docs/architectures.md.
 
     python bench/arch_sweep.py [--types llama,glm4_moe] [--jobs 2] [--out bench/arch_sweep.jsonl]
-                               [--table docs/architectures.md]
+                               [--table docs/architectures.md] [--update]
+
+With --update, only --types are run again and their records replace theirs in --out; the table is rebuilt from all.
 """
 
 from __future__ import annotations
@@ -203,6 +205,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--out", default="bench/arch_sweep.jsonl")
     parser.add_argument("--table", default="docs/architectures.md")
+    parser.add_argument("--update", action="store_true", help="rerun --types only, keeping the other records")
     args = parser.parse_args()
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -211,9 +214,13 @@ def main() -> None:
     os.environ["NORMSURGERY_CACHE"] = cache  # every traced type pays its first trace here
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     start = time.time()
-    records = []
+    kept = []
+    if args.update and Path(args.out).exists():
+        kept = [r for r in map(json.loads, Path(args.out).read_text().splitlines()) if r["model_type"] not in types]
+    records = list(kept)
     with multiprocessing.get_context("spawn").Pool(args.jobs, maxtasksperchild=1) as pool, \
             open(args.out, "w") as out:
+        out.writelines(json.dumps(r) + "\n" for r in kept)
         for record in pool.imap_unordered(_worker, types):
             records.append(record)
             out.write(json.dumps(record) + "\n")
@@ -224,10 +231,16 @@ def main() -> None:
         import transformers
 
         page = Path(args.table)
-        head = page.read_text().split("<!-- sweep -->")[0] if page.exists() else "# Architectures\n\n"
-        page.write_text(head + "<!-- sweep -->\n" + f"Measured {time.strftime('%Y-%m-%d')} with transformers "
-                        f"{transformers.__version__} (`python bench/arch_sweep.py`, {args.jobs} jobs, "
-                        f"{time.time() - start:.0f} s):\n\n" + table(records))
+        text = page.read_text() if page.exists() else "# Architectures\n\n<!-- sweep -->\n"
+        head, _, before = text.partition("<!-- sweep -->\n")
+        measured = f"Measured {time.strftime('%Y-%m-%d')} with transformers {transformers.__version__}"
+        if args.update:  # the whole run's line stays; this run's follows it
+            previous = before.split("\n\n")[0]
+            measured = (f"{previous}\n{measured}: `python bench/arch_sweep.py --update --types {args.types}` "
+                        f"reran {len(types)} of them ({time.time() - start:.0f} s).")
+        else:
+            measured += f": `python bench/arch_sweep.py`, {args.jobs} jobs, {time.time() - start:.0f} s."
+        page.write_text(head + "<!-- sweep -->\n" + measured + "\n\n" + table(records))
 
 
 if __name__ == "__main__":

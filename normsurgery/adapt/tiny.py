@@ -171,15 +171,16 @@ def tiny_like(config: Any, layers: int, *, shrink: bool, trust_remote_code: bool
     other towers keep one block each."""
     from transformers.utils import logging
 
-    from normsurgery.arch.composite import text_key
+    from normsurgery.arch.composite import text_key, text_view
 
     logging.set_verbosity_error()
     raw = config.to_dict()
     key = text_key(config)
+    depth = int(text_view(config).num_hidden_layers)
     if key is None:
-        raw.update(_cut(raw, type(config), layers, shrink))
+        raw.update(_cut(raw, type(config), depth, layers, shrink))
     else:
-        raw[key] = {**raw[key], **_cut(raw[key], type(getattr(config, key)), layers, shrink)}
+        raw[key] = {**raw[key], **_cut(raw[key], type(getattr(config, key)), depth, layers, shrink)}
         for other, sub in raw.items():
             if other != key and isinstance(sub, dict) and type(sub.get("num_hidden_layers")) is int:
                 raw[other] = {**sub, "num_hidden_layers": 1, **{k: v[:1] for k, v in sub.items() if isinstance(
@@ -192,15 +193,16 @@ def tiny_like(config: Any, layers: int, *, shrink: bool, trust_remote_code: bool
     return tiny
 
 
-def _cut(raw: dict[str, Any], cls: type, layers: int, shrink: bool) -> dict[str, Any]:
-    """The changes that make a (language model's) config dict tiny: see tiny_like."""
+def _cut(raw: dict[str, Any], cls: type, depth: int, layers: int, shrink: bool) -> dict[str, Any]:
+    """The changes that make a (language model's) config dict of `depth` blocks tiny: see tiny_like. A depth that
+    the config derives from a per-block list (Nemotron-H's layers_block_type) follows that list's cut."""
     names = dict(getattr(cls, "attribute_map", {}) or {})
 
     def get(canonical: str) -> Any:
         return raw.get(names.get(canonical, canonical))
 
-    depth = int(get("num_hidden_layers"))
-    changes: dict[str, Any] = {names.get("num_hidden_layers", "num_hidden_layers"): layers}
+    depth_key = names.get("num_hidden_layers", "num_hidden_layers")
+    changes: dict[str, Any] = {depth_key: layers} if depth_key in raw else {}
     changes.update({k: layers for k, v in raw.items() if type(v) is int and v == depth  # the model's own depth key
                     and ("layer" in k or "depth" in k) and not k.startswith(("first", "num_nextn", "max"))})
     changes.update({k: raw[k][:layers] for k in _layer_lists(raw, depth)})

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from normsurgery.engine.lazy_model import LazyModel
+from normsurgery.errors import NormSurgeryError
 
 
 @contextmanager
@@ -38,7 +39,15 @@ def logits(lazy: LazyModel, tokens: torch.Tensor, *, blocks: list[str] | None = 
            ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
     """Float32 logits [sequences, positions, vocab] on the CPU for one chunk of `tokens`, and the outputs of `blocks`."""
     with block_outputs(lazy.model, blocks) as kept:
-        out = lazy.model(input_ids=tokens.to(lazy.runtime.device), use_cache=False).logits
+        try:
+            out = lazy.model(input_ids=tokens.to(lazy.runtime.device), use_cache=False).logits
+        except NormSurgeryError:
+            raise
+        except Exception as err:  # the model's own code fails under the engine (streamed weights, skipped blocks)
+            raise NormSurgeryError(
+                f"running the {getattr(lazy.model.config, 'model_type', '')} model failed ({type(err).__name__}: "
+                f"{err}); nothing was written. Its code does something the bounded-memory engine or the block "
+                "hooks cannot follow; please report it with the model's config.json.") from None
     return out.float().cpu(), kept
 
 
