@@ -44,11 +44,11 @@ def cache_key(config: Any) -> str:
     per-block lists, which block signatures resolve), and the transformers and tracer versions."""
     import transformers
 
-    from normsurgery.adapt.tiny import _layer_lists
+    from normsurgery.adapt.tiny import layer_lists
 
     view = text_view(config)
     raw = config.to_dict()
-    lists = set(_layer_lists(view.to_dict(), int(view.num_hidden_layers)))
+    lists = set(layer_lists(view.to_dict(), int(view.num_hidden_layers)))
     layout = {k: v for k, v in raw.items() if k not in IGNORED and k not in lists and not k.startswith("_")}
     text = json.dumps([config.model_type, transformers.__version__, TRACER_VERSION, layout], sort_keys=True,
                       default=str)
@@ -128,8 +128,8 @@ def _refuse(config: Any, reason: str) -> NormSurgeryError:
     """The one-paragraph refusal of a model type that could not be traced and proven."""
     return NormSurgeryError(
         f"model_type {config.model_type!r} has no declared family, and normsurgery could not derive one by tracing a "
-        f"tiny random instance of its config: {reason}. Nothing was written. Declared families: see `normsurgery "
-        "adapt --help` and normsurgery/arch/families.py for how to declare one by hand.")
+        f"tiny random instance of its config: {reason}. Nothing was written. A family can be declared by hand in "
+        "normsurgery/arch/families.py (`normsurgery adapt MODEL_TYPE` drafts one; see docs/architectures.md).")
 
 
 def _covering_depth(signatures: list[str]) -> int:
@@ -140,14 +140,34 @@ def _covering_depth(signatures: list[str]) -> int:
     return max(max(first.values()) + 1, min(2, len(signatures)))
 
 
+def _per_layer_keys(config: Any, depth: int) -> tuple[str, ...]:
+    """The config keys prune re-indexes: every list with one value per block, every setting by block index, and the
+    keys whose format normsurgery knows (arch/layer_config.py)."""
+    from normsurgery.adapt.tiny import layer_dicts, layer_lists
+    from normsurgery.arch.layer_config import REINDEX, REINDEX_WITH_CONFIG
+
+    raw = text_view(config).to_dict()
+    known = {k for k in (*REINDEX, *REINDEX_WITH_CONFIG) if raw.get(k) is not None}
+    return tuple(sorted({*layer_lists(raw, depth), *layer_dicts(raw, depth), *known}))
+
+
+def _refused(checks: list[Any]) -> dict[str, str]:
+    """The operations whose own proof failed (fold, rmsnorm, crmsnorm), each with the failing check's detail."""
+    out = {}
+    for op, check in PROVEN_BY.items():
+        failed = [c for c in checks if c.name.startswith(check) and not c.passed]
+        if failed:
+            out[op] = f"its traced declaration failed the proof of {check}: {failed[0].detail.rstrip('.')}"
+    return out
+
+
 def trace(config: Any, *, trust_remote_code: bool = False) -> tuple[Any, dict[str, str], float]:
     """Trace and prove `config`'s architecture: the draft (with its kinds of block), the operations its proof
     refused with why, and the seconds it took; a NormSurgeryError when nothing can be proven."""
     from normsurgery.adapt.discover import draft_config
     from normsurgery.adapt.prove import prove
     from normsurgery.adapt.signature import config_signatures
-    from normsurgery.adapt.tiny import MAX_PARAMETERS, _layer_dicts, _layer_lists, _parameters, tiny_like
-
+    from normsurgery.adapt.tiny import MAX_PARAMETERS, parameter_count, tiny_like
     from transformers.models.auto.modeling_auto import (
         MODEL_FOR_MASKED_LM_MAPPING_NAMES as ENCODERS,
         MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES as ENCODER_DECODERS,
@@ -172,7 +192,7 @@ def trace(config: Any, *, trust_remote_code: bool = False) -> tuple[Any, dict[st
     for shrink in (False, True):
         try:
             tiny = tiny_like(config, depth, shrink=shrink, trust_remote_code=trust_remote_code)
-            if not shrink and _parameters(tiny, trust_remote_code) > MAX_PARAMETERS:
+            if not shrink and parameter_count(tiny, trust_remote_code) > MAX_PARAMETERS:
                 continue
             if config_signatures(tiny, trust_remote_code) != signatures[:depth]:
                 problems.append("a tiny instance's blocks differ from the real model's first blocks")
@@ -187,12 +207,7 @@ def trace(config: Any, *, trust_remote_code: bool = False) -> tuple[Any, dict[st
         if draft.problems:
             problems.append(draft.problems[0])
             continue
-        from normsurgery.arch.layer_config import REINDEX, REINDEX_WITH_CONFIG
-
-        raw = text_view(config).to_dict()
-        draft.per_layer = tuple(sorted(set(_layer_lists(raw, len(signatures))) | set(_layer_dicts(raw, len(signatures)))
-                                       | {
-            k for k in (*REINDEX, *REINDEX_WITH_CONFIG) if raw.get(k) is not None}))
+        draft.per_layer = _per_layer_keys(config, len(signatures))
         family = draft.family()
         try:
             checks = prove(family, tiny)
@@ -203,10 +218,7 @@ def trace(config: Any, *, trust_remote_code: bool = False) -> tuple[Any, dict[st
         if failed:
             problems.append(f"its proof failed: {failed[0].name}: {failed[0].detail}")
             continue
-        refused = {op: f"its traced declaration failed the proof of {check}: " + next(
-            (c.detail.rstrip(".") for c in checks if c.name.startswith(check) and not c.passed), "")
-            for op, check in PROVEN_BY.items()
-            if any(c.name.startswith(check) and not c.passed for c in checks)}
+        refused = _refused(checks)
         if getattr(config, "auto_map", None):
             refused.update({op: REMOTE_CONVERSION for op in ("dyt", "none", "prune-sublayers")})
         _attach_kinds(draft, trust_remote_code)

@@ -137,13 +137,13 @@ COUNTS = frozenset({"num_experts", "num_local_experts", "n_routed_experts", "n_s
 MAX_PARAMETERS = 30_000_000  # a tiny instance with the real widths larger than this is traced with shrunk widths
 
 
-def _layer_lists(raw: dict[str, Any], depth: int) -> list[str]:
+def layer_lists(raw: dict[str, Any], depth: int) -> list[str]:
     """The config keys holding one value per block."""
     return [k for k, v in raw.items() if isinstance(v, list) and len(v) == depth and k != "architectures"
             and all(isinstance(x, (str, bool, int, float)) for x in v) and not _indices(v, depth)]
 
 
-def _layer_dicts(raw: dict[str, Any], depth: int) -> list[str]:
+def layer_dicts(raw: dict[str, Any], depth: int) -> list[str]:
     """The config keys holding settings by block index (e.g. Gemma 4's per_layer_config)."""
     return [k for k, v in raw.items() if isinstance(v, dict) and v
             and all(str(i).isdigit() and int(i) < depth for i in v)]
@@ -155,7 +155,7 @@ def _indices(values: list[Any], depth: int) -> bool:
     return all(type(x) is int for x in values) and values == sorted(set(values)) and all(0 <= x < depth for x in values)
 
 
-def _parameters(config: Any, trust_remote_code: bool) -> int:
+def parameter_count(config: Any, trust_remote_code: bool) -> int:
     """The parameter count of a model of `config`, built on the meta device."""
     from transformers import AutoModelForCausalLM
 
@@ -205,8 +205,8 @@ def _cut(raw: dict[str, Any], cls: type, depth: int, layers: int, shrink: bool) 
     changes: dict[str, Any] = {depth_key: layers} if depth_key in raw else {}
     changes.update({k: layers for k, v in raw.items() if type(v) is int and v == depth  # the model's own depth key
                     and ("layer" in k or "depth" in k) and not k.startswith(("first", "num_nextn", "max"))})
-    changes.update({k: raw[k][:layers] for k in _layer_lists(raw, depth)})
-    changes.update({k: {i: v for i, v in raw[k].items() if int(i) < layers} for k in _layer_dicts(raw, depth)})
+    changes.update({k: raw[k][:layers] for k in layer_lists(raw, depth)})
+    changes.update({k: {i: v for i, v in raw[k].items() if int(i) < layers} for k in layer_dicts(raw, depth)})
     vocab_key = names.get("vocab_size", "vocab_size")
     if int(raw.get(vocab_key) or 0) > 4 * VOCAB:
         changes[vocab_key] = VOCAB
