@@ -77,7 +77,11 @@ def _show(result) -> None:
         same = "matches it" if not result.differs_from_declared else "differs: " + "; ".join(result.differs_from_declared)
         console.print(f"{draft.model_type} is already declared (family {result.declared_as}); the draft {escape(same)}",
                       highlight=False)
-    if result.proven:
+    if result.proven and draft.layouts:
+        console.print(f"[bold green]proven[/bold green] for its {len(draft.layouts)} kinds of block: normsurgery traces "
+                      f"{draft.model_type} at run time as it is; a declaration in families.py needs a block function "
+                      "that gives each block its kind (the text above is block 0's).", highlight=False)
+    elif result.proven:
         console.print(f"[bold green]proven[/bold green]: paste the declaration into normsurgery/arch/families.py, add "
                       f"it to FAMILIES, and add a fixture for {draft.model_type} to tests/family_configs.py.",
                       highlight=False)
