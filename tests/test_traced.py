@@ -147,3 +147,25 @@ def test_a_model_whose_code_ships_in_its_folder_is_rewritten_exactly(cli, tmp_pa
         assert loaded["class"] == "TinyLMForCausalLM"  # the folder's class, patched by the shipped code
     loaded = clean_python("logits_with_code", remote_model, tmp_path / "fold")
     assert loaded["rel"] < 2e-5
+
+
+def test_a_prune_that_would_change_a_kept_blocks_kind_is_refused(cli, tmp_path):
+    """Jamba chooses each block's mixer (attention or Mamba) by a rule on block indices (attn_layer_period/offset),
+    which no per-block list carries: removing block 1 would turn kept blocks into the other kind."""
+    model = _checkpoint("jamba", tmp_path / "model")
+    code, _, err = cli("prune", model, "--layers", "1", "-o", tmp_path / "out")
+    assert code == 2 and "kind" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_settings_by_block_index_are_reindexed_for_the_kept_blocks():
+    from normsurgery.arch.layer_config import pruned_config_updates
+
+    class Config:
+        num_hidden_layers = 4
+        per_layer_config = {"1": {"head_dim": 32}, "3": {"head_dim": 64}}  # Gemma 4's format
+        kinds = ["a", "b", "a", "b"]
+
+    updates = pruned_config_updates(Config(), ("per_layer_config", "kinds"), "num_hidden_layers", [0, 1, 3])
+    assert updates == {"num_hidden_layers": 3, "per_layer_config": {"1": {"head_dim": 32}, "2": {"head_dim": 64}},
+                       "kinds": ["a", "b", "b"]}
