@@ -738,12 +738,23 @@ def _disk_layers(layers: str, mem_to_disk: dict[str, str]) -> str:
     return layers
 
 
-def _by_parent(paths: set[str], layers: str) -> tuple[str, ...]:
-    """Regexes of the modules whose parameters their parent's code reads, any block's for one found in a block."""
+def _by_parent(read_outside: dict[str, str], layers: str) -> tuple[str, ...]:
+    """Regexes of the modules whose parameters an ancestor's code reads (any block's for one found in a block),
+    with "@N" where that ancestor is N > 1 levels up (Gemma 4's model reads its language model's embedding). A
+    tied parameter held by several modules is streamed with the one under its reader."""
     out = set()
-    for path in paths:
+    for path, reader in read_outside.items():
+        if reader and not path.startswith(reader + ".") and any(
+                p.startswith(reader + ".") for p, r in read_outside.items() if r == reader):
+            continue  # a tied alias outside the reader: its twin under the reader is streamed
+        common = 0
+        parts, above = path.split("."), reader.split(".") if reader else []
+        while common < min(len(parts) - 1, len(above)) and parts[common] == above[common]:
+            common += 1
+        up = len(parts) - common
         inside = re.match(rf"{re.escape(layers)}\.\d+\.(.*)$", path)
-        out.add(rf"^{re.escape(layers)}\.\d+\.{re.escape(inside.group(1))}$" if inside else rf"^{re.escape(path)}$")
+        pattern = rf"^{re.escape(layers)}\.\d+\.{re.escape(inside.group(1))}$" if inside else rf"^{re.escape(path)}$"
+        out.add(pattern + (f"@{up}" if up > 1 else ""))
     return tuple(sorted(out))
 
 

@@ -45,8 +45,9 @@ class Trace:
     consumers: dict[Key, list[Node]] = field(default_factory=dict)
     tensors: dict[Key, torch.Tensor] = field(default_factory=dict)
     alive: list[torch.Tensor] = field(default_factory=list)
-    # modules whose parameters were read while the module itself was not running (by its parent's code)
-    read_outside: set[str] = field(default_factory=set)
+    # modules whose parameters were read while the module itself was not running -> the innermost module running
+    # then (the one whose code read them: a parent, or a further ancestor)
+    read_outside: dict[str, str] = field(default_factory=dict)
     read_params: set[int] = field(default_factory=set)  # ids of the parameters any call read
 
     def add(self, kind: str, name: str, inputs: list[Key], outputs: list[torch.Tensor]) -> None:
@@ -88,13 +89,16 @@ class _Recorder(TorchFunctionMode):
         self.depth = 0
         self.owners = owners  # id of each parameter -> the paths and modules holding it (tied: several)
         self.running: dict[nn.Module, int] = {}
+        self.stack: list[str] = []  # the paths of the modules running now, outermost first
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         for t in _tensors((args, kwargs or {})):
             self.trace.read_params.add(id(t))
             owners = self.owners.get(id(t), [])
             if owners and not any(self.running.get(m) for _, m in owners):
-                self.trace.read_outside.update(path for path, _ in owners)
+                reader = self.stack[-1] if self.stack else ""
+                for path, _ in owners:
+                    self.trace.read_outside.setdefault(path, reader)
         inputs = self.trace.remember(_tensors((args, kwargs or {}))) if self.depth == 0 else []
         out = func(*args, **(kwargs or {}))
         if self.depth == 0:
@@ -134,11 +138,15 @@ def record(model: nn.Module, atomic: dict[nn.Module, str], blocks: dict[nn.Modul
     def block_out(module: nn.Module, args: tuple, kw: dict, out: Any) -> None:
         ends[blocks[module]] = (starts[blocks[module]], trace.remember(_tensors(out)[:1])[0])
 
+    paths = {m: p for p, m in model.named_modules(remove_duplicate=False)}
+
     def running(module: nn.Module, *_: Any, **__: Any) -> None:
         recorder.running[module] = recorder.running.get(module, 0) + 1
+        recorder.stack.append(paths.get(module, ""))
 
     def done(module: nn.Module, *_: Any, **__: Any) -> None:
         recorder.running[module] -= 1
+        recorder.stack.pop()
 
     for module in model.modules():
         handles.append(module.register_forward_pre_hook(running))

@@ -8,6 +8,7 @@ setting or window of the weights it holds (mergekit copies such lists verbatim a
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Callable
 
 from normsurgery.errors import NormSurgeryError
@@ -101,8 +102,9 @@ def pruned_config_updates(config: Any, keys: tuple[str, ...], num_layers_key: st
         if isinstance(value, (list, tuple)) and len(value) != num_layers:
             raise NormSurgeryError(f"config {key} has {len(value)} entries for {num_layers} blocks; fix config.json "
                                    "before pruning.")
-        if key not in REINDEX and isinstance(value, dict):  # settings by block index (a traced family's key)
-            by_index = {int(i): v for i, v in value.items()}
+        stored = config.to_dict().get(key) if hasattr(config, "to_dict") else value  # as config.json holds it
+        if key not in REINDEX and isinstance(stored, Mapping):  # settings by block index (a traced family's key)
+            by_index = {int(i): v for i, v in stored.items()}
             updates[key] = {str(new): by_index[old] for new, old in enumerate(keep) if old in by_index}
             continue
         reindex = REINDEX.get(key, _per_block)  # a traced family's keys: any list with one entry per block

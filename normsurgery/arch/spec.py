@@ -148,7 +148,8 @@ class Family:
     depth_dependent: tuple[str, ...] = ()
     # module paths (regexes) whose parameters model code reads outside their own forward, in their parent's: the
     # bounded-memory engine brings them in for the parent's forward (DBRX's experts module reads its child's w1, v1
-    # and w2; Llama 4 moves its input to the token embedding's device before embedding it)
+    # and w2; Llama 4 moves its input to the token embedding's device before embedding it); "REGEX@N" for code N
+    # levels up (Gemma 4's model reads its language model's embedding: a traced family finds it)
     streamed_by_parent: tuple[str, ...] = ()
     notes: str = ""
     # "declared" (written in families.py and reviewed) or "traced" (derived at run time by tracing a tiny instance

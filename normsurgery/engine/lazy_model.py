@@ -204,6 +204,16 @@ def _leaf_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module, li
     return leaves
 
 
+def _streamed_with(path: str, by_parent: tuple[str, ...]) -> str:
+    """The module whose forward brings in `path`'s parameters: its own, or its parent's (or, for an entry "REGEX@N",
+    the ancestor N levels up) when a `by_parent` entry matches it."""
+    for entry in by_parent:
+        pattern, _, up = entry.partition("@")
+        if re.search(pattern, path):
+            return ".".join(path.split(".")[: -int(up or 1)])
+    return path
+
+
 def lazy_model(config: Any, weights: WeightMap, runtime: Runtime, *, dtype: torch.dtype = torch.float32,
                passes: int = 1, trust_remote_code: bool = False, key_mapping: dict[str, str] | None = None,
                fused: dict[str, Source] | None = None,
@@ -211,7 +221,8 @@ def lazy_model(config: Any, weights: WeightMap, runtime: Runtime, *, dtype: torc
     """Build `config`'s model over `weights` on `runtime`: held in memory when the caller runs several `passes`
     and the whole model fits the budget (weights read once), else streamed module by module at every pass (a
     model larger than the budget, or a single pass, where holding it would only cost memory); the modules whose
-    paths match a `by_parent` regex are streamed for their parent's forward (Family.streamed_by_parent).
+    paths match a `by_parent` regex are streamed for their parent's (or an ancestor's) forward
+    (Family.streamed_by_parent).
 
     Raises UnmatchedWeights when the names do not match (the caller then loads the model the ordinary way), and
     a NormSurgeryError when the budget cannot hold the largest module and one sequence's activations.
@@ -225,8 +236,7 @@ def lazy_model(config: Any, weights: WeightMap, runtime: Runtime, *, dtype: torc
     leaves = _leaf_modules(model)
     sizes = {path: sum(source_nbytes(weights, sources[f"{path}.{n}" if path else n], dtype) for n in own)
              for path, _, own in leaves}
-    owners = {path: path.rpartition(".")[0] if any(re.search(r, path) for r in by_parent) else path
-              for path, _, _ in leaves}
+    owners = {path: _streamed_with(path, by_parent) for path, _, _ in leaves}
     units: dict[str, int] = {}
     for path, owner in owners.items():
         units[owner] = units.get(owner, 0) + sizes[path]
