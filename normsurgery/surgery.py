@@ -256,7 +256,7 @@ def _verify(
     from normsurgery.engine.weights import CheckpointWeights
 
     f32 = torch.float32
-    blocks = [source.arch.module_path(b.prefix.rstrip(".")) for b in source.arch.blocks]
+    blocks = [source.arch.block_path(b.index) for b in source.arch.blocks]
     label = (source.spec, str(out))
     remote = source.trust_remote_code  # a traced model whose code ships in its folder: the user opted in
     with OpenModel(source.path, runtime, weights=CheckpointWeights(source.reader), trust_remote_code=remote) as original, \

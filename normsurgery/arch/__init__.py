@@ -122,12 +122,5 @@ def architecture_of(config: Any, stored: Collection[str] | None = None) -> Archi
 def raw_key(raw: dict[str, Any], attribute: str) -> str:
     """The config.json key that holds a config attribute (e.g. GPT-2's n_layer for num_hidden_layers)."""
     family = FAMILY_BY_MODEL_TYPE.get(_model_type(raw, "config.json"))
-    if family is not None:
-        aliases = dict(family.config_keys).get(attribute, ())
-    else:  # a traced family's config_keys are its config class's attribute_map
-        from transformers import CONFIG_MAPPING
-
-        cls = CONFIG_MAPPING[raw["model_type"]] if raw["model_type"] in CONFIG_MAPPING else None
-        mapped = dict(getattr(cls, "attribute_map", {}) or {}).get(attribute)
-        aliases = (mapped,) if mapped else ()
+    aliases = dict(family.config_keys).get(attribute, ()) if family is not None else ()  # traced: arch.config_keys
     return next((k for k in (*aliases, attribute) if k in raw), attribute)

@@ -92,6 +92,7 @@ def pruned_config_updates(config: Any, keys: tuple[str, ...], num_layers_key: st
         return {view.text_key: {**sub, **pruned_config_updates(view, keys, depth_key, keep)}}
     num_layers = int(config.num_hidden_layers)
     updates: dict[str, Any] = {num_layers_key: len(keep)}
+    stored_values: dict[str, Any] = {}  # a traced family's keys as config.json holds them (read once, when needed)
     for key in keys:
         value = getattr(config, key, None)
         if value is None:
@@ -102,7 +103,9 @@ def pruned_config_updates(config: Any, keys: tuple[str, ...], num_layers_key: st
         if isinstance(value, (list, tuple)) and len(value) != num_layers:
             raise NormSurgeryError(f"config {key} has {len(value)} entries for {num_layers} blocks; fix config.json "
                                    "before pruning.")
-        stored = config.to_dict().get(key) if hasattr(config, "to_dict") else value  # as config.json holds it
+        if key not in REINDEX and not stored_values and hasattr(config, "to_dict"):
+            stored_values.update(config.to_dict())
+        stored = stored_values.get(key, value)
         if key not in REINDEX and isinstance(stored, Mapping):  # settings by block index (a traced family's key)
             by_index = {int(i): v for i, v in stored.items()}
             updates[key] = {str(new): by_index[old] for new, old in enumerate(keep) if old in by_index}

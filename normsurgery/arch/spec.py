@@ -392,6 +392,10 @@ class Architecture:
             out.append(self.final_norm)
         return out
 
+    def block_path(self, index: int) -> str:
+        """The in-memory module path of block `index`."""
+        return self.module_path(self.blocks[index].prefix.rstrip("."))
+
     def module_path(self, name: str) -> str:
         """The in-memory path of a module named as the checkpoint stores it (`key_renames` applied)."""
         path = name + "."

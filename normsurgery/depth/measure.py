@@ -40,7 +40,7 @@ class _Residuals:
         L = arch.num_layers
         self.states: list[torch.Tensor | None] = [None] * (L + 1)
         self.mids: list[torch.Tensor | None] = [None] * L if mids else []
-        modules = [model.get_submodule(arch.module_path(b.prefix.rstrip("."))) for b in arch.blocks]
+        modules = [model.get_submodule(arch.block_path(b.index)) for b in arch.blocks]
         modules.append(model.get_submodule(arch.module_path(arch.final_norm.name)) if arch.final_norm else None)
         self.handles = [m.register_forward_pre_hook(self._keeper(self.states, i), with_kwargs=True)
                         for i, m in enumerate(modules) if m is not None]

@@ -23,8 +23,7 @@ def _pass_through(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[s
 @contextmanager
 def skipping(model: torch.nn.Module, arch: Architecture, blocks: list[int] | tuple[int, ...]) -> Iterator[None]:
     """Within the context, the given blocks of `model` pass their input through unchanged."""
-    handles = [model.get_submodule(arch.module_path(arch.blocks[i].prefix.rstrip("."))).register_forward_hook(_pass_through,
-                                                                                               with_kwargs=True)
+    handles = [model.get_submodule(arch.block_path(i)).register_forward_hook(_pass_through, with_kwargs=True)
                for i in blocks]
     try:
         yield

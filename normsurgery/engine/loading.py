@@ -85,15 +85,6 @@ def load_tokenizer(folder: Path):
         return None
 
 
-def key_mapping(raw_config: dict[str, Any], config: Any) -> dict[str, str]:
-    """On-disk -> in-memory tensor renames of a checkpoint: an export's own (its wrapped config's surgery, see
-    export.modeling_normsurgery.wrap_config), else its family's (e.g. GPT-NeoX)."""
-    if raw_config.get("model_type") == "normsurgery":
-        return dict((raw_config.get("surgery") or {}).get("key_mapping") or {})
-    family, _ = _family_of(config)
-    return dict(family.key_renames) if family is not None else {}
-
-
 def _family_of(config: Any) -> tuple[Family | None, Any]:
     """A config's family and the config that resolves it: an export's stock base config (its modules keep the stock
     names), else the config itself; declared, or traced and proven; none for one normsurgery cannot know."""
@@ -107,21 +98,21 @@ def _family_of(config: Any) -> tuple[Family | None, Any]:
         return None, config
 
 
-def streamed_by_parent(config: Any) -> tuple[str, ...]:
-    """The modules whose parameters its family's model code reads in their parent's forward (Family.streamed_by_parent);
-    none for a family normsurgery does not know."""
-    family, _ = _family_of(config)
-    return family.streamed_by_parent if family is not None else ()
-
-
-def fused_parameters(config: Any) -> dict[str, Any]:
-    """The parameters transformers builds at load from several stored tensors, by its family's declaration: stacked
-    experts (Architecture.fused) and concatenations (Architecture.concatenated); none for an unknown family."""
+def stored_layout(raw_config: dict[str, Any], config: Any) -> tuple[dict[str, str], dict[str, Any], tuple[str, ...]]:
+    """What the engine needs to know of how a checkpoint is stored, from its family (none for an unknown one):
+    on-disk -> in-memory renames (an export's own, from its wrapped config's surgery, else its family's, e.g.
+    GPT-NeoX); the parameters transformers builds at load from several stored tensors (stacked experts,
+    Architecture.fused, and concatenations, Architecture.concatenated); and the modules whose parameters an
+    ancestor's code reads (Family.streamed_by_parent)."""
     family, base = _family_of(config)
+    if raw_config.get("model_type") == "normsurgery":
+        renames = dict((raw_config.get("surgery") or {}).get("key_mapping") or {})
+    else:
+        renames = dict(family.key_renames) if family is not None else {}
     if family is None:
-        return {}
+        return renames, {}, ()
     arch = family.resolve(base)
-    return {**arch.fused, **arch.concatenated}
+    return renames, {**arch.fused, **arch.concatenated}, family.streamed_by_parent
 
 
 class OpenModel:
@@ -141,9 +132,9 @@ class OpenModel:
             raw = json.loads((config_folder / "config.json").read_text())
             weights = weights if weights is not None else CheckpointWeights(self.reader)
             try:
+                renames, fused, by_parent = stored_layout(raw, config)
                 self.lazy = lazy_model(config, weights, runtime, dtype=dtype, passes=passes, trust_remote_code=remote,
-                                       key_mapping=key_mapping(raw, config), fused=fused_parameters(config),
-                                       by_parent=streamed_by_parent(config))
+                                       key_mapping=renames, fused=fused, by_parent=by_parent)
             except UnmatchedWeights as unmatched:
                 if self.reader is None:
                     raise NormSurgeryError(f"the rewritten tensors do not match the model's names ({unmatched}); "

@@ -75,7 +75,8 @@ def _same_kinds(updates_from: Callable[[Any], dict[str, Any]], config: Any, keep
     remote = bool(getattr(config, "auto_map", None))
     try:
         pruned = type(config).from_dict({**config.to_dict(), **updates})
-        same = config_signatures(pruned, remote) == [config_signatures(config, remote)[i] for i in keep]
+        before = config_signatures(config, remote)
+        same = config_signatures(pruned, remote) == [before[i] for i in keep]
     except Exception as err:  # the pruned config does not build a model
         raise NormSurgeryError(f"the pruned {config.model_type} config does not build a model ({type(err).__name__}: "
                                f"{err}); nothing was written.") from None
