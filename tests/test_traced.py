@@ -19,8 +19,9 @@ REMOTE_CODE = Path(__file__).parent / "remote_model" / "modeling_tinylm.py"
 # names (a key rename of a 3-D tensor); short-convolution hybrid; a pure SSM (Mamba's in_proj/out_proj); a LayerNorm
 # MoE (rmsnorm exact, crmsnorm refused by its proof); linear-attention hybrid whose convolution transformers
 # concatenates at load; a composite config (Gemma 3: the language model under text_config, saved under another
-# prefix, beside a vision tower left alone)
-TYPES = ["glm4_moe", "granitemoeshared", "lfm2", "mamba", "cohere2_moe", "olmo_hybrid", "gemma3"]
+# prefix, beside a vision tower left alone); per-block input embeddings held in model-level tensors one slice per
+# block, which pruning slices (Gemma 4)
+TYPES = ["glm4_moe", "granitemoeshared", "lfm2", "mamba", "cohere2_moe", "olmo_hybrid", "gemma3", "gemma4_text"]
 
 
 @pytest.fixture(autouse=True)

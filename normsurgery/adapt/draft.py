@@ -102,6 +102,7 @@ class Draft:
     per_layer: tuple[str, ...] = ("layer_types",)  # config keys with one value per block (re-indexed by prune)
     concatenated: tuple[tuple[str, tuple[str, ...]], ...] = ()  # block 0's (LayoutDraft.concatenated)
     model_others: tuple[str, ...] = ()  # model-level tensors off the residual stream (a vision tower, side linears)
+    per_block_slices: tuple[tuple[str, int], ...] = ()  # see Family.per_block_slices
     notes: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     # blocks of several kinds (dense and MoE, attention and SSM mixers): one layout per kind, the structural
@@ -150,6 +151,7 @@ class Draft:
             streamed_by_parent=self.streamed_by_parent,
             per_layer=self.per_layer,
             others=self.model_others,
+            per_block_slices=self.per_block_slices,
             origin="traced",
         )
 
@@ -212,5 +214,6 @@ def draft_from_json(data: dict[str, Any], config: Any) -> Draft:
         config_keys=tuple((a, tuple(k)) for a, k in data["config_keys"]),
         streamed_by_parent=tuple(data["streamed_by_parent"]), per_layer=tuple(data["per_layer"]),
         model_others=tuple(data["model_others"]),
+        per_block_slices=tuple((name, int(axis)) for name, axis in data.get("per_block_slices", ())),
         layouts=tuple(_layout_from(x) for x in data["layouts"]), signatures=tuple(data["signatures"]))
     return draft

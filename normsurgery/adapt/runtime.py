@@ -22,7 +22,7 @@ from normsurgery.arch.composite import text_view
 from normsurgery.arch.spec import Family
 from normsurgery.errors import NormSurgeryError
 
-TRACER_VERSION = 5  # raise when a change to the tracer or the proof makes cached declarations stale
+TRACER_VERSION = 6  # raise when a change to the tracer or the proof makes cached declarations stale
 # config entries that say nothing about the layout of the residual stream
 IGNORED = frozenset({"architectures", "_name_or_path", "transformers_version", "dtype", "torch_dtype", "use_cache",
                      "output_attentions", "output_hidden_states", "return_dict", "bos_token_id", "eos_token_id",
@@ -151,6 +151,33 @@ def _per_layer_keys(config: Any, depth: int) -> tuple[str, ...]:
     return tuple(sorted({*layer_lists(raw, depth), *layer_dicts(raw, depth), *known}))
 
 
+def _per_block_slices(config: Any, draft: Draft, depth: int, trust_remote_code: bool) -> tuple[tuple[str, int], ...]:
+    """The model-level tensors whose size along one axis is the depth times a fixed width (Gemma 4's per-block input
+    embeddings), found by building the model on the meta device with `depth` blocks (a depth its config builds at)
+    and with one block more or less. That block i reads the i-th slice only is what the prune's verification then
+    checks on the real model."""
+    from normsurgery.adapt.tiny import meta_shapes, tiny_like
+
+    real = int(text_view(config).num_hidden_layers)
+    other = depth + 1 if depth < real else depth - 1
+    if not draft.model_others or other < 1:
+        return ()
+    try:
+        a_shapes, b_shapes = (meta_shapes(tiny_like(config, d, shrink=False), trust_remote_code) for d in (depth, other))
+    except Exception:  # noqa: BLE001 - a config that does not build at another depth: nothing is sliced
+        return ()
+    arch = draft.family().resolve(draft.config)
+    found = []
+    for name in draft.model_others:
+        a, b = a_shapes.get(arch.module_path(name)), b_shapes.get(arch.module_path(name))
+        if a is None or b is None or len(a) != len(b):
+            continue
+        axes = [i for i, (x, y) in enumerate(zip(a, b)) if x != y]
+        if len(axes) == 1 and a[axes[0]] % depth == 0 and a[axes[0]] // depth * other == b[axes[0]]:
+            found.append((name, axes[0]))
+    return tuple(found)
+
+
 def _refused(checks: list[Any]) -> dict[str, str]:
     """The operations whose own proof failed (fold, rmsnorm, crmsnorm), each with the failing check's detail."""
     out = {}
@@ -189,12 +216,15 @@ def trace(config: Any, *, trust_remote_code: bool = False) -> tuple[Any, dict[st
         raise _refuse(config, f"transformers could not build it ({type(err).__name__}: {err})") from None
     depth = _covering_depth(signatures)
     problems: list[str] = []
-    for shrink in (False, True):
+    # the first blocks at the real widths, else with small widths, else (a config whose cut the model class refuses,
+    # e.g. a rule tying blocks to the depth) the whole model where it is small enough
+    attempts = [(depth, False), (depth, True)] + ([(len(signatures), False)] if len(signatures) > depth else [])
+    for cut, shrink in attempts:
         try:
-            tiny = tiny_like(config, depth, shrink=shrink, trust_remote_code=trust_remote_code)
+            tiny = tiny_like(config, cut, shrink=shrink, trust_remote_code=trust_remote_code)
             if not shrink and parameter_count(tiny, trust_remote_code) > MAX_PARAMETERS:
                 continue
-            if config_signatures(tiny, trust_remote_code) != signatures[:depth]:
+            if config_signatures(tiny, trust_remote_code) != signatures[:cut]:
                 problems.append("a tiny instance's blocks differ from the real model's first blocks")
                 continue
             draft = draft_config(tiny, trust_remote_code=trust_remote_code)
@@ -208,6 +238,7 @@ def trace(config: Any, *, trust_remote_code: bool = False) -> tuple[Any, dict[st
             problems.append(draft.problems[0])
             continue
         draft.per_layer = _per_layer_keys(config, len(signatures))
+        draft.per_block_slices = _per_block_slices(config, draft, cut, trust_remote_code)
         family = draft.family()
         try:
             checks = prove(family, tiny)

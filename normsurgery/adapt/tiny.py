@@ -145,7 +145,7 @@ def layer_lists(raw: dict[str, Any], depth: int) -> list[str]:
 
 def layer_dicts(raw: dict[str, Any], depth: int) -> list[str]:
     """The config keys holding settings by block index (e.g. Gemma 4's per_layer_config)."""
-    return [k for k, v in raw.items() if isinstance(v, dict) and v
+    return [k for k, v in raw.items() if isinstance(v, dict) and v and k not in ("id2label", "label2id")
             and all(str(i).isdigit() and int(i) < depth for i in v)]
 
 
@@ -162,6 +162,15 @@ def parameter_count(config: Any, trust_remote_code: bool) -> int:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     return sum(p.numel() for p in model.parameters())
+
+
+def meta_shapes(config: Any, trust_remote_code: bool) -> dict[str, tuple[int, ...]]:
+    """The shape of every parameter and buffer of a model of `config`, built on the meta device."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
 
 def tiny_like(config: Any, layers: int, *, shrink: bool, trust_remote_code: bool = False) -> Any:
@@ -211,6 +220,10 @@ def _cut(raw: dict[str, Any], cls: type, depth: int, layers: int, shrink: bool) 
     if int(raw.get(vocab_key) or 0) > 4 * VOCAB:
         changes[vocab_key] = VOCAB
         changes.update({k: v % VOCAB for k, v in raw.items() if k.endswith("token_id") and type(v) is int})
+    vocab = int(changes.get(vocab_key, raw.get(vocab_key) or VOCAB))
+    # other vocabularies the input ids index (Gemma 4's per-block input embeddings), no larger than the main one
+    changes.update({k: vocab for k, v in raw.items() if k.startswith("vocab_size") and k != vocab_key
+                    and type(v) is int and v > max(vocab, 4 * VOCAB)})
     if shrink:
         hidden = int(get("hidden_size"))
         heads = int(get("num_attention_heads") or 0)

@@ -159,6 +159,10 @@ class Family:
     # model-level tensors outside the language model that no text forward reads (a composite model's vision or
     # audio tower and its projector), which every rewrite leaves alone
     others: tuple[str, ...] = ()
+    # model-level tensors (as stored) whose size along an axis is the depth times a per-block width, block i reading
+    # the i-th slice only (Gemma 4's per-block input embeddings and their projection): pruning keeps the kept
+    # blocks' slices; (tensor name, axis)
+    per_block_slices: tuple[tuple[str, int], ...] = ()
 
     def resolve(self, config: Config) -> "Architecture":
         """Name every tensor of a model with this config (a composite config: of its language model)."""
@@ -267,6 +271,7 @@ class Family:
             refused=self.refused,
             config_keys=self.config_keys,
             others=self.others,
+            per_block_slices=self.per_block_slices,
         )
 
 
@@ -381,6 +386,7 @@ class Architecture:
     refused: tuple[tuple[str, str], ...] = ()  # see Family.refused
     config_keys: tuple[tuple[str, tuple[str, ...]], ...] = ()  # see Family.config_keys
     others: tuple[str, ...] = ()  # see Family.others
+    per_block_slices: tuple[tuple[str, int], ...] = ()  # see Family.per_block_slices
     _roles: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     def all_norms(self) -> list[Norm]:
@@ -442,6 +448,8 @@ class Architecture:
                        position_embedding=name(self.position_embedding) if self.position_embedding else None,
                        embedding_norm=norm(self.embedding_norm), blocks=blocks,
                        final_norm=norm(self.final_norm, (unembed,)), unembed=unembed, extra=linears(self.extra),
+                       others=tuple(map(name, self.others)),
+                       per_block_slices=tuple((name(t), axis) for t, axis in self.per_block_slices),
                        key_renames={}, fused={}, _roles={})
 
     def roles(self) -> dict[str, str]:

@@ -14,7 +14,7 @@ from normsurgery.arch import raw_key
 from normsurgery.arch.layer_config import pruned_config_updates, refuse_unknown_lists
 from normsurgery.arch.spec import Architecture
 from normsurgery.errors import NormSurgeryError
-from normsurgery.rewrite.plan import Plan
+from normsurgery.rewrite.plan import Plan, Step
 
 
 def check_indices(count: int, blocks: list[int]) -> None:
@@ -58,12 +58,28 @@ def plan_prune(arch: Architecture, raw: dict[str, Any], names: list[str], remove
             plan.dropped.add(name)
         elif new_prefix[block] != arch.blocks[block].prefix:
             plan.renames[name] = new_prefix[block] + name[len(arch.blocks[block].prefix):]
+    for name, axis in arch.per_block_slices:
+        if name in names:
+            plan.steps.append(Step(f"keep the kept blocks' slices of {name}", (name,),
+                                   partial(_kept_slices, name=name, axis=axis, depth=arch.num_layers, keep=keep)))
     depth_key = next((k for k in dict(arch.config_keys).get("num_hidden_layers", ()) if k in raw), None)
     plan.config_updates_from = partial(pruned_config_updates, keys=arch.per_layer,
                                        num_layers_key=depth_key or raw_key(raw, "num_hidden_layers"), keep=keep)
     if arch.origin == "traced":
         plan.config_updates_from = partial(_same_kinds, plan.config_updates_from, keep=keep)
     return plan
+
+
+def _kept_slices(inputs: dict[str, Any], name: str, axis: int, depth: int, keep: list[int]) -> dict[str, Any]:
+    """A tensor holding one slice per block along `axis` (Family.per_block_slices), with the kept blocks' slices."""
+    import torch
+
+    tensor = inputs[name]
+    if tensor.shape[axis] % depth:
+        raise NormSurgeryError(f"{name} has {tensor.shape[axis]} entries along axis {axis}, not a multiple of the "
+                               f"{depth} blocks its architecture gives one slice each; nothing was written.")
+    sliced = tensor.unflatten(axis, (depth, -1)).index_select(axis, torch.tensor(keep))
+    return {name: sliced.flatten(axis, axis + 1)}
 
 
 def _same_kinds(updates_from: Callable[[Any], dict[str, Any]], config: Any, keep: list[int]) -> dict[str, Any]:
