@@ -170,3 +170,42 @@ def test_settings_by_block_index_are_reindexed_for_the_kept_blocks():
     updates = pruned_config_updates(Config(), ("per_layer_config", "kinds"), "num_hidden_layers", [0, 1, 3])
     assert updates == {"num_hidden_layers": 3, "per_layer_config": {"1": {"head_dim": 32}, "2": {"head_dim": 64}},
                        "kinds": ["a", "b", "b"]}
+
+
+def test_a_model_whose_blocks_compute_with_their_index_is_refused_pruning_and_still_folded(cli, tmp_path):
+    """DiffLlama's attention mixes with a constant set from the block's index: no pruned model equals the original
+    with a block skipped, which the trace's own prune proof finds before anything is streamed."""
+    model = _checkpoint("diffllama", tmp_path / "model")
+    code, _, err = cli("prune", model, "--layers", "1", "-o", tmp_path / "out")
+    assert code == 2 and "own block index or the model's depth" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+    code, out, err = cli("fold", model, "-o", tmp_path / "fold", "--json")
+    assert code == 0 and _json(out)["check"]["passed"], err
+
+
+def test_lists_of_block_indices_and_every_layer_count_follow_a_traced_prune():
+    from normsurgery.arch.layer_config import pruned_config_updates
+
+    class Config:
+        def __init__(self) -> None:
+            self.num_hidden_layers = 4
+            self.hybrid_layer_ids = [1, 3]  # Zamba 2: blocks listed by index
+            self.decoder_layers = self.encoder_layers = 4  # Whisper's causal LM: the depth under two names
+            self.eos_token_id = [1, 2]  # small integers that name no block
+
+        def to_dict(self) -> dict:
+            return dict(vars(self))
+
+    updates = pruned_config_updates(Config(), ("hybrid_layer_ids",), "num_hidden_layers", [0, 2, 3],
+                                    follow_depth=True)
+    assert updates == {"num_hidden_layers": 3, "decoder_layers": 3, "encoder_layers": 3, "hybrid_layer_ids": [2]}
+
+
+def test_a_skipped_block_that_returns_a_list_passes_its_input_through():
+    import torch
+
+    from normsurgery.depth.skip import _pass_through
+
+    x = torch.ones(1, 2, 3)
+    out = _pass_through(None, (x,), {}, [torch.zeros(1, 2, 3), "attention"])  # GPT-1's blocks return a list
+    assert isinstance(out, list) and out[0] is x and out[1] == "attention"

@@ -7,6 +7,7 @@ to file. Only a draft that passes every check is trusted."""
 from __future__ import annotations
 
 import copy
+import re
 import tempfile
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -19,7 +20,7 @@ from torch import nn
 from normsurgery.adapt.tiny import VOCAB, perturb, tiny_model
 from normsurgery.arch.facts import applicability
 from normsurgery.arch.spec import Architecture, Family
-from normsurgery.errors import NormSurgeryError
+from normsurgery.errors import CheckFailed, NormSurgeryError
 
 REL_TOLERANCE = 2e-5  # max |logit diff| / max |logit| in float32, the exactness bound of the test suite
 
@@ -189,10 +190,30 @@ def _in_memory(name: str, model: nn.Module, arch: Architecture, plan_for: Callab
 def _file_to_file(name: str, folder: Path, out: Path, run: Callable[[Path, Path], Any]) -> Check:
     """A command's API call from the saved folder to a new one, verified as the CLI verifies it."""
     result = run(folder, out)
-    check = result.check
-    detail = (f"max |logit diff| / max |logit| = {check.rel_logit_diff:.2g}, top-1 agreement "
-              f"{check.top1_agreement:.0%}")
-    return Check(name, check.passed and check.rel_logit_diff <= REL_TOLERANCE, detail)
+    check = result["check"] if isinstance(result, dict) else result.check  # prune reports plain data
+    passed, rel, top1 = (check["passed"], check["rel_logit_diff"], check["top1_agreement"]) if isinstance(
+        check, dict) else (check.passed, check.rel_logit_diff, check.top1_agreement)
+    detail = f"max |logit diff| / max |logit| = {rel:.2g}, top-1 agreement {top1:.0%}"
+    return Check(name, passed and rel <= REL_TOLERANCE, detail)
+
+
+def _prune(folder: Path, out: Path, remote: bool) -> Check:
+    """Block 0 removed, verified against the original with it skipped: every later block then runs one index lower
+    and the depth is one less, so a model whose blocks compute with their own index or with the depth (a residual
+    scaled by 1/sqrt(depth) or by the block index) fails it. A prune refused before it runs (a kept block would change
+    kind; a config list that only this tiny depth makes one entry per block) proves nothing either way: the real
+    model's prune meets the same checks."""
+    from normsurgery import api
+
+    name = "prune block 0, file to file"
+    try:
+        return _file_to_file(name, folder, out, lambda src, dst: api.prune(str(src), dst, layers=[0], device="cpu",
+                                                                           trust_remote_code=remote))
+    except CheckFailed as err:  # the verification's measure, not its advice
+        measured = re.findall(r"max \|logit diff\| / logit scale = [^ ;]+|top-1 agreement [0-9.]+%", str(err))
+        return Check(name, False, f"verification failed: {', '.join(measured) or err}")
+    except NormSurgeryError as err:
+        return Check(name, True, f"not run: {err}")
 
 
 def prove(family: Family, config: Any) -> list[Check]:
@@ -234,6 +255,8 @@ def prove(family: Family, config: Any) -> list[Check]:
             attempt("fold, file to file", lambda: _file_to_file(
                 "fold, file to file", folder, Path(tmp) / "fold",
                 lambda src, out: api.fold(str(src), out, device="cpu", trust_remote_code=remote)))
+        if applies["prune"]:
+            attempt("prune block 0, file to file", lambda: _prune(folder, Path(tmp) / "prune", remote))
         for target in ("rmsnorm", "crmsnorm"):
             if applies[target]:
                 if target == "rmsnorm":

@@ -22,7 +22,7 @@ from normsurgery.arch.composite import text_view
 from normsurgery.arch.spec import Family
 from normsurgery.errors import NormSurgeryError
 
-TRACER_VERSION = 6  # raise when a change to the tracer or the proof makes cached declarations stale
+TRACER_VERSION = 8  # raise when a change to the tracer or the proof makes cached declarations stale
 # config entries that say nothing about the layout of the residual stream
 IGNORED = frozenset({"architectures", "_name_or_path", "transformers_version", "dtype", "torch_dtype", "use_cache",
                      "output_attentions", "output_hidden_states", "return_dict", "bos_token_id", "eos_token_id",
@@ -30,7 +30,8 @@ IGNORED = frozenset({"architectures", "_name_or_path", "transformers_version", "
                      "num_layers", "max_position_embeddings", "initializer_range"})
 # the checks every operation needs, and the operations whose own proof is a named check
 STRUCTURAL = ("resolve", "tensor names", "config.json alone", "norm facts")
-PROVEN_BY = {"fold": "fold", "rmsnorm": "convert to rmsnorm", "crmsnorm": "convert to crmsnorm"}
+PROVEN_BY = {"fold": "fold", "rmsnorm": "convert to rmsnorm", "crmsnorm": "convert to crmsnorm",
+             "prune": "prune block 0"}
 
 # why a model whose code ships in its folder is folded and pruned (stock outputs keep that code) but not converted
 REMOTE_CONVERSION = ("its modeling code ships in its own folder, which the trainable rewrites and sub-layer pruning do "
@@ -141,14 +142,14 @@ def _covering_depth(signatures: list[str]) -> int:
 
 
 def _per_layer_keys(config: Any, depth: int) -> tuple[str, ...]:
-    """The config keys prune re-indexes: every list with one value per block, every setting by block index, and the
-    keys whose format normsurgery knows (arch/layer_config.py)."""
+    """The config keys prune re-indexes: every list with one value per block, every setting by block index, every
+    list of block indices, and the keys whose format normsurgery knows (arch/layer_config.py)."""
     from normsurgery.adapt.tiny import layer_dicts, layer_lists
-    from normsurgery.arch.layer_config import REINDEX, REINDEX_WITH_CONFIG
+    from normsurgery.arch.layer_config import REINDEX, REINDEX_WITH_CONFIG, block_index_lists
 
     raw = text_view(config).to_dict()
     known = {k for k in (*REINDEX, *REINDEX_WITH_CONFIG) if raw.get(k) is not None}
-    return tuple(sorted({*layer_lists(raw, depth), *layer_dicts(raw, depth), *known}))
+    return tuple(sorted({*layer_lists(raw, depth), *layer_dicts(raw, depth), *block_index_lists(raw, depth), *known}))
 
 
 def _per_block_slices(config: Any, draft: Draft, depth: int, trust_remote_code: bool) -> tuple[tuple[str, int], ...]:
@@ -179,12 +180,17 @@ def _per_block_slices(config: Any, draft: Draft, depth: int, trust_remote_code: 
 
 
 def _refused(checks: list[Any]) -> dict[str, str]:
-    """The operations whose own proof failed (fold, rmsnorm, crmsnorm), each with the failing check's detail."""
+    """The operations whose own proof failed (fold, rmsnorm, crmsnorm, prune), each with the failing check's detail."""
     out = {}
     for op, check in PROVEN_BY.items():
         failed = [c for c in checks if c.name.startswith(check) and not c.passed]
         if failed:
             out[op] = f"its traced declaration failed the proof of {check}: {failed[0].detail.rstrip('.')}"
+            if op == "prune" and "logit diff" in failed[0].detail:
+                out[op] = ("removing a block changes what the blocks kept after it compute (their code uses their "
+                           "own block index or the model's depth, e.g. a residual scaled by it), so no pruned model "
+                           "equals the original with that block skipped; on a tiny instance, removing block 0 gave "
+                           f"{failed[0].detail.rstrip('.')}")
     return out
 
 

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from normsurgery.arch.layer_config import depth_counts, names_blocks
 from normsurgery.errors import NormSurgeryError
 
 VOCAB = 320
@@ -140,19 +141,13 @@ MAX_PARAMETERS = 30_000_000  # a tiny instance with the real widths larger than 
 def layer_lists(raw: dict[str, Any], depth: int) -> list[str]:
     """The config keys holding one value per block."""
     return [k for k, v in raw.items() if isinstance(v, list) and len(v) == depth and k != "architectures"
-            and all(isinstance(x, (str, bool, int, float)) for x in v) and not _indices(v, depth)]
+            and all(isinstance(x, (str, bool, int, float)) for x in v) and not names_blocks(v, depth)]
 
 
 def layer_dicts(raw: dict[str, Any], depth: int) -> list[str]:
     """The config keys holding settings by block index (e.g. Gemma 4's per_layer_config)."""
     return [k for k, v in raw.items() if isinstance(v, dict) and v and k not in ("id2label", "label2id")
             and all(str(i).isdigit() and int(i) < depth for i in v)]
-
-
-def _indices(values: list[Any], depth: int) -> bool:
-    """Whether an integer list names blocks (increasing indices, e.g. mlp_only_layers) rather than giving each block
-    a value (e.g. a head count per block)."""
-    return all(type(x) is int for x in values) and values == sorted(set(values)) and all(0 <= x < depth for x in values)
 
 
 def parameter_count(config: Any, trust_remote_code: bool) -> int:
@@ -193,7 +188,7 @@ def tiny_like(config: Any, layers: int, *, shrink: bool, trust_remote_code: bool
         for other, sub in raw.items():
             if other != key and isinstance(sub, dict) and type(sub.get("num_hidden_layers")) is int:
                 raw[other] = {**sub, "num_hidden_layers": 1, **{k: v[:1] for k, v in sub.items() if isinstance(
-                    v, list) and len(v) == sub["num_hidden_layers"] and not _indices(v, sub["num_hidden_layers"])}}
+                    v, list) and len(v) == sub["num_hidden_layers"] and not names_blocks(v, sub["num_hidden_layers"])}}
     try:
         tiny = type(config).from_dict(raw)
     except Exception as err:  # config classes validate their values with many exception types
@@ -212,8 +207,7 @@ def _cut(raw: dict[str, Any], cls: type, depth: int, layers: int, shrink: bool) 
 
     depth_key = names.get("num_hidden_layers", "num_hidden_layers")
     changes: dict[str, Any] = {depth_key: layers} if depth_key in raw else {}
-    changes.update({k: layers for k, v in raw.items() if type(v) is int and v == depth  # the model's own depth key
-                    and ("layer" in k or "depth" in k) and not k.startswith(("first", "num_nextn", "max"))})
+    changes.update({k: layers for k in depth_counts(raw, depth)})  # the model's own depth key, whatever its name
     changes.update({k: raw[k][:layers] for k in layer_lists(raw, depth)})
     changes.update({k: {i: v for i, v in raw[k].items() if int(i) < layers} for k in layer_dicts(raw, depth)})
     vocab_key = names.get("vocab_size", "vocab_size")

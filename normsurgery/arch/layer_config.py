@@ -55,6 +55,32 @@ REINDEX_WITH_CONFIG: dict[str, Callable[[Any, list[int]], dict[str, Any]]] = {
 }
 
 
+def names_blocks(values: Any, depth: int) -> bool:
+    """Whether a list names blocks (increasing block indices, e.g. Zamba 2's hybrid_layer_ids) rather than giving each
+    block a value (e.g. a head count per block)."""
+    return (isinstance(values, (list, tuple)) and bool(values) and all(type(x) is int for x in values)
+            and list(values) == sorted(set(values)) and all(0 <= x < depth for x in values))
+
+
+def block_index_lists(raw: Mapping[str, Any], depth: int) -> list[str]:
+    """The config keys that list blocks by index (their names speak of layers or blocks: token ids are lists of small
+    integers too)."""
+    return [k for k, v in raw.items() if ("layer" in k or "block" in k) and names_blocks(v, depth)]
+
+
+def _listed(value: Any, keep: list[int]) -> list[int]:
+    """A list of block indices: the kept ones, renumbered."""
+    listed = {int(i) for i in value}
+    return [new for new, old in enumerate(keep) if old in listed]
+
+
+def depth_counts(raw: Mapping[str, Any], depth: int) -> list[str]:
+    """The config keys whose value is the depth, by their names a count of layers (not first_k_dense_replace,
+    num_nextn_predict_layers or max_window_layers, which only equal the depth by chance)."""
+    return [k for k, v in raw.items() if type(v) is int and v == depth and ("layer" in k or "depth" in k)
+            and not k.startswith(("first", "num_nextn", "max"))]
+
+
 def _run_lengths(types: list[str]) -> list[list[Any]]:
     """GPT-Neo's `attention_types` format for an explicit per-block list: [[[type], run length], ...]."""
     runs: list[list[Any]] = []
@@ -78,10 +104,13 @@ def refuse_unknown_lists(raw: dict[str, Any], keys: tuple[str, ...], num_layers:
                                "Please report it (a family lists such keys in normsurgery/arch/families.py, per_layer).")
 
 
-def pruned_config_updates(config: Any, keys: tuple[str, ...], num_layers_key: str, keep: list[int]) -> dict[str, Any]:
+def pruned_config_updates(config: Any, keys: tuple[str, ...], num_layers_key: str, keep: list[int],
+                          follow_depth: bool = False) -> dict[str, Any]:
     """The config.json changes for a model keeping blocks `keep` (old indices, in order) of `config`'s (the
     transformers config, whose defaults and patterns are expanded); a composite config's go into its language
-    model's sub-config."""
+    model's sub-config. With `follow_depth` (a traced family, whose depth key the tracer may not have told apart
+    from another count equal to it, e.g. Whisper's decoder_layers and encoder_layers), every layer count equal to
+    the depth follows it, as the tracer's tiny instance cut them."""
     from normsurgery.arch.composite import text_view
 
     view = text_view(config)
@@ -89,9 +118,11 @@ def pruned_config_updates(config: Any, keys: tuple[str, ...], num_layers_key: st
         sub = view.to_dict()
         depth_key = dict(getattr(type(getattr(config, view.text_key)), "attribute_map", {}) or {}).get(
             "num_hidden_layers", "num_hidden_layers")
-        return {view.text_key: {**sub, **pruned_config_updates(view, keys, depth_key, keep)}}
+        return {view.text_key: {**sub, **pruned_config_updates(view, keys, depth_key, keep, follow_depth)}}
     num_layers = int(config.num_hidden_layers)
     updates: dict[str, Any] = {num_layers_key: len(keep)}
+    if follow_depth and hasattr(config, "to_dict"):
+        updates.update({k: len(keep) for k in depth_counts(config.to_dict(), num_layers)})
     stored_values: dict[str, Any] = {}  # a traced family's keys as config.json holds them (read once, when needed)
     for key in keys:
         value = getattr(config, key, None)
@@ -99,6 +130,10 @@ def pruned_config_updates(config: Any, keys: tuple[str, ...], num_layers_key: st
             continue
         if key in REINDEX_WITH_CONFIG:
             updates.update(REINDEX_WITH_CONFIG[key](config, keep))
+            continue
+        if key not in REINDEX and names_blocks(value, num_layers) and key in block_index_lists({key: value},
+                                                                                              num_layers):
+            updates[key] = _listed(value, keep)  # a traced family's list of block indices
             continue
         if isinstance(value, (list, tuple)) and len(value) != num_layers:
             raise NormSurgeryError(f"config {key} has {len(value)} entries for {num_layers} blocks; fix config.json "

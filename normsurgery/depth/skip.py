@@ -15,8 +15,8 @@ from normsurgery.arch.spec import Architecture
 def _pass_through(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
     """A forward hook that replaces a block's output hidden states by its input (any other outputs kept)."""
     hidden = args[0] if args else kwargs["hidden_states"]
-    if isinstance(output, tuple):
-        return (hidden,) + output[1:]
+    if isinstance(output, (tuple, list)):  # GPT-1's blocks return a list
+        return type(output)([hidden, *output[1:]])
     return hidden
 
 

@@ -34,6 +34,9 @@ def check_removal(arch: Architecture, remove: list[int]) -> list[int]:
         raise NormSurgeryError("no block to remove: pass --remove K (K >= 1) or --layers.")
     if len(remove) >= count:
         raise NormSurgeryError(f"cannot remove {len(remove)} of {count} blocks: at least one must stay.")
+    if "prune" in dict(arch.refused):
+        raise NormSurgeryError(f"pruning this {arch.model_type} model is refused: {dict(arch.refused)['prune']}. "
+                               "Nothing was written.")
     if arch.depth_dependent:
         raise NormSurgeryError(f"this model sets {', '.join(arch.depth_dependent)}, so each block computes with its own "
                                "index and removing one would change the others; pruning is refused.")
@@ -64,7 +67,8 @@ def plan_prune(arch: Architecture, raw: dict[str, Any], names: list[str], remove
                                    partial(_kept_slices, name=name, axis=axis, depth=arch.num_layers, keep=keep)))
     depth_key = next((k for k in dict(arch.config_keys).get("num_hidden_layers", ()) if k in raw), None)
     plan.config_updates_from = partial(pruned_config_updates, keys=arch.per_layer,
-                                       num_layers_key=depth_key or raw_key(raw, "num_hidden_layers"), keep=keep)
+                                       num_layers_key=depth_key or raw_key(raw, "num_hidden_layers"), keep=keep,
+                                       follow_depth=arch.origin == "traced")
     if arch.origin == "traced":
         plan.config_updates_from = partial(_same_kinds, plan.config_updates_from, keep=keep)
     return plan
