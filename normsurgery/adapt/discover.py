@@ -184,20 +184,28 @@ def _stacked_parts(stacked: torch.Tensor, candidates: dict[str, torch.Tensor]) -
     return ()
 
 
-def _renames(mem_to_disk: dict[str, str]) -> tuple[tuple[str, str], ...]:
-    """On-disk -> in-memory renames (regex, replacement) that explain every renamed tensor, each as broad as it can
-    be without renaming any other tensor wrongly (a prefix shared by a whole sub-model, else a module, else one
-    tensor); block and expert indices match any index."""
-    pairs = [(disk, mem) for mem, disk in mem_to_disk.items()]
+def _renames(mem_to_disk: dict[str, str], layers: str, disk_layers: str) -> tuple[tuple[str, str], ...]:
+    """On-disk -> in-memory renames (regex, replacement), applied in order, that explain every renamed tensor: the
+    block list's own path first where the checkpoint stores it elsewhere (EXAONE's transformer.h for model.layers),
+    then each as broad as it can be without renaming any other tensor wrongly (a prefix shared by a whole sub-model,
+    else a module, else one tensor); block and expert indices match any index."""
+    chain = [(rf"^{re.escape(disk_layers)}\.(\d+)\.", f"{layers}.\\g<1>.")] if disk_layers != layers else []
+
+    def first(disk: str) -> str:
+        for pattern, replacement in chain:
+            disk = re.sub(pattern, replacement, disk)
+        return disk
+
+    pairs = [(first(disk), mem) for mem, disk in mem_to_disk.items()]
     found: dict[str, str] = {}
-    for mem, disk in mem_to_disk.items():
+    for disk, mem in pairs:
         if mem == disk or any(re.sub(p, r, disk) == mem for p, r in found.items()):
             continue
         for pattern, replacement in _rename_candidates(mem.split("."), disk.split(".")):
             if all(re.sub(pattern, replacement, d) == m for d, m in pairs if re.match(pattern, d)):
                 found[pattern] = replacement
                 break
-    return tuple(sorted(found.items()))
+    return tuple(chain) + tuple(sorted(found.items()))
 
 
 def _rename_candidates(m: list[str], d: list[str]) -> list[tuple[str, str]]:
@@ -634,13 +642,13 @@ def draft_config(config: Any, *, switches: Callable[[dict[str, bool]], dict[str,
     find = _Finder(trace, norms, linears, embeddings,
                    {tensor_key(p): (n, p) for n, p in model.named_parameters(remove_duplicate=False)})
     mem_to_disk, saved, stacked, joined = _disk_names(model)
-    draft.key_renames = _renames(mem_to_disk)
 
     def disk(path: str) -> str:
         return mem_to_disk.get(f"{path}.weight", f"{path}.weight")[: -len(".weight")]
 
     memory_layers = draft.layers
     draft.layers = _disk_layers(memory_layers, mem_to_disk)
+    draft.key_renames = _renames(mem_to_disk, memory_layers, draft.layers)
 
     def on_disk(prefix: str) -> str:  # a block's in-memory prefix -> its prefix in the checkpoint
         return draft.layers + prefix[len(memory_layers):]
@@ -729,12 +737,20 @@ def draft_config(config: Any, *, switches: Callable[[dict[str, bool]], dict[str,
 
 def _disk_layers(layers: str, mem_to_disk: dict[str, str]) -> str:
     """The block list's path in the checkpoint (transformers may save a composite model's language model under
-    another prefix, e.g. Gemma 3's language_model.model.layers for model.language_model.layers)."""
+    another prefix, e.g. Gemma 3's language_model.model.layers for model.language_model.layers, and a model whose
+    hub checkpoints use older names under those, e.g. EXAONE's transformer.h for model.layers): where the stored
+    names of a block-0 tensor and its block-1 twin first differ, else where the stored name's first ".0." starts."""
     for mem, disk in mem_to_disk.items():
-        if mem.startswith(f"{layers}.0."):
-            rest = mem[len(f"{layers}.0."):]
-            if disk.endswith(f".0.{rest}"):
-                return disk[: -len(f".0.{rest}")]
+        if not mem.startswith(f"{layers}.0."):
+            continue
+        twin = mem_to_disk.get(f"{layers}.1.{mem[len(layers) + 3:]}")
+        parts = disk.split(".")
+        if twin is not None and len(twin.split(".")) == len(parts):
+            at = next((i for i, (a, b) in enumerate(zip(parts, twin.split("."))) if a != b), None)
+            if at is not None and parts[at] == "0":
+                return ".".join(parts[:at])
+        if "0" in parts:
+            return ".".join(parts[: parts.index("0")])
     return layers
 
 
