@@ -134,9 +134,10 @@ def _disk_names(model: nn.Module) -> tuple[dict[str, str], set[str], dict[str, t
         if mem in mem_to_disk or s.ndim != 3:
             continue
         block = re.match(r"(.*?\.\d+\.)", mem)  # the per-expert tensors sit in the same block, maybe renamed
+        stored_block = _stored_prefix(block.group(1), mem_to_disk) if block else ""
         expert0 = {}
         for name, t in saved.items():
-            found = re.match(rf"({re.escape(block.group(1)) if block else ''}.*?)\.0\.(.+)\.weight$", name)
+            found = re.match(rf"({re.escape(stored_block)}.*?)\.0\.(.+)\.weight$", name)
             if found and name not in mem_to_disk.values():
                 expert0[(found.group(1), found.group(2))] = t
         for module in sorted({m for m, _ in expert0}):
@@ -149,6 +150,13 @@ def _disk_names(model: nn.Module) -> tuple[dict[str, str], set[str], dict[str, t
     return mem_to_disk, set(saved), stacked, _concatenated(state, saved, mem_to_disk, stacked)
 
 
+def _stored_prefix(prefix: str, mem_to_disk: dict[str, str]) -> str:
+    """An in-memory name prefix as the checkpoint stores it (Nemotron-H's backbone.layers.1. for model.layers.1.),
+    found from a tensor under it whose stored name keeps the rest of its name; the prefix itself where none does."""
+    return next((d[: len(d) - len(m) + len(prefix)] for m, d in mem_to_disk.items()
+                 if m.startswith(prefix) and d.endswith(m[len(prefix):])), prefix)
+
+
 def _concatenated(state: dict[str, torch.Tensor], saved: dict[str, torch.Tensor], mem_to_disk: dict[str, str],
                   stacked: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
     """Parameters that transformers concatenates at load from stored tensors beside them (OLMo-hybrid's conv1d from
@@ -158,9 +166,7 @@ def _concatenated(state: dict[str, torch.Tensor], saved: dict[str, torch.Tensor]
     for mem, value in state.items():
         if mem in mem_to_disk or mem in stacked or value.ndim == 0:
             continue
-        parent = mem.rsplit(".", 2)[0] + "."
-        parent = next((d[: len(d) - len(m) + len(parent)] for m, d in mem_to_disk.items()  # the parent as stored
-                       if m.startswith(parent) and d.endswith(m[len(parent):])), parent)
+        parent = _stored_prefix(mem.rsplit(".", 2)[0] + ".", mem_to_disk)
         candidates = {n[len(parent):]: t for n, t in saved.items() if n.startswith(parent) and n not in claimed}
         parts = _stacked_parts(value[None], candidates) if len(candidates) <= 12 else ()
         if parts:

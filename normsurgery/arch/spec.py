@@ -263,7 +263,7 @@ class Family:
             extra=linears(self.extra, ""),
             post_ln=flag(self.post_ln, config),
             key_renames=dict(self.key_renames),
-            fused={name: tuple(map(tuple, parts)) for name, parts in fused.items()},
+            fused={_renamed(name, self.key_renames): tuple(map(tuple, parts)) for name, parts in fused.items()},
             concatenated=concatenated,
             per_layer=self.per_layer,
             depth_dependent=tuple(k for k in self.depth_dependent if flag(k, config)),
@@ -273,6 +273,13 @@ class Family:
             others=self.others,
             per_block_slices=self.per_block_slices,
         )
+
+
+def _renamed(name: str, renames: tuple[tuple[str, str], ...]) -> str:
+    """A stored tensor name as transformers names it in memory (the family's key renames, in order)."""
+    for pattern, replacement in renames:
+        name = re.sub(pattern, replacement, name)
+    return name
 
 
 # ---------------------------------------------------------------- resolved (per model)
