@@ -7,6 +7,13 @@ Markdown table.
 
     python bench/convert_speed.py [--workdir /tmp/normsurgery-bench] [--suite main|rss|prune|moe|all] [--repeat N]
                                   [--mergekit PATH/TO/mergekit-yaml] [--moe-layers 8,24,40]
+    python bench/convert_speed.py --guard [--repeat N]
+
+--guard is the check for CI (one to two minutes on 2 cores): a 0.3 GB bf16 Llama-shaped checkpoint whose
+config.json is as the hub ships one (see HUB_LLAMA_KEYS), generated into a temporary folder; the best of N (3) runs
+of the copy, of `prune --layers --no-verify`, `fold --no-verify` and the verified `fold`, interleaved; a table of
+times and ratios to the copy, and exit status 1 when a ratio exceeds its limit (GUARD_LIMITS, generous: shared CI
+machines are noisy; a prune that imports torch and transformers again, seconds more, exceeds its limit).
 
 Peak RSS is each command's own, taken with wait4 by a small launcher process that starts it: a child forked from
 this script directly would report at least this script's own RSS (Linux carries the parent's memory high-water mark
@@ -20,11 +27,13 @@ With --mergekit, the prune suite also times mergekit's passthrough merge of the 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -108,6 +117,72 @@ def bench_model(src: Path, ops: list[tuple[str, list[str]]], work: Path, verify:
     return rows
 
 
+# the guard's checkpoint: hidden 1024, 8 layers, GQA 16/4 heads, MLP 2816, vocab 32000, untied head (0.31 GB in bf16)
+GUARD_SHAPE = dict(model_type="llama", hidden_size=1024, num_hidden_layers=8, num_attention_heads=16,
+                   num_key_value_heads=4, intermediate_size=2816, vocab_size=32000, tie_word_embeddings=False,
+                   max_position_embeddings=2048)
+# the keys of a Llama config.json on the hub (SmolLM2-135M's; transformers 4.40 wrote it: no mlp_bias, head_dim or
+# layer_types, legacy rope keys, torch_dtype): what `prune --no-verify` must read without importing transformers
+HUB_LLAMA_KEYS = ("architectures", "attention_bias", "attention_dropout", "bos_token_id", "eos_token_id", "hidden_act",
+                  "hidden_size", "initializer_range", "intermediate_size", "max_position_embeddings", "model_type",
+                  "num_attention_heads", "num_hidden_layers", "num_key_value_heads", "pretraining_tp", "rms_norm_eps",
+                  "tie_word_embeddings", "use_cache", "vocab_size")
+# operation -> (arguments before the model, after it; the largest ratio of its best time to the best copy's). Measured
+# on 2 cores shared with other work (load 4-5): best copy 0.30 s; ratios 2.5, 17 and 49 (verified fold: 25-60 from run
+# to run); a prune that imports torch and transformers again (as before the fix of issue 35) measured 12.9
+GUARD_LIMITS = {
+    "prune 4 blocks --no-verify": (["prune"], ["--layers", "2,3,4,5", "--no-verify"], 6.0),
+    "fold --no-verify": (["fold"], ["--no-verify"], 40.0),
+    "fold (verified)": (["fold"], [], 120.0),
+}
+
+
+def hub_style(folder: Path) -> None:
+    """Rewrite a synthetic Llama's config.json (transformers 5 writes every attribute) as the hub ships one."""
+    config = json.loads((folder / "config.json").read_text())
+    hub = {k: config[k] for k in HUB_LLAMA_KEYS if k in config}
+    hub.update(rope_scaling=None, rope_theta=10000.0, torch_dtype="bfloat16", transformers_version="4.40.0.dev0")
+    (folder / "config.json").write_text(json.dumps(hub, indent=2))
+
+
+def guard(repeat: int) -> int:
+    """The CI check: times and ratios of each GUARD_LIMITS operation to a copy, measured in this run; 1 when one
+    exceeds its limit."""
+    with tempfile.TemporaryDirectory(prefix="normsurgery-guard-") as tmp:
+        work = Path(tmp)
+        src = build(work / "llama-0.3gb-bf16", GUARD_SHAPE, torch.bfloat16)
+        hub_style(src)
+        out = work / "out"
+        copies: list[float] = []
+        times: dict[str, list[float]] = {label: [] for label in GUARD_LIMITS}
+        for _ in range(repeat):  # interleaved: each round meets the same machine
+            copies.append(copy_time(src, work / "copy")[0])
+            for label, (before, after, _) in GUARD_LIMITS.items():
+                times[label].append(run(normsurgery(*before, str(src), *after, "-o", str(out), "--force",
+                                                    "--max-shard-size", "1GB"))[0])
+                shutil.rmtree(out, ignore_errors=True)
+        size = folder_bytes(src) / 1e9
+    copy = min(copies)
+    print(f"\nguard: {size:.2f} GB bf16 Llama, hub-style config.json; torch {torch.__version__}, "
+          f"{os.cpu_count()} CPUs; best of {repeat} interleaved runs\n")
+    print("| operation | best s | runs s | ratio to copy | limit | |")
+    print("|---|---|---|---|---|---|")
+    print(f"| copy (cp -r && sync) | {copy:.2f} | {', '.join(f'{x:.2f}' for x in copies)} | 1.00 | | |")
+    failed = []
+    for label, (_, _, limit) in GUARD_LIMITS.items():
+        best = min(times[label])
+        ratio = best / copy
+        if ratio > limit:
+            failed.append(label)
+        print(f"| {label} | {best:.2f} | {', '.join(f'{x:.2f}' for x in times[label])} | {ratio:.2f} | {limit:g} | "
+              f"{'FAIL' if ratio > limit else 'ok'} |")
+    if failed:
+        print(f"\nguard FAILED: {', '.join(failed)} slower than its limit times the copy")
+        return 1
+    print("\nguard passed")
+    return 0
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/normsurgery-bench"))
@@ -117,7 +192,11 @@ def main() -> None:
     parser.add_argument("--mergekit", help="a mergekit-yaml executable: also time mergekit's prune (prune suite)")
     parser.add_argument("--moe-layers", default="8", help="comma-separated depths of the synthetic Mixtral (moe suite; "
                                                           "8 layers: 1.28 GB, each layer 0.15 GB more)")
+    parser.add_argument("--guard", action="store_true", help="the CI check: ratios to a copy on a temporary 0.3 GB "
+                                                             "checkpoint; exit status 1 when one exceeds its limit")
     args = parser.parse_args()
+    if args.guard:
+        sys.exit(guard(args.repeat))
     args.workdir.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     if args.suite in ("main", "prune", "all"):

@@ -95,3 +95,54 @@ def save_as_loaded(folder: Path, out: Path) -> Path:
     save_file({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}, out / "model.safetensors",
               metadata={"format": "pt"})
     return out
+
+
+HUB_TRANSFORMERS = "4.44.2"  # the transformers a hub-style config.json says wrote it
+
+# SmolLM2-135M's config.json as the hub ships it (transformers 4.40 wrote it: no mlp_bias, no head_dim, no
+# layer_types), at a tiny size; 16 blocks so that the issue's `--layers 10,11,12,13` applies
+SMOLLM2_HUB = {
+    "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 0,
+    "eos_token_id": 0, "hidden_act": "silu", "hidden_size": 32, "initializer_range": 0.02, "intermediate_size": 64,
+    "max_position_embeddings": 2048, "model_type": "llama", "num_attention_heads": 4, "num_hidden_layers": 16,
+    "num_key_value_heads": 2, "pretraining_tp": 1, "rms_norm_eps": 1e-05, "rope_scaling": None, "rope_theta": 10000.0,
+    "tie_word_embeddings": True, "torch_dtype": "bfloat16", "transformers_version": "4.40.0.dev0", "use_cache": True,
+    "vocab_size": 320,
+}
+
+
+def hub_config(name: str) -> dict:
+    """config.json for fixture `name` as the hub ships such a model: what an older transformers saved (only the values
+    that differ from the base config's defaults, and only the attributes its class had then), so no norm eps, no
+    tie_word_embeddings at the class default, no per-block list the class fills in (layer_types, ...) unless the model
+    sets it, none of the attributes added since (mlp_bias, head_dim, ...); with the architectures, torch_dtype and the
+    legacy rope keys (a rope_scaling for Llama)."""
+    from transformers import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    model_type, kwargs = FAMILY_CONFIGS[name]
+    raw = {"architectures": [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]], "model_type": model_type,
+           "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, **kwargs, "torch_dtype": "bfloat16",
+           "transformers_version": HUB_TRANSFORMERS, "use_cache": True}
+    if hasattr(CONFIG_MAPPING[model_type], "rope_parameters") and "rope_parameters" not in kwargs:
+        scaling = {"rope_type": "linear", "factor": 2.0} if model_type == "llama" else None
+        raw.update(rope_theta=10000.0, rope_scaling=scaling)
+    return raw
+
+
+def write_hub_checkpoint(raw: dict, out: Path, seed: int = 0) -> Path:
+    """A checkpoint folder with config.json `raw` and every tensor its architecture names, in the layout the hub
+    stores (one tensor per expert), random bf16 values of a token size (the shapes are not what matters here)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from normsurgery.arch import architecture_of, load_config
+
+    out.mkdir(parents=True)
+    (out / "config.json").write_text(json.dumps(raw, indent=2))
+    names = sorted(architecture_of(load_config(raw)).roles())
+    generator = torch.Generator().manual_seed(seed)
+    save_file({n: torch.randn(2, 3, generator=generator).to(torch.bfloat16) for n in names},
+              out / "model.safetensors", metadata={"format": "pt"})
+    return out

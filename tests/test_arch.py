@@ -50,14 +50,17 @@ def test_config_json_is_read_as_transformers_reads_it(name, tiny_model):
 
 
 def test_config_view_takes_legacy_keys_and_defaults_like_transformers():
-    """BLOOM's legacy n_embed wins over hidden_size, as in BloomConfig; an absent key is the class default."""
+    """BLOOM's legacy n_embed wins over hidden_size, as in BloomConfig; an absent key is the class default: from
+    normsurgery's table for one a declaration reads, else from the transformers config, built then."""
     raw = {**config_for("bloom").to_dict(), "n_embed": 48, "hidden_size": 32}
     raw.pop("layer_norm_epsilon")
+    raw.pop("initializer_range")
     view = config_view(raw)
     full = load_config(raw)
     assert view.hidden_size == full.hidden_size == 48
-    assert view._loaded is None
     assert view.layer_norm_epsilon == full.layer_norm_epsilon
+    assert view._loaded is None
+    assert view.initializer_range == full.initializer_range
     assert view._loaded is not None
 
 
@@ -162,6 +165,111 @@ def test_per_layer_filled_names_exactly_what_the_config_class_fills_in(model_typ
     full = load_config(raw)
     filled = {key for key in family.per_layer if getattr(full, key, None) is not None}
     assert filled == set(family.per_layer_filled), (model_type, filled)
+
+
+@pytest.mark.parametrize("model_type", SUPPORTED_MODEL_TYPES)
+def test_class_defaults_are_what_the_config_class_gives(model_type):
+    """normsurgery's table of class defaults (what ConfigView answers for an attribute config.json lacks, without
+    transformers) holds the installed transformers' default of every entry; every declared model type has one, and
+    every per-block key a class fills in is either a constant default or derived."""
+    from normsurgery.arch import FAMILY_BY_MODEL_TYPE
+    from normsurgery.arch.class_defaults import DEFAULTS, DERIVED, SUB_DEFAULTS
+
+    family = FAMILY_BY_MODEL_TYPE[model_type]
+    defaults, derived = DEFAULTS[model_type], DERIVED.get(model_type, {})
+    kwargs = next(kw for mt, kw in FAMILY_CONFIGS.values() if mt == model_type)
+    keys = dict(family.config_keys)
+    stored = {key for attribute in defaults for key in (attribute, *keys.get(attribute, ()))}
+    full = load_config({"model_type": model_type, **{k: v for k, v in kwargs.items() if k not in stored}})
+    assert {k: getattr(full, k) for k in defaults} == defaults
+    assert set(family.per_layer_filled) <= set(defaults) | set(derived), "a per-block key only transformers fills in"
+    assert set(derived) <= set(family.per_layer_filled)
+    for (mt, section), keys in SUB_DEFAULTS.items():
+        if mt == model_type:
+            sub = type(full).sub_configs[section]()
+            assert {k: getattr(sub, k) for k in keys} == keys
+
+
+def _prune_updates(config, family, depth):
+    """What pruning writes into config.json for a few choices of kept blocks."""
+    from normsurgery.arch.layer_config import pruned_config_updates
+
+    keeps = [list(range(1, depth)), list(range(depth - 1)), [depth - 1], [0]]
+    return [pruned_config_updates(config, family.per_layer, "depth", keep) for keep in keeps]
+
+
+@pytest.mark.parametrize("per_layer", ["as the model sets them", "absent"])
+@pytest.mark.parametrize("name", ALL_FIXTURES)
+def test_hub_config_json_is_read_as_transformers_reads_it_without_transformers(name, per_layer):
+    """A config.json as the hub ships it (an older transformers wrote it: no eps, no tie_word_embeddings at the class
+    default, no attribute added since, no per-block list the class fills in; see fixtures.hub_config) gives, read
+    without transformers, the transformers config's architecture, depth-dependence flags and every per-block config
+    update a prune writes, and never builds the transformers config (the unverified prune imports neither torch
+    nor transformers)."""
+    from fixtures import hub_config
+    from normsurgery.arch import FAMILY_BY_MODEL_TYPE
+
+    raw = hub_config(name)
+    family = FAMILY_BY_MODEL_TYPE[raw["model_type"]]
+    if per_layer == "absent":
+        raw = {k: v for k, v in raw.items() if k not in family.per_layer}
+    view, full = config_view(raw), load_config(raw)
+    arch = architecture_of(view)
+    assert arch == architecture_of(full)
+    assert [getattr(view, k, None) for k in family.depth_dependent] == [getattr(full, k, None)
+                                                                          for k in family.depth_dependent]
+    assert _prune_updates(view, family, arch.num_layers) == _prune_updates(full, family, arch.num_layers)
+    assert view._loaded is None, "an attribute the declaration reads needs transformers: add it to class_defaults.py"
+
+
+# config.json values that choose how a class fills in its per-block keys (raw keys set or left out)
+_DERIVED_CASES = [
+    ("qwen2", {}), ("qwen2", {"use_sliding_window": True}),
+    ("qwen2", {"use_sliding_window": True, "sliding_window": None}),
+    ("qwen2", {"use_sliding_window": True, "max_window_layers": 1}),
+    ("qwen3", {"use_sliding_window": True, "max_window_layers": 1}),
+    ("qwen3", {"use_sliding_window": False, "sliding_window": 16}),
+    ("qwen2_moe", {"use_sliding_window": True, "max_window_layers": 2, "mlp_only_layers": None}),
+    ("qwen2_moe", {"use_sliding_window": True}), ("qwen3_moe", {"mlp_only_layers": [0, 2]}), ("qwen3_moe", {}),
+    ("gemma2", {"sliding_window_pattern": 3}), ("gemma3_text", {}), ("gemma3_text", {"sliding_window_pattern": 2}),
+    ("gemma3_text", {"num_hidden_layers": 7}), ("cohere2", {}), ("cohere2", {"sliding_window_pattern": 2}),
+    ("gpt_oss", {}), ("gpt_oss", {"num_hidden_layers": 5}), ("exaone4", {}), ("exaone4", {"sliding_window_pattern": 2}),
+    ("exaone4", {"sliding_window": None}), ("exaone4", {"sliding_window_pattern": "LLG"}),
+    ("ministral", {}), ("ministral", {"sliding_window": None}),
+    ("smollm3", {}), ("smollm3", {"no_rope_layer_interval": 2}),
+    ("smollm3", {"use_sliding_window": True, "sliding_window": 16, "no_rope_layer_interval": 2}),
+    ("smollm3", {"no_rope_layers": [1, 0, 1, 0], "use_sliding_window": True, "sliding_window": 16}),
+    ("llama4_text", {}), ("llama4_text", {"attention_chunk_size": None}), ("llama4_text", {"no_rope_layers": []}),
+    ("llama4_text", {"no_rope_layers": [1, 1, 0, 0], "moe_layers": [0]}),
+    ("llama4_text", {"interleave_moe_layer_step": 1, "no_rope_layer_interval": 3}),
+    ("gpt_neo", {}), ("gpt_neo", {"attention_types": [[["local"], 1], [["global"], 1]]}),
+    ("gpt_neo", {"num_layers": 24, "attention_types": None}),
+]
+
+
+@pytest.mark.parametrize("model_type, changes", _DERIVED_CASES)
+def test_per_block_keys_are_filled_in_as_the_config_class_fills_them(model_type, changes):
+    """The per-block keys ConfigView derives without transformers (class_defaults.DERIVED) equal what the config class
+    fills in, for the config.json values each depends on (set, absent or null); a value the class reads otherwise (a
+    pattern string) is left to the transformers config."""
+    from normsurgery.arch import FAMILY_BY_MODEL_TYPE
+    from normsurgery.arch.class_defaults import DERIVED
+
+    family = FAMILY_BY_MODEL_TYPE[model_type]
+    kwargs = next(kw for mt, kw in FAMILY_CONFIGS.values() if mt == model_type)
+    raw = {"model_type": model_type, **{k: v for k, v in kwargs.items() if k not in family.per_layer}}
+    raw.update(changes)
+    try:
+        full = load_config(raw)
+    except NormSurgeryError:  # transformers refuses the values: the view must not answer instead
+        full = None
+    view = config_view(raw)
+    for key in DERIVED[model_type]:
+        if full is None:
+            with pytest.raises(NormSurgeryError):
+                getattr(view, key)
+        else:
+            assert getattr(view, key) == getattr(full, key), key
 
 
 FUSED = [n for n in ALL_FIXTURES if any(len(set(r.groups)) > 1 for norm in architecture_of(config_for(n)).all_norms()

@@ -229,3 +229,104 @@ def test_unverified_prune_copies_stored_bytes_without_torch(tiny_model, tmp_path
     assert pruned.keys() == renamed.keys()
     assert all(torch.equal(pruned[k], renamed[k]) and pruned[k].dtype == renamed[k].dtype for k in pruned)
     assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 1
+
+
+# Runs `normsurgery prune FOLDER --layers L --no-verify -o OUT` for each job in one interpreter, with torch and
+# transformers refused at import (each attempt recorded with the job that made it and where), then writes the exit
+# codes, the attempts and which of the two ended up imported anyway.
+_NO_TORCH_PROBE = r'''
+import importlib.abc, json, sys, traceback
+
+jobs, report = json.loads(sys.argv[1]), sys.argv[2]
+current, attempts = [None], {}
+
+
+class Refuse(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "transformers"):
+            where = [f"{f.filename.rsplit('normsurgery/', 1)[-1]}:{f.lineno}" for f in traceback.extract_stack()[:-1]
+                     if "/normsurgery/" in f.filename]
+            attempts.setdefault(current[0], []).append(f"{name} <- {' <- '.join(reversed(where[-6:]))}")
+            raise ImportError(f"an unverified prune imported {name}")
+        return None
+
+
+sys.meta_path.insert(0, Refuse())
+from normsurgery.cli import main
+
+codes = {}
+for name, (folder, layers, out) in jobs.items():
+    current[0] = name
+    sys.argv = ["normsurgery", "prune", folder, "--layers", layers, "-o", out, "--no-verify"]
+    try:
+        main()
+        codes[name] = 0
+    except SystemExit as e:
+        codes[name] = e.code
+    except BaseException as e:
+        codes[name] = repr(e)
+with open(report, "w") as f:
+    json.dump({"codes": codes, "attempts": attempts,
+               "loaded": [m for m in ("torch", "transformers") if m in sys.modules]}, f)
+'''
+
+HUB_CHECKPOINTS = [*ALL_FIXTURES, "smollm2_hub"]
+
+
+@pytest.fixture(scope="module")
+def unverified_hub_prunes(tmp_path_factory):
+    """Every fixture's family as a hub-style checkpoint (its config.json as an older transformers wrote it; see
+    fixtures.hub_config), plus SmolLM2-135M's hub config.json at a tiny size, each pruned unverified in one
+    interpreter that refuses torch and transformers: name -> (source, output, removed blocks, the probe's report)."""
+    import subprocess
+    import sys
+
+    from fixtures import SMOLLM2_HUB, hub_config, write_hub_checkpoint
+
+    root = tmp_path_factory.mktemp("hub-prunes")
+    jobs = {}
+    for name in HUB_CHECKPOINTS:
+        raw = SMOLLM2_HUB if name == "smollm2_hub" else hub_config(name)
+        write_hub_checkpoint(raw, root / "in" / name)
+        layers = "10,11,12,13" if name == "smollm2_hub" else "0"  # the issue's command on SmolLM2
+        jobs[name] = (str(root / "in" / name), layers, str(root / "out" / name))
+    report = root / "report.json"
+    run = subprocess.run([sys.executable, "-c", _NO_TORCH_PROBE, json.dumps(jobs), str(report)], capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0 and report.exists(), run.stderr[-3000:]
+    result = json.loads(report.read_text())
+    return {name: (root / "in" / name, root / "out" / name, [int(b) for b in layers.split(",")], result)
+            for name, (_, layers, _) in jobs.items()}
+
+
+@pytest.mark.parametrize("name", HUB_CHECKPOINTS)
+def test_unverified_prune_of_a_hub_config_imports_neither_torch_nor_transformers(name, unverified_hub_prunes):
+    """The guard for every declared family: a hub config.json lacks the attributes its class fills in or added later
+    (eps, biases, tie_word_embeddings, layer_types, ...), and `prune --layers --no-verify` must still read it, and
+    copy the stored bytes, without torch or transformers; each kept tensor is byte-identical under its new name."""
+    from safetensors import safe_open
+
+    from normsurgery.arch import architecture_of, load_config
+
+    source, out, removed, result = unverified_hub_prunes[name]
+    assert result["attempts"].get(name) is None, "\n".join(result["attempts"][name])
+    assert result["codes"][name] == 0, result["codes"][name]
+    assert result["loaded"] == [], result["loaded"]
+    raw = json.loads((source / "config.json").read_text())
+    arch = architecture_of(load_config(raw))
+    keep = [b for b in range(arch.num_layers) if b not in removed]
+    expected = {}  # the source's tensors, the removed blocks' dropped and the later blocks' renumbered
+    with safe_open(source / "model.safetensors", "pt") as f:
+        for key in f.keys():
+            block = next((b for b in arch.blocks if key.startswith(b.prefix)), None)
+            if block is None:
+                expected[key] = f.get_tensor(key)
+            elif block.index in keep:
+                expected[arch.blocks[keep.index(block.index)].prefix + key[len(block.prefix):]] = f.get_tensor(key)
+    with safe_open(out / "model.safetensors", "pt") as f:
+        got = {key: f.get_tensor(key) for key in f.keys()}
+    assert got.keys() == expected.keys()
+    assert all(got[k].dtype == expected[k].dtype and torch.equal(got[k], expected[k]) for k in got)
+    config = json.loads((out / "config.json").read_text())
+    depth_key = next(k for k in ("num_hidden_layers", "n_layer", "num_layers", "n_layers") if k in raw)
+    assert config[depth_key] == len(keep)

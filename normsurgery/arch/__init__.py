@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Collection
 
+from normsurgery.arch.class_defaults import DEFAULTS, DERIVED
 from normsurgery.arch.config_view import ConfigView
 from normsurgery.arch.families import FAMILIES
 from normsurgery.arch.spec import Architecture, Block, Family, Linear, Norm
@@ -100,11 +101,13 @@ def family_of(config: Any) -> Family:
 def config_view(raw: dict[str, Any], where: str = "config.json") -> ConfigView | None:
     """A config.json read without transformers where it can be (see ConfigView), for a declared family; None for
     a model type without one (its architecture needs the transformers config)."""
-    family = FAMILY_BY_MODEL_TYPE.get(_model_type(raw, where))
+    model_type = _model_type(raw, where)
+    family = FAMILY_BY_MODEL_TYPE.get(model_type)
     if family is None or "auto_map" in raw:
         return None
     return ConfigView(raw, dict(family.config_keys), lambda: load_config(raw, where),
-                      absent_is_none=frozenset(family.per_layer) - frozenset(family.per_layer_filled))
+                      absent_is_none=frozenset(family.per_layer) - frozenset(family.per_layer_filled),
+                      defaults=DEFAULTS.get(model_type), derived=DERIVED.get(model_type))
 
 
 def architecture_of(config: Any, stored: Collection[str] | None = None) -> Architecture:

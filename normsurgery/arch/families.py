@@ -865,11 +865,17 @@ DEEPSEEK_V3 = _moe("deepseek_v3", lambda c: _deepseek_block(c, False, ("mlp.gate
 
 def _nested(c: Config, section: str, key: str) -> object:
     """A value of a nested sub-config (DBRX's attn_config, ffn_config): from the transformers config's sub-config,
-    or from config.json's dict read without transformers (ConfigView), the sub-config class's default if absent."""
+    or from config.json's dict read without transformers (ConfigView), the sub-config class's default if absent
+    (normsurgery/arch/class_defaults.py, else transformers')."""
     part = getattr(c, section)
     if isinstance(part, dict):
         if key in part:
             return part[key]
+        from normsurgery.arch.class_defaults import SUB_DEFAULTS
+
+        defaults = SUB_DEFAULTS.get((c.model_type, section), {})
+        if key in defaults:
+            return defaults[key]
         from transformers import CONFIG_MAPPING
 
         part = CONFIG_MAPPING[c.model_type].sub_configs[section](**part)
