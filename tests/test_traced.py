@@ -20,8 +20,11 @@ REMOTE_CODE = Path(__file__).parent / "remote_model" / "modeling_tinylm.py"
 # MoE (rmsnorm exact, crmsnorm refused by its proof); linear-attention hybrid whose convolution transformers
 # concatenates at load; a composite config (Gemma 3: the language model under text_config, saved under another
 # prefix, beside a vision tower left alone); per-block input embeddings held in model-level tensors one slice per
-# block, which pruning slices (Gemma 4)
-TYPES = ["glm4_moe", "granitemoeshared", "lfm2", "mamba", "cohere2_moe", "olmo_hybrid", "gemma3", "gemma4_text"]
+# block, which pruning slices (Gemma 4); a fused query_key_value stored whole that transformers splits at load into
+# q_proj, k_proj and v_proj (Sarvam-MoE); a block list stored under another name with per-expert tensors that
+# transformers stacks (Nemotron-H's backbone.layers, a Mamba/attention/MoE hybrid)
+TYPES = ["glm4_moe", "granitemoeshared", "lfm2", "mamba", "cohere2_moe", "olmo_hybrid", "gemma3", "gemma4_text",
+         "sarvam_moe", "nemotron_h"]
 
 
 @pytest.fixture(autouse=True)

@@ -105,11 +105,12 @@ def _nice(eps: float) -> float:
 
 
 def _disk_names(model: nn.Module) -> tuple[dict[str, str], set[str], dict[str, tuple[str, ...]],
-                                          dict[str, tuple[str, ...]]]:
+                                          dict[str, tuple[str, ...]], dict[str, tuple[str, ...]]]:
     """In-memory tensor name -> its name in the saved checkpoint (transformers may rename on save), the saved
     names, and each stacked (experts, out, in) parameter saved as one tensor per expert and part: the parts' module
     paths with {e} for the expert, in the order they stack (e.g. gate_proj then up_proj into gate_up_proj), and the
-    parameters concatenated at load from stored parts (_concatenated)."""
+    parameters concatenated at load from stored parts (_concatenated), and the stored tensors split at load into
+    several parameters (_split)."""
     from safetensors.torch import load_file
     from transformers.utils import logging
 
@@ -147,7 +148,8 @@ def _disk_names(model: nn.Module) -> tuple[dict[str, str], set[str], dict[str, t
                              if all(f"{module}.{e}.{p}.weight" in saved for p in parts)):
                 stacked[mem] = tuple(f"{module}.{{e}}.{p}" for p in parts)
                 break
-    return mem_to_disk, set(saved), stacked, _concatenated(state, saved, mem_to_disk, stacked)
+    joined = _concatenated(state, saved, mem_to_disk, stacked)
+    return mem_to_disk, set(saved), stacked, joined, _split(state, saved, mem_to_disk, stacked, joined)
 
 
 def _stored_prefix(prefix: str, mem_to_disk: dict[str, str]) -> str:
@@ -172,6 +174,38 @@ def _concatenated(state: dict[str, torch.Tensor], saved: dict[str, torch.Tensor]
         if parts:
             found[mem] = tuple(f"{parent}{p}" for p in parts)
             claimed.update(found[mem])
+    return found
+
+
+def _split(state: dict[str, torch.Tensor], saved: dict[str, torch.Tensor], mem_to_disk: dict[str, str],
+           stacked: dict[str, tuple[str, ...]], joined: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+    """Stored tensors that transformers splits at load into parameters of the same block (Sarvam-MoE's fused
+    query_key_value into q_proj, k_proj and v_proj): each one's in-memory parameters, in row order."""
+    claimed = set(mem_to_disk.values()) | {p.format(e=0) for parts in stacked.values() for p in parts} | {
+        p for parts in joined.values() for p in parts}
+    free = {m: t for m, t in state.items() if m not in mem_to_disk and m not in stacked and m not in joined
+            and t.ndim > 0}
+    found: dict[str, tuple[str, ...]] = {}
+    for name, tensor in saved.items():
+        block = re.match(r"(.*?\.\d+\.)", name)
+        if name in claimed or tensor.ndim == 0 or block is None:
+            continue
+        memory_block = next((m[: len(m) - len(d) + len(block.group(1))] for m, d in mem_to_disk.items()
+                             if d.startswith(block.group(1)) and m.endswith(d[len(block.group(1)):])), None)
+        leaf = name.rsplit(".", 1)[1]
+        candidates = {m: t for m, t in free.items() if memory_block and m.startswith(memory_block)
+                      and m.endswith(f".{leaf}") and t.shape[1:] == tensor.shape[1:]}
+        parts, row = [], 0
+        while row < tensor.shape[0]:
+            part = next((m for m, t in candidates.items() if m not in parts and row + t.shape[0] <= tensor.shape[0]
+                         and torch.equal(tensor[row:row + t.shape[0]], t)), None)
+            if part is None:
+                break
+            parts.append(part)
+            row += candidates[part].shape[0]
+        if row == tensor.shape[0] and len(parts) > 1:
+            found[name] = tuple(parts)
+            free = {m: t for m, t in free.items() if m not in parts}
     return found
 
 
@@ -647,10 +681,12 @@ def draft_config(config: Any, *, switches: Callable[[dict[str, bool]], dict[str,
     draft.streamed_by_parent = _by_parent(trace.read_outside, draft.layers)
     find = _Finder(trace, norms, linears, embeddings,
                    {tensor_key(p): (n, p) for n, p in model.named_parameters(remove_duplicate=False)})
-    mem_to_disk, saved, stacked, joined = _disk_names(model)
+    mem_to_disk, saved, stacked, joined, split = _disk_names(model)
+    split_into = {part: stored for stored, parts in split.items() for part in parts}
 
     def disk(path: str) -> str:
-        return mem_to_disk.get(f"{path}.weight", f"{path}.weight")[: -len(".weight")]
+        weight = f"{path}.weight"
+        return mem_to_disk.get(weight, split_into.get(weight, weight))[: -len(".weight")]
 
     memory_layers = draft.layers
     draft.layers = _disk_layers(memory_layers, mem_to_disk)
@@ -687,7 +723,10 @@ def draft_config(config: Any, *, switches: Callable[[dict[str, bool]], dict[str,
                          conv1d=type(module).__name__ == "Conv1D", groups=groups, widths=widths, repeat=repeat),)
 
     def lins(paths: list[str], prefix: str) -> tuple[LinDraft, ...]:
-        return tuple(x for p in paths for x in lin(p, prefix))
+        out: dict[str, LinDraft] = {}
+        for x in (x for p in paths for x in lin(p, prefix)):  # the parameters split off one stored tensor: it
+            out[x.path] = replace(x, groups=(), widths=(), repeat=1) if x.path in out else x  # reads for them all
+        return tuple(out.values())
 
     layouts = []
     for b in found:
@@ -697,7 +736,9 @@ def draft_config(config: Any, *, switches: Callable[[dict[str, bool]], dict[str,
         layouts.append(LayoutDraft(
             tuple(_norm_draft(disk(p)[len(on_disk(b.prefix)):], norms[p], b.norms[p][0],  # type: ignore[arg-type]
                               lins(b.norms[p][1], b.prefix)) for p in ordered),
-            lins(b.writers, b.prefix), lins(b.direct, b.prefix), b.parallel, concatenated=concatenated))
+            lins(b.writers, b.prefix), lins(b.direct, b.prefix), b.parallel, concatenated=concatenated,
+            split=tuple((t[len(on_disk(b.prefix)):], tuple(p[len(b.prefix):] for p in parts))
+                        for t, parts in sorted(split.items()) if t.startswith(on_disk(b.prefix)))))
     signatures = block_signatures(blocks)
     kinds: dict[str, LayoutDraft] = {}
     for i, (signature, layout) in enumerate(zip(signatures, layouts)):
@@ -707,7 +748,7 @@ def draft_config(config: Any, *, switches: Callable[[dict[str, bool]], dict[str,
     first = layouts[0]
     draft.norms, draft.writers, draft.direct_readers, draft.parallel = (first.norms, first.writers,
                                                                         first.direct_readers, first.parallel)
-    draft.concatenated = first.concatenated
+    draft.concatenated, draft.split = first.concatenated, first.split
     if len(set(layouts)) > 1:
         draft.signatures, draft.layouts = tuple(kinds), tuple(kinds.values())
         index = {sig: k for k, sig in enumerate(draft.signatures)}

@@ -61,6 +61,7 @@ class LayoutDraft:
     parallel: bool = False
     others: tuple[str, ...] = ()
     concatenated: tuple[tuple[str, tuple[str, ...]], ...] = ()  # see BlockLayout.concatenated
+    split: tuple[tuple[str, tuple[str, ...]], ...] = ()  # see BlockLayout.split
 
     def slot(self, config: Any, kind: NormKind) -> BlockLayout:
         """The block layout for a config."""
@@ -69,7 +70,7 @@ class LayoutDraft:
 
         return BlockLayout(norms=tuple(norm(n) for n in self.norms), writers=tuple(w.slot(config) for w in self.writers),
                            parallel=self.parallel, direct_readers=tuple(r.slot(config) for r in self.direct_readers),
-                           others=self.others, concatenated=self.concatenated)
+                           others=self.others, concatenated=self.concatenated, split=self.split)
 
 
 @dataclass
@@ -101,6 +102,7 @@ class Draft:
     streamed_by_parent: tuple[str, ...] = ()  # regexes of modules whose parameters their parent's code reads
     per_layer: tuple[str, ...] = ("layer_types",)  # config keys with one value per block (re-indexed by prune)
     concatenated: tuple[tuple[str, tuple[str, ...]], ...] = ()  # block 0's (LayoutDraft.concatenated)
+    split: tuple[tuple[str, tuple[str, ...]], ...] = ()  # block 0's (LayoutDraft.split)
     model_others: tuple[str, ...] = ()  # model-level tensors off the residual stream (a vision tower, side linears)
     per_block_slices: tuple[tuple[str, int], ...] = ()  # see Family.per_block_slices
     notes: list[str] = field(default_factory=list)
@@ -116,7 +118,7 @@ class Draft:
     def layout(self) -> LayoutDraft:
         """Block 0's layout (every block's, unless `layouts` lists several kinds)."""
         return LayoutDraft(self.norms, self.writers, self.direct_readers, self.parallel, self.others,
-                           self.concatenated)
+                           self.concatenated, self.split)
 
     def block(self, config: Any) -> BlockLayout | tuple[BlockLayout, ...]:
         """The block layout for a config, or one per block when blocks differ."""
@@ -181,7 +183,8 @@ def _layout_from(data: dict[str, Any]) -> LayoutDraft:
                        writers=tuple(_lin_from(w) for w in data["writers"]),
                        direct_readers=tuple(_lin_from(r) for r in data["direct_readers"]),
                        parallel=data["parallel"], others=tuple(data["others"]),
-                       concatenated=tuple((m, tuple(p)) for m, p in data["concatenated"]))
+                       concatenated=tuple((m, tuple(p)) for m, p in data["concatenated"]),
+                       split=tuple((t, tuple(p)) for t, p in data.get("split", ())))
 
 
 def draft_to_json(draft: Draft) -> dict[str, Any]:
@@ -189,7 +192,7 @@ def draft_to_json(draft: Draft) -> dict[str, Any]:
     from dataclasses import asdict
 
     skip = {"config", "kinds", "notes", "problems", "norms", "writers", "direct_readers", "parallel", "others",
-            "concatenated"}
+            "concatenated", "split"}
     data = {k: asdict(v) if hasattr(v, "__dataclass_fields__") else v for k, v in vars(draft).items() if k not in skip}
     data["layout"] = asdict(draft.layout)
     data["layouts"] = [asdict(layout) for layout in draft.layouts]
@@ -208,7 +211,7 @@ def draft_from_json(data: dict[str, Any], config: Any) -> Draft:
         position_offset=data["position_offset"], embedding_norm=_norm_from(data["embedding_norm"]),
         embed_sqrt_d=data["embed_sqrt_d"], norms=layout.norms, writers=layout.writers,
         direct_readers=layout.direct_readers, parallel=layout.parallel, others=layout.others,
-        concatenated=layout.concatenated,
+        concatenated=layout.concatenated, split=layout.split,
         final_norm=_norm_from(data["final_norm"]), unembed=_lin_from(data["unembed"]), post_ln=data["post_ln"],
         key_renames=tuple(tuple(x) for x in data["key_renames"]),  # type: ignore[misc]
         config_keys=tuple((a, tuple(k)) for a, k in data["config_keys"]),

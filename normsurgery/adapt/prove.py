@@ -60,7 +60,7 @@ def proof_model(config: Any, arch: Architecture) -> nn.Module:
     from normsurgery.rewrite.in_memory import ModelTensors
 
     model = tiny_model(config)
-    names = ModelTensors(model, arch.key_renames, arch.fused)
+    names = ModelTensors(model, arch.key_renames, arch.fused, arch.split)
     gains = {names.loaded_name(n.weight): n.gain_offset for n in arch.all_norms() if n.weight}
     biases = {names.loaded_name(n.bias) for n in arch.all_norms() if n.bias}
     embeddings = {names.loaded_name(t) for t in (arch.token_embedding, arch.position_embedding) if t}
@@ -127,7 +127,7 @@ def _facts(model: nn.Module, arch: Architecture) -> Check:
     write the hidden size."""
     from normsurgery.rewrite.in_memory import ModelTensors
 
-    names = ModelTensors(model, arch.key_renames, arch.fused)
+    names = ModelTensors(model, arch.key_renames, arch.fused, arch.split)
     modules = dict(model.named_modules())
     params = {n: names.get(n).double() for n in arch.roles() if n in names}
     d = arch.hidden_size

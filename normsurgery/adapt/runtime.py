@@ -22,7 +22,7 @@ from normsurgery.arch.composite import text_view
 from normsurgery.arch.spec import Family
 from normsurgery.errors import NormSurgeryError
 
-TRACER_VERSION = 8  # raise when a change to the tracer or the proof makes cached declarations stale
+TRACER_VERSION = 9  # raise when a change to the tracer or the proof makes cached declarations stale
 # config entries that say nothing about the layout of the residual stream
 IGNORED = frozenset({"architectures", "_name_or_path", "transformers_version", "dtype", "torch_dtype", "use_cache",
                      "output_attentions", "output_hidden_states", "return_dict", "bos_token_id", "eos_token_id",
@@ -36,6 +36,11 @@ PROVEN_BY = {"fold": "fold", "rmsnorm": "convert to rmsnorm", "crmsnorm": "conve
 # why a model whose code ships in its folder is folded and pruned (stock outputs keep that code) but not converted
 REMOTE_CONVERSION = ("its modeling code ships in its own folder, which the trainable rewrites and sub-layer pruning do "
                      "not bind yet; fold, prune, rmsnorm and crmsnorm apply (their outputs keep the folder's code)")
+
+# why a model whose checkpoint holds tensors that transformers splits at load is folded, pruned and converted only
+SPLIT_AT_LOAD = ("its checkpoint stores fused tensors that transformers splits at load into several layers (e.g. one "
+                 "query_key_value for q_proj, k_proj and v_proj), which the trainable rewrites and sub-layer pruning "
+                 "do not bind yet; fold, prune, rmsnorm and crmsnorm apply")
 
 _TRACED: dict[str, Family] = {}  # cache key -> family, this process
 
@@ -258,6 +263,8 @@ def trace(config: Any, *, trust_remote_code: bool = False) -> tuple[Any, dict[st
         refused = _refused(checks)
         if getattr(config, "auto_map", None):
             refused.update({op: REMOTE_CONVERSION for op in ("dyt", "none", "prune-sublayers")})
+        if any(layout.split for layout in (draft.layout, *draft.layouts)):
+            refused.update({op: SPLIT_AT_LOAD for op in ("dyt", "none", "prune-sublayers") if op not in refused})
         _attach_kinds(draft, trust_remote_code)
         return draft, refused, time.perf_counter() - start
     raise _refuse(config, problems[-1] if problems else "no tiny instance could be built")

@@ -63,6 +63,7 @@ def tiny_config(model_type: str, layers: int = 2, overrides: dict[str, Any] | No
     raw = default.to_dict()
     names = dict(getattr(cls, "attribute_map", {}) or {})
     wanted = {**SMALL, "num_hidden_layers": layers}
+    wanted.update({k: v for k, v in (overrides or {}).items() if k in wanted})  # sizes the others follow
     if isinstance(raw.get("qk_rope_head_dim"), int):  # multi-head latent attention: head_dim is the rotary width
         wanted.pop("head_dim")
     kwargs: dict[str, Any] = {}

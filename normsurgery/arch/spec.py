@@ -103,6 +103,10 @@ class BlockLayout:
     # parameters (in memory, relative to the block) that transformers concatenates at load from stored tensors (in
     # `others`), e.g. OLMo-hybrid's conv1d from q_conv1d, k_conv1d and v_conv1d: for the engine, which reads them
     concatenated: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    # stored tensors (relative to the block) that transformers splits at load into several parameters (in memory,
+    # relative to the block; rows in this order), e.g. Sarvam-MoE's attention.query_key_value into self_attn.q_proj,
+    # k_proj and v_proj: the declaration names the stored tensor, and the engine reads each parameter's rows of it
+    split: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -221,10 +225,13 @@ class Family:
             raise ValueError(f"{self.name}: {len(layouts)} block layouts for {num_layers} blocks")
         blocks = []
         concatenated: dict[str, tuple[str, ...]] = {}
+        split: dict[str, tuple[str, ...]] = {}
         for i, layout in enumerate(layouts):
             prefix = f"{self.layers}.{i}."
-            concatenated.update({f"{prefix}{m}": tuple(f"{prefix}{p}" for p in parts)
+            loaded = _renamed(prefix, self.key_renames)  # the block's in-memory prefix
+            concatenated.update({f"{loaded}{m}": tuple(f"{prefix}{p}" for p in parts)
                                  for m, parts in layout.concatenated})
+            split.update({f"{prefix}{t}": tuple(f"{loaded}{p}" for p in parts) for t, parts in layout.split})
             norms = tuple(n for n in (norm(s, prefix) for s in layout.norms) if n is not None)
             slots = layout.writers + tuple(r for n in layout.norms for r in n.readers)
             experts = max((count(x.experts, config) for x in slots if x.experts and flag(x.when, config)), default=0)
@@ -265,6 +272,7 @@ class Family:
             key_renames=dict(self.key_renames),
             fused={_renamed(name, self.key_renames): tuple(map(tuple, parts)) for name, parts in fused.items()},
             concatenated=concatenated,
+            split=split,
             per_layer=self.per_layer,
             depth_dependent=tuple(k for k in self.depth_dependent if flag(k, config)),
             origin=self.origin,
@@ -386,6 +394,8 @@ class Architecture:
     fused: dict[str, tuple[tuple[str, ...], ...]] = field(default_factory=dict)
     # in-memory parameters transformers concatenates at load from stored tensors (BlockLayout.concatenated)
     concatenated: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # stored tensors transformers splits at load -> the in-memory parameters, rows in order (BlockLayout.split)
+    split: dict[str, tuple[str, ...]] = field(default_factory=dict)
     per_layer: tuple[str, ...] = ()
     depth_dependent: tuple[str, ...] = ()  # the family's index-dependent flags that are on in this config
     computed_positions: str | None = None  # see Family.computed_positions

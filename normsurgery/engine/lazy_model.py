@@ -69,23 +69,41 @@ class LazyModel:
                 "streamed_bytes": self.streamed_bytes, **({"notes": self.notes} if self.notes else {})}
 
 
-# where a parameter's value is stored: one tensor's name; tensors to concatenate (along the first dimension); or
-# (stacked experts) each expert's tensors to concatenate, the experts stacked
-Source = Union[str, tuple[str, ...], tuple[tuple[str, ...], ...]]
+@dataclass(frozen=True)
+class Rows:
+    """Rows [start, stop) of the `total` rows of one stored tensor: a parameter transformers splits off a fused stored
+    tensor at load (Architecture.split). Given with `parts` only (the in-memory parameters the stored tensor holds,
+    in order, and this one's `index` among them), its rows are found from the model's parameter shapes."""
+
+    name: str
+    start: int = 0
+    stop: int = 0
+    total: int = 0
+    parts: tuple[str, ...] = ()
+    index: int = 0
+
+
+# where a parameter's value is stored: one tensor's name; tensors to concatenate (along the first dimension);
+# (stacked experts) each expert's tensors to concatenate, the experts stacked; or rows of one stored tensor
+Source = Union[str, tuple[str, ...], tuple[tuple[str, ...], ...], Rows]
 
 
 def source_parts(source: Source) -> list[str]:
     """The stored tensors a parameter's value is made of."""
     if isinstance(source, str):
         return [source]
+    if isinstance(source, Rows):
+        return [source.name]
     return [p for x in source for p in ((x,) if isinstance(x, str) else x)]
 
 
 def read_source(weights: WeightMap, source: Source) -> torch.Tensor:
     """A parameter's value: the stored tensor, or stored tensors fused as transformers fuses them at load (parts
-    concatenated along their outputs, each expert's, the experts stacked)."""
+    concatenated along their outputs, each expert's, the experts stacked), or its rows of a stored tensor."""
     if isinstance(source, str):
         return weights.get(source)
+    if isinstance(source, Rows):
+        return weights.get(source.name)[source.start:source.stop]
     if isinstance(source[0], str):
         return torch.cat([weights.get(part) for part in source])  # type: ignore[arg-type]
     return torch.stack([torch.cat([weights.get(part) for part in parts]) for parts in source])
@@ -93,6 +111,8 @@ def read_source(weights: WeightMap, source: Source) -> torch.Tensor:
 
 def source_nbytes(weights: WeightMap, source: Source, dtype: torch.dtype) -> int:
     """The bytes of a parameter's value at `dtype`."""
+    if isinstance(source, Rows):
+        return weights.nbytes(source.name, dtype) * (source.stop - source.start) // max(source.total, 1)
     return sum(weights.nbytes(part, dtype) for part in source_parts(source))
 
 
@@ -150,7 +170,7 @@ def parameter_sources(model: torch.nn.Module, available: set[str], key_mapping: 
     Tried in turn: the same name; a checkpoint name that `key_mapping` (checkpoint regex -> model name, as
     transformers' `key_mapping`) turns into it; the name without or with the base model's prefix; another
     name of the same tied parameter; the per-expert tensors that `fused` (the family's, Architecture.fused) says
-    transformers stacks into it.
+    transformers stacks into it, or its rows of a stored tensor that transformers splits (a `Rows` entry).
     """
     renamed: dict[str, str] = {}
     for stored in available:
@@ -165,10 +185,19 @@ def parameter_sources(model: torch.nn.Module, available: set[str], key_mapping: 
     ties = dict(getattr(model, "all_tied_weights_keys", None) or {})  # tied parameter -> the one it shares
     ties.update({source: target for target, source in list(ties.items())})
 
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters(remove_duplicate=False)}
+
+    def rows(split: Rows) -> Rows:
+        sizes = [shapes[p][0] for p in split.parts]
+        start = sum(sizes[: split.index])
+        return Rows(split.name, start, start + sizes[split.index], sum(sizes))
+
     def lookup(name: str) -> Source | None:
         if name in available:
             return name
         parts = (fused or {}).get(name)
+        if isinstance(parts, Rows):
+            return rows(parts) if parts.name in available and all(p in shapes for p in parts.parts) else None
         if parts and all(part in available for part in source_parts(parts)):
             return parts
         if name in renamed:

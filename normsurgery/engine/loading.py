@@ -12,7 +12,7 @@ import torch
 
 from normsurgery.checkpoint.reader import CheckpointReader
 from normsurgery.engine.buffers import release_buffers
-from normsurgery.engine.lazy_model import LazyModel, UnmatchedWeights, lazy_model, model_config
+from normsurgery.engine.lazy_model import LazyModel, Rows, UnmatchedWeights, lazy_model, model_config
 from normsurgery.engine.resources import Runtime
 from normsurgery.engine.weights import CheckpointWeights, WeightMap
 from normsurgery.errors import NormSurgeryError
@@ -102,7 +102,8 @@ def stored_layout(raw_config: dict[str, Any], config: Any) -> tuple[dict[str, st
     """What the engine needs to know of how a checkpoint is stored, from its family (none for an unknown one):
     on-disk -> in-memory renames (an export's own, from its wrapped config's surgery, else its family's, e.g.
     GPT-NeoX); the parameters transformers builds at load from several stored tensors (stacked experts,
-    Architecture.fused, and concatenations, Architecture.concatenated); and the modules whose parameters an
+    Architecture.fused, and concatenations, Architecture.concatenated) or splits off one (Architecture.split, as
+    Rows); and the modules whose parameters an
     ancestor's code reads (Family.streamed_by_parent)."""
     family, base = _family_of(config)
     if raw_config.get("model_type") == "normsurgery":
@@ -112,7 +113,9 @@ def stored_layout(raw_config: dict[str, Any], config: Any) -> tuple[dict[str, st
     if family is None:
         return renames, {}, ()
     arch = family.resolve(base)
-    return renames, {**arch.fused, **arch.concatenated}, family.streamed_by_parent
+    split = {part: Rows(stored, parts=parts, index=i) for stored, parts in arch.split.items()
+             for i, part in enumerate(parts)}
+    return renames, {**arch.fused, **arch.concatenated, **split}, family.streamed_by_parent
 
 
 class OpenModel:

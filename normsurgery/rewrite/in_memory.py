@@ -20,9 +20,11 @@ class ModelTensors:
     Architecture.fused) is the view of its rows in the stacked parameter."""
 
     def __init__(self, model: nn.Module, renames: dict[str, str],
-                 fused: dict[str, tuple[tuple[str, ...], ...]] | None = None) -> None:
+                 fused: dict[str, tuple[tuple[str, ...], ...]] | None = None,
+                 split: dict[str, tuple[str, ...]] | None = None) -> None:
         self.model = model
         self.renames = renames
+        self.split = dict(split or {})  # stored tensor -> the in-memory parameters transformers split it into
         self._named = {**dict(model.named_parameters(remove_duplicate=False)),
                        **dict(model.named_buffers(remove_duplicate=False))}
         # on-disk name -> (stacked parameter, expert, position among the expert's parts, number of parts)
@@ -36,7 +38,7 @@ class ModelTensors:
         return name
 
     def __contains__(self, name: str) -> bool:
-        return name in self._parts or self.loaded_name(name) in self._named
+        return name in self._parts or name in self.split or self.loaded_name(name) in self._named
 
     def storages(self) -> set[int]:
         """The data pointers of the model's tensors (to tell a computed output from one of them)."""
@@ -49,6 +51,9 @@ class ModelTensors:
         """Nothing to read ahead: the tensors are in memory."""
 
     def get(self, name: str) -> torch.Tensor:
+        """The tensor stored as `name` (a copy where transformers split it into several parameters at load)."""
+        if name in self.split:
+            return torch.cat([self._named[part].detach() for part in self.split[name]])
         if name in self._parts:
             stacked, expert, k, parts = self._parts[name]
             rows = self._named[stacked].shape[1] // parts
@@ -62,6 +67,14 @@ class ModelTensors:
     @torch.no_grad()
     def set(self, name: str, value: torch.Tensor) -> None:
         """Write `value` into the tensor `name` in place (its shape, dtype and device kept)."""
+        if name in self.split:  # each parameter takes its rows
+            parts = [self._named[part] for part in self.split[name]]
+            if sum(p.shape[0] for p in parts) != value.shape[0]:
+                raise NormSurgeryError(f"{name} would change shape, which a rewrite in memory cannot do to a loaded "
+                                       "module; write it to a folder instead.")
+            for part, rows in zip(parts, value.split([p.shape[0] for p in parts])):
+                part.detach().copy_(rows.to(device=part.device, dtype=part.dtype))
+            return
         target = self.get(name)
         if target.shape != value.shape:
             raise NormSurgeryError(f"{name} would change shape {tuple(target.shape)} -> {tuple(value.shape)}, which a "
@@ -94,7 +107,7 @@ def apply_in_memory(model: nn.Module, plan: Plan, arch: Architecture) -> nn.Modu
                                "write it to a folder instead.")
     if plan.config_updates.get("tie_word_embeddings") is False:
         untie_unembedding(model)
-    tensors = ModelTensors(model, arch.key_renames, arch.fused)
+    tensors = ModelTensors(model, arch.key_renames, arch.fused, arch.split)
     stored = next(model.parameters()).dtype
 
     def dtype_for(name: str) -> torch.dtype:
@@ -108,7 +121,7 @@ def apply_in_memory(model: nn.Module, plan: Plan, arch: Architecture) -> nn.Modu
             outputs[name] = value.clone() if value.untyped_storage().data_ptr() in held else value
     if plan.surgery is not None:
         _operate(model, plan, outputs)
-        tensors = ModelTensors(model, arch.key_renames, arch.fused)
+        tensors = ModelTensors(model, arch.key_renames, arch.fused, arch.split)
     for name, value in outputs.items():
         tensors.set(name, value)
     for key, value in plan.all_config_updates(model.config).items():
