@@ -44,6 +44,13 @@ CLASSES = [  # (reason class, pattern of the refusal's text), first match wins
 ]
 
 
+# widths like transformers' own model tests use (odd MLP widths, a vocabulary that is no power of two), for --shape
+# tester: checkpoints unlike the tiny instances the tracer builds itself
+TESTER = {"hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
+          "intermediate_size": 37, "moe_intermediate_size": 13, "shared_expert_intermediate_size": 19,
+          "vocab_size": 99, "num_experts": 4, "num_local_experts": 4, "n_routed_experts": 4, "num_experts_per_tok": 2}
+
+
 def reason_class(text: str) -> str:
     """The class of a refusal's text."""
     return next((name for name, pattern in CLASSES if re.search(pattern, text)), "other")
@@ -67,7 +74,11 @@ def tiny_checkpoint(model_type: str, folder: Path) -> None:
 
     ids = torch.randint(3, 64, (1, 6), generator=torch.Generator().manual_seed(0))
     errors = []
-    for build in (lambda: tiny_config(model_type, layers=3),
+    overrides = None
+    if os.environ.get("NORMSURGERY_SWEEP_SHAPE") == "tester":  # other widths than the tracer's own tiny instances
+        native = config_class(model_type)().to_dict()
+        overrides = {k: v for k, v in TESTER.items() if k in native}
+    for build in (lambda: tiny_config(model_type, layers=3, overrides=overrides),
                   lambda: tiny_like(config_class(model_type)(), 4, shrink=True)):
         try:
             model = tiny_model(build())
@@ -206,7 +217,11 @@ def main() -> None:
     parser.add_argument("--out", default="bench/arch_sweep.jsonl")
     parser.add_argument("--table", default="docs/architectures.md")
     parser.add_argument("--update", action="store_true", help="rerun --types only, keeping the other records")
+    parser.add_argument("--shape", choices=("small", "tester"), default="small",
+                        help="tester: checkpoints with the odd widths of transformers' model tests (hidden 32, MLP "
+                             "37, vocabulary 99); write them to another --out and pass --table ''")
     args = parser.parse_args()
+    os.environ["NORMSURGERY_SWEEP_SHAPE"] = args.shape  # read by the spawned workers
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     types = args.types.split(",") if args.types else sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
@@ -227,7 +242,7 @@ def main() -> None:
             out.flush()
             print(record["model_type"], record.get("origin"), {k: v["status"] for k, v in record["ops"].items()},
                   record.get("class", ""), file=sys.stderr, flush=True)
-    if args.table:
+    if args.table and args.shape == "small":
         import transformers
 
         page = Path(args.table)
