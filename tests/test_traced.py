@@ -212,3 +212,29 @@ def test_a_skipped_block_that_returns_a_list_passes_its_input_through():
     x = torch.ones(1, 2, 3)
     out = _pass_through(None, (x,), {}, [torch.zeros(1, 2, 3), "attention"])  # GPT-1's blocks return a list
     assert isinstance(out, list) and out[0] is x and out[1] == "attention"
+
+
+def test_a_norm_is_found_by_what_it_computes_whatever_its_class_is_called():
+    import torch
+    from torch import nn
+
+    from normsurgery.adapt.discover import is_norm
+
+    class Centre(nn.Module):  # a LayerNorm by another name, as a remote model may write it
+        def __init__(self) -> None:
+            super().__init__()
+            self.g, self.b = nn.Parameter(torch.rand(8) + 0.5), nn.Parameter(torch.zeros(8))
+
+        def forward(self, x):
+            x = x - x.mean(-1, keepdim=True)
+            return self.g * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) + self.b
+
+    class Gain(nn.Module):  # a learned per-channel scale is no norm
+        def __init__(self) -> None:
+            super().__init__()
+            self.g = nn.Parameter(torch.rand(8) + 0.5)
+
+        def forward(self, x):
+            return self.g * x
+
+    assert is_norm(Centre()) and not is_norm(Gain()) and not is_norm(nn.Linear(8, 8))

@@ -45,8 +45,28 @@ SCALE = frozenset({"mul", "__mul__", "__rmul__", "div", "__truediv__"})  # by a 
 
 
 def is_norm(module: nn.Module) -> bool:
-    """A norm module: nn.LayerNorm, or a class named like one (RMSNorm, LayerNorm1P, ...)."""
-    return isinstance(module, nn.LayerNorm) or "norm" in type(module).__name__.lower()
+    """A norm module: nn.LayerNorm, a class named like one (RMSNorm, LayerNorm1P, ...), or a module of no other
+    children whose only parameters are one gain (and bias) vector and whose output does not change when its input
+    is scaled (a remote model's `class LN`, whatever its name)."""
+    return isinstance(module, nn.LayerNorm) or "norm" in type(module).__name__.lower() or _normalises(module)
+
+
+@torch.no_grad()
+def _normalises(module: nn.Module) -> bool:
+    """Whether a leaf module with one or two vector parameters of one width computes a normalisation: its output on
+    random rows equals its output on the same rows scaled by 7."""
+    params = list(module.parameters())
+    if (any(True for _ in module.children()) or not 1 <= len(params) <= 2 or is_linear(module)
+            or isinstance(module, nn.Embedding) or any(p.ndim != 1 or p.shape != params[0].shape for p in params)
+            or params[0].shape[0] < 2 or params[0].device.type == "meta"):
+        return False
+    x = torch.randn(3, params[0].shape[0], generator=torch.Generator().manual_seed(0)) + 1.0
+    try:
+        probe = copy.deepcopy(module).double()
+        y, z = probe(x.double()), probe(7.0 * x.double())
+    except Exception:  # noqa: BLE001 - a module that takes other inputs is no norm
+        return False
+    return isinstance(y, torch.Tensor) and y.shape == x.shape and bool(torch.allclose(y, z, rtol=1e-4, atol=1e-6))
 
 
 def is_linear(module: nn.Module) -> bool:
