@@ -238,3 +238,16 @@ def test_a_norm_is_found_by_what_it_computes_whatever_its_class_is_called():
             return self.g * x
 
     assert is_norm(Centre()) and not is_norm(Gain()) and not is_norm(nn.Linear(8, 8))
+
+
+def test_a_cached_declaration_is_not_reused_for_a_config_with_another_kind_of_block(cli, tmp_path):
+    """Two LFM2 checkpoints of one layout but for their layer types: the first holds convolution blocks only, so its
+    trace never saw an attention block, and the second must be traced again, not resolved with the first's."""
+    only_conv = tiny_config("lfm2", layers=3, overrides={"layer_types": ["conv"] * 3})
+    mixed = tiny_config("lfm2", layers=3, overrides={"layer_types": ["conv", "full_attention", "conv"]})
+    tiny_model(only_conv).save_pretrained(tmp_path / "conv")
+    tiny_model(mixed).save_pretrained(tmp_path / "mixed")
+    code, _, err = cli("inspect", tmp_path / "conv")
+    assert code == 0, err
+    code, out, err = cli("fold", tmp_path / "mixed", "-o", tmp_path / "fold", "--json")
+    assert code == 0 and _json(out)["check"]["passed"], err

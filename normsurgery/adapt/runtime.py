@@ -22,7 +22,7 @@ from normsurgery.arch.composite import text_view
 from normsurgery.arch.spec import Family
 from normsurgery.errors import NormSurgeryError
 
-TRACER_VERSION = 10  # raise when a change to the tracer or the proof makes cached declarations stale
+TRACER_VERSION = 12  # raise when a change to the tracer or the proof makes cached declarations stale
 # config entries that say nothing about the layout of the residual stream
 IGNORED = frozenset({"architectures", "_name_or_path", "transformers_version", "dtype", "torch_dtype", "use_cache",
                      "output_attentions", "output_hidden_states", "return_dict", "bos_token_id", "eos_token_id",
@@ -46,16 +46,19 @@ _TRACED: dict[str, Family] = {}  # cache key -> family, this process
 
 
 def cache_key(config: Any) -> str:
-    """What a traced declaration depends on: the model type, the config's layout entries (not its depth or the
-    per-block lists, which block signatures resolve), and the transformers and tracer versions."""
+    """What a traced declaration depends on: the model type, the config's layout entries (not its depth, and of the
+    per-block lists only the values they hold: blocks of the kinds a trace saw resolve at any depth by signature,
+    but a config with another kind of block needs its own trace), and the transformers and tracer versions."""
     import transformers
 
     from normsurgery.adapt.tiny import layer_lists
 
     view = text_view(config)
     raw = config.to_dict()
-    lists = set(layer_lists(view.to_dict(), int(view.num_hidden_layers)))
+    per_block = view.to_dict()
+    lists = set(layer_lists(per_block, int(view.num_hidden_layers)))
     layout = {k: v for k, v in raw.items() if k not in IGNORED and k not in lists and not k.startswith("_")}
+    layout.update({f"{k} holds": sorted({str(v) for v in per_block[k]}) for k in lists})
     text = json.dumps([config.model_type, transformers.__version__, TRACER_VERSION, layout], sort_keys=True,
                       default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:20]

@@ -196,8 +196,9 @@ class Family:
             if "{e}" not in slot.path:
                 return (made(f"{prefix}{slot.path}", experts),)
             per_expert = tuple(made(f"{prefix}{slot.path.format(e=e)}") for e in range(experts))
-            if slot.loaded:
-                parts = fused.setdefault(f"{prefix}{slot.loaded}", [[] for _ in range(experts)])
+            if slot.loaded:  # keyed by the in-memory name: the block's prefix renamed, the loaded path as it is
+                parts = fused.setdefault(f"{_renamed(prefix, self.key_renames)}{slot.loaded}",
+                                         [[] for _ in range(experts)])
                 for e, lin in enumerate(per_expert):
                     parts[e].append(lin.weight)
             return per_expert
@@ -270,7 +271,7 @@ class Family:
             extra=linears(self.extra, ""),
             post_ln=flag(self.post_ln, config),
             key_renames=dict(self.key_renames),
-            fused={_renamed(name, self.key_renames): tuple(map(tuple, parts)) for name, parts in fused.items()},
+            fused={name: tuple(map(tuple, parts)) for name, parts in fused.items()},
             concatenated=concatenated,
             split=split,
             per_layer=self.per_layer,
