@@ -22,9 +22,10 @@ REMOTE_CODE = Path(__file__).parent / "remote_model" / "modeling_tinylm.py"
 # prefix, beside a vision tower left alone); per-block input embeddings held in model-level tensors one slice per
 # block, which pruning slices (Gemma 4); a fused query_key_value stored whole that transformers splits at load into
 # q_proj, k_proj and v_proj (Sarvam-MoE); a block list stored under another name with per-expert tensors that
-# transformers stacks (Nemotron-H's backbone.layers, a Mamba/attention/MoE hybrid)
+# transformers stacks (Nemotron-H's backbone.layers, a Mamba/attention/MoE hybrid); a residual scaled by a learned
+# weight per feature before each add (Doge)
 TYPES = ["glm4_moe", "granitemoeshared", "lfm2", "mamba", "cohere2_moe", "olmo_hybrid", "gemma3", "gemma4_text",
-         "sarvam_moe", "nemotron_h"]
+         "sarvam_moe", "nemotron_h", "doge"]
 
 
 @pytest.fixture(autouse=True)

@@ -383,12 +383,16 @@ class _Finder:
         return chain, [n for n in steps if any(t in chain for t in n.outputs)]
 
     def _scalar_scale(self, node: Node, stream: set[Key]) -> bool:
-        """A multiplication of the stream by one number that does not depend on it (Gemma 4's per-block scalar)."""
+        """A multiplication of the stream by one number, or by one number per feature, that does not depend on it
+        (Gemma 4's per-block scalar; Doge's learned residual weights): a tensor of one value per feature at most
+        holds no token's value."""
         if node.name not in SCALE | {"mul_", "__imul__"}:
             return False
         others = [t for t in node.inputs if t not in stream]
+        width = next((self.trace.tensors[t].shape[-1] for t in node.inputs if t in stream and t in self.trace.tensors
+                      and self.trace.tensors[t].ndim), None)
         return len(others) == len(node.inputs) - 1 and all(
-            t in self.trace.tensors and self.trace.tensors[t].numel() == 1 for t in others)
+            t in self.trace.tensors and self.trace.tensors[t].numel() in (1, width) for t in others)
 
     def _constant_scale(self, node: Node) -> bool:
         """A multiplication or division of one tensor by a number (a config multiplier)."""
