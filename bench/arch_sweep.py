@@ -38,6 +38,7 @@ CLASSES = [  # (reason class, pattern of the refusal's text), first match wins
     ("writer is not a linear map", r"other than linear layers"),
     ("block output is not input + sub-layers", r"not its input plus sublayer outputs"),
     ("tensors not placed", r"does not place|neither saved as it is"),
+    ("tensors converted at load beyond renames", r"converts these tensors at load"),
     ("blocks differ by index", r"depends on its index|blocks differ"),
     ("proof failed", r"proof|failed the proof"),
     ("not applicable", r"already RMSNorm|needs a zero-mean residual|Post-LN|Peri-LN|not read only through norms"),

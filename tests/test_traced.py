@@ -252,3 +252,11 @@ def test_a_cached_declaration_is_not_reused_for_a_config_with_another_kind_of_bl
     assert code == 0, err
     code, out, err = cli("fold", tmp_path / "mixed", "-o", tmp_path / "fold", "--json")
     assert code == 0 and _json(out)["check"]["passed"], err
+
+
+def test_a_checkpoint_that_transformers_converts_beyond_renames_is_refused_with_that_cause(cli, tmp_path):
+    """Ergo's checkpoints store its router transposed and its residual gates as a function of their weights:
+    transformers converts them at load, which no declaration can name, and the refusal says so."""
+    model = _checkpoint("ergo", tmp_path / "model")
+    code, _, err = cli("inspect", model)
+    assert code == 2 and "converts these tensors at load" in err and "Traceback" not in err

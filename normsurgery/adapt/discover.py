@@ -667,7 +667,33 @@ def draft_family(model_type: str, *, layers: int = 2, overrides: dict[str, Any] 
 def draft_config(config: Any, *, switches: Callable[[dict[str, bool]], dict[str, str]] | None = None,
                  trust_remote_code: bool = False) -> Draft:
     """Trace a tiny random model of `config` (already tiny) and draft its declaration, one layout per kind of block.
-    `switches`: the config flag switching each linear's bias, from whether each linear has one (else constants)."""
+    `switches`: the config flag switching each linear's bias, from whether each linear has one (else constants).
+    A draft with problems whose checkpoint transformers converts at load beyond what the tracer follows says so
+    first: that is then the cause of what went wrong."""
+    draft = _draft(config, switches, trust_remote_code)
+    if draft.problems and draft.unconverted:
+        draft.problems.insert(0, "transformers converts these tensors at load in a way the tracer cannot follow (not "
+                                 f"a rename, a stack, a concatenation or a split): {', '.join(draft.unconverted[:4])}")
+    return draft
+
+
+def _unconverted(model: nn.Module, mem_to_disk: dict[str, str], saved: set[str], stacked: dict[str, tuple[str, ...]],
+                 joined: dict[str, tuple[str, ...]], split: dict[str, tuple[str, ...]]) -> tuple[str, ...]:
+    """In-memory parameters that no stored tensor explains, where stored tensors are left unexplained too (Ergo's
+    router stored transposed, its residual gates stored as a function of their weights)."""
+    matched = {id(p) for n, p in model.named_parameters(remove_duplicate=False) if n in mem_to_disk}
+    parts = {p for s in split.values() for p in s}
+    lonely = [n for n, p in model.named_parameters(remove_duplicate=False) if id(p) not in matched
+              and n not in stacked and n not in joined and n not in parts]
+    claimed = set(mem_to_disk.values()) | set(split) | {p for j in joined.values() for p in j}
+    stacked_parts = [re.compile(re.escape(p).replace(r"\{e\}", r"\d+") + r"\.") for s in stacked.values() for p in s]
+    unclaimed = [n for n in saved if n not in claimed and not any(r.match(n) for r in stacked_parts)]
+    return tuple(lonely) if lonely and unclaimed else ()
+
+
+def _draft(config: Any, switches: Callable[[dict[str, bool]], dict[str, str]] | None,
+           trust_remote_code: bool) -> Draft:
+    """draft_config's trace and draft."""
     from normsurgery.adapt.signature import block_signatures, config_signatures
     from normsurgery.arch.composite import text_view
 
@@ -706,6 +732,7 @@ def draft_config(config: Any, *, switches: Callable[[dict[str, bool]], dict[str,
     find = _Finder(trace, norms, linears, embeddings,
                    {tensor_key(p): (n, p) for n, p in model.named_parameters(remove_duplicate=False)})
     mem_to_disk, saved, stacked, joined, split = _disk_names(model)
+    draft.unconverted = _unconverted(model, mem_to_disk, saved, stacked, joined, split)
     split_into = {part: stored for stored, parts in split.items() for part in parts}
 
     def disk(path: str) -> str:

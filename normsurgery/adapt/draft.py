@@ -107,6 +107,7 @@ class Draft:
     per_block_slices: tuple[tuple[str, int], ...] = ()  # see Family.per_block_slices
     notes: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    unconverted: tuple[str, ...] = ()  # parameters no stored tensor explains (discover._unconverted), not cached
     # blocks of several kinds (dense and MoE, attention and SSM mixers): one layout per kind, the structural
     # signature of each (module paths and classes below the block, see adapt.signature), and `kinds`, which gives a
     # config's blocks their kind indices; empty when every block has the layout above
@@ -191,8 +192,8 @@ def draft_to_json(draft: Draft) -> dict[str, Any]:
     """A proven draft as plain data (for the cache of traced families); the config is not kept."""
     from dataclasses import asdict
 
-    skip = {"config", "kinds", "notes", "problems", "norms", "writers", "direct_readers", "parallel", "others",
-            "concatenated", "split"}
+    skip = {"config", "kinds", "notes", "problems", "unconverted", "norms", "writers", "direct_readers", "parallel",
+            "others", "concatenated", "split"}
     data = {k: asdict(v) if hasattr(v, "__dataclass_fields__") else v for k, v in vars(draft).items() if k not in skip}
     data["layout"] = asdict(draft.layout)
     data["layouts"] = [asdict(layout) for layout in draft.layouts]
