@@ -8,6 +8,7 @@ import copy
 import math
 import re
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -174,9 +175,19 @@ def _disk_names(model: nn.Module) -> tuple[dict[str, str], set[str], dict[str, t
 
 def _stored_prefix(prefix: str, mem_to_disk: dict[str, str]) -> str:
     """An in-memory name prefix as the checkpoint stores it (Nemotron-H's backbone.layers.1. for model.layers.1.),
-    found from a tensor under it whose stored name keeps the rest of its name; the prefix itself where none does."""
+    found from a tensor under it whose stored name keeps the rest of its name; the prefix itself where none does.
+    Given the map the other way round (stored -> in memory), a stored prefix as named in memory."""
     return next((d[: len(d) - len(m) + len(prefix)] for m, d in mem_to_disk.items()
                  if m.startswith(prefix) and d.endswith(m[len(prefix):])), prefix)
+
+
+def _explained(saved: Iterable[str], mem_to_disk: dict[str, str], stacked: dict[str, tuple[str, ...]],
+               joined: dict[str, tuple[str, ...]], split: dict[str, tuple[str, ...]] | None = None) -> set[str]:
+    """The stored tensors that the in-memory parameters account for: saved as they are (or renamed), per expert
+    where transformers stacks them, as parts it concatenates, or whole where it splits them."""
+    per_expert = [re.compile(re.escape(p).replace(r"\{e\}", r"\d+") + r"\.") for s in stacked.values() for p in s]
+    out = set(mem_to_disk.values()) | {p for parts in joined.values() for p in parts} | set(split or ())
+    return out | {n for n in saved if any(r.match(n) for r in per_expert)}
 
 
 def _concatenated(state: dict[str, torch.Tensor], saved: dict[str, torch.Tensor], mem_to_disk: dict[str, str],
@@ -201,8 +212,8 @@ def _split(state: dict[str, torch.Tensor], saved: dict[str, torch.Tensor], mem_t
            stacked: dict[str, tuple[str, ...]], joined: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
     """Stored tensors that transformers splits at load into parameters of the same block (Sarvam-MoE's fused
     query_key_value into q_proj, k_proj and v_proj): each one's in-memory parameters, in row order."""
-    claimed = set(mem_to_disk.values()) | {p.format(e=0) for parts in stacked.values() for p in parts} | {
-        p for parts in joined.values() for p in parts}
+    claimed = _explained(saved, mem_to_disk, stacked, joined)
+    disk_to_mem = {d: m for m, d in mem_to_disk.items()}
     free = {m: t for m, t in state.items() if m not in mem_to_disk and m not in stacked and m not in joined
             and t.ndim > 0}
     found: dict[str, tuple[str, ...]] = {}
@@ -210,10 +221,9 @@ def _split(state: dict[str, torch.Tensor], saved: dict[str, torch.Tensor], mem_t
         block = re.match(r"(.*?\.\d+\.)", name)
         if name in claimed or tensor.ndim == 0 or block is None:
             continue
-        memory_block = next((m[: len(m) - len(d) + len(block.group(1))] for m, d in mem_to_disk.items()
-                             if d.startswith(block.group(1)) and m.endswith(d[len(block.group(1)):])), None)
+        memory_block = _stored_prefix(block.group(1), disk_to_mem)  # the block's stored prefix, as named in memory
         leaf = name.rsplit(".", 1)[1]
-        candidates = {m: t for m, t in free.items() if memory_block and m.startswith(memory_block)
+        candidates = {m: t for m, t in free.items() if m.startswith(memory_block)
                       and m.endswith(f".{leaf}") and t.shape[1:] == tensor.shape[1:]}
         parts, row = [], 0
         while row < tensor.shape[0]:
@@ -685,10 +695,7 @@ def _unconverted(model: nn.Module, mem_to_disk: dict[str, str], saved: set[str],
     parts = {p for s in split.values() for p in s}
     lonely = [n for n, p in model.named_parameters(remove_duplicate=False) if id(p) not in matched
               and n not in stacked and n not in joined and n not in parts]
-    claimed = set(mem_to_disk.values()) | set(split) | {p for j in joined.values() for p in j}
-    stacked_parts = [re.compile(re.escape(p).replace(r"\{e\}", r"\d+") + r"\.") for s in stacked.values() for p in s]
-    unclaimed = [n for n in saved if n not in claimed and not any(r.match(n) for r in stacked_parts)]
-    return tuple(lonely) if lonely and unclaimed else ()
+    return tuple(lonely) if lonely and set(saved) - _explained(saved, mem_to_disk, stacked, joined, split) else ()
 
 
 def _draft(config: Any, switches: Callable[[dict[str, bool]], dict[str, str]] | None,

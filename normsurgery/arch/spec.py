@@ -9,6 +9,7 @@ that names every tensor of a concrete checkpoint; the rewrites only ever see an 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Literal, Union
 
@@ -284,7 +285,7 @@ class Family:
         )
 
 
-def _renamed(name: str, renames: tuple[tuple[str, str], ...]) -> str:
+def _renamed(name: str, renames: Iterable[tuple[str, str]]) -> str:
     """A stored tensor name as transformers names it in memory (the family's key renames, in order)."""
     for pattern, replacement in renames:
         name = re.sub(pattern, replacement, name)
@@ -422,10 +423,7 @@ class Architecture:
 
     def module_path(self, name: str) -> str:
         """The in-memory path of a module named as the checkpoint stores it (`key_renames` applied)."""
-        path = name + "."
-        for pattern, replacement in self.key_renames.items():
-            path = re.sub(pattern, replacement, path)
-        return path[:-1]
+        return _renamed(name + ".", self.key_renames.items())[:-1]
 
     def stacked(self, linear: Linear) -> bool:
         """Whether `linear` is routed experts held in one stacked parameter, as stored or once transformers loads it."""
@@ -436,9 +434,7 @@ class Architecture:
         applied, per-expert tensors stacked as `fused` says): the layout of a checkpoint saved from a loaded model's
         state dict, which transformers loads as it is."""
         def name(tensor: str) -> str:
-            for pattern, replacement in self.key_renames.items():
-                tensor = re.sub(pattern, replacement, tensor)
-            return tensor
+            return _renamed(tensor, self.key_renames.items())
 
         owner = {part: stacked for stacked, experts in self.fused.items() for parts in experts for part in parts}
 
